@@ -1,0 +1,1 @@
+"""fedge edge client: device-side model loading, data, local training and CLI."""

@@ -1,0 +1,1 @@
+"""fedge quantization: base-weight backends, update codecs and export."""

@@ -1,0 +1,1 @@
+"""fedge server: aggregation, strategies and round state (importable without torch)."""
