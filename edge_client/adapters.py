@@ -1,0 +1,77 @@
+"""LoRA adapters on disk: PEFT format (``PeftModel.from_pretrained`` loads it) plus ``fedge_adapter.json``.
+
+A save goes to a staging directory beside the target, is fsynced, then renamed into place, so a crash
+or a full disk never leaves a half-written adapter where a finished one is expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from edge_client.errors import FedgeError
+from edge_client.fsutil import fsync_dir
+
+META_FILE = "fedge_adapter.json"
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail early (before any training) if the adapter cannot be written to ``out_dir``."""
+    parent = out_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=parent, prefix=".fedge-probe-")
+        probe.close()
+    except OSError as err:
+        raise FedgeError(f"{out_dir}: cannot write the adapter here ({err.strerror})") from None
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FedgeError(f"{out_dir}: exists and is not a directory")
+
+
+def save_adapter(model: torch.nn.Module, out_dir: Path, meta: dict) -> Path:
+    """Write the model's LoRA adapter and ``meta`` (what produced it) atomically to ``out_dir``."""
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.resolve().parent, prefix=f".{out_dir.name}-"))
+    try:
+        model.save_pretrained(staging)
+        meta = {**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        for f in staging.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
+            out_dir.rename(old)
+        staging.rename(out_dir)
+        fsync_dir(out_dir.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        raise FedgeError(f"{out_dir}: could not save the adapter ({err.strerror or err})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def read_meta(adapter_dir: Path) -> dict:
+    """The ``fedge_adapter.json`` of an adapter directory ({} for a plain PEFT adapter)."""
+    path = Path(adapter_dir) / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """Attach a saved PEFT adapter to a base model (inference mode)."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FedgeError(f"{adapter_dir}: not an adapter directory (no adapter_config.json)")
+    return PeftModel.from_pretrained(model, adapter_dir)

@@ -1,0 +1,171 @@
+"""The ``fedge`` command. Input mistakes print one clear line and exit 2; nothing half-written stays."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from edge_client.errors import FedgeError
+
+console = Console(stderr=True)
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.run(args) or 0
+    except FedgeError as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edge_client.models import DEFAULT_MODEL, default_cache_dir
+
+    parser = argparse.ArgumentParser(prog="fedge", description="Federated fine-tuning of small LLMs on edge devices")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help=f"model cache (default: $FEDGE_CACHE or {default_cache_dir()})")
+    sub = parser.add_subparsers(title="commands")
+
+    model = sub.add_parser("model", help="fetch and list base models").add_subparsers(title="model commands")
+    pull = model.add_parser("pull", help="fetch/convert a model into the cache (once)")
+    pull.add_argument("source", help="built-in name, HF model directory, .gguf file, or hub id")
+    pull.set_defaults(run=cmd_model_pull)
+    model.add_parser("list", help="models in the cache").set_defaults(run=cmd_model_list)
+
+    data = sub.add_parser("data", help="built-in demo data").add_subparsers(title="data commands")
+    sample = data.add_parser("sample", help="print demo examples")
+    sample.add_argument("domain")
+    sample.add_argument("--n", type=int, default=5)
+    sample.add_argument("--split", default="train")
+    sample.set_defaults(run=cmd_data_sample)
+    export = data.add_parser("export", help="write a demo domain as JSONL")
+    export.add_argument("domain")
+    export.add_argument("path", type=Path)
+    export.add_argument("--split", default="train")
+    export.set_defaults(run=cmd_data_export)
+
+    train = sub.add_parser("train", help="fine-tune a LoRA adapter on local data")
+    train.add_argument("--data", required=True, help="JSONL/CSV/TXT file, or demo:DOMAIN (demo:all for every domain)")
+    train.add_argument("--model", default=DEFAULT_MODEL)
+    train.add_argument("--out", type=Path, default=Path("fedge-adapter"))
+    train.add_argument("--eval-data", help="held-out data (default: demo test split, or 10%% of --data)")
+    train.add_argument("--steps", type=int, default=100)
+    train.add_argument("--batch", type=int, default=8, help="micro-batch size (examples or packed rows)")
+    train.add_argument("--grad-accum", type=int, default=1)
+    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--seq-len", type=int, default=256)
+    train.add_argument("--rank", type=int, default=8)
+    train.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default: 2 x rank)")
+    train.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names for LoRA")
+    train.add_argument("--top-layers", type=int, default=None, help="train only the last N layers")
+    train.add_argument("--pack", action="store_true", help="pack examples into full rows of --seq-len")
+    train.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (less memory, slower)")
+    train.add_argument("--seed", type=int, default=0)
+    _add_runtime_args(train)
+    train.set_defaults(run=cmd_train)
+
+    ev = sub.add_parser("eval", help="held-out loss, perplexity and exact match")
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--adapter", type=Path, default=None)
+    ev.add_argument("--model", default=None, help=f"base model (default: the adapter's, else {DEFAULT_MODEL})")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate at most N examples")
+    ev.add_argument("--json", action="store_true", help="print JSON to stdout")
+    _add_runtime_args(ev)
+    ev.set_defaults(run=cmd_eval)
+    return parser
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    from quantization.backends import PRECISIONS
+
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="base weights (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def _cache(args) -> Path:
+    from edge_client.models import default_cache_dir
+
+    return args.cache_dir or default_cache_dir()
+
+
+def _say(msg: str) -> None:
+    console.print(f"[dim]{msg}[/]")
+
+
+def cmd_model_pull(args) -> int:
+    from edge_client.models import pull_model
+
+    with console.status(f"pulling {args.source}"):
+        path = pull_model(args.source, _cache(args), _say)
+    console.print(f"[green]ready:[/] {path}")
+    print(path)
+    return 0
+
+
+def cmd_model_list(args) -> int:
+    from rich.table import Table
+
+    from edge_client.models import list_models
+
+    table = Table("name", "size (MB)", "source", "path")
+    for m in list_models(_cache(args)):
+        table.add_row(m.name, f"{m.size_mb:.0f}" if m.size_mb else "-", m.source, m.path)
+    Console().print(table)
+    return 0
+
+
+def _demo_records(domain: str, split: str, n: int | None = None) -> list[dict]:
+    from edge_client import demo_data
+
+    try:
+        return demo_data.generate(domain, split, n=n)
+    except ValueError as err:
+        raise FedgeError(str(err)) from None
+
+
+def cmd_data_sample(args) -> int:
+    for rec in _demo_records(args.domain, args.split, args.n):
+        print(json.dumps(rec, ensure_ascii=False))
+    return 0
+
+
+def cmd_data_export(args) -> int:
+    from edge_client.fsutil import atomic_write_text
+
+    records = _demo_records(args.domain, args.split)
+    try:
+        args.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    except OSError as err:
+        raise FedgeError(f"{args.path}: cannot write ({err.strerror})") from None
+    console.print(f"wrote {len(records)} examples to {args.path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from edge_client.commands import run_train
+
+    return run_train(args, _cache(args), console)
+
+
+def cmd_eval(args) -> int:
+    from edge_client.commands import run_eval
+
+    return run_eval(args, _cache(args), console)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

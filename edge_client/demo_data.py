@@ -1,0 +1,308 @@
+"""Built-in demo data: four small instruction tasks that mirror where fedge runs.
+
+Each domain is a deterministic rule from a short text record to a short code:
+
+- ``healthcare`` (clinic workstation): intake note -> triage code (complaint table, SpO2 override).
+- ``finance`` (branch office): transaction line -> ledger account code (merchant table).
+- ``education`` (school): course result -> report-card code (course table, score bands, attendance).
+- ``iot`` (field sensors): sensor reading line -> alert code (per-sensor thresholds).
+
+The codes are in a house format that a base model does not produce on its own (SmolLM2-135M-Instruct
+scores 0% on every domain), while a few minutes of LoRA fine-tuning learns the rules. Templates, phrasings
+and distractor fields (ids, dates, amounts, unused vitals) vary so the test split checks the rule, not
+memorised strings.
+
+Everything is stdlib and seeded with ``random.Random(str)`` (string seeds are hashed with SHA-512, so the
+stream is the same on every machine and Python version). No sets or ``hash()`` are iterated. Train and test
+are disjoint for any sizes: a record's split is fixed by a SHA-256 of its instruction and input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable
+
+DOMAINS: tuple[str, ...] = ("healthcare", "finance", "education", "iot")
+SPLITS: tuple[str, ...] = ("train", "test")
+DEFAULT_SIZES: dict[str, int] = {"train": 400, "test": 100}
+
+Record = dict[str, str]
+_Example = tuple[str, str]  # (input text, output code)
+
+_TEST_SHARE_PER_256 = 64  # records whose content hash byte is below this belong to test (25% of the space)
+_MAX_TRIES_PER_RECORD = 200  # guards against asking for more unique records than a domain can produce
+
+_FIRST = ("Ana", "Ben", "Chloe", "Dev", "Elif", "Femi", "Gus", "Hana", "Ivan", "Jia", "Kofi", "Lena",
+          "Mateo", "Nora", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tariq")  # fmt: skip
+_LAST = ("Park", "Ortiz", "Novak", "Singh", "Okafor", "Larsen", "Haddad", "Kim", "Rossi", "Mbeki",
+         "Tanaka", "Weber", "Silva", "Dubois", "Ali", "Moreau")  # fmt: skip
+
+# --- healthcare: complaint -> triage level; SpO2 below the threshold always means resuscitation ---------
+TRIAGE_CODES: tuple[str, ...] = ("T1-RESUS", "T2-URGENT", "T3-SEMI", "T4-ROUTINE")
+TRIAGE_TABLE: dict[str, str] = {
+    "unresponsive": "T1-RESUS", "not breathing": "T1-RESUS",
+    "major bleeding": "T1-RESUS", "ongoing seizure": "T1-RESUS",
+    "chest pain": "T2-URGENT", "stroke symptoms": "T2-URGENT",
+    "severe burn": "T2-URGENT", "head injury": "T2-URGENT",
+    "high fever": "T3-SEMI", "broken arm": "T3-SEMI",
+    "kidney stone pain": "T3-SEMI", "asthma flare": "T3-SEMI",
+    "sore throat": "T4-ROUTINE", "skin rash": "T4-ROUTINE",
+    "earache": "T4-ROUTINE", "medication refill": "T4-ROUTINE",
+}  # fmt: skip
+SPO2_RESUS_BELOW = 90  # percent
+_HEALTH_INSTRUCTIONS = (
+    "Assign the clinic triage code for this intake note.",
+    "What triage code does this patient get? Reply with the code only.",
+    "Triage the following patient.",
+)
+_HEALTH_TEMPLATES = (
+    "{age}{sex}, c/o {complaint}. HR {hr}, T {temp}C, SpO2 {spo2}%, BP {sys}/{dia}.",
+    "Patient ({age} y, {sex_word}) arrived {time} reporting {complaint}; SpO2 {spo2}%, pulse {hr}.",
+    "Intake | complaint: {complaint} | spo2={spo2} | hr={hr} | bp={sys}/{dia} | age={age}",
+    "Walk-in at {time}: {complaint}. Oxygen sat {spo2}%, heart rate {hr} bpm, {age} years old.",
+)
+
+
+def triage_code(complaint: str, spo2: int) -> str:
+    """Triage rule: resuscitation if SpO2 (percent) is below 90, else the complaint's table level."""
+    return TRIAGE_CODES[0] if spo2 < SPO2_RESUS_BELOW else TRIAGE_TABLE[complaint]
+
+
+def _healthcare(rng: random.Random) -> _Example:
+    complaint = rng.choice(list(TRIAGE_TABLE))
+    # Keep SpO2 away from the threshold (78-88 or 93-100) so the rule is unambiguous to learn.
+    spo2 = rng.randint(78, 88) if rng.random() < 0.12 else rng.randint(93, 100)
+    sex = rng.choice("MF")
+    text = rng.choice(_HEALTH_TEMPLATES).format(
+        age=rng.randint(2, 94), sex=sex, sex_word="male" if sex == "M" else "female",
+        complaint=complaint, hr=rng.randint(52, 135), temp=f"{rng.uniform(35.8, 40.2):.1f}",
+        spo2=spo2, sys=rng.randint(90, 175), dia=rng.randint(55, 105),
+        time=f"{rng.randint(0, 23):02d}:{rng.choice((0, 15, 30, 45)):02d}",
+    )  # fmt: skip
+    return text, triage_code(complaint, spo2)
+
+
+# --- finance: merchant -> ledger account; amounts, dates, cards and references are distractors ----------
+LEDGER_CODES: tuple[str, ...] = ("6100-TRAVEL", "6200-MEALS", "6300-OFFICE", "6400-SOFTWARE",
+                                 "6500-UTILITIES", "6600-RENT", "6700-FUEL", "6800-INSURANCE")  # fmt: skip
+MERCHANT_TABLE: dict[str, str] = {
+    "Skyway Airlines": "6100-TRAVEL", "Metro Rail": "6100-TRAVEL", "Harbor Hotel": "6100-TRAVEL",
+    "Blue Fork Bistro": "6200-MEALS", "Corner Cafe": "6200-MEALS", "Pizza Palace": "6200-MEALS",
+    "Paperworks Supply": "6300-OFFICE", "Inkjet Depot": "6300-OFFICE", "Deskmart": "6300-OFFICE",
+    "CloudNine": "6400-SOFTWARE", "CodeForge": "6400-SOFTWARE", "Mailstream": "6400-SOFTWARE",
+    "City Water": "6500-UTILITIES", "VoltGrid Energy": "6500-UTILITIES", "Fiberlink": "6500-UTILITIES",
+    "Oaktree Properties": "6600-RENT", "Summit Leasing": "6600-RENT", "Parkview Realty": "6600-RENT",
+    "Shellby Gas": "6700-FUEL", "QuickFuel": "6700-FUEL", "Petromax": "6700-FUEL",
+    "SafeHaven": "6800-INSURANCE", "Guardian Mutual": "6800-INSURANCE", "Shieldco": "6800-INSURANCE",
+}  # fmt: skip
+_FIN_INSTRUCTIONS = (
+    "Post this transaction to the ledger. Give the account code.",
+    "Which ledger account does this bank line belong to?",
+    "Categorise the transaction for the branch books.",
+)
+_FIN_TEMPLATES = (
+    "POS {date_us} {MERCHANT} #{store} {amount} USD",
+    "Card ****{last4} charged ${amount} at {merchant} on {date_iso}.",
+    "{date_iso},{MERCHANT},-{amount},ref {ref}",
+    "ACH DEBIT {MERCHANT} ID{ref} AMT {amount}",
+    "Paid {merchant} {amount} EUR ({city}, {date_us})",
+)
+_CITIES = ("Lyon", "Austin", "Porto", "Leeds", "Graz", "Osaka", "Tulsa", "Cork")
+
+
+def _finance(rng: random.Random) -> _Example:
+    merchant = rng.choice(list(MERCHANT_TABLE))
+    month, day = rng.randint(1, 12), rng.randint(1, 28)
+    text = rng.choice(_FIN_TEMPLATES).format(
+        merchant=merchant, MERCHANT=merchant.upper(), amount=f"{rng.uniform(3, 4800):.2f}",
+        date_us=f"{month:02d}/{day:02d}", date_iso=f"2024-{month:02d}-{day:02d}",
+        store=rng.randint(100, 9999), last4=rng.randint(1000, 9999), ref=rng.randint(10000, 999999),
+        city=rng.choice(_CITIES),
+    )  # fmt: skip
+    return text, MERCHANT_TABLE[merchant]
+
+
+# --- education: course -> department; score -> band; low attendance -> incomplete ----------------------
+COURSES: dict[str, tuple[str, str]] = {  # course code -> (title, department)
+    "BIO110": ("Cell Biology", "BIO"), "BIO220": ("Ecology", "BIO"),
+    "CHEM101": ("General Chemistry", "CHEM"), "MATH140": ("Calculus I", "MATH"),
+    "MATH250": ("Linear Algebra", "MATH"), "PHYS120": ("Mechanics", "PHYS"),
+    "HIST105": ("World History", "HIST"), "ENG100": ("Academic Writing", "ENG"),
+    "ENG230": ("Poetry Workshop", "ENG"), "CS101": ("Programming Basics", "CS"),
+    "CS240": ("Data Structures", "CS"), "ART130": ("Drawing Studio", "ART"),
+}  # fmt: skip
+DEPARTMENTS: tuple[str, ...] = ("BIO", "CHEM", "MATH", "PHYS", "HIST", "ENG", "CS", "ART")
+GRADE_BANDS: tuple[tuple[int, str], ...] = ((90, "A"), (80, "B"), (70, "C"), (60, "D"), (0, "F"))
+INCOMPLETE = "INC"
+ATTENDANCE_INC_BELOW = 70  # percent
+REPORT_CODES: tuple[str, ...] = tuple(
+    f"{dept}-{mark}" for dept in DEPARTMENTS for mark in (*(band for _, band in GRADE_BANDS), INCOMPLETE)
+)
+_EDU_INSTRUCTIONS = (
+    "Write the report-card code for this result.",
+    "What goes on the report card? Code only.",
+    "Record this course result in the school system.",
+)
+_EDU_TEMPLATES = (
+    "Student: {name} | Course: {code} | Final: {score}/100 | Attendance: {att}%",
+    "{name} finished {title} with {score} points and attended {att}% of classes.",
+    "{code} {term}: {name}, score {score}, attendance {att}%",
+    "Report for {name}: {title}, exam total {score} of 100, present at {att}% of sessions.",
+)
+
+
+def report_code(course: str, score: int, attendance: int) -> str:
+    """Report-card rule: ``DEPT-INC`` below 70% attendance, else ``DEPT-<band>`` (90 A, 80 B, 70 C, 60 D)."""
+    dept = COURSES[course][1]
+    if attendance < ATTENDANCE_INC_BELOW:
+        return f"{dept}-{INCOMPLETE}"
+    return f"{dept}-{next(band for floor, band in GRADE_BANDS if score >= floor)}"
+
+
+def _education(rng: random.Random) -> _Example:
+    code = rng.choice(list(COURSES))
+    floor = rng.choice([floor for floor, _ in GRADE_BANDS])  # balance the bands rather than the scores
+    score = rng.randint(40, 59) if floor == 0 else rng.randint(floor, 100 if floor == 90 else floor + 9)
+    att = rng.randint(40, 64) if rng.random() < 0.15 else rng.randint(76, 100)  # clear of the 70% rule
+    text = rng.choice(_EDU_TEMPLATES).format(
+        name=f"{rng.choice(_FIRST)} {rng.choice(_LAST)}", code=code, title=COURSES[code][0],
+        score=score, att=att, term=rng.choice(("Fall", "Spring", "Summer")),
+    )  # fmt: skip
+    return text, report_code(code, score, att)
+
+
+# --- iot: sensor kind + value -> alert code by per-kind thresholds --------------------------------------
+IOT_SENSORS: dict[str, dict] = {
+    # code: field names used by devices, unit, (low, high) alert thresholds (None: no such alert),
+    # and value ranges sampled for LO / OK / HI that stay clear of the thresholds.
+    "TMP": {"keys": ("temp_c", "temperature"), "unit": "C", "limits": (0.0, 60.0), "decimals": 1,
+            "ranges": {"LO": (-30, -5), "OK": (10, 45), "HI": (70, 110)}},
+    "HUM": {"keys": ("humidity", "rh"), "unit": "%", "limits": (20.0, 85.0), "decimals": 0,
+            "ranges": {"LO": (2, 9), "OK": (30, 69), "HI": (91, 100)}},
+    "BAT": {"keys": ("battery", "bat_pct"), "unit": "%", "limits": (20.0, None), "decimals": 0,
+            "ranges": {"LO": (1, 9), "OK": (30, 100)}},
+    "PRS": {"keys": ("pressure_bar", "press"), "unit": "bar", "limits": (1.0, 7.0), "decimals": 1,
+            "ranges": {"LO": (0.1, 0.9), "OK": (2.0, 5.9), "HI": (8.0, 9.9)}},
+    "VIB": {"keys": ("vibration", "vib_mm_s"), "unit": "mm/s", "limits": (None, 5.0), "decimals": 1,
+            "ranges": {"OK": (0.1, 2.9), "HI": (7.0, 19.9)}},
+    "CO2": {"keys": ("co2_ppm", "co2"), "unit": "ppm", "limits": (None, 1200.0), "decimals": 0,
+            "ranges": {"OK": (400, 900), "HI": (1500, 4000)}},
+}  # fmt: skip
+IOT_CODES: tuple[str, ...] = tuple(f"{kind}-{lvl}" for kind, spec in IOT_SENSORS.items() for lvl in spec["ranges"])
+_IOT_INSTRUCTIONS = (
+    "Give the alert code for this sensor reading.",
+    "Check this field-sensor line and return its alert code.",
+    "Classify the reading for the alarm panel.",
+)
+_IOT_TEMPLATES = (
+    "node={node} {key}={value} rssi={rssi} ts={ts}",
+    "[{ts}] {node}: {key} reading {value} {unit}",
+    '{{"dev":"{node}","{key}":{value},"fw":"{fw}"}}',
+    "{node},{ts},{key},{value}",
+)
+
+
+def iot_code(kind: str, value: float) -> str:
+    """Alert rule: ``KIND-LO`` below the low limit, ``KIND-HI`` above the high limit, else ``KIND-OK``."""
+    low, high = IOT_SENSORS[kind]["limits"]
+    if low is not None and value < low:
+        return f"{kind}-LO"
+    if high is not None and value > high:
+        return f"{kind}-HI"
+    return f"{kind}-OK"
+
+
+def _iot(rng: random.Random) -> _Example:
+    kind = rng.choice(list(IOT_SENSORS))
+    spec = IOT_SENSORS[kind]
+    levels = list(spec["ranges"])
+    level = "OK" if rng.random() < 0.4 else rng.choice([lvl for lvl in levels if lvl != "OK"])
+    lo, hi = spec["ranges"][level]
+    value = round(rng.uniform(lo, hi), spec["decimals"])
+    shown = f"{value:.{spec['decimals']}f}"
+    text = rng.choice(_IOT_TEMPLATES).format(
+        node=f"{rng.choice(('pump', 'gw', 'silo', 'mast', 'kiln'))}-{rng.randint(1, 99):02d}",
+        key=rng.choice(spec["keys"]), value=shown, unit=spec["unit"], rssi=-rng.randint(40, 95),
+        ts=f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}",
+        fw=f"{rng.randint(1, 4)}.{rng.randint(0, 9)}.{rng.randint(0, 20)}",
+    )  # fmt: skip
+    return text, iot_code(kind, float(shown))
+
+
+# --- public API -----------------------------------------------------------------------------------------
+_GENERATORS: dict[str, tuple[Callable[[random.Random], _Example], tuple[str, ...]]] = {
+    "healthcare": (_healthcare, _HEALTH_INSTRUCTIONS),
+    "finance": (_finance, _FIN_INSTRUCTIONS),
+    "education": (_education, _EDU_INSTRUCTIONS),
+    "iot": (_iot, _IOT_INSTRUCTIONS),
+}
+_ANSWER_SPACES: dict[str, tuple[str, ...]] = {
+    "healthcare": TRIAGE_CODES,
+    "finance": LEDGER_CODES,
+    "education": REPORT_CODES,
+    "iot": IOT_CODES,
+}
+_DESCRIPTIONS: dict[str, str] = {
+    "healthcare": "Clinic intake note -> triage code (T1-RESUS..T4-ROUTINE) from a complaint table; "
+    "SpO2 below 90% is always T1-RESUS.",
+    "finance": "Bank transaction line -> ledger account code (e.g. 6200-MEALS) from a table of 24 merchants.",
+    "education": "Course result -> report-card code DEPT-BAND (A>=90, B>=80, C>=70, D>=60, else F), "
+    "or DEPT-INC below 70% attendance.",
+    "iot": "Field-sensor reading -> alert code KIND-LO/OK/HI by fixed per-sensor thresholds.",
+}
+
+
+def _check_domain(domain: str) -> None:
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown demo domain {domain!r}; choose one of {', '.join(DOMAINS)}")
+
+
+def describe(domain: str) -> str:
+    """One-line description of a demo domain's task. Raises ValueError for an unknown domain."""
+    _check_domain(domain)
+    return _DESCRIPTIONS[domain]
+
+
+def answer_space(domain: str) -> tuple[str, ...]:
+    """Every output code the domain's rule can produce. Raises ValueError for an unknown domain."""
+    _check_domain(domain)
+    return _ANSWER_SPACES[domain]
+
+
+def split_of(instruction: str, input_text: str) -> str:
+    """The split ("train" or "test") a record belongs to, fixed by a SHA-256 of its prompt text."""
+    digest = hashlib.sha256(f"{instruction}\n{input_text}".encode()).digest()
+    return "test" if digest[0] < _TEST_SHARE_PER_256 else "train"
+
+
+def generate(domain: str, split: str = "train", n: int | None = None, seed: int = 0) -> list[Record]:
+    """Deterministic demo records ``{"instruction", "input", "output"}`` for one domain and split.
+
+    ``n`` defaults to 400 for train and 100 for test. Records are unique within a split, and train and
+    test never share an instruction+input pair, for any ``n`` and ``seed``. The same arguments give the
+    same list on every machine. Raises ValueError for an unknown domain or split, or a negative ``n``.
+    """
+    _check_domain(domain)
+    if split not in SPLITS:
+        raise ValueError(f"unknown demo split {split!r}; choose one of {', '.join(SPLITS)}")
+    size = DEFAULT_SIZES[split] if n is None else n
+    if size < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    make_example, instructions = _GENERATORS[domain]
+    rng = random.Random(f"fedge-demo:{domain}:{split}:{seed}")
+    records: list[Record] = []
+    seen: dict[tuple[str, str], None] = {}  # insertion-ordered; used only for membership
+    for _ in range(size * _MAX_TRIES_PER_RECORD):
+        if len(records) == size:
+            break
+        text, answer = make_example(rng)
+        instruction = rng.choice(instructions)
+        key = (instruction, text)
+        if key in seen or split_of(instruction, text) != split:
+            continue
+        seen[key] = None
+        records.append({"instruction": instruction, "input": text, "output": answer})
+    if len(records) < size:
+        raise ValueError(f"could only generate {len(records)} unique {domain}/{split} records, asked for {size}")
+    return records

