@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except FedgeError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

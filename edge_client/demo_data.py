@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 DOMAINS: tuple[str, ...] = ("healthcare", "finance", "education", "iot")
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -173,23 +174,29 @@ def _education(rng: random.Random) -> _Example:
 
 
 # --- iot: sensor kind + value -> alert code by per-kind thresholds --------------------------------------
-IOT_SENSORS: dict[str, dict] = {
-    # code: field names used by devices, unit, (low, high) alert thresholds (None: no such alert),
-    # and value ranges sampled for LO / OK / HI that stay clear of the thresholds.
-    "TMP": {"keys": ("temp_c", "temperature"), "unit": "C", "limits": (0.0, 60.0), "decimals": 1,
-            "ranges": {"LO": (-30, -5), "OK": (10, 45), "HI": (70, 110)}},
-    "HUM": {"keys": ("humidity", "rh"), "unit": "%", "limits": (20.0, 85.0), "decimals": 0,
-            "ranges": {"LO": (2, 9), "OK": (30, 69), "HI": (91, 100)}},
-    "BAT": {"keys": ("battery", "bat_pct"), "unit": "%", "limits": (20.0, None), "decimals": 0,
-            "ranges": {"LO": (1, 9), "OK": (30, 100)}},
-    "PRS": {"keys": ("pressure_bar", "press"), "unit": "bar", "limits": (1.0, 7.0), "decimals": 1,
-            "ranges": {"LO": (0.1, 0.9), "OK": (2.0, 5.9), "HI": (8.0, 9.9)}},
-    "VIB": {"keys": ("vibration", "vib_mm_s"), "unit": "mm/s", "limits": (None, 5.0), "decimals": 1,
-            "ranges": {"OK": (0.1, 2.9), "HI": (7.0, 19.9)}},
-    "CO2": {"keys": ("co2_ppm", "co2"), "unit": "ppm", "limits": (None, 1200.0), "decimals": 0,
-            "ranges": {"OK": (400, 900), "HI": (1500, 4000)}},
+@dataclass(frozen=True)
+class Sensor:
+    """One IoT sensor kind: the field names devices use, its unit, and its alert limits."""
+
+    keys: tuple[str, ...]
+    unit: str
+    low: float | None  # below this: KIND-LO (None: the sensor has no low alert)
+    high: float | None  # above this: KIND-HI (None: no high alert)
+    decimals: int
+    ranges: dict[str, tuple[float, float]]  # level -> sampled value range, kept clear of the limits
+
+
+IOT_SENSORS: dict[str, Sensor] = {
+    "TMP": Sensor(("temp_c", "temp"), "C", 0, 60, 1, {"LO": (-30, -5), "OK": (10, 45), "HI": (70, 110)}),
+    "HUM": Sensor(("humidity", "rh"), "%", 20, 85, 0, {"LO": (2, 9), "OK": (30, 69), "HI": (91, 100)}),
+    "BAT": Sensor(("battery", "bat_pct"), "%", 20, None, 0, {"LO": (1, 9), "OK": (30, 100)}),
+    "PRS": Sensor(("pressure", "press"), "bar", 1, 7, 1, {"LO": (0.1, 0.9), "OK": (2, 5.9), "HI": (8, 9.9)}),
+    "VIB": Sensor(("vibration", "vib_mm_s"), "mm/s", None, 5, 1, {"OK": (0.1, 2.9), "HI": (7, 19.9)}),
+    "CO2": Sensor(("co2_ppm", "co2"), "ppm", None, 1200, 0, {"OK": (400, 900), "HI": (1500, 4000)}),
 }  # fmt: skip
-IOT_CODES: tuple[str, ...] = tuple(f"{kind}-{lvl}" for kind, spec in IOT_SENSORS.items() for lvl in spec["ranges"])
+IOT_CODES: tuple[str, ...] = tuple(
+    f"{kind}-{level}" for kind, sensor in IOT_SENSORS.items() for level in sensor.ranges
+)
 _IOT_INSTRUCTIONS = (
     "Give the alert code for this sensor reading.",
     "Check this field-sensor line and return its alert code.",
@@ -205,25 +212,22 @@ _IOT_TEMPLATES = (
 
 def iot_code(kind: str, value: float) -> str:
     """Alert rule: ``KIND-LO`` below the low limit, ``KIND-HI`` above the high limit, else ``KIND-OK``."""
-    low, high = IOT_SENSORS[kind]["limits"]
-    if low is not None and value < low:
+    sensor = IOT_SENSORS[kind]
+    if sensor.low is not None and value < sensor.low:
         return f"{kind}-LO"
-    if high is not None and value > high:
+    if sensor.high is not None and value > sensor.high:
         return f"{kind}-HI"
     return f"{kind}-OK"
 
 
 def _iot(rng: random.Random) -> _Example:
     kind = rng.choice(list(IOT_SENSORS))
-    spec = IOT_SENSORS[kind]
-    levels = list(spec["ranges"])
-    level = "OK" if rng.random() < 0.4 else rng.choice([lvl for lvl in levels if lvl != "OK"])
-    lo, hi = spec["ranges"][level]
-    value = round(rng.uniform(lo, hi), spec["decimals"])
-    shown = f"{value:.{spec['decimals']}f}"
+    sensor = IOT_SENSORS[kind]
+    level = "OK" if rng.random() < 0.4 else rng.choice([lvl for lvl in sensor.ranges if lvl != "OK"])
+    shown = f"{rng.uniform(*sensor.ranges[level]):.{sensor.decimals}f}"  # the rule reads the shown value
     text = rng.choice(_IOT_TEMPLATES).format(
         node=f"{rng.choice(('pump', 'gw', 'silo', 'mast', 'kiln'))}-{rng.randint(1, 99):02d}",
-        key=rng.choice(spec["keys"]), value=shown, unit=spec["unit"], rssi=-rng.randint(40, 95),
+        key=rng.choice(sensor.keys), value=shown, unit=sensor.unit, rssi=-rng.randint(40, 95),
         ts=f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}",
         fw=f"{rng.randint(1, 4)}.{rng.randint(0, 9)}.{rng.randint(0, 20)}",
     )  # fmt: skip
@@ -304,5 +308,7 @@ def generate(domain: str, split: str = "train", n: int | None = None, seed: int 
         seen[key] = None
         records.append({"instruction": instruction, "input": text, "output": answer})
     if len(records) < size:
-        raise ValueError(f"could only generate {len(records)} unique {domain}/{split} records, asked for {size}")
+        raise ValueError(
+            f"could only generate {len(records)} unique {domain}/{split} records, asked for {size}"
+        )
     return records

@@ -229,7 +229,8 @@ def train(
             loss_sum, _ = lean_loss(model, batch, cfg.loss_chunk)
             (loss_sum / max(1, n_labels)).backward()
             step_loss += loss_sum.item()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if cfg.max_grad_norm > 0:  # 0 disables clipping
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -250,15 +249,3 @@ def _bnb_config(precision: str, compute_dtype: torch.dtype, double_quant: bool) 
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_use_double_quant=double_quant,
     )
-
-
-def describe_environment() -> dict[str, str]:
-    """Machine facts that decide the defaults above, for logs and bug reports."""
-    device = pick_device()
-    return {
-        "machine": platform.machine(),
-        "device": str(device),
-        "compute_dtype": str(compute_dtype_for(device)).removeprefix("torch."),
-        "cpu_bf16": str(cpu_supports_bf16()),
-        "bitsandbytes": "ok" if is_bitsandbytes_available(device) else str(_bitsandbytes_error(device.type)),
-    }

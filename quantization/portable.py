@@ -47,9 +47,9 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns (q, scales): q is int8 (out, in) in [-127, 127], scales is fp32 (out,), and
     `q * scales[:, None]` approximates the weight. All-zero rows get a tiny scale, not a division by 0.
     """
-    w = weight.detach().float()
+    w = weight.detach().to(torch.float32, copy=True)  # a private copy: rounded in place below
     scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # (out,)
-    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = w.div_(scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scales
 
 
@@ -74,17 +74,17 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 64) -> tuple[torch.Ten
         raise ValueError(f"group_size must be a positive even number, got {group_size}")
     out_features, in_features = weight.shape
     n_groups = -(-in_features // group_size)
-    w = weight.detach().float()
+    w = weight.detach().to(torch.float32, copy=True)  # a private copy: rounded in place below
     if n_groups * group_size != in_features:
         w = nn.functional.pad(w, (0, n_groups * group_size - in_features))
     w = w.view(out_features, n_groups, group_size)
-    low, high = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)  # (out, n_groups, 1)
+    low, high = torch.aminmax(w, dim=-1, keepdim=True)  # (out, n_groups, 1) each
     scale = ((high - low) / 15.0).clamp_min(1e-12)
     # Round the scale and offset to their storage dtype first so that the levels chosen here are the
     # levels dequantization will reproduce.
     scale = scale.to(INT4_SCALE_DTYPE).float().clamp_min(1e-12)
     low = low.to(INT4_SCALE_DTYPE).float()
-    q = torch.round((w - low) / scale).clamp_(0, 15).to(torch.uint8)
+    q = w.sub_(low).div_(scale).round_().clamp_(0, 15).to(torch.uint8)
     half = group_size // 2
     packed = q[..., :half] | (q[..., half:] << 4)
     scale_offset = torch.cat([scale, low], dim=-1).to(INT4_SCALE_DTYPE)

@@ -106,7 +106,9 @@ def test_describe() -> None:
         assert text and "\n" not in text
 
 
-@pytest.mark.parametrize("call", [lambda: generate("retail"), lambda: describe("retail"), lambda: answer_space("x")])
+@pytest.mark.parametrize(
+    "call", [lambda: generate("retail"), lambda: describe("retail"), lambda: answer_space("x")]
+)
 def test_unknown_domain_names_choices(call) -> None:
     with pytest.raises(ValueError, match="healthcare, finance, education, iot"):
         call()

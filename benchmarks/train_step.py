@@ -1,0 +1,180 @@
+"""Training-step benchmark: fedge's fastest and leanest plans against a naive PyTorch/PEFT loop.
+
+All plans train SmolLM2-135M with LoRA r=8 on q_proj/v_proj on the same batches (built-in demo data of
+all domains, packed into rows of 256 tokens, 4 rows a step, loss on reply tokens) for the same steps.
+Each plan runs in a fresh process so its peak RSS is its own (model load included).
+
+    python benchmarks/train_step.py [--steps 30] [--model smollm2-135m]
+
+Writes benchmarks/results/train_step.json and the table in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import run_worker, update_readme_section, write_results  # noqa: E402
+
+SEQ_LEN, ROWS, WARMUP = 256, 4, 2
+
+# Each fedge plan is a precision for the base weights plus TrainConfig overrides.
+PLANS = {
+    "fast": {"precision": "bf16", "train": {}},
+    "lean": {"precision": "int4", "train": {"gradient_checkpointing": True, "micro_batch": 2, "grad_accum": 2}},
+}
+
+
+def make_batches(tokenizer, steps: int):
+    from edge_client.data import encode_all, load_examples, packed_batches
+
+    encoded = encode_all(tokenizer, load_examples("demo:all"), SEQ_LEN)
+    batches = packed_batches(encoded, ROWS, SEQ_LEN, tokenizer.pad_token_id, seed=0)
+    return [batches[i % len(batches)] for i in range(steps)]
+
+
+def worker(plan: str, model_source: str, cache_dir: Path, steps: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    t_load = time.perf_counter()
+    if plan == "naive":
+        result = _naive(model_source, cache_dir, steps)
+    else:
+        result = _fedge(plan, model_source, cache_dir, steps)
+    from edge_client.memory import peak_rss_mb
+
+    result.update(peak_rss_mb=peak_rss_mb(), wall_s=time.perf_counter() - t_load)
+    return result
+
+
+def _summary(step_times: list[float], step_tokens: list[int], losses: list[float]) -> dict:
+    timed = step_times[WARMUP:]
+    return {
+        "tokens_per_s": sum(step_tokens[WARMUP:]) / sum(timed),
+        "step_s_median": statistics.median(timed),
+        "step_s_stdev": statistics.stdev(timed) if len(timed) > 1 else 0.0,
+        "final_loss": sum(losses[-3:]) / len(losses[-3:]),  # mean of the last 3 steps: less noisy than one
+        "first_loss": losses[0],
+        "losses": losses,
+        "steps": len(losses),
+    }
+
+
+def _naive(model_source: str, cache_dir: Path, steps: int) -> dict:
+    """The baseline: fp32 model, full logits via ``model(..., labels=...)``, backward, AdamW."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edge_client.models import pull_model
+
+    path = pull_model(model_source, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    model.train()
+    times, tokens, losses = [], [], []
+    for batch in make_batches(tokenizer, steps):
+        t0 = time.perf_counter()
+        loss = model(input_ids=batch.input_ids, position_ids=batch.position_ids, labels=batch.labels,
+                     use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        tokens.append(batch.tokens)
+        losses.append(loss.item())
+    return _summary(times, tokens, losses) | {"precision": "fp32", "config": "naive"}
+
+
+def _fedge(plan: str, model_source: str, cache_dir: Path, steps: int) -> dict:
+    import torch
+
+    from edge_client.data import Batch
+    from edge_client.session import open_model
+    from edge_client.train import LoraSettings, TrainConfig, add_lora, train
+
+    spec = PLANS[plan]
+    session = open_model(model_source, cache_dir, precision=spec["precision"], device="cpu")
+    # Same math as the naive loop: constant learning rate, no clipping.
+    settings = {"micro_batch": ROWS, **spec["train"]}
+    cfg = TrainConfig(steps=steps, seq_len=SEQ_LEN, lr=2e-4, warmup_steps=0, max_grad_norm=0.0, checkpoint_every=0,
+                      lora=LoraSettings(r=8, alpha=16), **settings)
+    model = add_lora(session.model, cfg.lora)
+    batches = make_batches(session.tokenizer, steps)
+    # Split each 4-row step into micro-batches when the plan accumulates: the same rows, the same step.
+    micro = [Batch(b.input_ids[i : i + cfg.micro_batch], b.labels[i : i + cfg.micro_batch],
+                   int(b.tokens * cfg.micro_batch / ROWS), b.position_ids[i : i + cfg.micro_batch])
+             for b in batches for i in range(0, ROWS, cfg.micro_batch)]
+    times, tokens = [], []
+    result = train(model, lambda epoch: micro, cfg, torch.device("cpu"),
+                   on_step=lambda step, loss, n, dt: (times.append(dt), tokens.append(n)))
+    return _summary(times, tokens, result.losses) | {"precision": session.precision, "config": cfg.to_dict()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    args = parser.parse_args()
+    from edge_client.models import default_cache_dir
+
+    cache = args.cache_dir or default_cache_dir()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model, cache, args.steps, args.threads)))
+        return
+    results = {}
+    for plan in ("naive", "fast", "lean"):
+        print(f"running {plan} ...", flush=True)
+        results[plan] = run_worker(Path(__file__), [plan, "--steps", str(args.steps), "--threads", str(args.threads),
+                                                    "--model", args.model, "--cache-dir", str(cache)])
+        print(f"  {results[plan]['tokens_per_s']:.0f} tok/s, peak RSS {results[plan]['peak_rss_mb']:.0f} MB, "
+              f"final loss {results[plan]['final_loss']:.4f}", flush=True)
+    naive = results["naive"]
+    for plan in ("fast", "lean"):
+        r = results[plan]
+        r["speedup_vs_naive"] = r["tokens_per_s"] / naive["tokens_per_s"]
+        r["rss_ratio_vs_naive"] = r["peak_rss_mb"] / naive["peak_rss_mb"]
+        r["loss_rel_diff_vs_naive"] = abs(r["final_loss"] - naive["final_loss"]) / naive["final_loss"]
+    results["setup"] = {"model": args.model, "seq_len": SEQ_LEN, "rows_per_step": ROWS, "steps": args.steps,
+                        "warmup_steps_excluded": WARMUP, "threads": args.threads, "lora": "r=8 q_proj,v_proj"}
+    write_results("train_step", results)
+    update_readme_section("train_step", _table(results))
+    print(_table(results))
+
+
+def _table(results: dict) -> str:
+    s = results["setup"]
+    lines = [
+        f"### Training step: {s['model']}, LoRA {s['lora']}, {s['rows_per_step']} x {s['seq_len']} tokens/step, "
+        f"{s['steps']} steps, {s['threads']} threads",
+        "",
+        "| plan | base weights | tokens/s | x naive | peak RSS (MB) | RSS / naive | final loss | loss diff |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for plan in ("naive", "fast", "lean"):
+        r = results[plan]
+        lines.append(
+            f"| {plan} | {r['precision']} | {r['tokens_per_s']:.0f} | {r.get('speedup_vs_naive', 1.0):.2f} | "
+            f"{r['peak_rss_mb']:.0f} | {r.get('rss_ratio_vs_naive', 1.0):.0%} | {r['final_loss']:.4f} | "
+            f"{r.get('loss_rel_diff_vs_naive', 0.0):.2%} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

