@@ -13,8 +13,9 @@ README = Path(__file__).parent / "README.md"
 
 def run_worker(script: Path, args: list[str], timeout: float = 1800) -> dict:
     """Run ``script --worker ...`` in its own process (so its peak RSS is its own) and parse its JSON line."""
-    done = subprocess.run([sys.executable, str(script), "--worker", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, str(script), "--worker", *args], capture_output=True, text=True, timeout=timeout
+    )
     if done.returncode != 0:
         raise RuntimeError(f"worker {args} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

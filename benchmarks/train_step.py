@@ -28,7 +28,10 @@ SEQ_LEN, ROWS, WARMUP = 256, 4, 2
 # Each fedge plan is a precision for the base weights plus TrainConfig overrides.
 PLANS = {
     "fast": {"precision": "bf16", "train": {}},
-    "lean": {"precision": "int4", "train": {"gradient_checkpointing": True, "micro_batch": 2, "grad_accum": 2}},
+    "lean": {
+        "precision": "int4",
+        "train": {"gradient_checkpointing": True, "micro_batch": 2, "grad_accum": 2},
+    },
 }
 
 
@@ -80,15 +83,17 @@ def _naive(model_source: str, cache_dir: Path, steps: int) -> dict:
     path = pull_model(model_source, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                             task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     model.train()
     times, tokens, losses = [], [], []
     for batch in make_batches(tokenizer, steps):
         t0 = time.perf_counter()
-        loss = model(input_ids=batch.input_ids, position_ids=batch.position_ids, labels=batch.labels,
-                     use_cache=False).loss
+        loss = model(
+            input_ids=batch.input_ids, position_ids=batch.position_ids, labels=batch.labels, use_cache=False
+        ).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -109,17 +114,37 @@ def _fedge(plan: str, model_source: str, cache_dir: Path, steps: int) -> dict:
     session = open_model(model_source, cache_dir, precision=spec["precision"], device="cpu")
     # Same math as the naive loop: constant learning rate, no clipping.
     settings = {"micro_batch": ROWS, **spec["train"]}
-    cfg = TrainConfig(steps=steps, seq_len=SEQ_LEN, lr=2e-4, warmup_steps=0, max_grad_norm=0.0, checkpoint_every=0,
-                      lora=LoraSettings(r=8, alpha=16), **settings)
+    cfg = TrainConfig(
+        steps=steps,
+        seq_len=SEQ_LEN,
+        lr=2e-4,
+        warmup_steps=0,
+        max_grad_norm=0.0,
+        checkpoint_every=0,
+        lora=LoraSettings(r=8, alpha=16),
+        **settings,
+    )
     model = add_lora(session.model, cfg.lora)
     batches = make_batches(session.tokenizer, steps)
     # Split each 4-row step into micro-batches when the plan accumulates: the same rows, the same step.
-    micro = [Batch(b.input_ids[i : i + cfg.micro_batch], b.labels[i : i + cfg.micro_batch],
-                   int(b.tokens * cfg.micro_batch / ROWS), b.position_ids[i : i + cfg.micro_batch])
-             for b in batches for i in range(0, ROWS, cfg.micro_batch)]
+    micro = [
+        Batch(
+            b.input_ids[i : i + cfg.micro_batch],
+            b.labels[i : i + cfg.micro_batch],
+            int(b.tokens * cfg.micro_batch / ROWS),
+            b.position_ids[i : i + cfg.micro_batch],
+        )
+        for b in batches
+        for i in range(0, ROWS, cfg.micro_batch)
+    ]
     times, tokens = [], []
-    result = train(model, lambda epoch: micro, cfg, torch.device("cpu"),
-                   on_step=lambda step, loss, n, dt: (times.append(dt), tokens.append(n)))
+    result = train(
+        model,
+        lambda epoch: micro,
+        cfg,
+        torch.device("cpu"),
+        on_step=lambda step, loss, n, dt: (times.append(dt), tokens.append(n)),
+    )
     return _summary(times, tokens, result.losses) | {"precision": session.precision, "config": cfg.to_dict()}
 
 
@@ -140,18 +165,40 @@ def main() -> None:
     results = {}
     for plan in ("naive", "fast", "lean"):
         print(f"running {plan} ...", flush=True)
-        results[plan] = run_worker(Path(__file__), [plan, "--steps", str(args.steps), "--threads", str(args.threads),
-                                                    "--model", args.model, "--cache-dir", str(cache)])
-        print(f"  {results[plan]['tokens_per_s']:.0f} tok/s, peak RSS {results[plan]['peak_rss_mb']:.0f} MB, "
-              f"final loss {results[plan]['final_loss']:.4f}", flush=True)
+        results[plan] = run_worker(
+            Path(__file__),
+            [
+                plan,
+                "--steps",
+                str(args.steps),
+                "--threads",
+                str(args.threads),
+                "--model",
+                args.model,
+                "--cache-dir",
+                str(cache),
+            ],
+        )
+        print(
+            f"  {results[plan]['tokens_per_s']:.0f} tok/s, peak RSS {results[plan]['peak_rss_mb']:.0f} MB, "
+            f"final loss {results[plan]['final_loss']:.4f}",
+            flush=True,
+        )
     naive = results["naive"]
     for plan in ("fast", "lean"):
         r = results[plan]
         r["speedup_vs_naive"] = r["tokens_per_s"] / naive["tokens_per_s"]
         r["rss_ratio_vs_naive"] = r["peak_rss_mb"] / naive["peak_rss_mb"]
         r["loss_rel_diff_vs_naive"] = abs(r["final_loss"] - naive["final_loss"]) / naive["final_loss"]
-    results["setup"] = {"model": args.model, "seq_len": SEQ_LEN, "rows_per_step": ROWS, "steps": args.steps,
-                        "warmup_steps_excluded": WARMUP, "threads": args.threads, "lora": "r=8 q_proj,v_proj"}
+    results["setup"] = {
+        "model": args.model,
+        "seq_len": SEQ_LEN,
+        "rows_per_step": ROWS,
+        "steps": args.steps,
+        "warmup_steps_excluded": WARMUP,
+        "threads": args.threads,
+        "lora": "r=8 q_proj,v_proj",
+    }
     write_results("train_step", results)
     update_readme_section("train_step", _table(results))
     print(_table(results))

@@ -35,8 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     from edge_client.models import DEFAULT_MODEL, default_cache_dir
 
     parser = argparse.ArgumentParser(prog="fedge", description="Federated fine-tuning of small LLMs on edge devices")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help=f"model cache (default: $FEDGE_CACHE or {default_cache_dir()})")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"model cache (default: $FEDGE_CACHE or {default_cache_dir()})",
+    )
     sub = parser.add_subparsers(title="commands")
 
     model = sub.add_parser("model", help="fetch and list base models").add_subparsers(title="model commands")

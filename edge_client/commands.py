@@ -15,7 +15,7 @@ from edge_client.data import Example, fingerprint, load_examples
 from edge_client.errors import FedgeError
 from edge_client.evaluate import EvalResult, evaluate
 from edge_client.memory import current_rss_mb
-from edge_client.session import eval_batches, epoch_maker, open_model, split_heldout
+from edge_client.session import epoch_maker, eval_batches, open_model, split_heldout
 from edge_client.train import LoraSettings, TrainConfig, add_lora, train
 
 
@@ -23,18 +23,31 @@ def run_train(args: argparse.Namespace, cache_dir: Path, console: Console) -> in
     # Setup: validate everything cheap before loading a model, so a mistake costs seconds, not minutes.
     try:
         cfg = TrainConfig(
-            steps=args.steps, micro_batch=args.batch, grad_accum=args.grad_accum, lr=args.lr, seq_len=args.seq_len,
-            pack=args.pack, gradient_checkpointing=args.grad_ckpt, seed=args.seed,
-            lora=LoraSettings(r=args.rank, alpha=args.alpha or 2 * args.rank,
-                              target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-                              top_layers=args.top_layers),
+            steps=args.steps,
+            micro_batch=args.batch,
+            grad_accum=args.grad_accum,
+            lr=args.lr,
+            seq_len=args.seq_len,
+            pack=args.pack,
+            gradient_checkpointing=args.grad_ckpt,
+            seed=args.seed,
+            lora=LoraSettings(
+                r=args.rank,
+                alpha=args.alpha or 2 * args.rank,
+                target_modules=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+                top_layers=args.top_layers,
+            ),
         )
     except ValueError as err:
         raise FedgeError(f"bad training option: {err}") from None
     train_set, heldout = _train_and_heldout(args.data, args.eval_data, cfg.seed)
     adapters.check_writable(args.out)
-    session = open_model(args.model, cache_dir, args.precision, args.device, say=lambda m: console.print(f"[dim]{m}[/]"))
-    console.print(f"{len(train_set)} training examples, {len(heldout)} held out; {session.precision} on {session.device}")
+    session = open_model(
+        args.model, cache_dir, args.precision, args.device, say=lambda m: console.print(f"[dim]{m}[/]")
+    )
+    console.print(
+        f"{len(train_set)} training examples, {len(heldout)} held out; {session.precision} on {session.device}"
+    )
 
     # Run: held-out loss before, train, held-out loss and exact match after.
     held_batches = eval_batches(session.tokenizer, heldout, cfg.seq_len)
@@ -48,19 +61,32 @@ def run_train(args: argparse.Namespace, cache_dir: Path, console: Console) -> in
         def on_step(step: int, loss: float, tokens: int, seconds: float) -> None:
             progress.update(task, completed=step, loss=loss, tps=tokens / max(seconds, 1e-9), rss=current_rss_mb())
 
-        result = train(model, epoch_maker(session.tokenizer, train_set, cfg), cfg, session.device,
-                       state_dir=state_dir, on_step=on_step, run_id=f"{session.model_dir}|{data_id}")
+        result = train(
+            model,
+            epoch_maker(session.tokenizer, train_set, cfg),
+            cfg,
+            session.device,
+            state_dir=state_dir,
+            on_step=on_step,
+            run_id=f"{session.model_dir}|{data_id}",
+        )
     with console.status("evaluating on held-out data"):
         after = evaluate(model, session.tokenizer, held_batches, heldout[:200], session.device)
 
     # Report and save (atomically; the resumable progress is removed only once the adapter is in place).
     meta = {
-        "model": session.describe(), "data": {"source": str(args.data), "fingerprint": data_id,
-                                              "examples": len(train_set)},
-        "train_config": cfg.to_dict(), "lora": cfg.lora.__dict__,
-        "metrics": {"before": before.to_dict(), "after": after.to_dict(), "train_loss": result.final_loss,
-                    "tokens_per_s": result.tokens_per_s, "seconds": result.seconds,
-                    "peak_rss_mb": result.peak_rss_mb},
+        "model": session.describe(),
+        "data": {"source": str(args.data), "fingerprint": data_id, "examples": len(train_set)},
+        "train_config": cfg.to_dict(),
+        "lora": cfg.lora.__dict__,
+        "metrics": {
+            "before": before.to_dict(),
+            "after": after.to_dict(),
+            "train_loss": result.final_loss,
+            "tokens_per_s": result.tokens_per_s,
+            "seconds": result.seconds,
+            "peak_rss_mb": result.peak_rss_mb,
+        },
     }
     adapters.save_adapter(model, args.out, meta)
     import shutil
@@ -82,8 +108,13 @@ def run_eval(args: argparse.Namespace, cache_dir: Path, console: Console) -> int
     seq_len = meta.get("train_config", {}).get("seq_len", 256)
     t0 = time.perf_counter()
     with console.status(f"evaluating {len(examples)} examples"):
-        result = evaluate(model, session.tokenizer, eval_batches(session.tokenizer, examples, seq_len), examples,
-                          session.device)
+        result = evaluate(
+            model,
+            session.tokenizer,
+            eval_batches(session.tokenizer, examples, seq_len),
+            examples,
+            session.device,
+        )
     if args.json:
         import json
 
@@ -105,14 +136,20 @@ def _train_and_heldout(data: str, eval_data: str | None, seed: int) -> tuple[lis
 
 def _progress(console: Console) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
-        TextColumn("RSS {task.fields[rss]:.0f} MB"), TimeRemainingColumn(), console=console,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[tps]:.0f} tok/s"),
+        TextColumn("RSS {task.fields[rss]:.0f} MB"),
+        TimeRemainingColumn(),
+        console=console,
     )
 
 
-def _report(console: Console, before: EvalResult | None, after: EvalResult, tps: float | None,
-            rss: float | None) -> None:
+def _report(
+    console: Console, before: EvalResult | None, after: EvalResult, tps: float | None, rss: float | None
+) -> None:
     table = Table("metric", *(["before"] if before else []), "after" if before else "value")
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for name in ("loss", "perplexity", "exact_match"):
@@ -123,5 +160,3 @@ def _report(console: Console, before: EvalResult | None, after: EvalResult, tps:
     if rss is not None:
         table.add_row("peak RSS (MB)", *([""] if before else []), f"{rss:.0f}")
     console.print(table)
-
-

@@ -81,7 +81,9 @@ def _decode(path: Path, raw: bytes) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); re-save the file as UTF-8") from None
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); re-save the file as UTF-8"
+        ) from None
 
 
 def _jsonl_records(path: Path, raw: bytes) -> Iterator[tuple[int, object]]:
@@ -226,8 +228,13 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), self.tokens, move(self.position_ids),
-                     move(self.attention_mask))
+        return Batch(
+            move(self.input_ids),
+            move(self.labels),
+            self.tokens,
+            move(self.position_ids),
+            move(self.attention_mask),
+        )
 
 
 def padded_batches(encoded: Sequence[Encoded], batch_size: int, pad_id: int, seed: int) -> list[Batch]:

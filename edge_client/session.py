@@ -31,8 +31,12 @@ class ModelSession:
     device: torch.device
 
     def describe(self) -> dict:
-        return {**model_info(self.model_dir), "source": self.source, "precision": self.precision,
-                "device": str(self.device)}
+        return {
+            **model_info(self.model_dir),
+            "source": self.source,
+            "precision": self.precision,
+            "device": str(self.device),
+        }
 
 
 def open_model(
@@ -91,4 +95,3 @@ def split_heldout(examples: Sequence[Example], fraction: float, seed: int) -> tu
     n = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
     held = set(order[:n])
     return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
-

@@ -243,7 +243,17 @@ def train(
             on_step(step + 1, losses[-1], batch_tokens, dt)
         done = step + 1 == cfg.steps
         if state_dir is not None and (done or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
-            _save_state(state_dir, _run_key(cfg, run_id), step + 1, losses, tokens, seconds, model, optimizer, scheduler)
+            _save_state(
+                state_dir,
+                _run_key(cfg, run_id),
+                step + 1,
+                losses,
+                tokens,
+                seconds,
+                model,
+                optimizer,
+                scheduler,
+            )
     model.eval()
     return TrainResult(cfg.steps, tokens, seconds, losses, peak_rss_mb())
 

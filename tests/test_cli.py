@@ -26,9 +26,31 @@ def user_data(tmp_path):
 
 def test_train_on_a_users_jsonl_lowers_heldout_loss_and_saves_a_peft_adapter(tiny_model_dir, user_data, tmp_path):
     out = tmp_path / "adapter"
-    code = main(["--cache-dir", str(tmp_path / "cache"), "train", "--data", str(user_data), "--model",
-                 str(tiny_model_dir), "--steps", "15", "--lr", "1e-2", "--rank", "8", "--batch", "8",
-                 "--targets", "q_proj,v_proj,up_proj,down_proj", "--precision", "fp32", "--out", str(out)])
+    code = main(
+        [
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "train",
+            "--data",
+            str(user_data),
+            "--model",
+            str(tiny_model_dir),
+            "--steps",
+            "15",
+            "--lr",
+            "1e-2",
+            "--rank",
+            "8",
+            "--batch",
+            "8",
+            "--targets",
+            "q_proj,v_proj,up_proj,down_proj",
+            "--precision",
+            "fp32",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     meta = read_meta(out)
     assert meta["metrics"]["after"]["loss"] < meta["metrics"]["before"]["loss"] - 0.3
@@ -42,8 +64,23 @@ def test_train_on_a_users_jsonl_lowers_heldout_loss_and_saves_a_peft_adapter(tin
     loaded = PeftModel.from_pretrained(base, out)  # plain PEFT format
     assert any("lora_A" in n for n, _ in loaded.named_parameters())
 
-    code = main(["--cache-dir", str(tmp_path / "cache"), "eval", "--data", str(user_data), "--adapter", str(out),
-                 "--model", str(tiny_model_dir), "--precision", "fp32", "--limit", "20"])
+    code = main(
+        [
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "eval",
+            "--data",
+            str(user_data),
+            "--adapter",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--precision",
+            "fp32",
+            "--limit",
+            "20",
+        ]
+    )
     assert code == 0
 
 
@@ -79,8 +116,17 @@ def test_bad_data_is_one_clear_line_and_exit_2(case, tmp_path, tiny_model_dir, c
 def test_bad_arguments_are_clear_errors(args, expected, user_data, tmp_path, tiny_model_dir, capsys):
     blocker = tmp_path / "FILE"
     blocker.write_text("a file, so nothing can be created below it")
-    argv = ["--cache-dir", str(tmp_path / "cache"), "train", "--data", str(user_data), "--model", str(tiny_model_dir),
-            "--out", str(tmp_path / "ad")]
+    argv = [
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "train",
+        "--data",
+        str(user_data),
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(tmp_path / "ad"),
+    ]
     for flag, value in zip(args[::2], args[1::2]):
         value = str(tmp_path / value) if value.startswith(("MISSING", "FILE")) else value
         if flag in argv:
@@ -109,8 +155,11 @@ def test_eval_rejects_a_directory_that_is_not_an_adapter(tmp_path, user_data, ca
 
 
 def test_console_script_runs_without_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "edge_client.cli", "train", "--data", str(tmp_path / "x.jsonl")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "edge_client.cli", "train", "--data", str(tmp_path / "x.jsonl")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "no such file" in done.stderr and "Traceback" not in done.stderr
 
 

@@ -41,7 +41,10 @@ def test_reads_chat_instruction_and_text_forms(tmp_path):
 
 
 def test_reads_txt_paragraphs_and_csv(tmp_path):
-    assert [e.text for e in load_examples(write(tmp_path / "a.txt", "one\nline\n\n\ntwo\n"))] == ["one\nline", "two"]
+    assert [e.text for e in load_examples(write(tmp_path / "a.txt", "one\nline\n\n\ntwo\n"))] == [
+        "one\nline",
+        "two",
+    ]
     csv_path = write(tmp_path / "a.csv", 'instruction,input,output\nTranslate,"a, b",c\nAsk,,d\n')
     ex = load_examples(csv_path)
     assert [e.answer for e in ex] == ["c", "d"] and ex[0].prompt[0]["content"] == "Translate\n\na, b"
@@ -52,12 +55,27 @@ def test_reads_txt_paragraphs_and_csv(tmp_path):
     [
         ("bad.jsonl", '{"text": "ok"}\n{"text": "broken"\n', r"bad\.jsonl:2: not valid JSON"),
         ("empty.jsonl", "\n\n", r"empty\.jsonl: no examples"),
-        ("fields.jsonl", '{"text": "ok"}\n{"question": "q", "answer": "a"}\n', r"fields\.jsonl:2: expected one of"),
-        ("out.jsonl", '{"instruction": "q", "output": ""}\n', r"out\.jsonl:1: field 'output' must be a non-empty"),
-        ("role.jsonl", '{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]}\n',
-         r"role\.jsonl:1: the last message must be a non-empty 'assistant'"),
-        ("list.jsonl", '[1, 2]\n', r"list\.jsonl:1: expected a JSON object, got list"),
-        ("bytes.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"bytes\.jsonl:2: not UTF-8 text \(byte 0xe9\)"),
+        (
+            "fields.jsonl",
+            '{"text": "ok"}\n{"question": "q", "answer": "a"}\n',
+            r"fields\.jsonl:2: expected one of",
+        ),
+        (
+            "out.jsonl",
+            '{"instruction": "q", "output": ""}\n',
+            r"out\.jsonl:1: field 'output' must be a non-empty",
+        ),
+        (
+            "role.jsonl",
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "a"}]}\n',
+            r"role\.jsonl:1: the last message must be a non-empty 'assistant'",
+        ),
+        ("list.jsonl", "[1, 2]\n", r"list\.jsonl:1: expected a JSON object, got list"),
+        (
+            "bytes.jsonl",
+            b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
+            r"bytes\.jsonl:2: not UTF-8 text \(byte 0xe9\)",
+        ),
         ("bytes.txt", b"fine\n\nbad \xff here", r"bytes\.txt:3: not UTF-8"),
         ("cols.csv", "question,answer\nq,a\n", r"cols\.csv:1: expected a header"),
         ("data.parquet", "x", r"unsupported file type '\.parquet'"),

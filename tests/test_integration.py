@@ -38,8 +38,20 @@ def test_pull_the_default_model_twice(cache_dir):
 
 def test_train_a_few_steps_on_the_real_model(cache_dir, tmp_path):
     out = tmp_path / "adapter"
-    done = _fedge("train", "--data", "demo:healthcare", "--steps", "6", "--lr", "1e-3", "--batch", "8",
-                  "--out", str(out), cache=cache_dir)
+    done = _fedge(
+        "train",
+        "--data",
+        "demo:healthcare",
+        "--steps",
+        "6",
+        "--lr",
+        "1e-3",
+        "--batch",
+        "8",
+        "--out",
+        str(out),
+        cache=cache_dir,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     meta = json.loads((out / "fedge_adapter.json").read_text())
     assert meta["model"]["architectures"] == ["LlamaForCausalLM"]

@@ -23,8 +23,11 @@ def test_lean_loss_matches_full_logits_loss(fresh_session, pack):
     model = fresh_session.model
     loss_sum, n = lean_loss(model, batch, chunk=7)  # small chunks: exercises the chunk loop
     reference = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-        labels=batch.labels, use_cache=False,
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        labels=batch.labels,
+        use_cache=False,
     ).loss
     assert n == int((batch.labels[:, 1:] != -100).sum()) > 0
     torch.testing.assert_close(loss_sum / n, reference, rtol=1e-5, atol=1e-5)
@@ -49,7 +52,10 @@ def test_lean_loss_gradients_match_full_logits(fresh_session):
 
 def _run(session, steps, state_dir=None, stop_at=None, **kw):
     cfg = TrainConfig(steps=steps, micro_batch=8, seq_len=128, lr=2e-2, warmup_steps=2, checkpoint_every=3, **kw)
-    model = add_lora(session.model, LoraSettings(r=8, alpha=16, target_modules=("q_proj", "v_proj", "up_proj", "down_proj")))
+    model = add_lora(
+        session.model,
+        LoraSettings(r=8, alpha=16, target_modules=("q_proj", "v_proj", "up_proj", "down_proj")),
+    )
     make = epoch_maker(session.tokenizer, load_examples("demo:iot")[:40], cfg)
 
     def on_step(step, *_):
@@ -94,7 +100,12 @@ def test_top_layers_puts_lora_only_on_the_last_layers(fresh_session):
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"steps": 0}, "steps"), ({"lr": 0}, "lr"), ({"seq_len": 8}, "seq_len"), ({"micro_batch": 0}, "micro_batch")],
+    [
+        ({"steps": 0}, "steps"),
+        ({"lr": 0}, "lr"),
+        ({"seq_len": 8}, "seq_len"),
+        ({"micro_batch": 0}, "micro_batch"),
+    ],
 )
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

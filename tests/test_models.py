@@ -1,0 +1,83 @@
+"""Model sources and the cache: directories, GGUF files, hub ids, unknown names, interrupted pulls."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_client.errors import ModelError
+from edge_client.models import MARKER, _entry_ready, default_cache_dir, list_models, pull_model
+
+
+def test_a_model_directory_is_used_in_place(tiny_model_dir, tmp_path):
+    assert pull_model(str(tiny_model_dir), tmp_path) == tiny_model_dir
+
+
+def test_directory_without_config_or_weights_is_rejected(tmp_path):
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        pull_model(str(tmp_path / "m"), tmp_path / "cache")
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="no weights"):
+        pull_model(str(tmp_path / "m"), tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("gpt-17", "unknown model 'gpt-17'"),
+        ("./missing/model.gguf", "no such file"),
+    ],
+)
+def test_unknown_or_missing_sources(source, expected, tmp_path):
+    with pytest.raises(ModelError, match=expected):
+        pull_model(source, tmp_path)
+
+
+def test_a_file_that_is_not_gguf_is_rejected(tmp_path):
+    (tmp_path / "weights.txt").write_text("x")
+    with pytest.raises(ModelError, match="expected a model directory or a .gguf file"):
+        pull_model(str(tmp_path / "weights.txt"), tmp_path / "cache")
+
+
+def test_corrupt_gguf_is_a_clear_error_and_leaves_no_cache_entry(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ModelError, match="broken.gguf: cannot load as a GGUF causal LM"):
+        pull_model(str(bad), tmp_path / "cache")
+    assert not any((tmp_path / "cache" / "models").glob("*/" + MARKER))
+
+
+def test_hub_id_without_a_reachable_hub_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="fetching it from the model hub failed"):
+        pull_model("some-org/some-model", tmp_path)
+
+
+def test_cache_entry_is_ready_only_when_marker_and_files_agree(tmp_path):
+    entry = tmp_path / "models" / "m"
+    entry.mkdir(parents=True)
+    (entry / "model.safetensors").write_bytes(b"x" * 10)
+    assert not _entry_ready(entry)  # no marker: an interrupted pull
+    (entry / MARKER).write_text(json.dumps({"source": "s", "files": {"model.safetensors": 10}}))
+    assert _entry_ready(entry)
+    (entry / "model.safetensors").write_bytes(b"x" * 5)  # truncated file
+    assert not _entry_ready(entry)
+    names = [m.name for m in list_models(tmp_path)]
+    assert "m" in names and "smollm2-135m" in names
+
+
+def test_cache_dir_follows_flag_then_env_then_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("FEDGE_CACHE", str(tmp_path / "a"))
+    assert default_cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("FEDGE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "fedge"
+
+
+def test_unwritable_cache_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ModelError, match="not writable"):
+        pull_model("smollm2-135m", blocker / "cache")
