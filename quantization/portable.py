@@ -59,14 +59,14 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
     return q.to(dtype) * scales.to(dtype)[:, None]
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int4(weight: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize a (out, in) float weight to 4 bits in groups of `group_size` along `in`.
 
     Each group stores 16 levels between its min and max: w ~= q * scale + offset, q in [0, 15].
-    Returns (packed, scale_offset):
+    Returns (packed, scale, offset):
       packed: uint8 (out, n_groups, group_size // 2); the low nibble holds the group's first half and
         the high nibble its second half, so unpacking is a concatenation, not an interleave.
-      scale_offset: bf16 (out, n_groups, 2) holding [scale, offset].
+      scale, offset: bf16 (out, n_groups, 1).
     `in` is zero-padded up to a multiple of `group_size`; the caller keeps `in` to cut the padding off.
     Raises ValueError for an odd or non-positive group size.
     """
@@ -87,18 +87,17 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 64) -> tuple[torch.Ten
     q = w.sub_(low).div_(scale).round_().clamp_(0, 15).to(torch.uint8)
     half = group_size // 2
     packed = q[..., :half] | (q[..., half:] << 4)
-    scale_offset = torch.cat([scale, low], dim=-1).to(INT4_SCALE_DTYPE)
-    return packed.contiguous(), scale_offset
+    return packed.contiguous(), scale.to(INT4_SCALE_DTYPE), low.to(INT4_SCALE_DTYPE)
 
 
 def dequantize_int4(
-    packed: torch.Tensor, scale_offset: torch.Tensor, in_features: int, dtype: torch.dtype
+    packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, in_features: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """Rebuild the (out, in_features) weight in `dtype` from `quantize_int4`'s output."""
-    out_features, n_groups, _ = packed.shape
     q = torch.cat([packed & 0xF, packed >> 4], dim=-1).to(dtype)  # (out, n_groups, group_size)
-    so = scale_offset.to(dtype)
-    w = torch.addcmul(so[..., 1:], q, so[..., :1]).view(out_features, -1)  # q * scale + offset
+    # In-place mul_/add_, not addcmul: addcmul with broadcast bf16 operands is 3x slower on CPU
+    # (1.8 vs 0.57 ms for a 1536x576 weight), and this runs twice per layer per training step.
+    w = q.mul_(scale.to(dtype)).add_(offset.to(dtype)).view(packed.shape[0], -1)
     return w if w.shape[1] == in_features else w[:, :in_features]
 
 
@@ -179,34 +178,35 @@ class Int8Linear(_QuantizedLinear):
 class Int4Linear(_QuantizedLinear):
     """Linear layer with 4-bit asymmetric groupwise weights, two per uint8 (~4.5 bits per weight at g=64).
 
-    `weight` is uint8 (out, n_groups, group_size // 2); `weight_scale_offset` is bf16 (out, n_groups, 2).
+    `weight` is uint8 (out, n_groups, group_size // 2); `weight_scale` and `weight_offset` are bf16
+    (out, n_groups, 1).
     """
 
     def __init__(
         self,
         packed: torch.Tensor,
-        scale_offset: torch.Tensor,
+        scale: torch.Tensor,
+        offset: torch.Tensor,
         in_features: int,
         bias: torch.Tensor | None = None,
     ) -> None:
         super().__init__(in_features, packed.shape[0], bias)
         self.group_size = packed.shape[2] * 2
         self.weight = nn.Parameter(packed, requires_grad=False)
-        self.register_buffer("weight_scale_offset", scale_offset)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_offset", offset)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
         """Quantize an existing float nn.Linear (its weight is read, not modified)."""
-        packed, scale_offset = quantize_int4(linear.weight, group_size)
-        return cls(packed, scale_offset, linear.in_features, bias=linear.bias)
+        packed, scale, offset = quantize_int4(linear.weight, group_size)
+        return cls(packed, scale, offset, linear.in_features, bias=linear.bias)
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize_int4(self.weight, self.weight_scale_offset, self.in_features, dtype)
+        return dequantize_int4(self.weight, self.weight_scale, self.weight_offset, self.in_features, dtype)
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
-        )
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
 # --- whole-model replacement --------------------------------------------------------------------

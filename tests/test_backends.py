@@ -131,9 +131,7 @@ def test_resolve_bnb_without_working_bitsandbytes_says_what_to_do(
 
 # --- load_base_model ------------------------------------------------------------------------------
 
-_BNB_REASON = (
-    "bitsandbytes does not work on this machine (see quantization.backends.is_bitsandbytes_available)"
-)
+_BNB_REASON = "bitsandbytes does not work on this machine (see quantization.backends.is_bitsandbytes_available)"
 _needs_bnb = pytest.mark.skipif(not is_bitsandbytes_available(), reason=_BNB_REASON)
 
 

@@ -81,3 +81,21 @@ def test_unwritable_cache_is_a_clear_error(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(ModelError, match="not writable"):
         pull_model("smollm2-135m", blocker / "cache")
+
+
+def test_a_gguf_file_of_another_architecture_converts_once(tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_gguf import write_tiny_qwen2_gguf
+
+    original = write_tiny_qwen2_gguf(tmp_path / "tiny-qwen2.gguf", tiny_model_dir)
+    entry = pull_model(str(tmp_path / "tiny-qwen2.gguf"), tmp_path / "cache")
+    assert entry.parent == tmp_path / "cache" / "models" and (entry / MARKER).is_file()
+    converted = AutoModelForCausalLM.from_pretrained(entry)
+    assert type(converted).__name__ == "Qwen2ForCausalLM"
+    ids = torch.tensor([[5, 17, 42, 99]])
+    torch.testing.assert_close(converted(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
+    stamp = (entry / MARKER).stat().st_mtime_ns
+    assert pull_model(str(tmp_path / "tiny-qwen2.gguf"), tmp_path / "cache") == entry
+    assert (entry / MARKER).stat().st_mtime_ns == stamp  # the second pull did no work

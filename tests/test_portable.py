@@ -65,10 +65,10 @@ def test_int8_roundtrip_error_within_half_step_and_rms_bound() -> None:
 
 def test_int4_roundtrip_error_within_bounds() -> None:
     w = torch.randn(96, 256, generator=torch.Generator().manual_seed(2))
-    packed, scale_offset = quantize_int4(w, group_size=64)
+    packed, scale, offset = quantize_int4(w, group_size=64)
     assert packed.dtype == torch.uint8 and packed.shape == (96, 4, 32)  # two values per byte
-    back = dequantize_int4(packed, scale_offset, 256, torch.float32)
-    step = scale_offset[..., 0].float().repeat_interleave(64, dim=1)  # (96, 256)
+    back = dequantize_int4(packed, scale, offset, 256, torch.float32)
+    step = scale[..., 0].float().repeat_interleave(64, dim=1)  # (96, 256)
     # Half a step, plus slack for the bf16-rounded scale/offset (<= 15 * 2**-8 of a step at the top).
     assert ((back - w).abs() <= step * (0.5 + 15 * 2**-8) + 1e-6).all()
     assert rel_error(back, w) < INT4_REL_BOUND
@@ -76,9 +76,9 @@ def test_int4_roundtrip_error_within_bounds() -> None:
 
 def test_int4_pads_in_features_not_divisible_by_group() -> None:
     w = torch.randn(8, 100)
-    packed, scale_offset = quantize_int4(w, group_size=64)
+    packed, scale, offset = quantize_int4(w, group_size=64)
     assert packed.shape == (8, 2, 32)
-    back = dequantize_int4(packed, scale_offset, 100, torch.float32)
+    back = dequantize_int4(packed, scale, offset, 100, torch.float32)
     assert back.shape == (8, 100)
     assert rel_error(back, w) < INT4_REL_BOUND
 
