@@ -52,7 +52,10 @@ def open_model(
     from quantization.backends import BackendUnavailable, load_base_model, pick_device
 
     model_dir = pull_model(source, cache_dir, say)
-    dev = pick_device(device)
+    try:
+        dev = pick_device(device)
+    except ValueError as err:
+        raise FedgeError(f"--device {device}: {err}") from None
     say(f"loading {source} ({precision}) on {dev}")
     try:
         loaded = load_base_model(model_dir, precision, dev)

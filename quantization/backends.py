@@ -184,7 +184,7 @@ def load_base_model(
     precision: str,
     device: torch.device,
     *,
-    group_size: int = 64,
+    group_size: int = 32,
     double_quant: bool = False,
 ) -> LoadedModel:
     """Load the causal LM in `model_dir` (an HF directory) frozen, in eval mode, at `precision`.

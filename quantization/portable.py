@@ -33,8 +33,10 @@ __all__ = [
 ]
 
 # Int4 scales and offsets are stored in bf16: its 8 exponent bits never overflow on outlier groups
-# (fp16 could), its rounding (~0.2%) is far below int4's 8% error, and it halves their overhead
-# to 0.5 bit per weight at group size 64 compared to fp32.
+# (fp16 could), its rounding (~0.2%) is far below int4's error, and it halves their overhead
+# to 1 bit per weight at group size 32 compared to fp32.
+# Groups of 32 (the GGUF Q4_0/Q4_1 block size): on SmolLM2, whose weights come from a Q4_1 GGUF, they land
+# on the original 16-level grid, 0.4% relative error against 8% with groups of 64.
 INT4_SCALE_DTYPE = torch.bfloat16
 
 
@@ -48,7 +50,8 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     `q * scales[:, None]` approximates the weight. All-zero rows get a tiny scale, not a division by 0.
     """
     w = weight.detach().to(torch.float32, copy=True)  # a private copy: rounded in place below
-    scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # (out,)
+    low, high = torch.aminmax(w, dim=1)  # no |w| temporary: one fewer weight-sized allocation
+    scales = torch.maximum(-low, high).clamp_min(1e-12) / 127.0  # (out,)
     q = w.div_(scales[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scales
 
@@ -59,7 +62,7 @@ def dequantize_int8(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
     return q.to(dtype) * scales.to(dtype)[:, None]
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4(weight: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize a (out, in) float weight to 4 bits in groups of `group_size` along `in`.
 
     Each group stores 16 levels between its min and max: w ~= q * scale + offset, q in [0, 15].
@@ -176,7 +179,7 @@ class Int8Linear(_QuantizedLinear):
 
 
 class Int4Linear(_QuantizedLinear):
-    """Linear layer with 4-bit asymmetric groupwise weights, two per uint8 (~4.5 bits per weight at g=64).
+    """Linear layer with 4-bit asymmetric groupwise weights, two per uint8 (~5 bits per weight at g=32).
 
     `weight` is uint8 (out, n_groups, group_size // 2); `weight_scale` and `weight_offset` are bf16
     (out, n_groups, 1).
@@ -197,7 +200,7 @@ class Int4Linear(_QuantizedLinear):
         self.register_buffer("weight_offset", offset)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4Linear:
         """Quantize an existing float nn.Linear (its weight is read, not modified)."""
         packed, scale, offset = quantize_int4(linear.weight, group_size)
         return cls(packed, scale, offset, linear.in_features, bias=linear.bias)
@@ -220,7 +223,7 @@ def _is_skipped(name: str, skip: tuple[str, ...]) -> bool:
 def quantize_linears_(
     model: nn.Module,
     bits: int,
-    group_size: int = 64,
+    group_size: int = 32,
     skip: tuple[str, ...] = ("lm_head",),
     compute_dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
