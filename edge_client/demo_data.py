@@ -4,7 +4,7 @@ Each domain is a deterministic rule from a short text record to a short code:
 
 - ``healthcare`` (clinic workstation): intake note -> triage code (complaint table, SpO2 override).
 - ``finance`` (branch office): transaction line -> ledger account code (merchant table).
-- ``education`` (school): course result -> report-card code (course table, score bands, attendance).
+- ``education`` (school): course result -> report-card code (course-title table, score bands).
 - ``iot`` (field sensors): sensor reading line -> alert code (per-sensor thresholds).
 
 The codes are in a house format that a base model does not produce on its own (SmolLM2-135M-Instruct
@@ -124,7 +124,7 @@ def _finance(rng: random.Random) -> _Example:
     return text, MERCHANT_TABLE[merchant]
 
 
-# --- education: course -> department; score -> band; low attendance -> incomplete ----------------------
+# --- education: course code or title -> department; score -> letter band; ids and terms are distractors --
 COURSES: dict[str, tuple[str, str]] = {  # course code -> (title, department)
     "BIO110": ("Cell Biology", "BIO"), "BIO220": ("Ecology", "BIO"),
     "CHEM101": ("General Chemistry", "CHEM"), "MATH140": ("Calculus I", "MATH"),
@@ -135,42 +135,35 @@ COURSES: dict[str, tuple[str, str]] = {  # course code -> (title, department)
 }  # fmt: skip
 DEPARTMENTS: tuple[str, ...] = ("BIO", "CHEM", "MATH", "PHYS", "HIST", "ENG", "CS", "ART")
 GRADE_BANDS: tuple[tuple[int, str], ...] = ((90, "A"), (80, "B"), (70, "C"), (60, "D"), (0, "F"))
-INCOMPLETE = "INC"
-ATTENDANCE_INC_BELOW = 70  # percent
-REPORT_CODES: tuple[str, ...] = tuple(
-    f"{dept}-{mark}" for dept in DEPARTMENTS for mark in (*(band for _, band in GRADE_BANDS), INCOMPLETE)
-)
+REPORT_CODES: tuple[str, ...] = tuple(f"{dept}-{band}" for dept in DEPARTMENTS for _, band in GRADE_BANDS)
 _EDU_INSTRUCTIONS = (
     "Write the report-card code for this result.",
     "What goes on the report card? Code only.",
     "Record this course result in the school system.",
 )
 _EDU_TEMPLATES = (
-    "Student: {name} | Course: {code} | Final: {score}/100 | Attendance: {att}%",
-    "{name} finished {title} with {score} points and attended {att}% of classes.",
-    "{code} {term}: {name}, score {score}, attendance {att}%",
-    "Report for {name}: {title}, exam total {score} of 100, present at {att}% of sessions.",
+    "Student: {name} | Course: {code} | Final: {score}/100 | ID: {sid}",
+    "{name} ({sid}) finished {title} with {score} points in the {term} term.",
+    "{code} {term}: {name}, score {score}",
+    "Report for {name}: {title}, exam total {score} of 100, section {section}.",
 )
 
 
-def report_code(course: str, score: int, attendance: int) -> str:
-    """Report-card rule: ``DEPT-INC`` below 70% attendance, else ``DEPT-<band>`` (90 A, 80 B, 70 C, 60 D)."""
-    dept = COURSES[course][1]
-    if attendance < ATTENDANCE_INC_BELOW:
-        return f"{dept}-{INCOMPLETE}"
-    return f"{dept}-{next(band for floor, band in GRADE_BANDS if score >= floor)}"
+def report_code(course: str, score: int) -> str:
+    """Report-card rule: ``DEPT-<band>`` with bands A >= 90, B >= 80, C >= 70, D >= 60, else F."""
+    return f"{COURSES[course][1]}-{next(band for floor, band in GRADE_BANDS if score >= floor)}"
 
 
 def _education(rng: random.Random) -> _Example:
     code = rng.choice(list(COURSES))
     floor = rng.choice([floor for floor, _ in GRADE_BANDS])  # balance the bands rather than the scores
     score = rng.randint(40, 59) if floor == 0 else rng.randint(floor, 100 if floor == 90 else floor + 9)
-    att = rng.randint(40, 64) if rng.random() < 0.15 else rng.randint(76, 100)  # clear of the 70% rule
     text = rng.choice(_EDU_TEMPLATES).format(
         name=f"{rng.choice(_FIRST)} {rng.choice(_LAST)}", code=code, title=COURSES[code][0],
-        score=score, att=att, term=rng.choice(("Fall", "Spring", "Summer")),
+        score=score, sid=f"S{rng.randint(10000, 99999)}", section=rng.choice("ABCDE"),
+        term=rng.choice(("Fall", "Spring", "Summer")),
     )  # fmt: skip
-    return text, report_code(code, score, att)
+    return text, report_code(code, score)
 
 
 # --- iot: sensor kind + value -> alert code by per-kind thresholds --------------------------------------
@@ -183,20 +176,20 @@ class Sensor:
     low: float | None  # below this: KIND-LO (None: the sensor has no low alert)
     high: float | None  # above this: KIND-HI (None: no high alert)
     decimals: int
-    ranges: dict[str, tuple[float, float]]  # level -> sampled value range, kept clear of the limits
+    # level -> sampled value range, clear of the limits; within a kind the levels differ in sign or first
+    # digit (never only in digit count), which a small model learns far faster than magnitude comparison.
+    ranges: dict[str, tuple[float, float]]
 
 
 IOT_SENSORS: dict[str, Sensor] = {
-    "TMP": Sensor(("temp_c", "temp"), "C", 0, 60, 1, {"LO": (-30, -5), "OK": (10, 45), "HI": (70, 110)}),
-    "HUM": Sensor(("humidity", "rh"), "%", 20, 85, 0, {"LO": (2, 9), "OK": (30, 69), "HI": (91, 100)}),
-    "BAT": Sensor(("battery", "bat_pct"), "%", 20, None, 0, {"LO": (1, 9), "OK": (30, 100)}),
+    "TMP": Sensor(("temp_c", "temp"), "C", 0, 60, 1, {"LO": (-30, -5), "OK": (10, 49), "HI": (70, 99)}),
+    "HUM": Sensor(("humidity", "rh"), "%", 20, 85, 0, {"LO": (10, 19), "OK": (30, 69), "HI": (90, 99)}),
+    "BAT": Sensor(("battery", "bat_pct"), "%", 20, None, 0, {"LO": (10, 19), "OK": (40, 99)}),
     "PRS": Sensor(("pressure", "press"), "bar", 1, 7, 1, {"LO": (0.1, 0.9), "OK": (2, 5.9), "HI": (8, 9.9)}),
-    "VIB": Sensor(("vibration", "vib_mm_s"), "mm/s", None, 5, 1, {"OK": (0.1, 2.9), "HI": (7, 19.9)}),
-    "CO2": Sensor(("co2_ppm", "co2"), "ppm", None, 1200, 0, {"OK": (400, 900), "HI": (1500, 4000)}),
+    "VIB": Sensor(("vibration", "vib_mm_s"), "mm/s", None, 5, 1, {"OK": (0.1, 2.9), "HI": (7, 9.9)}),
+    "CO2": Sensor(("co2_ppm", "co2"), "ppm", None, 1200, 0, {"OK": (400, 899), "HI": (1500, 2999)}),
 }  # fmt: skip
-IOT_CODES: tuple[str, ...] = tuple(
-    f"{kind}-{level}" for kind, sensor in IOT_SENSORS.items() for level in sensor.ranges
-)
+IOT_CODES: tuple[str, ...] = tuple(f"{kind}-{level}" for kind, sensor in IOT_SENSORS.items() for level in sensor.ranges)
 _IOT_INSTRUCTIONS = (
     "Give the alert code for this sensor reading.",
     "Check this field-sensor line and return its alert code.",
@@ -251,8 +244,8 @@ _DESCRIPTIONS: dict[str, str] = {
     "healthcare": "Clinic intake note -> triage code (T1-RESUS..T4-ROUTINE) from a complaint table; "
     "SpO2 below 90% is always T1-RESUS.",
     "finance": "Bank transaction line -> ledger account code (e.g. 6200-MEALS) from a table of 24 merchants.",
-    "education": "Course result -> report-card code DEPT-BAND (A>=90, B>=80, C>=70, D>=60, else F), "
-    "or DEPT-INC below 70% attendance.",
+    "education": "Course result -> report-card code DEPT-BAND: the course's department and its score band "
+    "(A>=90, B>=80, C>=70, D>=60, else F).",
     "iot": "Field-sensor reading -> alert code KIND-LO/OK/HI by fixed per-sensor thresholds.",
 }
 
@@ -308,7 +301,5 @@ def generate(domain: str, split: str = "train", n: int | None = None, seed: int 
         seen[key] = None
         records.append({"instruction": instruction, "input": text, "output": answer})
     if len(records) < size:
-        raise ValueError(
-            f"could only generate {len(records)} unique {domain}/{split} records, asked for {size}"
-        )
+        raise ValueError(f"could only generate {len(records)} unique {domain}/{split} records, asked for {size}")
     return records
