@@ -27,7 +27,7 @@ SEQ_LEN, ROWS, WARMUP = 256, 4, 2
 
 # Each fedge plan is a precision for the base weights plus TrainConfig overrides.
 PLANS = {
-    "fast": {"precision": "bf16", "train": {}},
+    "fast": {"precision": "bf16", "train": {"compile": True}},
     "lean": {
         "precision": "int4",
         "train": {"gradient_checkpointing": True, "micro_batch": 2, "grad_accum": 2},
@@ -64,6 +64,7 @@ def _summary(step_times: list[float], step_tokens: list[int], losses: list[float
     return {
         "tokens_per_s": sum(step_tokens[WARMUP:]) / sum(timed),
         "step_s_median": statistics.median(timed),
+        "warmup_s": sum(step_times[:WARMUP]),  # includes torch.compile's one-off compilation where used
         "step_s_stdev": statistics.stdev(timed) if len(timed) > 1 else 0.0,
         "final_loss": sum(losses[-3:]) / len(losses[-3:]),  # mean of the last 3 steps: less noisy than one
         "first_loss": losses[0],

@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--top-layers", type=int, default=None, help="train only the last N layers")
     train.add_argument("--pack", action="store_true", help="pack examples into full rows of --seq-len")
     train.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (less memory, slower)")
+    train.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="torch.compile the decoder layers (auto: on for 100+ steps where a compiler exists)",
+    )
     train.add_argument("--seed", type=int, default=0)
     _add_runtime_args(train)
     train.set_defaults(run=cmd_train)

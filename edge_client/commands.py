@@ -16,7 +16,7 @@ from edge_client.errors import FedgeError
 from edge_client.evaluate import EvalResult, evaluate
 from edge_client.memory import current_rss_mb
 from edge_client.session import epoch_maker, eval_batches, open_model, split_heldout
-from edge_client.train import LoraSettings, TrainConfig, add_lora, train
+from edge_client.train import LoraSettings, TrainConfig, add_lora, compile_available, train
 
 
 def run_train(args: argparse.Namespace, cache_dir: Path, console: Console) -> int:
@@ -45,8 +45,12 @@ def run_train(args: argparse.Namespace, cache_dir: Path, console: Console) -> in
     session = open_model(
         args.model, cache_dir, args.precision, args.device, say=lambda m: console.print(f"[dim]{m}[/]")
     )
+    cfg.compile = args.compile == "on" or (
+        args.compile == "auto" and cfg.steps >= 100 and compile_available(session.device)
+    )
     console.print(
         f"{len(train_set)} training examples, {len(heldout)} held out; {session.precision} on {session.device}"
+        + (" (compiling the decoder layers first)" if cfg.compile else "")
     )
 
     # Run: held-out loss before, train, held-out loss and exact match after.
