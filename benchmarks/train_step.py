@@ -120,6 +120,7 @@ def _fedge(plan: str, model_source: str, cache_dir: Path, steps: int) -> dict:
         seq_len=SEQ_LEN,
         lr=2e-4,
         warmup_steps=0,
+        lr_schedule="constant",
         max_grad_norm=0.0,
         checkpoint_every=0,
         lora=LoraSettings(r=8, alpha=16),

@@ -59,6 +59,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
+    lr_schedule: str = "cosine"  # "cosine" (decays to 10% after warm-up) or "constant"
     max_grad_norm: float = 1.0
     seq_len: int = 256
     pack: bool = False
@@ -77,6 +78,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.seq_len < 16:
             raise ValueError(f"seq_len must be >= 16, got {self.seq_len}")
 
@@ -211,9 +214,11 @@ def micro_batches(make_epoch: Callable[[int], Sequence[Batch]]) -> Iterator[Batc
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+    """Linear warm-up, then constant or cosine decay to 10% of the peak learning rate."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
     progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
