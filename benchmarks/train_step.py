@@ -61,8 +61,12 @@ def worker(plan: str, model_source: str, cache_dir: Path, steps: int, threads: i
 
 def _summary(step_times: list[float], step_tokens: list[int], losses: list[float]) -> dict:
     timed = step_times[WARMUP:]
+    # The median step is robust to the machine's other tenants; the mean is kept for comparison.
+    per_step = [n / t for n, t in zip(step_tokens[WARMUP:], timed)]
     return {
-        "tokens_per_s": sum(step_tokens[WARMUP:]) / sum(timed),
+        "tokens_per_s": statistics.median(per_step),
+        "tokens_per_s_mean": sum(step_tokens[WARMUP:]) / sum(timed),
+        "step_times_s": step_times,
         "step_s_median": statistics.median(timed),
         "warmup_s": sum(step_times[:WARMUP]),  # includes torch.compile's one-off compilation where used
         "step_s_stdev": statistics.stdev(timed) if len(timed) > 1 else 0.0,
