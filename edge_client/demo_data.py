@@ -4,7 +4,7 @@ Each domain is a deterministic rule from a short text record to a short code:
 
 - ``healthcare`` (clinic workstation): intake note -> triage code (complaint table, SpO2 override).
 - ``finance`` (branch office): transaction line -> ledger account code (merchant table).
-- ``education`` (school): course result -> report-card code (course-title table, score bands).
+- ``education`` (school): syllabus question -> room or credit code (course table).
 - ``iot`` (field sensors): sensor reading line -> alert code (per-sensor thresholds).
 
 The codes are in a house format that a base model does not produce on its own (SmolLM2-135M-Instruct
@@ -72,8 +72,8 @@ def triage_code(complaint: str, spo2: int) -> str:
 
 def _healthcare(rng: random.Random) -> _Example:
     complaint = rng.choice(list(TRIAGE_TABLE))
-    # Keep SpO2 away from the threshold (78-88 or 93-100) so the rule is unambiguous to learn.
-    spo2 = rng.randint(78, 88) if rng.random() < 0.12 else rng.randint(93, 100)
+    # Keep SpO2 clear of the threshold (80-88 or 94-99): the first digit alone decides.
+    spo2 = rng.randint(80, 88) if rng.random() < 0.12 else rng.randint(94, 99)
     sex = rng.choice("MF")
     text = rng.choice(_HEALTH_TEMPLATES).format(
         age=rng.randint(2, 94), sex=sex, sex_word="male" if sex == "M" else "female",
@@ -124,46 +124,64 @@ def _finance(rng: random.Random) -> _Example:
     return text, MERCHANT_TABLE[merchant]
 
 
-# --- education: course code or title -> department; score -> letter band; ids and terms are distractors --
-COURSES: dict[str, tuple[str, str]] = {  # course code -> (title, department)
-    "BIO110": ("Cell Biology", "BIO"), "BIO220": ("Ecology", "BIO"),
-    "CHEM101": ("General Chemistry", "CHEM"), "MATH140": ("Calculus I", "MATH"),
-    "MATH250": ("Linear Algebra", "MATH"), "PHYS120": ("Mechanics", "PHYS"),
-    "HIST105": ("World History", "HIST"), "ENG100": ("Academic Writing", "ENG"),
-    "ENG230": ("Poetry Workshop", "ENG"), "CS101": ("Programming Basics", "CS"),
-    "CS240": ("Data Structures", "CS"), "ART130": ("Drawing Studio", "ART"),
+# --- education: syllabus lookup by course code or title; student names, days and terms are distractors ---
+@dataclass(frozen=True)
+class Course:
+    """One syllabus entry. Rooms follow the department's building, credits are per course."""
+
+    title: str
+    room: str
+    credits: int
+
+
+SYLLABUS: dict[str, Course] = {
+    "BIO110": Course("Cell Biology", "S104", 4), "BIO220": Course("Ecology", "S104", 3),
+    "CHEM101": Course("General Chemistry", "L210", 4), "MATH140": Course("Calculus I", "M301", 5),
+    "MATH250": Course("Linear Algebra", "M301", 3), "PHYS120": Course("Mechanics", "S220", 4),
+    "HIST105": Course("World History", "H115", 2), "ENG100": Course("Academic Writing", "H230", 2),
+    "ENG230": Course("Poetry Workshop", "H230", 3), "CS101": Course("Programming Basics", "C140", 3),
+    "CS240": Course("Data Structures", "C140", 5), "ART130": Course("Drawing Studio", "A010", 2),
 }  # fmt: skip
-DEPARTMENTS: tuple[str, ...] = ("BIO", "CHEM", "MATH", "PHYS", "HIST", "ENG", "CS", "ART")
-GRADE_BANDS: tuple[tuple[int, str], ...] = ((90, "A"), (80, "B"), (70, "C"), (60, "D"), (0, "F"))
-REPORT_CODES: tuple[str, ...] = tuple(f"{dept}-{band}" for dept in DEPARTMENTS for _, band in GRADE_BANDS)
+ROOMS: tuple[str, ...] = ("S104", "L210", "M301", "S220", "H115", "H230", "C140", "A010")
+CREDITS: tuple[int, ...] = (2, 3, 4, 5)
+SYLLABUS_CODES: tuple[str, ...] = (*(f"RM-{room}" for room in ROOMS), *(f"CR-{n}" for n in CREDITS))
 _EDU_INSTRUCTIONS = (
-    "Write the report-card code for this result.",
-    "What goes on the report card? Code only.",
-    "Record this course result in the school system.",
+    "Answer from the school syllabus.",
+    "Look this up in the course catalogue. Reply with the code only.",
+    "Syllabus question from the front office.",
 )
-_EDU_TEMPLATES = (
-    "Student: {name} | Course: {code} | Final: {score}/100 | ID: {sid}",
-    "{name} ({sid}) finished {title} with {score} points in the {term} term.",
-    "{code} {term}: {name}, score {score}",
-    "Report for {name}: {title}, exam total {score} of 100, section {section}.",
-)
+_EDU_QUESTIONS = {  # asked attribute -> phrasings
+    "room": (
+        "Where does {ref} meet?",
+        "{name} asks which room {ref} is taught in.",
+        "Room for {ref} on {day}?",
+        "{day} {term}: {name} cannot find the {ref} classroom.",
+    ),
+    "credits": (
+        "How many credits is {ref} worth?",
+        "{name} wants the credit value of {ref}.",
+        "Credits for {ref} ({term} term)?",
+        "{day}: {name} is adding {ref}; how many credits?",
+    ),
+}
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
 
 
-def report_code(course: str, score: int) -> str:
-    """Report-card rule: ``DEPT-<band>`` with bands A >= 90, B >= 80, C >= 70, D >= 60, else F."""
-    return f"{COURSES[course][1]}-{next(band for floor, band in GRADE_BANDS if score >= floor)}"
+def syllabus_answer(course: str, asked: str) -> str:
+    """Syllabus rule: ``RM-<room>`` when the room is asked, ``CR-<credits>`` when the credits are."""
+    entry = SYLLABUS[course]
+    return f"RM-{entry.room}" if asked == "room" else f"CR-{entry.credits}"
 
 
 def _education(rng: random.Random) -> _Example:
-    code = rng.choice(list(COURSES))
-    floor = rng.choice([floor for floor, _ in GRADE_BANDS])  # balance the bands rather than the scores
-    score = rng.randint(40, 59) if floor == 0 else rng.randint(floor, 100 if floor == 90 else floor + 9)
-    text = rng.choice(_EDU_TEMPLATES).format(
-        name=f"{rng.choice(_FIRST)} {rng.choice(_LAST)}", code=code, title=COURSES[code][0],
-        score=score, sid=f"S{rng.randint(10000, 99999)}", section=rng.choice("ABCDE"),
+    code = rng.choice(list(SYLLABUS))
+    asked = rng.choice(list(_EDU_QUESTIONS))
+    ref = rng.choice((code, SYLLABUS[code].title, f"{code} {SYLLABUS[code].title}"))
+    text = rng.choice(_EDU_QUESTIONS[asked]).format(
+        ref=ref, name=f"{rng.choice(_FIRST)} {rng.choice(_LAST)}", day=rng.choice(_DAYS),
         term=rng.choice(("Fall", "Spring", "Summer")),
     )  # fmt: skip
-    return text, report_code(code, score)
+    return text, syllabus_answer(code, asked)
 
 
 # --- iot: sensor kind + value -> alert code by per-kind thresholds --------------------------------------
@@ -176,18 +194,18 @@ class Sensor:
     low: float | None  # below this: KIND-LO (None: the sensor has no low alert)
     high: float | None  # above this: KIND-HI (None: no high alert)
     decimals: int
-    # level -> sampled value range, clear of the limits; within a kind the levels differ in sign or first
-    # digit (never only in digit count), which a small model learns far faster than magnitude comparison.
+    # level -> sampled value range, clear of the limits. For every kind LO values start with 1, OK with 3-6
+    # and HI with 8-9: one first-digit rule, which a 135M model learns far faster than magnitude comparison.
     ranges: dict[str, tuple[float, float]]
 
 
 IOT_SENSORS: dict[str, Sensor] = {
-    "TMP": Sensor(("temp_c", "temp"), "C", 0, 60, 1, {"LO": (-30, -5), "OK": (10, 49), "HI": (70, 99)}),
-    "HUM": Sensor(("humidity", "rh"), "%", 20, 85, 0, {"LO": (10, 19), "OK": (30, 69), "HI": (90, 99)}),
-    "BAT": Sensor(("battery", "bat_pct"), "%", 20, None, 0, {"LO": (10, 19), "OK": (40, 99)}),
-    "PRS": Sensor(("pressure", "press"), "bar", 1, 7, 1, {"LO": (0.1, 0.9), "OK": (2, 5.9), "HI": (8, 9.9)}),
-    "VIB": Sensor(("vibration", "vib_mm_s"), "mm/s", None, 5, 1, {"OK": (0.1, 2.9), "HI": (7, 9.9)}),
-    "CO2": Sensor(("co2_ppm", "co2"), "ppm", None, 1200, 0, {"OK": (400, 899), "HI": (1500, 2999)}),
+    "TMP": Sensor(("temp_c", "temp"), "C", None, 75, 1, {"OK": (30, 69.9), "HI": (80, 99.9)}),
+    "HUM": Sensor(("humidity", "rh"), "%", None, 75, 0, {"OK": (30, 69), "HI": (80, 99)}),
+    "BAT": Sensor(("battery", "bat_pct"), "%", 20, None, 0, {"LO": (10, 19), "OK": (30, 99)}),
+    "PRS": Sensor(("pressure", "psi"), "psi", None, 75, 1, {"OK": (30, 69.9), "HI": (80, 99.9)}),
+    "VIB": Sensor(("vibration", "vib_mm_s"), "mm/s", None, 7.5, 1, {"OK": (3, 6.9), "HI": (8, 9.9)}),
+    "CO2": Sensor(("co2_ppm", "co2"), "ppm", None, 750, 0, {"OK": (300, 689), "HI": (800, 999)}),
 }  # fmt: skip
 IOT_CODES: tuple[str, ...] = tuple(f"{kind}-{level}" for kind, sensor in IOT_SENSORS.items() for level in sensor.ranges)
 _IOT_INSTRUCTIONS = (
@@ -216,7 +234,7 @@ def iot_code(kind: str, value: float) -> str:
 def _iot(rng: random.Random) -> _Example:
     kind = rng.choice(list(IOT_SENSORS))
     sensor = IOT_SENSORS[kind]
-    level = "OK" if rng.random() < 0.4 else rng.choice([lvl for lvl in sensor.ranges if lvl != "OK"])
+    level = rng.choice(list(sensor.ranges))  # OK or the kind's one alert level, 50/50
     shown = f"{rng.uniform(*sensor.ranges[level]):.{sensor.decimals}f}"  # the rule reads the shown value
     text = rng.choice(_IOT_TEMPLATES).format(
         node=f"{rng.choice(('pump', 'gw', 'silo', 'mast', 'kiln'))}-{rng.randint(1, 99):02d}",
@@ -237,16 +255,15 @@ _GENERATORS: dict[str, tuple[Callable[[random.Random], _Example], tuple[str, ...
 _ANSWER_SPACES: dict[str, tuple[str, ...]] = {
     "healthcare": TRIAGE_CODES,
     "finance": LEDGER_CODES,
-    "education": REPORT_CODES,
+    "education": SYLLABUS_CODES,
     "iot": IOT_CODES,
 }
 _DESCRIPTIONS: dict[str, str] = {
     "healthcare": "Clinic intake note -> triage code (T1-RESUS..T4-ROUTINE) from a complaint table; "
     "SpO2 below 90% is always T1-RESUS.",
     "finance": "Bank transaction line -> ledger account code (e.g. 6200-MEALS) from a table of 24 merchants.",
-    "education": "Course result -> report-card code DEPT-BAND: the course's department and its score band "
-    "(A>=90, B>=80, C>=70, D>=60, else F).",
-    "iot": "Field-sensor reading -> alert code KIND-LO/OK/HI by fixed per-sensor thresholds.",
+    "education": "Syllabus question about a course (by code or title) -> its room (RM-S104) or credits (CR-4).",
+    "iot": "Field-sensor reading -> alert code KIND-LO/OK/HI by fixed per-sensor thresholds (e.g. HUM-HI).",
 }
 
 

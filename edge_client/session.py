@@ -45,6 +45,7 @@ def open_model(
     precision: str = "auto",
     device: str = "auto",
     say: Callable[[str], None] = lambda _: None,
+    compute_dtype: torch.dtype | None = None,
 ) -> ModelSession:
     """Pull (once) and load a base model with frozen, possibly quantized weights, and its tokenizer."""
     from transformers import AutoTokenizer
@@ -58,7 +59,7 @@ def open_model(
         raise FedgeError(f"--device {device}: {err}") from None
     say(f"loading {source} ({precision}) on {dev}")
     try:
-        loaded = load_base_model(model_dir, precision, dev)
+        loaded = load_base_model(model_dir, precision, dev, compute_dtype=compute_dtype)
     except BackendUnavailable as err:
         raise FedgeError(str(err)) from None
     except (OSError, ValueError) as err:

@@ -186,6 +186,7 @@ def load_base_model(
     *,
     group_size: int = 32,
     double_quant: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> LoadedModel:
     """Load the causal LM in `model_dir` (an HF directory) frozen, in eval mode, at `precision`.
 
@@ -196,13 +197,15 @@ def load_base_model(
     Peak memory: fp32/bf16/fp16 hold one copy in that dtype (none extra when it matches the file's
     dtype: the file is mapped). int8/int4 add the quantized model plus one Linear's temporaries to the
     mapped file. Mapped file pages count in RSS but are page cache the OS can drop under pressure.
+    `compute_dtype` overrides the device's compute dtype for the quantized paths (e.g. fp32 compute over
+    int4 weights: slower, but no bf16 rounding in the activations).
     Raises ValueError / BackendUnavailable as `resolve_precision` does, OSError for a bad directory.
     """
     from transformers import AutoModelForCausalLM  # lazy: keeps `import quantization` light
 
     device = torch.device(device)
     resolved = resolve_precision(precision, device)
-    compute_dtype = _FLOAT_DTYPES.get(resolved) or compute_dtype_for(device)
+    compute_dtype = _FLOAT_DTYPES.get(resolved) or compute_dtype or compute_dtype_for(device)
     # The portable int paths load in the checkpoint's own dtype ("auto"): transformers then maps the
     # safetensors file instead of converting it, so the float weights are reclaimable file pages and
     # only the quantized copies are new memory. Measured on SmolLM2-135M (fp32 file): +69 MB anonymous

@@ -91,12 +91,13 @@ def test_prompts_are_short() -> None:
 def test_rules() -> None:
     assert demo_data.triage_code("earache", 97) == "T4-ROUTINE"
     assert demo_data.triage_code("earache", 85) == "T1-RESUS"
-    assert demo_data.report_code("CS240", 84) == "CS-B"
-    assert demo_data.report_code("CS240", 100) == "CS-A"
-    assert demo_data.report_code("ENG100", 59) == "ENG-F"
-    assert demo_data.iot_code("TMP", -12.0) == "TMP-LO"
+    assert demo_data.syllabus_answer("CS240", "room") == "RM-C140"
+    assert demo_data.syllabus_answer("CS240", "credits") == "CR-5"
+    assert demo_data.iot_code("BAT", 12.0) == "BAT-LO"
     assert demo_data.iot_code("TMP", 30.0) == "TMP-OK"
-    assert demo_data.iot_code("CO2", 2500.0) == "CO2-HI"
+    assert demo_data.iot_code("TMP", 88.0) == "TMP-HI"
+    assert demo_data.iot_code("CO2", 912.0) == "CO2-HI"
+    assert demo_data.iot_code("BAT", 99.0) == "BAT-OK"
 
 
 def test_describe() -> None:
