@@ -68,9 +68,10 @@ def _run(session, steps, state_dir=None, stop_at=None, **kw):
 def test_golden_loss_with_fixed_seed(fresh_session):
     _, result = _run(fresh_session, steps=12)
     assert result.losses[-1] < result.losses[0] - 0.5  # it learns
-    # Pinned with seed 0 on the tiny model; a change here means the training math changed.
+    # Pinned with seed 0 on the tiny model and the demo data: a change means the training math (or the demo
+    # data) changed.
     assert result.losses[0] == pytest.approx(6.2482, rel=2e-3)
-    assert result.losses[-1] == pytest.approx(5.3660, rel=2e-3)
+    assert result.losses[-1] == pytest.approx(5.5031, rel=2e-3)
     assert result.final_loss == pytest.approx(result.losses[-1])
 
 
