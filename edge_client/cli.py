@@ -69,11 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=100)
     train.add_argument("--batch", type=int, default=8, help="micro-batch size (examples or packed rows)")
     train.add_argument("--grad-accum", type=int, default=1)
-    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--seq-len", type=int, default=256)
-    train.add_argument("--rank", type=int, default=8)
+    train.add_argument("--rank", type=int, default=16)
     train.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default: 2 x rank)")
-    train.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names for LoRA")
+    train.add_argument(
+        "--targets",
+        default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        help="comma-separated module names for LoRA (default: every attention and MLP projection)",
+    )
     train.add_argument("--top-layers", type=int, default=None, help="train only the last N layers")
     train.add_argument("--pack", action="store_true", help="pack examples into full rows of --seq-len")
     train.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (less memory, slower)")
