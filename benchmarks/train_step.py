@@ -91,6 +91,7 @@ def _naive(model_source: str, cache_dir: Path, steps: int) -> dict:
     path = pull_model(model_source, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    torch.manual_seed(0)  # the same adapter init as fedge's add_lora(seed=0)
     model = get_peft_model(
         model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     )

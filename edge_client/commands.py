@@ -55,7 +55,7 @@ def run_train(args: argparse.Namespace, cache_dir: Path, console: Console) -> in
 
     # Run: held-out loss before, train, held-out loss and exact match after.
     held_batches = eval_batches(session.tokenizer, heldout, cfg.seq_len)
-    model = add_lora(session.model, cfg.lora)
+    model = add_lora(session.model, cfg.lora, seed=cfg.seed)
     before = evaluate(model, session.tokenizer, held_batches, [], session.device)
     state_dir = args.out.with_name(f".{args.out.name}.progress")
     data_id = fingerprint(train_set)

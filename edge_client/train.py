@@ -114,8 +114,11 @@ class TrainResult:
         return sum(tail) / len(tail)
 
 
-def add_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
-    """Wrap a frozen base model with a fresh LoRA adapter (peft), adapter weights in fp32."""
+def add_lora(model: torch.nn.Module, lora: LoraSettings, seed: int = 0) -> torch.nn.Module:
+    """Wrap a frozen base model with a fresh LoRA adapter (peft), adapter weights in fp32.
+
+    The adapter's random init (lora_A) is drawn from ``seed``, so the same seed gives the same run.
+    """
     from peft import LoraConfig, get_peft_model
 
     layers = None
@@ -130,6 +133,7 @@ def add_lora(model: torch.nn.Module, lora: LoraSettings) -> torch.nn.Module:
         layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
+    torch.manual_seed(seed)
     try:
         return get_peft_model(model, config)
     except ValueError as err:
