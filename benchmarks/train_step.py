@@ -28,11 +28,9 @@ SEQ_LEN, ROWS, WARMUP = 256, 4, 2
 # Each fedge plan is a precision for the base weights plus TrainConfig overrides.
 PLANS = {
     "fast": {"precision": "bf16", "train": {"compile": True}},
-    # fp32 compute over int4 weights: activations are few under checkpointing, and bf16 rounding would
-    # move the loss away from the fp32 baseline's.
+    # int4 weights computing in bf16. (fp32 compute measured 1621 MB peak against 999 MB, at 0.03% vs ~0.1% loss.)
     "lean": {
         "precision": "int4",
-        "compute_dtype": "float32",
         "train": {"gradient_checkpointing": True, "micro_batch": 2, "grad_accum": 2},
     },
 }
