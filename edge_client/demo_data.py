@@ -126,25 +126,29 @@ def _finance(rng: random.Random) -> _Example:
 
 # --- education: syllabus lookup by course code or title; student names, days and terms are distractors ---
 @dataclass(frozen=True)
-class Course:
-    """One syllabus entry. Rooms follow the department's building, credits are per course."""
+class Department:
+    """Where a department teaches and what its courses are worth."""
 
-    title: str
     room: str
     credits: int
 
 
-SYLLABUS: dict[str, Course] = {
-    "BIO110": Course("Cell Biology", "S104", 4), "BIO220": Course("Ecology", "S104", 3),
-    "CHEM101": Course("General Chemistry", "L210", 4), "MATH140": Course("Calculus I", "M301", 5),
-    "MATH250": Course("Linear Algebra", "M301", 3), "PHYS120": Course("Mechanics", "S220", 4),
-    "HIST105": Course("World History", "H115", 2), "ENG100": Course("Academic Writing", "H230", 2),
-    "ENG230": Course("Poetry Workshop", "H230", 3), "CS101": Course("Programming Basics", "C140", 3),
-    "CS240": Course("Data Structures", "C140", 5), "ART130": Course("Drawing Studio", "A010", 2),
+DEPARTMENTS: dict[str, Department] = {
+    "BIO": Department("S104", 4), "CHEM": Department("L210", 4), "MATH": Department("M301", 5),
+    "PHYS": Department("S220", 4), "HIST": Department("H115", 3), "ENG": Department("H230", 3),
+    "CS": Department("C140", 5), "ART": Department("A010", 2),
 }  # fmt: skip
-ROOMS: tuple[str, ...] = ("S104", "L210", "M301", "S220", "H115", "H230", "C140", "A010")
-CREDITS: tuple[int, ...] = (2, 3, 4, 5)
-SYLLABUS_CODES: tuple[str, ...] = (*(f"RM-{room}" for room in ROOMS), *(f"CR-{n}" for n in CREDITS))
+COURSES: dict[str, str] = {  # course code (department prefix + number) -> title
+    "BIO110": "Cell Biology", "BIO220": "Ecology", "CHEM101": "General Chemistry",
+    "MATH140": "Calculus I", "MATH250": "Linear Algebra", "PHYS120": "Mechanics",
+    "HIST105": "World History", "ENG100": "Academic Writing", "ENG230": "Poetry Workshop",
+    "CS101": "Programming Basics", "CS240": "Data Structures", "ART130": "Drawing Studio",
+}  # fmt: skip
+CREDIT_VALUES: tuple[int, ...] = (2, 3, 4, 5)
+SYLLABUS_CODES: tuple[str, ...] = (
+    *(f"RM-{dept.room}" for dept in DEPARTMENTS.values()),
+    *(f"CR-{n}" for n in CREDIT_VALUES),
+)
 _EDU_INSTRUCTIONS = (
     "Answer from the school syllabus.",
     "Look this up in the course catalogue. Reply with the code only.",
@@ -168,15 +172,15 @@ _DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
 
 
 def syllabus_answer(course: str, asked: str) -> str:
-    """Syllabus rule: ``RM-<room>`` when the room is asked, ``CR-<credits>`` when the credits are."""
-    entry = SYLLABUS[course]
-    return f"RM-{entry.room}" if asked == "room" else f"CR-{entry.credits}"
+    """Syllabus rule: the course's department room (``RM-S104``) or credits (``CR-4``), as asked."""
+    dept = DEPARTMENTS[course.rstrip("0123456789")]
+    return f"RM-{dept.room}" if asked == "room" else f"CR-{dept.credits}"
 
 
 def _education(rng: random.Random) -> _Example:
-    code = rng.choice(list(SYLLABUS))
+    code = rng.choice(list(COURSES))
     asked = rng.choice(list(_EDU_QUESTIONS))
-    ref = rng.choice((code, SYLLABUS[code].title, f"{code} {SYLLABUS[code].title}"))
+    ref = rng.choice((code, COURSES[code], f"{code} {COURSES[code]}"))
     text = rng.choice(_EDU_QUESTIONS[asked]).format(
         ref=ref, name=f"{rng.choice(_FIRST)} {rng.choice(_LAST)}", day=rng.choice(_DAYS),
         term=rng.choice(("Fall", "Spring", "Summer")),
@@ -194,30 +198,32 @@ class Sensor:
     low: float | None  # below this: KIND-LO (None: the sensor has no low alert)
     high: float | None  # above this: KIND-HI (None: no high alert)
     decimals: int
-    # level -> sampled value range, clear of the limits. For every kind LO values start with 1, OK with 3-6
-    # and HI with 8-9: one first-digit rule, which a 135M model learns far faster than magnitude comparison.
+    # level -> sampled value range, clear of the limits. LO values start with 1, HI values with 8 or 9, OK
+    # values with 3-6 (5-9 for the battery, which has no HI): a first-digit rule, which a 135M model learns
+    # far faster than magnitude comparison. The templates carry few other digits for the same reason.
     ranges: dict[str, tuple[float, float]]
 
 
 IOT_SENSORS: dict[str, Sensor] = {
     "TMP": Sensor(("temp_c", "temp"), "C", None, 75, 1, {"OK": (30, 69.9), "HI": (80, 99.9)}),
     "HUM": Sensor(("humidity", "rh"), "%", None, 75, 0, {"OK": (30, 69), "HI": (80, 99)}),
-    "BAT": Sensor(("battery", "bat_pct"), "%", 20, None, 0, {"LO": (10, 19), "OK": (30, 99)}),
+    "BAT": Sensor(("battery", "bat_pct"), "%", 20, None, 0, {"LO": (10, 19), "OK": (50, 99)}),
     "PRS": Sensor(("pressure", "psi"), "psi", None, 75, 1, {"OK": (30, 69.9), "HI": (80, 99.9)}),
     "VIB": Sensor(("vibration", "vib_mm_s"), "mm/s", None, 7.5, 1, {"OK": (3, 6.9), "HI": (8, 9.9)}),
     "CO2": Sensor(("co2_ppm", "co2"), "ppm", None, 750, 0, {"OK": (300, 689), "HI": (800, 999)}),
 }  # fmt: skip
 IOT_CODES: tuple[str, ...] = tuple(f"{kind}-{level}" for kind, sensor in IOT_SENSORS.items() for level in sensor.ranges)
+_NODE_SITES = ("pump", "gateway", "silo", "mast", "kiln", "tank")
 _IOT_INSTRUCTIONS = (
     "Give the alert code for this sensor reading.",
     "Check this field-sensor line and return its alert code.",
     "Classify the reading for the alarm panel.",
 )
 _IOT_TEMPLATES = (
-    "node={node} {key}={value} rssi={rssi} ts={ts}",
+    "node={node} {key}={value} link=up",
     "[{ts}] {node}: {key} reading {value} {unit}",
-    '{{"dev":"{node}","{key}":{value},"fw":"{fw}"}}',
-    "{node},{ts},{key},{value}",
+    '{{"dev":"{node}","{key}":{value},"unit":"{unit}"}}',
+    "{node},{key},{value}",
 )
 
 
@@ -237,10 +243,8 @@ def _iot(rng: random.Random) -> _Example:
     level = rng.choice(list(sensor.ranges))  # OK or the kind's one alert level, 50/50
     shown = f"{rng.uniform(*sensor.ranges[level]):.{sensor.decimals}f}"  # the rule reads the shown value
     text = rng.choice(_IOT_TEMPLATES).format(
-        node=f"{rng.choice(('pump', 'gw', 'silo', 'mast', 'kiln'))}-{rng.randint(1, 99):02d}",
-        key=rng.choice(sensor.keys), value=shown, unit=sensor.unit, rssi=-rng.randint(40, 95),
-        ts=f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}",
-        fw=f"{rng.randint(1, 4)}.{rng.randint(0, 9)}.{rng.randint(0, 20)}",
+        node=f"{rng.choice(_NODE_SITES)}-{rng.choice('ABCDEFGH')}", key=rng.choice(sensor.keys), value=shown,
+        unit=sensor.unit, ts=f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}",
     )  # fmt: skip
     return text, iot_code(kind, float(shown))
 
@@ -262,7 +266,8 @@ _DESCRIPTIONS: dict[str, str] = {
     "healthcare": "Clinic intake note -> triage code (T1-RESUS..T4-ROUTINE) from a complaint table; "
     "SpO2 below 90% is always T1-RESUS.",
     "finance": "Bank transaction line -> ledger account code (e.g. 6200-MEALS) from a table of 24 merchants.",
-    "education": "Syllabus question about a course (by code or title) -> its room (RM-S104) or credits (CR-4).",
+    "education": "Syllabus question about a course (by code or title) -> its department's room (RM-S104) "
+    "or credits (CR-4).",
     "iot": "Field-sensor reading -> alert code KIND-LO/OK/HI by fixed per-sensor thresholds (e.g. HUM-HI).",
 }
 
