@@ -99,7 +99,64 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON to stdout")
     _add_runtime_args(ev)
     ev.set_defaults(run=cmd_eval)
+    _add_federation_commands(sub)
     return parser
+
+
+def _add_round_args(p: argparse.ArgumentParser) -> None:
+    """What each client does per round (sent by the server to every client)."""
+    from edge_client.wire import RoundSettings
+
+    d = RoundSettings()
+    p.add_argument("--model", default=d.model, help=f"base model every client trains on (default: {d.model})")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=d.steps, help=f"local steps per round (default: {d.steps})")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--rank", type=int, default=d.lora_r)
+    p.add_argument("--targets", default=d.lora_targets, help="comma-separated LoRA target modules")
+    p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out examples per client")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def _add_federation_commands(sub) -> None:
+    server = sub.add_parser("server", help="the federation server").add_subparsers(title="server commands")
+    start = server.add_parser("start", help="run a SuperLink and the federation (resumes from --state)")
+    _add_round_args(start)
+    start.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT the clients connect to")
+    start.add_argument("--state", type=Path, default=Path("fedge-server"), help="checkpoints and round records")
+    start.add_argument("--min-clients", type=int, default=2, help="clients needed to start and to close a round")
+    start.add_argument("--deadline", type=float, default=1800.0, help="seconds a round stage waits for replies")
+    start.add_argument("--ssl-certfile", type=Path, help="server certificate (PEM): enables TLS")
+    start.add_argument("--ssl-keyfile", type=Path, help="server private key (PEM)")
+    start.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (PEM) the clients trust")
+    start.add_argument("--auth-key", type=Path, action="append", default=[],
+                       help="a SuperNode public key allowed to join (repeatable; needs TLS)")
+    start.set_defaults(run=cmd_server_start)
+
+    client = sub.add_parser("client", help="this device's client").add_subparsers(title="client commands")
+    cstart = client.add_parser("start", help="join a federation and train on local data each round")
+    cstart.add_argument("--server", required=True, help="the server's HOST:PORT")
+    cstart.add_argument("--data", required=True, help="JSONL/CSV/TXT file or demo:DOMAIN")
+    cstart.add_argument("--eval-data", help="held-out data (default: 10%% of --data)")
+    cstart.add_argument("--name", help="how the server's records name this client (default: from --data)")
+    cstart.add_argument("--state", type=Path, help="local work and checkpoints (default: ~/.fedge/clients/NAME)")
+    cstart.add_argument("--model", default="smollm2-135m", help="model to pull before joining (none: skip)")
+    cstart.add_argument("--precision", default="auto", help="base weights: auto, fp32, bf16, int8, int4, ...")
+    cstart.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    cstart.add_argument("--root-certificates", type=Path, help="the server's CA certificate: enables TLS")
+    cstart.add_argument("--auth-key", type=Path, help="this device's private key for SuperNode authentication")
+    cstart.add_argument("--max-retries", type=int, default=None, help="give up after N reconnects (default: never)")
+    cstart.set_defaults(run=cmd_client_start)
+
+    demo = sub.add_parser("demo", help="a whole federation on this machine: server + one client per demo domain")
+    _add_round_args(demo)
+    demo.add_argument("--clients", type=int, default=4, help="client processes (one demo domain each)")
+    demo.add_argument("--out", type=Path, default=None, help="report, plots, adapter (default: a new directory)")
+    demo.add_argument("--simulation", type=int, default=None, metavar="N",
+                      help="run N virtual clients on Flower's simulation engine instead of processes")
+    demo.set_defaults(run=cmd_demo)
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -179,6 +236,57 @@ def cmd_eval(args) -> int:
     from edge_client.commands import run_eval
 
     return run_eval(args, _cache(args), console)
+
+
+def _round_settings(args):
+    from edge_client.wire import RoundSettings
+
+    try:
+        return RoundSettings(model=args.model, steps=args.steps, lr=args.lr, batch=args.batch, seq_len=args.seq_len,
+                             lora_r=args.rank, lora_alpha=2 * args.rank, lora_targets=args.targets,
+                             eval_examples=args.eval_examples, seed=args.seed)  # fmt: skip
+    except ValueError as err:
+        raise FedgeError(f"bad round option: {err}") from None
+
+
+def cmd_server_start(args) -> int:
+    from server.deploy import ServerOptions, Tls, start_server
+
+    tls_files = (args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile)
+    if any(tls_files) and not all(tls_files):
+        raise FedgeError("TLS needs all of --ssl-certfile, --ssl-keyfile and --ssl-ca-certfile")
+    if args.auth_key and not all(tls_files):
+        raise FedgeError("--auth-key needs TLS (--ssl-certfile, --ssl-keyfile, --ssl-ca-certfile)")
+    if args.rounds < 1 or args.min_clients < 1:
+        raise FedgeError("--rounds and --min-clients must be >= 1")
+    opts = ServerOptions(
+        state_dir=args.state, address=args.address, rounds=args.rounds, min_clients=args.min_clients,
+        deadline_s=args.deadline, cache_dir=args.cache_dir, settings=_round_settings(args),
+        tls=Tls(*tls_files) if all(tls_files) else None, auth_keys=args.auth_key,
+    )  # fmt: skip
+    return start_server(opts, Console())
+
+
+def cmd_client_start(args) -> int:
+    from edge_client.service import ClientOptions, start_client
+
+    opts = ClientOptions(
+        server=args.server, data=args.data, eval_data=args.eval_data, name=args.name, state_dir=args.state,
+        cache_dir=args.cache_dir, model=None if args.model == "none" else args.model, precision=args.precision,
+        threads=args.threads, root_certificates=args.root_certificates, auth_key=args.auth_key,
+        max_retries=args.max_retries,
+    )  # fmt: skip
+    return start_client(opts, _say)
+
+
+def cmd_demo(args) -> int:
+    from edge_client.demo import DemoOptions, run_demo
+
+    if not 1 <= args.clients <= 16 or args.rounds < 1:
+        raise FedgeError("--clients must be 1..16 and --rounds >= 1")
+    opts = DemoOptions(settings=_round_settings(args), rounds=args.rounds, clients=args.clients, out=args.out,
+                       cache_dir=_cache(args), simulation=args.simulation)  # fmt: skip
+    return run_demo(opts, Console())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""``fedge client start``: this device's SuperNode, running fedge's ClientApp on local data.
+
+The SuperNode keeps a connection to the server's SuperLink and retries with backoff (forever by default)
+when the server goes away; each message it receives runs the ClientApp (:mod:`edge_client.flower_client`)
+with this device's settings, passed as the SuperNode's node config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_client import wire
+from edge_client.errors import FedgeError
+from edge_client.procs import flwr_env, free_port, parse_address
+
+
+@dataclass
+class ClientOptions:
+    server: str
+    data: str
+    eval_data: str | None = None
+    name: str | None = None
+    state_dir: Path | None = None
+    cache_dir: Path | None = None
+    model: str | None = "smollm2-135m"  # pulled before joining so the first round does not pay for it
+    precision: str = "auto"
+    threads: int = 0
+    root_certificates: Path | None = None  # the server's CA: TLS on; without it the link is plaintext
+    auth_key: Path | None = None  # this SuperNode's private key (OpenSSH ECDSA) when the server authenticates nodes
+    max_retries: int | None = None  # None: retry forever
+
+
+def supernode_command(opts: ClientOptions) -> tuple[list[str], dict[str, str]]:
+    """Check the options and the data, and build the ``flower-supernode`` command and its environment."""
+    from edge_client.data import load_examples
+    from edge_client.models import default_cache_dir
+
+    parse_address(opts.server, "--server")
+    load_examples(opts.data)  # a bad data file fails here, with its line, not in round 1
+    if opts.eval_data:
+        load_examples(opts.eval_data)
+    name = opts.name or Path(opts.data).stem.replace("demo:", "")
+    state_dir = (opts.state_dir or Path.home() / ".fedge" / "clients" / name).resolve()
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FedgeError(f"--state {state_dir}: cannot create ({err.strerror})") from None
+    node_config = {
+        wire.Node.NAME: name,
+        wire.Node.DATA: str(Path(opts.data).resolve()) if Path(opts.data).exists() else opts.data,
+        wire.Node.STATE_DIR: str(state_dir),
+        wire.Node.CACHE_DIR: str((opts.cache_dir or default_cache_dir()).resolve()),
+        wire.Node.PRECISION: opts.precision,
+        wire.Node.THREADS: opts.threads,
+    }
+    if opts.eval_data:
+        ev = opts.eval_data
+        node_config[wire.Node.EVAL_DATA] = str(Path(ev).resolve()) if Path(ev).exists() else ev
+    cmd = ["flower-supernode", "--superlink", opts.server, "--port", str(free_port()),
+           "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())]  # fmt: skip
+    if opts.root_certificates:
+        if not opts.root_certificates.is_file():
+            raise FedgeError(f"--root-certificates {opts.root_certificates}: no such file")
+        cmd += ["--root-certificates", str(opts.root_certificates)]
+    else:
+        cmd += ["--insecure"]
+    if opts.auth_key:
+        if not opts.auth_key.is_file():
+            raise FedgeError(f"--auth-key {opts.auth_key}: no such file")
+        if not opts.root_certificates:
+            raise FedgeError("--auth-key needs --root-certificates: SuperNode authentication runs over TLS only")
+        cmd += ["--auth-supernode-private-key", str(opts.auth_key)]
+    if opts.max_retries is not None:
+        cmd += ["--max-retries", str(opts.max_retries)]
+    return cmd, flwr_env(state_dir / "flwr")
+
+
+def start_client(opts: ClientOptions, say) -> int:
+    """Pull the model once, then become the SuperNode (exec: signals and exit codes are the SuperNode's)."""
+    from edge_client.models import default_cache_dir, pull_model
+
+    cmd, env = supernode_command(opts)
+    if opts.model:
+        pull_model(opts.model, opts.cache_dir or default_cache_dir(), say)
+    say(f"joining {opts.server} as {cmd[cmd.index('--node-config') + 1]}")
+    try:
+        os.execvpe(cmd[0], cmd, env)
+    except FileNotFoundError:
+        raise FedgeError("flower-supernode not found: install Flower with `pip install 'fedge[flower]'`") from None
+    return 0  # not reached

@@ -1,0 +1,145 @@
+"""What travels between the server and the clients: record, config and metric names, and adapter arrays.
+
+Both sides import this module, the server without torch, so every key is named here once. Adapter
+tensors travel as float32 numpy arrays keyed by their PEFT state-dict name
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
+
+# RecordDict entries
+ADAPTER = "adapter"  # ArrayRecord: the global adapter (server -> client) or the trained one (reply)
+CONFIG = "config"  # ConfigRecord: the round's instructions (server -> client)
+METRICS = "metrics"  # MetricRecord: numbers about the client's work (reply)
+CLIENT = "client"  # ConfigRecord: who replied (reply)
+
+
+class Cfg:
+    """ConfigRecord keys, server -> client."""
+
+    ROUND = "server-round"  # Flower's FedAvg sets this one itself
+    MODEL = "model"
+    STEPS = "local-steps"
+    LR = "lr"
+    BATCH = "micro-batch"
+    SEQ_LEN = "seq-len"
+    SEED = "seed"
+    LORA_R = "lora-r"
+    LORA_ALPHA = "lora-alpha"
+    LORA_TARGETS = "lora-targets"  # comma-separated module names
+    EVAL_EXAMPLES = "eval-examples"  # at most this many held-out examples for exact match
+
+
+class Metric:
+    """MetricRecord keys, client -> server."""
+
+    EXAMPLES = "num-examples"  # local training examples: FedAvg's weighting key
+    STEPS = "steps"
+    TOKENS = "tokens"
+    TRAIN_LOSS = "train-loss"
+    TRAIN_SECONDS = "train-seconds"
+    STARTUP_SECONDS = "startup-seconds"  # process start -> message handler (imports, Flower plumbing)
+    LOAD_SECONDS = "load-seconds"  # base model load (+ LoRA wrap), from the local model cache
+    PEAK_RSS_MB = "peak-rss-mb"
+    RESUMED = "resumed"  # 1 if the reply came from work finished before a restart
+    EXACT_MATCH = "exact-match"
+    HELDOUT_LOSS = "heldout-loss"
+    EVAL_EXAMPLES = "eval-examples"
+
+
+class Client:
+    """ConfigRecord keys describing the replying client."""
+
+    NAME = "name"
+    DATA = "data"
+    DEVICE = "device"
+
+
+class Node:
+    """SuperNode ``--node-config`` keys: how ``fedge client start`` tells its ClientApp about the device."""
+
+    NAME = "name"
+    DATA = "data"
+    EVAL_DATA = "eval-data"
+    STATE_DIR = "state-dir"
+    CACHE_DIR = "cache-dir"
+    PRECISION = "precision"
+    THREADS = "threads"
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """Adapter arrays -> ArrayRecord (names kept, order kept)."""
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """ArrayRecord -> adapter arrays (numpy, copies)."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Serialized payload size of an ArrayRecord: the bytes that cross the link."""
+    return sum(len(array.data) for array in record.values())
+
+
+def fingerprint(arrays: dict[str, np.ndarray]) -> str:
+    """A content hash of adapter arrays (names, shapes, dtypes, values), hex, 16 chars."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{a.shape}|{a.dtype}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class RoundSettings:
+    """What every client does in a round, sent in the train/evaluate ConfigRecord."""
+
+    model: str = "smollm2-135m"
+    steps: int = 20
+    lr: float = 1e-3
+    batch: int = 8
+    seq_len: int = 256
+    seed: int = 0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    eval_examples: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "seq_len", "lora_r", "lora_alpha", "eval_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    _KEYS: ClassVar[dict[str, str]] = {
+        "model": Cfg.MODEL, "steps": Cfg.STEPS, "lr": Cfg.LR, "batch": Cfg.BATCH, "seq_len": Cfg.SEQ_LEN,
+        "seed": Cfg.SEED, "lora_r": Cfg.LORA_R, "lora_alpha": Cfg.LORA_ALPHA, "lora_targets": Cfg.LORA_TARGETS,
+        "eval_examples": Cfg.EVAL_EXAMPLES,
+    }  # fmt: skip
+
+    def to_config(self) -> dict:
+        """ConfigRecord contents."""
+        return {key: getattr(self, name) for name, key in self._KEYS.items()}
+
+    @classmethod
+    def from_config(cls, config) -> RoundSettings:
+        """From a ConfigRecord (or dict); a missing key keeps its default."""
+        return cls(**{name: config[key] for name, key in cls._KEYS.items() if key in config})
+
+    def defining(self) -> dict:
+        """The settings a resumed federation must keep: they fix the adapter's tensors."""
+        return {"model": self.model, "lora_r": self.lora_r, "lora_targets": self.lora_targets, "seed": self.seed}

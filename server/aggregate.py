@@ -1,0 +1,71 @@
+"""Aggregation math on adapter arrays: update checks and the weighted average. Plain numpy, no Flower, no torch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+
+
+def check_update(update: Arrays, reference: Arrays) -> str | None:
+    """Why ``update`` cannot be aggregated with ``reference`` (the global adapter), or None if it can.
+
+    Checks, in order: the same tensor names, then per tensor the same shape and dtype and finite values.
+    """
+    missing, extra = sorted(set(reference) - set(update)), sorted(set(update) - set(reference))
+    if missing or extra:
+        return f"wrong keys: missing {_few(missing)}, unexpected {_few(extra)}"
+    for name, ref in reference.items():
+        got = update[name]
+        if got.shape != ref.shape:
+            return f"wrong shape for {name}: {tuple(got.shape)}, expected {tuple(ref.shape)}"
+        if got.dtype != ref.dtype:
+            return f"wrong dtype for {name}: {got.dtype}, expected {ref.dtype}"
+        if not np.isfinite(got).all():
+            return f"non-finite values (NaN or Inf) in {name}"
+    return None
+
+
+def delta_norm(update: Arrays, reference: Arrays) -> float:
+    """L2 norm of ``update - reference`` over all tensors (float64 accumulation)."""
+    return float(np.sqrt(sum(np.sum((update[k].astype(np.float64) - reference[k]) ** 2) for k in reference)))
+
+
+def norm_outliers(norms: Sequence[float], history: Sequence[float], factor: float) -> list[bool]:
+    """Which update norms are far above the cohort: ``norm > factor * median(the other clients' norms)``.
+
+    Each norm is judged against the others in the round, so one huge update cannot raise its own bar, and
+    with two clients the honest one is never rejected for the other's sake. A client alone in its round is
+    judged against ``history`` (accepted norms of earlier rounds) if there is any.
+    """
+    flags = []
+    for i, norm in enumerate(norms):
+        others = [n for j, n in enumerate(norms) if j != i] or list(history)
+        flags.append(bool(others) and norm > factor * max(float(np.median(others)), 1e-12))
+    return flags
+
+
+def weighted_average(updates: Sequence[Arrays], weights: Sequence[float]) -> Arrays:
+    """Sum of ``weights[i] * updates[i]`` over i, weights normalized to 1; dtype of the first update."""
+    if not updates:
+        raise ValueError("no updates to average")
+    if len(updates) != len(weights):
+        raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"weights must sum to > 0, got {list(weights)}")
+    out = {}
+    for name, first in updates[0].items():
+        acc = np.zeros(first.shape, dtype=np.float64)
+        for update, w in zip(updates, weights):
+            acc += (w / total) * update[name]
+        out[name] = acc.astype(first.dtype)
+    return out
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

@@ -1,0 +1,73 @@
+"""The Flower ServerApp: resume or start the federation's state, run the rounds, write the final adapter.
+
+Its settings arrive as the run config that ``fedge server start`` writes into the Flower app it submits
+(keys in :class:`RunKeys`). The ``server`` package imports without torch; only building the first adapter
+and writing the final one load the model, lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from edge_client import wire
+from server.state import ServerState
+from server.strategy import FedgeAvg, RoundPolicy
+
+app = ServerApp()
+log = logging.getLogger("fedge.server")
+FINAL_ADAPTER = "final-adapter"
+
+
+class RunKeys:
+    """Run-config keys (beyond :class:`edge_client.wire.RoundSettings`'s, which travel unchanged)."""
+
+    ROUNDS = "num-server-rounds"
+    STATE_DIR = "state-dir"
+    CACHE_DIR = "cache-dir"
+    MIN_CLIENTS = "min-clients"
+    DEADLINE = "round-deadline-s"
+    NORM_FACTOR = "norm-factor"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    settings = wire.RoundSettings.from_config(cfg)
+    state_dir = Path(str(cfg[RunKeys.STATE_DIR]))
+    policy = RoundPolicy(int(cfg[RunKeys.MIN_CLIENTS]), float(cfg[RunKeys.DEADLINE]), float(cfg[RunKeys.NORM_FACTOR]))
+    state = ServerState.load(state_dir)
+    if state is None:
+        state = ServerState(settings.defining(), arrays=_initial_adapter(settings, cfg))
+        state.save(state_dir)
+    else:
+        state.check_resumable(settings.defining(), state_dir)
+        log.warning("resuming from %s after round %d", state_dir, state.round)
+    rounds = int(cfg[RunKeys.ROUNDS])
+    round_config = settings.to_config()
+    FedgeAvg(policy).run(grid, state, rounds, round_config, round_config, save=lambda s: s.save(state_dir))
+    _write_final_adapter(state, settings, cfg, state_dir / FINAL_ADAPTER)
+
+
+def _initial_adapter(settings: wire.RoundSettings, cfg) -> dict:
+    from edge_client.flower_client import initial_adapter
+
+    return initial_adapter(settings.model, Path(str(cfg[RunKeys.CACHE_DIR])), settings)
+
+
+def _write_final_adapter(state: ServerState, settings: wire.RoundSettings, cfg, out: Path) -> None:
+    """The global adapter as a PEFT directory (loadable by ``fedge eval --adapter``), with its round records."""
+    from edge_client import adapters
+    from edge_client.flower_client import Device, _open, _set_adapter
+
+    session, model = _open(Device("server", "", None, Path("."), Path(str(cfg[RunKeys.CACHE_DIR])), "fp32"), settings)
+    _set_adapter(model, state.arrays)
+    meta = {
+        "model": session.describe(),
+        "federation": {"rounds": state.round, "settings": settings.to_config(), "records": state.records},
+        "lora": {"r": settings.lora_r, "alpha": settings.lora_alpha, "target_modules": settings.lora_targets},
+    }
+    adapters.save_adapter(model, out, meta)

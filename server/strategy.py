@@ -1,0 +1,194 @@
+"""FedAvg for LoRA adapters that survives restarts, late or dead clients and bad updates.
+
+Flower's ``FedAvg`` samples clients and builds the messages; this subclass changes what Flower does not
+have: every update is checked before it is averaged (names, shapes, dtypes, finite values, norm against the
+cohort), a round closes at its deadline with whoever replied, and the loop starts from a saved
+:class:`~server.state.ServerState` and saves one after every round.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from edge_client import wire
+from server import aggregate
+from server.state import ServerState
+
+log = logging.getLogger("fedge.server")
+
+
+@dataclass
+class RoundPolicy:
+    """How a round treats its clients. ``deadline_s`` bounds each stage (train, evaluate) of a round."""
+
+    min_clients: int = 2
+    deadline_s: float = 1800.0
+    norm_factor: float = 10.0  # reject an update whose change is > this x the median of the others'
+
+    def __post_init__(self) -> None:
+        if self.min_clients < 1:
+            raise ValueError(f"min_clients must be >= 1, got {self.min_clients}")
+        if not self.deadline_s > 0:
+            raise ValueError(f"deadline_s must be > 0, got {self.deadline_s}")
+        if not self.norm_factor > 1:
+            raise ValueError(f"norm_factor must be > 1, got {self.norm_factor}")
+
+
+class FedgeAvg(FedAvg):
+    """Example-weighted FedAvg of LoRA tensors with update validation, deadlines and resumable rounds."""
+
+    def __init__(self, policy: RoundPolicy) -> None:
+        super().__init__(
+            min_train_nodes=policy.min_clients,
+            min_evaluate_nodes=policy.min_clients,
+            min_available_nodes=policy.min_clients,
+            weighted_by_key=wire.Metric.EXAMPLES,
+            arrayrecord_key=wire.ADAPTER,
+            configrecord_key=wire.CONFIG,
+        )
+        self.policy = policy
+
+    def run(
+        self,
+        grid: Grid,
+        state: ServerState,
+        num_rounds: int,
+        train_config: dict,
+        evaluate_config: dict,
+        save: Callable[[ServerState], None],
+    ) -> ServerState:
+        """Run rounds ``state.round + 1 .. num_rounds``; round 0 evaluates the initial adapter. Saves each round."""
+        if state.round == 0 and not state.records:
+            t0 = time.monotonic()
+            evals, failures = self._stage(grid, self.configure_evaluate(0, wire.to_record(state.arrays),
+                                                                        ConfigRecord(evaluate_config), grid))
+            state.records.append(_round_record(0, [], evals, failures, time.monotonic() - t0))
+            save(state)
+        for rnd in range(state.round + 1, num_rounds + 1):
+            t0 = time.monotonic()
+            sent = wire.to_record(state.arrays)
+            replies, train_failures = self._stage(grid, self.configure_train(rnd, sent, ConfigRecord(train_config),
+                                                                            grid))
+            clients = self._check_and_average(state, replies, wire.record_bytes(sent))
+            evals, eval_failures = self._stage(grid, self.configure_evaluate(rnd, wire.to_record(state.arrays),
+                                                                            ConfigRecord(evaluate_config), grid))
+            state.round = rnd
+            state.records.append(_round_record(rnd, clients, evals, train_failures + eval_failures,
+                                               time.monotonic() - t0))
+            save(state)
+        return state
+
+    def _stage(self, grid: Grid, messages: Iterable[Message]) -> tuple[list[Message], list[dict]]:
+        """Send, then collect replies until all are in or the deadline passes: (good replies, failures)."""
+        pending = set(grid.push_messages(list(messages)))
+        end = time.monotonic() + self.policy.deadline_s
+        replies, failures = [], []
+        while pending and time.monotonic() < end:
+            for reply in grid.pull_messages(list(pending)):
+                pending.discard(reply.metadata.reply_to_message_id)
+                if reply.has_error():
+                    failures.append({"node_id": reply.metadata.src_node_id, "reason": reply.error.reason})
+                    log.warning("node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
+                else:
+                    replies.append(reply)
+            time.sleep(0.5)
+        failures += [{"node_id": None, "reason": "no reply before the deadline"} for _ in pending]
+        return replies, failures
+
+    def _check_and_average(self, state: ServerState, replies: list[Message], bytes_down: int) -> list[dict]:
+        """Validate each update against the global adapter and average the accepted ones into ``state``."""
+        clients, updates = [], []
+        for reply in replies:
+            entry = _client_entry(reply)
+            entry["bytes_down"] = bytes_down
+            try:
+                update = wire.from_record(reply.content[wire.ADAPTER])
+                entry["bytes_up"] = wire.record_bytes(reply.content[wire.ADAPTER])
+                reason = aggregate.check_update(update, state.arrays)
+            except (KeyError, TypeError, ValueError) as err:
+                update, reason = {}, f"malformed reply ({err})"
+            if reason is None:
+                entry["delta_norm"] = aggregate.delta_norm(update, state.arrays)
+            entry["reason"] = reason
+            clients.append(entry)
+            updates.append(update)
+        checked = [i for i, c in enumerate(clients) if c["reason"] is None]
+        history = state.strategy.get("accepted_norms", [])[-20:]
+        outliers = aggregate.norm_outliers([clients[i]["delta_norm"] for i in checked], history,
+                                           self.policy.norm_factor)
+        for i, is_outlier in zip(checked, outliers):
+            if is_outlier:
+                clients[i]["reason"] = (f"update norm {clients[i]['delta_norm']:.3g} is more than "
+                                        f"{self.policy.norm_factor:g}x the cohort's")
+        accepted = [i for i, c in enumerate(clients) if c["reason"] is None]
+        for c in clients:
+            c["accepted"] = c["reason"] is None
+            if not c["accepted"]:
+                log.warning("rejected the update of %s: %s", c["name"], c["reason"])
+        if len(accepted) >= self.policy.min_clients or (accepted and len(accepted) == len(clients)):
+            state.arrays = aggregate.weighted_average([updates[i] for i in accepted],
+                                                      [clients[i]["examples"] for i in accepted])
+            state.strategy["accepted_norms"] = history + [clients[i]["delta_norm"] for i in accepted]
+        elif clients:
+            log.warning("only %d acceptable updates (minimum %d): the global adapter stays as it was",
+                        len(accepted), self.policy.min_clients)
+        return clients
+
+
+def _client_entry(reply: Message) -> dict:
+    """The per-client part of a round record, from a train or evaluate reply."""
+    content = reply.content
+    info = dict(content[wire.CLIENT]) if wire.CLIENT in content else {}
+    metrics: MetricRecord = content[wire.METRICS] if wire.METRICS in content else MetricRecord()
+    entry = {
+        "node_id": reply.metadata.src_node_id,
+        "name": info.get(wire.Client.NAME, str(reply.metadata.src_node_id)),
+        "data": info.get(wire.Client.DATA),
+        "device": info.get(wire.Client.DEVICE),
+    }
+    for key, value in metrics.items():
+        entry[key.replace("-", "_")] = value
+    entry["examples"] = float(metrics.get(wire.Metric.EXAMPLES, 0) or 0)
+    return entry
+
+
+def _round_record(rnd: int, clients: list[dict], evals: list[Message], failures: list[dict], seconds: float) -> dict:
+    """One round's record: global metrics (example-weighted over the evaluating clients) and per-client detail."""
+    eval_entries = [_client_entry(r) for r in evals]
+    by_name = {c["name"]: c for c in clients}
+    for e in eval_entries:  # fold each client's evaluation of the new global adapter into its entry
+        target = by_name.setdefault(e["name"], {"node_id": e["node_id"], "name": e["name"], "data": e["data"]})
+        for key in ("exact_match", "heldout_loss", "eval_examples", "startup_seconds", "load_seconds"):
+            if key in e:
+                target[f"eval_{key}" if key in ("startup_seconds", "load_seconds") else key] = e[key]
+    weights = [e.get("eval_examples", 0) for e in eval_entries]
+    accepted = [c for c in clients if c.get("accepted")]
+    return {
+        "round": rnd,
+        "exact_match": _weighted(eval_entries, "exact_match", weights),
+        "heldout_loss": _weighted(eval_entries, "heldout_loss", weights),
+        "train_loss": _weighted(accepted, "train_loss", [c["examples"] for c in accepted]),
+        "clients_replied": len(clients),
+        "clients_accepted": len(accepted),
+        "clients_rejected": sum(1 for c in clients if c.get("accepted") is False),
+        "clients_failed": len(failures),
+        "bytes_up": int(sum(c.get("bytes_up", 0) for c in clients)),
+        "bytes_down": int(sum(c.get("bytes_down", 0) for c in clients)),
+        "seconds": round(seconds, 2),
+        "clients": sorted(by_name.values(), key=lambda c: str(c["name"])),
+        "failures": failures,
+    }
+
+
+def _weighted(entries: list[dict], key: str, weights: list[float]) -> float | None:
+    pairs = [(e[key], w) for e, w in zip(entries, weights) if e.get(key) is not None and w > 0]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
