@@ -131,8 +131,18 @@ def _add_federation_commands(sub) -> None:
     start.add_argument("--ssl-certfile", type=Path, help="server certificate (PEM): enables TLS")
     start.add_argument("--ssl-keyfile", type=Path, help="server private key (PEM)")
     start.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (PEM) the clients trust")
-    start.add_argument("--auth-key", type=Path, action="append", default=[],
-                       help="a SuperNode public key allowed to join (repeatable; needs TLS)")
+    start.add_argument(
+        "--auth-key",
+        type=Path,
+        action="append",
+        default=[],
+        help="a SuperNode public key allowed to join (repeatable; needs TLS)",
+    )
+    start.add_argument(
+        "--clientapp",
+        default="edge_client.flower_client:app",
+        help="the ClientApp the clients run, MODULE:ATTR (e.g. fedge's wrapped in your own mods)",
+    )
     start.set_defaults(run=cmd_server_start)
 
     client = sub.add_parser("client", help="this device's client").add_subparsers(title="client commands")
@@ -154,8 +164,13 @@ def _add_federation_commands(sub) -> None:
     _add_round_args(demo)
     demo.add_argument("--clients", type=int, default=4, help="client processes (one demo domain each)")
     demo.add_argument("--out", type=Path, default=None, help="report, plots, adapter (default: a new directory)")
-    demo.add_argument("--simulation", type=int, default=None, metavar="N",
-                      help="run N virtual clients on Flower's simulation engine instead of processes")
+    demo.add_argument(
+        "--simulation",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N virtual clients on Flower's simulation engine instead of processes",
+    )
     demo.set_defaults(run=cmd_demo)
 
 
@@ -242,9 +257,18 @@ def _round_settings(args):
     from edge_client.wire import RoundSettings
 
     try:
-        return RoundSettings(model=args.model, steps=args.steps, lr=args.lr, batch=args.batch, seq_len=args.seq_len,
-                             lora_r=args.rank, lora_alpha=2 * args.rank, lora_targets=args.targets,
-                             eval_examples=args.eval_examples, seed=args.seed)  # fmt: skip
+        return RoundSettings(
+            model=args.model,
+            steps=args.steps,
+            lr=args.lr,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            lora_r=args.rank,
+            lora_alpha=2 * args.rank,
+            lora_targets=args.targets,
+            eval_examples=args.eval_examples,
+            seed=args.seed,
+        )
     except ValueError as err:
         raise FedgeError(f"bad round option: {err}") from None
 
@@ -260,10 +284,17 @@ def cmd_server_start(args) -> int:
     if args.rounds < 1 or args.min_clients < 1:
         raise FedgeError("--rounds and --min-clients must be >= 1")
     opts = ServerOptions(
-        state_dir=args.state, address=args.address, rounds=args.rounds, min_clients=args.min_clients,
-        deadline_s=args.deadline, cache_dir=args.cache_dir, settings=_round_settings(args),
-        tls=Tls(*tls_files) if all(tls_files) else None, auth_keys=args.auth_key,
-    )  # fmt: skip
+        state_dir=args.state,
+        address=args.address,
+        rounds=args.rounds,
+        min_clients=args.min_clients,
+        deadline_s=args.deadline,
+        cache_dir=args.cache_dir,
+        settings=_round_settings(args),
+        tls=Tls(*tls_files) if all(tls_files) else None,
+        auth_keys=args.auth_key,
+        clientapp=args.clientapp,
+    )
     return start_server(opts, Console())
 
 
@@ -271,11 +302,19 @@ def cmd_client_start(args) -> int:
     from edge_client.service import ClientOptions, start_client
 
     opts = ClientOptions(
-        server=args.server, data=args.data, eval_data=args.eval_data, name=args.name, state_dir=args.state,
-        cache_dir=args.cache_dir, model=None if args.model == "none" else args.model, precision=args.precision,
-        threads=args.threads, root_certificates=args.root_certificates, auth_key=args.auth_key,
+        server=args.server,
+        data=args.data,
+        eval_data=args.eval_data,
+        name=args.name,
+        state_dir=args.state,
+        cache_dir=args.cache_dir,
+        model=None if args.model == "none" else args.model,
+        precision=args.precision,
+        threads=args.threads,
+        root_certificates=args.root_certificates,
+        auth_key=args.auth_key,
         max_retries=args.max_retries,
-    )  # fmt: skip
+    )
     return start_client(opts, _say)
 
 
@@ -284,8 +323,14 @@ def cmd_demo(args) -> int:
 
     if not 1 <= args.clients <= 16 or args.rounds < 1:
         raise FedgeError("--clients must be 1..16 and --rounds >= 1")
-    opts = DemoOptions(settings=_round_settings(args), rounds=args.rounds, clients=args.clients, out=args.out,
-                       cache_dir=_cache(args), simulation=args.simulation)  # fmt: skip
+    opts = DemoOptions(
+        settings=_round_settings(args),
+        rounds=args.rounds,
+        clients=args.clients,
+        out=args.out,
+        cache_dir=_cache(args),
+        simulation=args.simulation,
+    )
     return run_demo(opts, Console())
 
 

@@ -76,7 +76,9 @@ def run_train(args: argparse.Namespace, cache_dir: Path, console: Console) -> in
         )
     # Exact match generates, so it runs on at most ~400 held-out examples spread evenly over the set.
     with console.status("evaluating on held-out data"):
-        after = evaluate(model, session.tokenizer, held_batches, heldout[:: max(1, len(heldout) // 400)], session.device)
+        after = evaluate(
+            model, session.tokenizer, held_batches, heldout[:: max(1, len(heldout) // 400)], session.device
+        )
 
     # Report and save (atomically; the resumable progress is removed only once the adapter is in place).
     meta = {

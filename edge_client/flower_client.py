@@ -90,8 +90,14 @@ def train_round(msg: Message, context: Context) -> Message:
     from edge_client.train import train
 
     cfg = _train_config(settings)
-    result = train(model, epoch_maker(session.tokenizer, train_set, cfg), cfg, session.device,
-                   state_dir=work, run_id=f"{session.model_dir}|{data_id}")  # fmt: skip
+    result = train(
+        model,
+        epoch_maker(session.tokenizer, train_set, cfg),
+        cfg,
+        session.device,
+        state_dir=work,
+        run_id=f"{session.model_dir}|{data_id}",
+    )
     arrays = _get_adapter(model)
     metrics = {
         wire.Metric.EXAMPLES: len(train_set),
@@ -124,8 +130,17 @@ def evaluate_round(msg: Message, context: Context) -> Message:
     from edge_client.evaluate import evaluate
     from edge_client.session import eval_batches
 
-    result = evaluate(model, session.tokenizer, eval_batches(session.tokenizer, heldout, settings.seq_len), heldout,
-                      session.device)  # fmt: skip
+    # An exact match cannot be longer than the longest reference, so generation stops there (plus EOS):
+    # a rambling base model costs no more than a trained one.
+    longest = max((len(session.tokenizer(ex.answer)["input_ids"]) for ex in heldout if ex.answer), default=16)
+    result = evaluate(
+        model,
+        session.tokenizer,
+        eval_batches(session.tokenizer, heldout, settings.seq_len),
+        heldout,
+        session.device,
+        max_new_tokens=longest + 2,
+    )
     metrics = {
         wire.Metric.EVAL_EXAMPLES: len(heldout),
         wire.Metric.HELDOUT_LOSS: result.loss,
@@ -150,13 +165,19 @@ def _local_data(device: Device, seed: int) -> tuple[list, list]:
 
 
 def _train_config(settings: wire.RoundSettings):
-    from edge_client.train import LoraSettings, TrainConfig
+    from edge_client.train import TrainConfig
 
     return TrainConfig(
-        steps=settings.steps, micro_batch=settings.batch, lr=settings.lr, seq_len=settings.seq_len,
-        seed=settings.seed, warmup_steps=min(10, settings.steps // 5), lr_schedule="constant", checkpoint_every=10,
+        steps=settings.steps,
+        micro_batch=settings.batch,
+        lr=settings.lr,
+        seq_len=settings.seq_len,
+        seed=settings.seed,
+        warmup_steps=min(10, settings.steps // 5),
+        lr_schedule="constant",
+        checkpoint_every=10,
         lora=_lora(settings),
-    )  # fmt: skip
+    )
 
 
 def _lora(settings: wire.RoundSettings):
@@ -196,8 +217,10 @@ def _set_adapter(model, arrays: dict[str, np.ndarray]) -> None:
     result = set_peft_model_state_dict(model, {k: torch.from_numpy(v) for k, v in arrays.items()})
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
-        raise ValueError(f"the global adapter does not fit this model: missing {missing[:3]}, "
-                         f"unexpected {list(result.unexpected_keys)[:3]}")  # fmt: skip
+        raise ValueError(
+            f"the global adapter does not fit this model: missing {missing[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]}"
+        )
 
 
 def _get_adapter(model) -> dict[str, np.ndarray]:
@@ -238,11 +261,17 @@ def _prune_work(root: Path) -> None:
 def _client_info(device: Device) -> ConfigRecord:
     import platform
 
-    return ConfigRecord({wire.Client.NAME: device.name, wire.Client.DATA: device.data,
-                         wire.Client.DEVICE: f"{platform.machine()} {psutil.cpu_count()} cpus"})  # fmt: skip
+    return ConfigRecord(
+        {
+            wire.Client.NAME: device.name,
+            wire.Client.DATA: device.data,
+            wire.Client.DEVICE: f"{platform.machine()} {psutil.cpu_count()} cpus",
+        }
+    )
 
 
 def _reply(msg: Message, device: Device, arrays: dict[str, np.ndarray], metrics: dict) -> Message:
-    content = RecordDict({wire.ADAPTER: wire.to_record(arrays), wire.METRICS: MetricRecord(metrics),
-                          wire.CLIENT: _client_info(device)})  # fmt: skip
+    content = RecordDict(
+        {wire.ADAPTER: wire.to_record(arrays), wire.METRICS: MetricRecord(metrics), wire.CLIENT: _client_info(device)}
+    )
     return Message(content, reply_to=msg)

@@ -7,6 +7,7 @@ a ``kill -9`` of ``fedge server start`` takes its SuperLink down with it instead
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -38,17 +39,26 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass  # not Linux: the child may outlive a killed parent
 
 
-def spawn(cmd: Sequence[str], env: dict[str, str], log_path: Path, tie_to_parent: bool = True) -> subprocess.Popen:
-    """Start ``cmd`` with stdout and stderr appended to ``log_path``."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+def spawn(
+    cmd: Sequence[str], env: dict[str, str], log_path: Path | None, tie_to_parent: bool = True
+) -> subprocess.Popen:
+    """Start ``cmd`` with stdout and stderr appended to ``log_path`` (None: this process's own)."""
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") if log_path is not None else contextlib.nullcontext() as log:
         try:
             return subprocess.Popen(
-                list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                list(cmd),
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT if log else None,
+                stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent if tie_to_parent and sys.platform == "linux" else None,
-            )  # fmt: skip
+            )
         except FileNotFoundError:
-            raise FedgeError(f"{cmd[0]} not found: install Flower with `pip install 'fedge[flower]'`") from None
+            raise FedgeError(
+                f"{cmd[0]} not found: is Flower installed in this environment? (pip install 'flwr>=1.41')"
+            ) from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

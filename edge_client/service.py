@@ -8,7 +8,6 @@ with this device's settings, passed as the SuperNode's node config.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,8 +58,15 @@ def supernode_command(opts: ClientOptions) -> tuple[list[str], dict[str, str]]:
     if opts.eval_data:
         ev = opts.eval_data
         node_config[wire.Node.EVAL_DATA] = str(Path(ev).resolve()) if Path(ev).exists() else ev
-    cmd = ["flower-supernode", "--superlink", opts.server, "--port", str(free_port()),
-           "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())]  # fmt: skip
+    cmd = [
+        "flower-supernode",
+        "--superlink",
+        opts.server,
+        "--port",
+        str(free_port()),
+        "--node-config",
+        " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items()),
+    ]
     if opts.root_certificates:
         if not opts.root_certificates.is_file():
             raise FedgeError(f"--root-certificates {opts.root_certificates}: no such file")
@@ -78,16 +84,44 @@ def supernode_command(opts: ClientOptions) -> tuple[list[str], dict[str, str]]:
     return cmd, flwr_env(state_dir / "flwr")
 
 
-def start_client(opts: ClientOptions, say) -> int:
-    """Pull the model once, then become the SuperNode (exec: signals and exit codes are the SuperNode's)."""
+def start_client(opts: ClientOptions, say, log_path: Path | None = None) -> int:
+    """Pull the model once, then run the SuperNode, restarting it with backoff whenever it exits.
+
+    A SuperNode retries a lost connection by itself, but exits when a restarted SuperLink no longer knows
+    it (its node id died with the old server's memory); a fresh SuperNode registers again. SIGINT or SIGTERM
+    stops the client; a ``kill -9`` takes the SuperNode down with it (Linux).
+    """
+    import signal
+    import time
+
     from edge_client.models import default_cache_dir, pull_model
+    from edge_client.procs import spawn, stop
 
     cmd, env = supernode_command(opts)
     if opts.model:
         pull_model(opts.model, opts.cache_dir or default_cache_dir(), say)
     say(f"joining {opts.server} as {cmd[cmd.index('--node-config') + 1]}")
-    try:
-        os.execvpe(cmd[0], cmd, env)
-    except FileNotFoundError:
-        raise FedgeError("flower-supernode not found: install Flower with `pip install 'fedge[flower]'`") from None
-    return 0  # not reached
+    stopping = False
+
+    def on_signal(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    backoff, restarts = 1.0, 0
+    while True:
+        started = time.monotonic()
+        node = spawn(cmd, env, log_path)
+        while node.poll() is None and not stopping:
+            time.sleep(0.5)
+        if stopping:
+            stop(node)
+            return 0
+        if opts.max_retries is not None and restarts >= opts.max_retries:
+            raise FedgeError(f"the SuperNode exited with code {node.returncode} {restarts + 1} times; giving up")
+        if time.monotonic() - started > 300:
+            backoff = 1.0  # it ran for a while: this is a new outage
+        say(f"SuperNode exited (code {node.returncode}); rejoining in {backoff:.0f} s")
+        time.sleep(backoff)
+        backoff, restarts = min(60.0, backoff * 2), restarts + 1

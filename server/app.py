@@ -35,7 +35,18 @@ class RunKeys:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = context.run_config
+    run_federation(grid, context.run_config)
+
+
+def simulation_app(run_config: dict) -> ServerApp:
+    """A ServerApp with its run config given here (Flower's ``run_simulation`` takes none)."""
+    sim = ServerApp()
+    sim.main()(lambda grid, context: run_federation(grid, {**context.run_config, **run_config}))
+    return sim
+
+
+def run_federation(grid: Grid, cfg) -> None:
+    """Resume or start the state in ``cfg[state-dir]``, run the remaining rounds, write the final adapter."""
     settings = wire.RoundSettings.from_config(cfg)
     state_dir = Path(str(cfg[RunKeys.STATE_DIR]))
     policy = RoundPolicy(int(cfg[RunKeys.MIN_CLIENTS]), float(cfg[RunKeys.DEADLINE]), float(cfg[RunKeys.NORM_FACTOR]))

@@ -51,6 +51,7 @@ class ServerOptions:
     settings: wire.RoundSettings = field(default_factory=wire.RoundSettings)
     tls: Tls | None = None
     auth_keys: list[Path] = field(default_factory=list)  # SuperNode public keys (OpenSSH format)
+    clientapp: str = "edge_client.flower_client:app"  # MODULE:ATTR, e.g. fedge's ClientApp wrapped in your own mods
 
 
 def start_server(opts: ServerOptions, console: Console) -> int:
@@ -65,8 +66,14 @@ def start_server(opts: ServerOptions, console: Console) -> int:
     cmd = ["flower-superlink", "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
     if opts.tls:
         opts.tls.check()
-        cmd += ["--ssl-certfile", str(opts.tls.certfile), "--ssl-keyfile", str(opts.tls.keyfile),
-                "--ssl-ca-certfile", str(opts.tls.ca_certfile)]  # fmt: skip
+        cmd += [
+            "--ssl-certfile",
+            str(opts.tls.certfile),
+            "--ssl-keyfile",
+            str(opts.tls.keyfile),
+            "--ssl-ca-certfile",
+            str(opts.tls.ca_certfile),
+        ]
     else:
         cmd += ["--insecure"]
     if opts.auth_keys:
@@ -86,8 +93,10 @@ def start_server(opts: ServerOptions, console: Console) -> int:
         stop(superlink)
     state = ServerState.load(state_dir)
     if state is None or state.round < opts.rounds:
-        raise FedgeError(f"the run stopped after round {state.round if state else 0} of {opts.rounds}; "
-                         f"see {logs / 'run.log'}:\n{tail(logs / 'run.log')}")  # fmt: skip
+        raise FedgeError(
+            f"the run stopped after round {state.round if state else 0} of {opts.rounds}; "
+            f"see {logs / 'run.log'}:\n{tail(logs / 'run.log')}"
+        )
     console.print(f"[green]federation complete:[/] {state.round} rounds; adapter in {state_dir / FINAL_ADAPTER}")
     return 0
 
@@ -126,13 +135,15 @@ def _write_app(home: Path, state_dir: Path, opts: ServerOptions) -> Path:
         "project": {"name": APP_NAME, "version": "1.0.0", "dependencies": []},  # fedge must be installed
         "tool": {
             "hatch": {"build": {"targets": {"wheel": {"packages": ["."]}}}},
-            "flwr": {"app": {
-                "publisher": "fedge",
-                "components": {"serverapp": "server.app:app", "clientapp": "edge_client.flower_client:app"},
-                "config": run_config,
-            }},
+            "flwr": {
+                "app": {
+                    "publisher": "fedge",
+                    "components": {"serverapp": "server.app:app", "clientapp": opts.clientapp},
+                    "config": run_config,
+                }
+            },
         },
-    }  # fmt: skip
+    }
     app_dir = home / "fedge-app"
     app_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(app_dir / "pyproject.toml", tomli_w.dumps(project))
@@ -158,15 +169,16 @@ def _register_node_key(key: Path, env: dict, log_path: Path) -> None:
 
     if not key.is_file():
         raise FedgeError(f"--auth-key {key}: no such file")
-    done = subprocess.run(["flwr", "supernode", "register", str(key.resolve()), CONNECTION], env=env,
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        ["flwr", "supernode", "register", str(key.resolve()), CONNECTION], env=env, capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise FedgeError(f"could not register SuperNode key {key}: {done.stdout[-500:]} {done.stderr[-500:]}")
 
 
 def _follow(runner, superlink, state_dir: Path, rounds: int, console: Console, logs: Path) -> None:
     """Print each round as its record lands, until the run process ends."""
-    from server.report import round_line, round_header
+    from server.report import round_header, round_line
 
     shown = {r["round"] for r in read_records(state_dir)}
     if shown:

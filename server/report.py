@@ -7,8 +7,16 @@ from pathlib import Path
 
 from edge_client.fsutil import atomic_write_text
 
-_COLUMNS = (("round", 6), ("exact", 7), ("eval loss", 10), ("train loss", 11), ("clients", 13),
-            ("up", 9), ("down", 9), ("s", 6))  # fmt: skip
+_COLUMNS = (
+    ("round", 6),
+    ("exact", 7),
+    ("eval loss", 10),
+    ("train loss", 11),
+    ("clients", 13),
+    ("up", 9),
+    ("down", 9),
+    ("s", 6),
+)
 
 
 def _fmt(value, spec: str) -> str:
@@ -29,17 +37,35 @@ def round_line(record: dict, rounds: int) -> str:
     if record.get("clients_rejected") or record.get("clients_failed"):
         clients += f" ({record.get('clients_rejected', 0)}r {record.get('clients_failed', 0)}f)"
     cells = (
-        f"{record['round']}/{rounds}", _fmt(record.get("exact_match"), ".1%"), _fmt(record.get("heldout_loss"), ".4f"),
-        _fmt(record.get("train_loss"), ".4f"), clients, _mb(record.get("bytes_up")), _mb(record.get("bytes_down")),
+        f"{record['round']}/{rounds}",
+        _fmt(record.get("exact_match"), ".1%"),
+        _fmt(record.get("heldout_loss"), ".4f"),
+        _fmt(record.get("train_loss"), ".4f"),
+        clients,
+        _mb(record.get("bytes_up")),
+        _mb(record.get("bytes_down")),
         _fmt(record.get("seconds"), ".0f"),
-    )  # fmt: skip
+    )
     return "".join(cell.rjust(width) for cell, (_, width) in zip(cells, _COLUMNS))
 
 
 def build_report(records: list[dict], meta: dict) -> dict:
     """``report.json``: the run's settings and a ``rounds`` list (global metrics plus per-client entries)."""
-    keep = ("round", "exact_match", "heldout_loss", "train_loss", "bytes_up", "bytes_down", "seconds",
-            "clients_replied", "clients_accepted", "clients_rejected", "clients_failed", "clients", "failures")  # fmt: skip
+    keep = (
+        "round",
+        "exact_match",
+        "heldout_loss",
+        "train_loss",
+        "bytes_up",
+        "bytes_down",
+        "seconds",
+        "clients_replied",
+        "clients_accepted",
+        "clients_rejected",
+        "clients_failed",
+        "clients",
+        "failures",
+    )
     rounds = [{k: r.get(k) for k in keep} for r in sorted(records, key=lambda r: r["round"])]
     base, last = (rounds[0], rounds[-1]) if rounds else ({}, {})
     return {
@@ -60,7 +86,7 @@ def write_report(out_dir: Path, records: list[dict], meta: dict) -> dict:
         plot_rounds(report, out_dir / "rounds.png")
         plot_clients(report, out_dir / "clients.png")
     except ImportError:
-        report["plots"] = "matplotlib is not installed: pip install 'fedge[plot]'"
+        report["plots"] = "matplotlib is not installed: pip install matplotlib"
     return report
 
 
@@ -96,13 +122,21 @@ def plot_rounds(report: dict, path: Path) -> None:
 def plot_clients(report: dict, path: Path) -> None:
     plt = _pyplot()
     names = sorted({c["name"] for r in report["rounds"] for c in r.get("clients") or []})
-    panels = (("exact_match", "exact match on its held-out data (%)", _pct), ("train_seconds", "training s", None),
-              ("startup_seconds", "fixed cost: process start s", None), ("peak_rss_mb", "peak RSS MB", None))  # fmt: skip
+    panels = (
+        ("exact_match", "exact match on its held-out data (%)", _pct),
+        ("train_seconds", "training s", None),
+        ("startup_seconds", "fixed cost: process start s", None),
+        ("peak_rss_mb", "peak RSS MB", None),
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.6))
     for ax, (key, title, fn) in zip(axes, panels):
         for name in names:
-            pts = [(r["round"], c.get(key)) for r in report["rounds"] for c in r.get("clients") or []
-                   if c["name"] == name and c.get(key) is not None]  # fmt: skip
+            pts = [
+                (r["round"], c.get(key))
+                for r in report["rounds"]
+                for c in r.get("clients") or []
+                if c["name"] == name and c.get(key) is not None
+            ]
             if pts:
                 ax.plot([p[0] for p in pts], [fn(p[1]) if fn else p[1] for p in pts], "o-", label=name)
         ax.set(title=title, xlabel="round")

@@ -67,21 +67,25 @@ class FedgeAvg(FedAvg):
         """Run rounds ``state.round + 1 .. num_rounds``; round 0 evaluates the initial adapter. Saves each round."""
         if state.round == 0 and not state.records:
             t0 = time.monotonic()
-            evals, failures = self._stage(grid, self.configure_evaluate(0, wire.to_record(state.arrays),
-                                                                        ConfigRecord(evaluate_config), grid))
+            evals, failures = self._stage(
+                grid, self.configure_evaluate(0, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid)
+            )
             state.records.append(_round_record(0, [], evals, failures, time.monotonic() - t0))
             save(state)
         for rnd in range(state.round + 1, num_rounds + 1):
             t0 = time.monotonic()
             sent = wire.to_record(state.arrays)
-            replies, train_failures = self._stage(grid, self.configure_train(rnd, sent, ConfigRecord(train_config),
-                                                                            grid))
+            replies, train_failures = self._stage(
+                grid, self.configure_train(rnd, sent, ConfigRecord(train_config), grid)
+            )
             clients = self._check_and_average(state, replies, wire.record_bytes(sent))
-            evals, eval_failures = self._stage(grid, self.configure_evaluate(rnd, wire.to_record(state.arrays),
-                                                                            ConfigRecord(evaluate_config), grid))
+            evals, eval_failures = self._stage(
+                grid, self.configure_evaluate(rnd, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid)
+            )
             state.round = rnd
-            state.records.append(_round_record(rnd, clients, evals, train_failures + eval_failures,
-                                               time.monotonic() - t0))
+            state.records.append(
+                _round_record(rnd, clients, evals, train_failures + eval_failures, time.monotonic() - t0)
+            )
             save(state)
         return state
 
@@ -121,24 +125,30 @@ class FedgeAvg(FedAvg):
             updates.append(update)
         checked = [i for i, c in enumerate(clients) if c["reason"] is None]
         history = state.strategy.get("accepted_norms", [])[-20:]
-        outliers = aggregate.norm_outliers([clients[i]["delta_norm"] for i in checked], history,
-                                           self.policy.norm_factor)
+        outliers = aggregate.norm_outliers(
+            [clients[i]["delta_norm"] for i in checked], history, self.policy.norm_factor
+        )
         for i, is_outlier in zip(checked, outliers):
             if is_outlier:
-                clients[i]["reason"] = (f"update norm {clients[i]['delta_norm']:.3g} is more than "
-                                        f"{self.policy.norm_factor:g}x the cohort's")
+                clients[i]["reason"] = (
+                    f"update norm {clients[i]['delta_norm']:.3g} is more than {self.policy.norm_factor:g}x the cohort's"
+                )
         accepted = [i for i, c in enumerate(clients) if c["reason"] is None]
         for c in clients:
             c["accepted"] = c["reason"] is None
             if not c["accepted"]:
                 log.warning("rejected the update of %s: %s", c["name"], c["reason"])
         if len(accepted) >= self.policy.min_clients or (accepted and len(accepted) == len(clients)):
-            state.arrays = aggregate.weighted_average([updates[i] for i in accepted],
-                                                      [clients[i]["examples"] for i in accepted])
+            state.arrays = aggregate.weighted_average(
+                [updates[i] for i in accepted], [clients[i]["examples"] for i in accepted]
+            )
             state.strategy["accepted_norms"] = history + [clients[i]["delta_norm"] for i in accepted]
         elif clients:
-            log.warning("only %d acceptable updates (minimum %d): the global adapter stays as it was",
-                        len(accepted), self.policy.min_clients)
+            log.warning(
+                "only %d acceptable updates (minimum %d): the global adapter stays as it was",
+                len(accepted),
+                self.policy.min_clients,
+            )
         return clients
 
 
@@ -191,4 +201,3 @@ def _weighted(entries: list[dict], key: str, weights: list[float]) -> float | No
     pairs = [(e[key], w) for e, w in zip(entries, weights) if e.get(key) is not None and w > 0]
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else None
-

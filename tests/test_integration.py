@@ -57,3 +57,31 @@ def test_train_a_few_steps_on_the_real_model(cache_dir, tmp_path):
     assert meta["model"]["architectures"] == ["LlamaForCausalLM"]
     assert meta["metrics"]["after"]["loss"] < meta["metrics"]["before"]["loss"]
     assert (out / "adapter_model.safetensors").stat().st_size > 100_000
+
+
+def test_demo_federation_on_the_real_model(cache_dir, tmp_path):
+    """`fedge demo` with 2 clients and 1 round: real processes, the real model, a report with both rounds."""
+    out = tmp_path / "demo"
+    done = _fedge(
+        "demo",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--steps",
+        "4",
+        "--eval-examples",
+        "8",
+        "--out",
+        str(out),
+        cache=cache_dir,
+    )
+    assert done.returncode == 0, done.stderr[-3000:] + (out / "logs" / "server.log").read_text()[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [0, 1]
+    last = report["rounds"][1]
+    assert last["clients_accepted"] == 2 and last["bytes_up"] > 1_000_000
+    assert last["heldout_loss"] < report["rounds"][0]["heldout_loss"]
+    assert {c["name"] for c in last["clients"]} == {"healthcare", "finance"}
+    assert all(c["load_seconds"] > 0 and c["startup_seconds"] > 0 for c in last["clients"])
+    assert (out / "rounds.png").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()

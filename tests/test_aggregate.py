@@ -1,0 +1,71 @@
+"""Update checks and the weighted average, on small arrays (no Flower, no torch)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from server import aggregate
+
+
+def _ref() -> dict[str, np.ndarray]:
+    return {"a": np.zeros((2, 3), np.float32), "b": np.ones((3,), np.float32)}
+
+
+def test_weighted_average_is_exact():
+    u1 = {"a": np.full((2, 3), 1.0, np.float32), "b": np.array([1, 2, 3], np.float32)}
+    u2 = {"a": np.full((2, 3), 4.0, np.float32), "b": np.array([4, 5, 6], np.float32)}
+    avg = aggregate.weighted_average([u1, u2], [1, 2])  # weights normalize to 1/3, 2/3
+    np.testing.assert_allclose(avg["a"], np.full((2, 3), 3.0))
+    np.testing.assert_allclose(avg["b"], [3, 4, 5])
+    assert avg["a"].dtype == np.float32
+
+
+def test_weighted_average_rejects_bad_weights():
+    with pytest.raises(ValueError, match="sum to > 0"):
+        aggregate.weighted_average([_ref()], [0])
+    with pytest.raises(ValueError, match="no updates"):
+        aggregate.weighted_average([], [])
+
+
+@pytest.mark.parametrize(
+    ("update", "reason"),
+    [
+        ({"a": np.zeros((2, 3), np.float32)}, "wrong keys: missing b"),
+        ({**_ref(), "c": np.zeros(1, np.float32)}, "unexpected c"),
+        ({**_ref(), "a": np.zeros((3, 2), np.float32)}, "wrong shape for a: (3, 2), expected (2, 3)"),
+        ({**_ref(), "b": np.ones(3, np.float64)}, "wrong dtype for b: float64"),
+        ({**_ref(), "b": np.array([1, np.nan, 1], np.float32)}, "non-finite"),
+        ({**_ref(), "b": np.array([1, np.inf, 1], np.float32)}, "non-finite"),
+    ],
+)
+def test_check_update_names_the_problem(update, reason):
+    assert reason in aggregate.check_update(update, _ref())
+
+
+def test_check_update_accepts_a_good_update():
+    assert aggregate.check_update({k: v + 0.5 for k, v in _ref().items()}, _ref()) is None
+
+
+def test_norm_outliers_judge_each_against_the_others():
+    assert aggregate.norm_outliers([1.0, 1.2, 0.9, 500.0], [], factor=10) == [False, False, False, True]
+    # two clients: the honest one is not rejected because of the huge one
+    assert aggregate.norm_outliers([1.0, 1e6], [], factor=10) == [False, True]
+    # alone in its round: judged against earlier rounds, or accepted when there is no history
+    assert aggregate.norm_outliers([50.0], [1.0, 2.0], factor=10) == [True]
+    assert aggregate.norm_outliers([50.0], [], factor=10) == [False]
+
+
+def test_delta_norm():
+    ref = _ref()
+    upd = {"a": ref["a"] + 1.0, "b": ref["b"]}
+    assert aggregate.delta_norm(upd, ref) == pytest.approx(np.sqrt(6))
+
+
+def test_server_imports_without_torch():
+    code = "import sys, server.aggregate, server.state, server.strategy, server.report; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

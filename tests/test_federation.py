@@ -1,0 +1,353 @@
+"""End to end over loopback with real processes: fedge server start, fedge client start, Flower in between.
+
+A tiny random-init model keeps each round to seconds; everything else is the real thing: a SuperLink, one
+SuperNode per client, a ClientApp process per message, kill -9 of clients and of the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_client.procs import free_port
+from server.state import ServerState, read_records
+
+pytestmark = pytest.mark.federation
+TESTS = Path(__file__).parent
+
+
+class Federation:
+    """Processes of one test federation, all killed at the end."""
+
+    def __init__(self, tmp: Path, model_dir: Path, rounds: int, steps: int, min_clients: int = 2, **server_args):
+        self.tmp, self.model, self.rounds, self.port = tmp, model_dir, rounds, free_port()
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "FEDGE_CACHE": str(tmp / "cache"),
+        }
+        self.server_args = [
+            "--model",
+            str(model_dir),
+            "--rounds",
+            str(rounds),
+            "--steps",
+            str(steps),
+            "--min-clients",
+            str(min_clients),
+            "--eval-examples",
+            "8",
+            "--rank",
+            "4",
+            "--state",
+            str(tmp / "server"),
+            "--address",
+            f"127.0.0.1:{self.port}",
+            *[str(a) for kv in server_args.items() for a in (f"--{kv[0].replace('_', '-')}", kv[1])],
+        ]
+        self.server: subprocess.Popen | None = None
+        self.clients: dict[str, subprocess.Popen] = {}
+
+    def _fedge(self, log: str, *args: str) -> subprocess.Popen:
+        out = open(self.tmp / f"{log}.log", "ab")  # noqa: SIM115 (closed with the process)
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge_client.cli", *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+    def start_server(self) -> None:
+        self.server = self._fedge("server", "server", "start", *self.server_args)
+
+    def start_client(self, name: str, domain: str) -> None:
+        self.clients[name] = self._fedge(
+            f"client-{name}",
+            "client",
+            "start",
+            "--server",
+            f"127.0.0.1:{self.port}",
+            "--data",
+            f"demo:{domain}",
+            "--eval-data",
+            f"demo:{domain}:test",
+            "--name",
+            name,
+            "--state",
+            str(self.tmp / "clients" / name),
+            "--threads",
+            "1",
+            "--model",
+            str(self.model),
+        )
+
+    def records(self) -> list[dict]:
+        return read_records(self.tmp / "server")
+
+    def wait_for_round(self, rnd: int, timeout: float = 600) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(r["round"] >= rnd for r in self.records()):
+                return
+            if self.server.poll() is not None:
+                break
+            time.sleep(0.5)
+        pytest.fail(f"round {rnd} did not complete; server log:\n{self.log('server')}")
+
+    def wait_server(self, timeout: float = 900) -> int:
+        try:
+            return self.server.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server did not finish; its log:\n{self.log('server')}")
+
+    def log(self, name: str) -> str:
+        return "\n".join((self.tmp / f"{name}.log").read_text(errors="replace").splitlines()[-40:])
+
+    def close(self) -> None:
+        for proc in [*self.clients.values(), self.server]:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [*self.clients.values(), self.server]:
+            if proc is not None:
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+@pytest.fixture
+def federation(tmp_path, tiny_model_dir):
+    made = []
+
+    def make(**kwargs) -> Federation:
+        made.append(Federation(tmp_path, tiny_model_dir, **kwargs))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.close()
+
+
+def test_rounds_go_on_past_a_killed_client_and_poisoned_updates(federation):
+    fed = federation(rounds=3, steps=30, min_clients=2, clientapp="poison_clientapp:app")
+    fed.start_server()
+    for name, domain in (
+        ("healthcare", "healthcare"),
+        ("finance", "finance"),
+        ("doomed", "iot"),
+        ("poison", "education"),
+    ):
+        fed.start_client(name, domain)
+    fed.wait_for_round(0)  # every client evaluated the base model: round 1's train messages are out
+    fed.clients["doomed"].send_signal(signal.SIGKILL)
+    fed.wait_for_round(1)
+    fed.start_client("doomed", "iot")  # it rejoins (as a new SuperNode) for the next rounds
+    assert fed.wait_server() == 0, fed.log("server")
+
+    records = fed.records()
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    by_round = {r["round"]: {c["name"]: c for c in r["clients"]} for r in records}
+    expected = {1: "non-finite", 2: "update norm", 3: "wrong shape"}
+    for rnd, reason in expected.items():
+        poisoned = by_round[rnd]["poison"]
+        assert poisoned["accepted"] is False and reason in poisoned["reason"], poisoned
+        assert by_round[rnd]["healthcare"]["accepted"] and by_round[rnd]["finance"]["accepted"]
+        assert records[rnd]["clients_rejected"] == 1
+    assert records[1]["clients_failed"] >= 1  # the killed client's message came back as "node unavailable"
+    assert "doomed" not in {n for n, c in by_round[1].items() if c.get("accepted")}
+    assert by_round[3]["doomed"]["accepted"]  # rejoined
+    assert records[3]["heldout_loss"] < records[0]["heldout_loss"]
+    for c in by_round[2].values():
+        if c.get("accepted"):
+            assert c["steps"] == 30 and c["bytes_up"] > 0 and c["startup_seconds"] > 0 and c["load_seconds"] > 0
+    assert (fed.tmp / "server" / "final-adapter" / "adapter_config.json").is_file()
+
+
+def test_server_killed_mid_round_resumes_at_the_right_round(federation):
+    fed = federation(rounds=3, steps=60)
+    fed.start_server()
+    fed.start_client("healthcare", "healthcare")
+    fed.start_client("finance", "finance")
+    fed.wait_for_round(1)
+    fed.server.send_signal(signal.SIGKILL)  # its SuperLink goes down with it; the ServerApp follows
+    fed.server.wait()
+    state = ServerState.load(fed.tmp / "server")
+    assert state.round == 1
+    time.sleep(2)
+    fed.start_server()
+    assert fed.wait_server() == 0, fed.log("server")
+    records = fed.records()
+    assert [r["round"] for r in records] == [0, 1, 2, 3]  # nothing lost, nothing repeated
+    assert "resuming" in fed.log("server")
+    losses = [r["heldout_loss"] for r in records]
+    assert losses[3] < losses[1] < losses[0]  # it keeps improving after the restart
+    assert ServerState.load(fed.tmp / "server").round == 3
+
+
+def test_bad_client_input_fails_fast_with_a_clear_message(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "response": "ok"}\nnot json\n')
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_client.cli",
+            "client",
+            "start",
+            "--server",
+            "127.0.0.1:1",
+            "--data",
+            str(bad),
+            "--model",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "bad.jsonl" in out.stderr and "line 2" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_client.cli",
+            "client",
+            "start",
+            "--server",
+            "nonsense",
+            "--data",
+            "demo:iot",
+            "--model",
+            "none",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "--server 'nonsense'" in out.stderr
+
+
+def test_server_refuses_a_state_dir_of_another_federation(tmp_path):
+    import numpy as np
+
+    ServerState(
+        {"model": "other", "lora_r": 4, "lora_targets": "q_proj", "seed": 0}, 1, {"x": np.zeros(2, np.float32)}
+    ).save(tmp_path / "state")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_client.cli",
+            "server",
+            "start",
+            "--state",
+            str(tmp_path / "state"),
+            "--model",
+            "smollm2-135m",
+            "--rank",
+            "4",
+            "--targets",
+            "q_proj",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and "different federation" in out.stderr and "model" in out.stderr
+    assert json.loads((tmp_path / "state" / "state.json").read_text())["round"] == 1  # untouched
+
+
+def test_tls_and_supernode_authentication(federation, tmp_path):
+    from certs import make_node_key, make_tls
+
+    ca, cert, key = make_tls(tmp_path / "tls")
+    allowed_key, allowed_pub = make_node_key(tmp_path / "tls", "allowed")
+    stranger_key, _ = make_node_key(tmp_path / "tls", "stranger")
+    fed = federation(
+        rounds=1, steps=3, min_clients=1, ssl_certfile=cert, ssl_keyfile=key, ssl_ca_certfile=ca, auth_key=allowed_pub
+    )
+    fed.start_server()
+    tls = ["--root-certificates", str(ca)]
+    fed.clients["allowed"] = fed._fedge(
+        "client-allowed",
+        "client",
+        "start",
+        "--server",
+        f"127.0.0.1:{fed.port}",
+        "--data",
+        "demo:iot",
+        "--name",
+        "allowed",
+        "--state",
+        str(tmp_path / "c1"),
+        "--threads",
+        "1",
+        "--model",
+        "none",
+        *tls,
+        "--auth-key",
+        str(allowed_key),
+    )
+    fed.clients["stranger"] = fed._fedge(
+        "client-stranger",
+        "client",
+        "start",
+        "--server",
+        f"127.0.0.1:{fed.port}",
+        "--data",
+        "demo:iot",
+        "--name",
+        "stranger",
+        "--state",
+        str(tmp_path / "c2"),
+        "--threads",
+        "1",
+        "--model",
+        "none",
+        *tls,
+        "--auth-key",
+        str(stranger_key),
+    )
+    assert fed.wait_server() == 0, fed.log("server")
+    names = {c["name"] for r in fed.records() for c in r["clients"]}
+    assert names == {"allowed"}  # the unregistered key never joined
+
+
+def test_simulation_engine_runs_the_same_apps(tmp_path, tiny_model_dir):
+    """`fedge demo --simulation 2`: Flower's simulation engine (Ray) with fedge's ServerApp and ClientApp."""
+    out = tmp_path / "sim"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_client.cli",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "demo",
+            "--simulation",
+            "2",
+            "--rounds",
+            "1",
+            "--steps",
+            "3",
+            "--eval-examples",
+            "4",
+            "--rank",
+            "4",
+            "--model",
+            str(tiny_model_dir),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [0, 1]
+    assert report["rounds"][1]["clients_accepted"] == 2
+    assert {c["name"] for c in report["rounds"][1]["clients"]} == {"healthcare-0", "finance-1"}
