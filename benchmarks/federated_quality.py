@@ -39,6 +39,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-per-domain", type=int, default=50)
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--train-a", action="store_true", help="train LoRA A too (default: A frozen, FFA-LoRA)")
+    p.add_argument("--federated-only", action="store_true", help="skip the baselines (for trying FedAvg settings)")
+    p.add_argument("--tag", default="", help="suffix for the results file (exploration runs)")
     args = p.parse_args()
 
     import numpy as np
@@ -60,7 +63,7 @@ def main() -> None:
         raise SystemExit(f"--total-steps must be a multiple of clients x rounds = {n_clients * args.rounds}")
     steps_per_round = args.total_steps // (n_clients * args.rounds)
     cache = args.cache_dir or default_cache_dir()
-    settings = wire.RoundSettings(model=args.model, lr=args.lr, steps=steps_per_round)
+    settings = wire.RoundSettings(model=args.model, lr=args.lr, steps=steps_per_round, lora_freeze_a=not args.train_a)
     session, model = _open(Device("bench", "", None, Path("."), cache, "auto"), settings)
     train_sets = {d: load_examples(f"demo:{d}") for d in DOMAINS}
     test_sets = {d: _spread(load_examples(f"demo:{d}:test"), args.eval_per_domain) for d in DOMAINS}
@@ -69,7 +72,9 @@ def main() -> None:
 
     def run_train(arrays, examples, steps: int, seed: int) -> tuple[dict, float]:
         _set_adapter(model, arrays)
-        cfg = _train_config(wire.RoundSettings(model=args.model, lr=args.lr, steps=steps, seed=seed))
+        cfg = _train_config(
+            wire.RoundSettings(model=args.model, lr=args.lr, steps=steps, lora_freeze_a=not args.train_a), seed
+        )
         cfg.checkpoint_every = 0
         result = train(model, epoch_maker(session.tokenizer, examples, cfg), cfg, session.device)
         return _get_adapter(model), result.final_loss
@@ -95,44 +100,46 @@ def main() -> None:
             "per_domain": per,
         }
 
-    t0 = time.perf_counter()
-    results = {"base": score(initial)}
-    timings["base_eval"] = time.perf_counter() - t0
-    print(f"base: {results['base']['exact_match']:.1%}", flush=True)
+    def timed(name: str, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        timings[name] = round(time.perf_counter() - t0, 1)
+        print(f"{name}: {out['exact_match']:.1%} exact match ({timings[name]:.0f} s)", flush=True)
+        return out
 
-    t0 = time.perf_counter()
-    union = [e for d in DOMAINS for e in train_sets[d]]
-    central, loss = run_train(initial, union, args.total_steps, seed=0)
-    results["centralized"] = {**score(central), "train_loss": loss}
-    timings["centralized"] = time.perf_counter() - t0
-    print(f"centralized: {results['centralized']['exact_match']:.1%}", flush=True)
+    def centralized() -> dict:
+        union = [e for d in DOMAINS for e in train_sets[d]]
+        arrays, loss = run_train(initial, union, args.total_steps, seed=0)
+        return {**score(arrays), "train_loss": loss}
 
-    t0 = time.perf_counter()
-    global_arrays, history = initial, []
-    for rnd in range(1, args.rounds + 1):
-        updates = [
-            run_train(global_arrays, train_sets[d], steps_per_round, seed=rnd * 100 + i)[0]
-            for i, d in enumerate(DOMAINS)
-        ]
-        global_arrays = weighted_average(updates, [len(train_sets[d]) for d in DOMAINS])
-        history.append(rnd)
-        print(f"federated round {rnd}/{args.rounds}", flush=True)
-    results["federated"] = score(global_arrays)
-    timings["federated"] = time.perf_counter() - t0
-    print(f"federated: {results['federated']['exact_match']:.1%}", flush=True)
+    def federated() -> dict:
+        global_arrays = initial
+        for rnd in range(1, args.rounds + 1):
+            updates = [
+                run_train(global_arrays, train_sets[d], steps_per_round, seed=rnd * 100 + i)[0]
+                for i, d in enumerate(DOMAINS)
+            ]
+            global_arrays = weighted_average(updates, [len(train_sets[d]) for d in DOMAINS])
+        return score(global_arrays)
 
-    t0 = time.perf_counter()
-    locals_ = {}
-    for i, d in enumerate(DOMAINS):
-        arrays, loss = run_train(initial, train_sets[d], args.total_steps // n_clients, seed=i)
-        locals_[d] = {**score(arrays), "train_loss": loss}
-        print(f"local-only {d}: {locals_[d]['exact_match']:.1%}", flush=True)
-    results["local_only_mean"] = {
-        "exact_match": float(np.mean([v["exact_match"] for v in locals_.values()])),
-        "heldout_loss": float(np.mean([v["heldout_loss"] for v in locals_.values()])),
-        "per_client": locals_,
-    }
-    timings["local_only"] = time.perf_counter() - t0
+    def local_only() -> dict:
+        per_client = {}
+        for i, d in enumerate(DOMAINS):
+            arrays, loss = run_train(initial, train_sets[d], args.total_steps // n_clients, seed=i)
+            per_client[d] = {**score(arrays), "train_loss": loss}
+        return {
+            "exact_match": float(np.mean([v["exact_match"] for v in per_client.values()])),
+            "heldout_loss": float(np.mean([v["heldout_loss"] for v in per_client.values()])),
+            "per_client": per_client,
+        }
+
+    results = {"base": timed("base", lambda: score(initial))}
+    results["federated"] = timed("federated", federated)
+    if args.federated_only:
+        write_results(f"federated_quality{args.tag}", {**results, "args": vars(args) | {"cache_dir": None}})
+        return
+    results["centralized"] = timed("centralized", centralized)
+    results["local_only_mean"] = timed("local_only_mean", local_only)
 
     base_em = results["base"]["exact_match"]
     gain = results["centralized"]["exact_match"] - base_em
@@ -154,7 +161,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "seconds": timings,
     }
-    path = write_results("federated_quality", results)
+    path = write_results(f"federated_quality{args.tag}", results)
     update_readme_section("federated_quality", _table(results))
     print(f"wrote {path}")
 

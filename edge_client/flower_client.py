@@ -75,7 +75,8 @@ def train_round(msg: Message, context: Context) -> Message:
     from edge_client.data import fingerprint
 
     data_id = fingerprint(train_set)
-    work = device.state_dir / "work" / _work_key(global_arrays, settings, data_id)
+    rnd = int(msg.content[wire.CONFIG].get(wire.Cfg.ROUND, 0))
+    work = device.state_dir / "work" / _work_key(global_arrays, settings, f"{data_id}|{rnd}")
     if (work / UPDATE_FILE).is_file():  # finished before a restart: reply with that work
         arrays, metrics = _load_update(work)
         metrics.update({wire.Metric.STARTUP_SECONDS: startup, wire.Metric.RESUMED: 1})
@@ -89,7 +90,7 @@ def train_round(msg: Message, context: Context) -> Message:
     from edge_client.session import epoch_maker
     from edge_client.train import train
 
-    cfg = _train_config(settings)
+    cfg = _train_config(settings, rnd)
     result = train(
         model,
         epoch_maker(session.tokenizer, train_set, cfg),
@@ -164,7 +165,8 @@ def _local_data(device: Device, seed: int) -> tuple[list, list]:
     return split_heldout(examples, 0.1, seed)
 
 
-def _train_config(settings: wire.RoundSettings):
+def _train_config(settings: wire.RoundSettings, rnd: int):
+    """Local training for round ``rnd``: the data order is seeded per round, so rounds see different batches."""
     from edge_client.train import TrainConfig
 
     return TrainConfig(
@@ -172,7 +174,7 @@ def _train_config(settings: wire.RoundSettings):
         micro_batch=settings.batch,
         lr=settings.lr,
         seq_len=settings.seq_len,
-        seed=settings.seed,
+        seed=settings.seed * 1000 + rnd,
         warmup_steps=min(10, settings.steps // 5),
         lr_schedule="constant",
         checkpoint_every=10,
@@ -184,7 +186,8 @@ def _lora(settings: wire.RoundSettings):
     from edge_client.train import LoraSettings
 
     targets = tuple(t.strip() for t in settings.lora_targets.split(",") if t.strip())
-    return LoraSettings(r=settings.lora_r, alpha=settings.lora_alpha, target_modules=targets)
+    return LoraSettings(r=settings.lora_r, alpha=settings.lora_alpha, target_modules=targets,
+                        freeze_a=settings.lora_freeze_a)
 
 
 def _open(device: Device, settings: wire.RoundSettings) -> tuple:
@@ -196,7 +199,8 @@ def _open(device: Device, settings: wire.RoundSettings) -> tuple:
 
     if device.threads > 0:
         torch.set_num_threads(device.threads)
-    key = (settings.model, device.precision, settings.lora_r, settings.lora_alpha, settings.lora_targets)
+    key = (settings.model, device.precision, settings.lora_r, settings.lora_alpha, settings.lora_targets,
+           settings.lora_freeze_a)
     if key not in _SESSIONS:
         _SESSIONS.clear()  # one model per process: a device has no memory for two
         session = open_model(settings.model, device.cache_dir, device.precision)

@@ -91,15 +91,27 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, log_path: Path, 
 
 
 def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds."""
+    """SIGTERM ``proc`` and every process under it, then SIGKILL what is left after ``grace`` seconds.
+
+    Flower's processes start their own (SuperExec, a ServerApp or ClientApp per run or message); stopping
+    only the top one can leave those running.
+    """
+    import psutil
+
     if proc is None or proc.poll() is not None:
         return
-    proc.terminate()
     try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait()
 
 
 def tail(path: Path, lines: int = 15) -> str:

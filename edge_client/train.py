@@ -36,6 +36,7 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     top_layers: int | None = None
+    freeze_a: bool = False  # train B only; A stays at its seeded init (FFA-LoRA: makes FedAvg of adapters exact)
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -135,9 +136,14 @@ def add_lora(model: torch.nn.Module, lora: LoraSettings, seed: int = 0) -> torch
     )
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
     except ValueError as err:
         raise ValueError(f"lora.target_modules {list(lora.target_modules)} do not fit this model: {err}") from None
+    if lora.freeze_a:
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    return peft_model
 
 
 def compile_available(device: torch.device) -> bool:

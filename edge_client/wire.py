@@ -37,6 +37,7 @@ class Cfg:
     LORA_ALPHA = "lora-alpha"
     LORA_TARGETS = "lora-targets"  # comma-separated module names
     EVAL_EXAMPLES = "eval-examples"  # at most this many held-out examples for exact match
+    LORA_FREEZE_A = "lora-freeze-a"
 
 
 class Metric:
@@ -117,6 +118,10 @@ class RoundSettings:
     lora_alpha: int = 32
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     eval_examples: int = 50
+    # Train LoRA B only, A fixed at its seeded init, the same on every client (FFA-LoRA, Sun et al. 2024): the
+    # average of B_i @ A is then exactly the average of the clients' weight changes, where averaging A and B
+    # separately multiplies each client's own change by 1/clients^2 plus cross terms.
+    lora_freeze_a: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "seq_len", "lora_r", "lora_alpha", "eval_examples"):
@@ -128,7 +133,7 @@ class RoundSettings:
     _KEYS: ClassVar[dict[str, str]] = {
         "model": Cfg.MODEL, "steps": Cfg.STEPS, "lr": Cfg.LR, "batch": Cfg.BATCH, "seq_len": Cfg.SEQ_LEN,
         "seed": Cfg.SEED, "lora_r": Cfg.LORA_R, "lora_alpha": Cfg.LORA_ALPHA, "lora_targets": Cfg.LORA_TARGETS,
-        "eval_examples": Cfg.EVAL_EXAMPLES,
+        "eval_examples": Cfg.EVAL_EXAMPLES, "lora_freeze_a": Cfg.LORA_FREEZE_A,
     }  # fmt: skip
 
     def to_config(self) -> dict:
@@ -142,4 +147,5 @@ class RoundSettings:
 
     def defining(self) -> dict:
         """The settings a resumed federation must keep: they fix the adapter's tensors."""
-        return {"model": self.model, "lora_r": self.lora_r, "lora_targets": self.lora_targets, "seed": self.seed}
+        return {"model": self.model, "lora_r": self.lora_r, "lora_targets": self.lora_targets, "seed": self.seed,
+                "lora_freeze_a": self.lora_freeze_a}

@@ -35,7 +35,9 @@ def test_reads_chat_instruction_and_text_forms(tmp_path):
     path = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in lines) + "\n\n")
     ex = load_examples(path)
     assert ex[0].prompt == [{"role": "user", "content": "hi"}] and ex[0].answer == "hello"
-    assert ex[1].prompt[0]["content"] == "Add\n\n2 and 3" and ex[1].answer == "5"
+    # instruction + input: the instruction becomes the system turn (replacing a template's default one)
+    assert ex[1].prompt == [{"role": "system", "content": "Add"}, {"role": "user", "content": "2 and 3"}]
+    assert ex[1].answer == "5"
     assert ex[2].prompt[0]["content"] == "Say yes"
     assert ex[3].text == "plain text example"
 
@@ -47,7 +49,7 @@ def test_reads_txt_paragraphs_and_csv(tmp_path):
     ]
     csv_path = write(tmp_path / "a.csv", 'instruction,input,output\nTranslate,"a, b",c\nAsk,,d\n')
     ex = load_examples(csv_path)
-    assert [e.answer for e in ex] == ["c", "d"] and ex[0].prompt[0]["content"] == "Translate\n\na, b"
+    assert [e.answer for e in ex] == ["c", "d"] and [m["content"] for m in ex[0].prompt] == ["Translate", "a, b"]
 
 
 @pytest.mark.parametrize(
