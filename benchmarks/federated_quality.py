@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-per-domain", type=int, default=50)
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--server-lr", type=float, default=1.0, help="server learning rate on the averaged change")
     p.add_argument("--train-a", action="store_true", help="train LoRA A too (default: A frozen, FFA-LoRA)")
     p.add_argument("--federated-only", action="store_true", help="skip the baselines (for trying FedAvg settings)")
     p.add_argument("--tag", default="", help="suffix for the results file (exploration runs)")
@@ -55,7 +56,7 @@ def main() -> None:
     from edge_client.models import default_cache_dir
     from edge_client.session import epoch_maker, eval_batches
     from edge_client.train import train
-    from server.aggregate import weighted_average
+    from server.aggregate import server_step, weighted_average
 
     torch.set_num_threads(torch.get_num_threads())
     n_clients = len(DOMAINS)
@@ -119,7 +120,8 @@ def main() -> None:
                 run_train(global_arrays, train_sets[d], steps_per_round, seed=rnd * 100 + i)[0]
                 for i, d in enumerate(DOMAINS)
             ]
-            global_arrays = weighted_average(updates, [len(train_sets[d]) for d in DOMAINS])
+            average = weighted_average(updates, [len(train_sets[d]) for d in DOMAINS])
+            global_arrays = server_step(global_arrays, average, args.server_lr)
         return score(global_arrays)
 
     def local_only() -> dict:

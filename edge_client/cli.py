@@ -124,6 +124,7 @@ def _add_round_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", default=d.lora_targets, help="comma-separated LoRA target modules")
     p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out examples per client")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--server-lr", type=float, default=1.0, help="server learning rate (1: plain FedAvg)")
 
 
 def _add_federation_commands(sub) -> None:
@@ -300,6 +301,7 @@ def cmd_server_start(args) -> int:
         tls=Tls(*tls_files) if all(tls_files) else None,
         auth_keys=args.auth_key,
         clientapp=args.clientapp,
+        server_lr=args.server_lr,
     )
     return start_server(opts, Console())
 
@@ -336,6 +338,7 @@ def cmd_demo(args) -> int:
         out=args.out,
         cache_dir=_cache(args),
         simulation=args.simulation,
+        server_lr=args.server_lr,
     )
     return run_demo(opts, Console())
 

@@ -32,6 +32,7 @@ class DemoOptions:
     out: Path | None = None
     cache_dir: Path | None = None
     simulation: int | None = None
+    server_lr: float = 1.0
 
 
 def run_demo(opts: DemoOptions, console: Console) -> int:
@@ -109,6 +110,8 @@ def _run_processes(opts: DemoOptions, out: Path, cache: Path, console: Console) 
             f"127.0.0.1:{port}",
             "--min-clients",
             str(opts.clients),
+            "--server-lr",
+            str(opts.server_lr),
         ),
         env,
         logs / "server.log",

@@ -186,8 +186,9 @@ def _lora(settings: wire.RoundSettings):
     from edge_client.train import LoraSettings
 
     targets = tuple(t.strip() for t in settings.lora_targets.split(",") if t.strip())
-    return LoraSettings(r=settings.lora_r, alpha=settings.lora_alpha, target_modules=targets,
-                        freeze_a=settings.lora_freeze_a)
+    return LoraSettings(
+        r=settings.lora_r, alpha=settings.lora_alpha, target_modules=targets, freeze_a=settings.lora_freeze_a
+    )
 
 
 def _open(device: Device, settings: wire.RoundSettings) -> tuple:
@@ -199,8 +200,14 @@ def _open(device: Device, settings: wire.RoundSettings) -> tuple:
 
     if device.threads > 0:
         torch.set_num_threads(device.threads)
-    key = (settings.model, device.precision, settings.lora_r, settings.lora_alpha, settings.lora_targets,
-           settings.lora_freeze_a)
+    key = (
+        settings.model,
+        device.precision,
+        settings.lora_r,
+        settings.lora_alpha,
+        settings.lora_targets,
+        settings.lora_freeze_a,
+    )
     if key not in _SESSIONS:
         _SESSIONS.clear()  # one model per process: a device has no memory for two
         session = open_model(settings.model, device.cache_dir, device.precision)

@@ -65,6 +65,7 @@ def run_simulation(opts, out: Path, cache: Path, console: Console) -> Path:
         RunKeys.MIN_CLIENTS: opts.simulation,
         RunKeys.DEADLINE: 3600.0,
         RunKeys.NORM_FACTOR: 10.0,
+        RunKeys.SERVER_LR: opts.server_lr,
     }
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": cores}}
     done = threading.Event()

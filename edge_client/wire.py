@@ -147,5 +147,10 @@ class RoundSettings:
 
     def defining(self) -> dict:
         """The settings a resumed federation must keep: they fix the adapter's tensors."""
-        return {"model": self.model, "lora_r": self.lora_r, "lora_targets": self.lora_targets, "seed": self.seed,
-                "lora_freeze_a": self.lora_freeze_a}
+        return {
+            "model": self.model,
+            "lora_r": self.lora_r,
+            "lora_targets": self.lora_targets,
+            "seed": self.seed,
+            "lora_freeze_a": self.lora_freeze_a,
+        }

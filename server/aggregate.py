@@ -69,3 +69,15 @@ def _few(names: list[str], n: int = 3) -> str:
     if not names:
         return "none"
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def server_step(current: Arrays, average: Arrays, server_lr: float) -> Arrays:
+    """``current + server_lr * (average - current)``: FedAvg at 1.0; above 1 it extrapolates the cohort's change.
+
+    With non-IID clients each one's change reaches the average at 1/clients of its size; a server learning
+    rate (FedOpt with SGD, Reddi et al. 2021) gives that back without more client work.
+    """
+    if server_lr == 1.0:
+        return average
+    return {k: (current[k] + server_lr * (average[k].astype(np.float64) - current[k])).astype(average[k].dtype)
+            for k in average}  # fmt: skip

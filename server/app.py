@@ -31,6 +31,7 @@ class RunKeys:
     MIN_CLIENTS = "min-clients"
     DEADLINE = "round-deadline-s"
     NORM_FACTOR = "norm-factor"
+    SERVER_LR = "server-lr"
 
 
 @app.main()
@@ -49,7 +50,12 @@ def run_federation(grid: Grid, cfg) -> None:
     """Resume or start the state in ``cfg[state-dir]``, run the remaining rounds, write the final adapter."""
     settings = wire.RoundSettings.from_config(cfg)
     state_dir = Path(str(cfg[RunKeys.STATE_DIR]))
-    policy = RoundPolicy(int(cfg[RunKeys.MIN_CLIENTS]), float(cfg[RunKeys.DEADLINE]), float(cfg[RunKeys.NORM_FACTOR]))
+    policy = RoundPolicy(
+        int(cfg[RunKeys.MIN_CLIENTS]),
+        float(cfg[RunKeys.DEADLINE]),
+        float(cfg[RunKeys.NORM_FACTOR]),
+        float(cfg.get(RunKeys.SERVER_LR, 1.0)),
+    )
     state = ServerState.load(state_dir)
     if state is None:
         state = ServerState(settings.defining(), arrays=_initial_adapter(settings, cfg))

@@ -47,6 +47,7 @@ class ServerOptions:
     min_clients: int = 2
     deadline_s: float = 1800.0
     norm_factor: float = 10.0
+    server_lr: float = 1.0
     cache_dir: Path | None = None
     settings: wire.RoundSettings = field(default_factory=wire.RoundSettings)
     tls: Tls | None = None
@@ -129,6 +130,7 @@ def _write_app(home: Path, state_dir: Path, opts: ServerOptions) -> Path:
         RunKeys.MIN_CLIENTS: opts.min_clients,
         RunKeys.DEADLINE: float(opts.deadline_s),
         RunKeys.NORM_FACTOR: float(opts.norm_factor),
+        RunKeys.SERVER_LR: float(opts.server_lr),
     }
     project = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},

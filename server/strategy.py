@@ -31,6 +31,7 @@ class RoundPolicy:
     min_clients: int = 2
     deadline_s: float = 1800.0
     norm_factor: float = 10.0  # reject an update whose change is > this x the median of the others'
+    server_lr: float = 1.0  # 1: plain FedAvg; > 1 extrapolates the averaged change (see aggregate.server_step)
 
     def __post_init__(self) -> None:
         if self.min_clients < 1:
@@ -39,6 +40,8 @@ class RoundPolicy:
             raise ValueError(f"deadline_s must be > 0, got {self.deadline_s}")
         if not self.norm_factor > 1:
             raise ValueError(f"norm_factor must be > 1, got {self.norm_factor}")
+        if not self.server_lr > 0:
+            raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
 
 
 class FedgeAvg(FedAvg):
@@ -139,9 +142,10 @@ class FedgeAvg(FedAvg):
             if not c["accepted"]:
                 log.warning("rejected the update of %s: %s", c["name"], c["reason"])
         if len(accepted) >= self.policy.min_clients or (accepted and len(accepted) == len(clients)):
-            state.arrays = aggregate.weighted_average(
+            average = aggregate.weighted_average(
                 [updates[i] for i in accepted], [clients[i]["examples"] for i in accepted]
             )
+            state.arrays = aggregate.server_step(state.arrays, average, self.policy.server_lr)
             state.strategy["accepted_norms"] = history + [clients[i]["delta_norm"] for i in accepted]
         elif clients:
             log.warning(

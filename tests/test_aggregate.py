@@ -69,3 +69,25 @@ def test_server_imports_without_torch():
     code = "import sys, server.aggregate, server.state, server.strategy, server.report; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_server_step_extrapolates_the_average_change():
+    current = {"b": np.zeros(3, np.float32)}
+    average = {"b": np.array([1.0, -2.0, 0.5], np.float32)}
+    assert aggregate.server_step(current, average, 1.0) is average  # plain FedAvg
+    np.testing.assert_allclose(aggregate.server_step(current, average, 4.0)["b"], [4.0, -8.0, 2.0])
+    moved = {"b": np.ones(3, np.float32)}
+    np.testing.assert_allclose(aggregate.server_step(moved, average, 2.0)["b"], [1.0, -5.0, 0.0])
+
+
+def test_ffa_lora_average_of_b_is_the_average_of_weight_changes():
+    """With A shared and frozen, mean(B_i) @ A == mean(B_i @ A); averaging both factors is not exact."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 16))
+    bs = [rng.normal(size=(8, 4)) for _ in range(3)]
+    exact = np.mean([b @ a for b in bs], axis=0)
+    avg_b = aggregate.weighted_average([{"b": b} for b in bs], [1, 1, 1])["b"]
+    np.testing.assert_allclose(avg_b @ a, exact, atol=1e-12)
+    a_s = [rng.normal(size=(4, 16)) for _ in range(3)]
+    both = aggregate.weighted_average([{"b": b, "a": x} for b, x in zip(bs, a_s)], [1, 1, 1])
+    assert not np.allclose(both["b"] @ both["a"], np.mean([b @ x for b, x in zip(bs, a_s)], axis=0))

@@ -125,3 +125,16 @@ def test_lora_errors_and_json_round_trip():
 def test_unknown_target_module_is_a_clear_error(fresh_session):
     with pytest.raises(ValueError, match="lora.target_modules"):
         add_lora(fresh_session.model, LoraSettings(target_modules=("no_such_proj",)))
+
+
+def test_freeze_a_trains_b_only_and_keeps_a_at_its_seeded_init(fresh_session):
+    model = add_lora(fresh_session.model, LoraSettings(r=4, freeze_a=True), seed=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_B" in n for n in trainable)
+    cfg = TrainConfig(steps=3, micro_batch=4, lr=1e-2, warmup_steps=0, lora=LoraSettings(r=4, freeze_a=True))
+    train(model, epoch_maker(fresh_session.tokenizer, load_examples("demo:iot")[:32], cfg), cfg, fresh_session.device)
+    after = dict(model.named_parameters())
+    for name, value in before.items():
+        changed = not torch.equal(after[name].detach(), value)
+        assert changed == ("lora_B" in name), name
