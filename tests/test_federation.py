@@ -30,7 +30,7 @@ class Federation:
         self.tmp, self.model, self.rounds, self.port = tmp, model_dir, rounds, free_port()
         self.env = {
             **os.environ,
-            "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "PYTHONPATH": f"{TESTS.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
             "FEDGE_CACHE": str(tmp / "cache"),
         }
         self.server_args = [
@@ -133,7 +133,7 @@ def federation(tmp_path, tiny_model_dir):
 
 
 def test_rounds_go_on_past_a_killed_client_and_poisoned_updates(federation):
-    fed = federation(rounds=3, steps=30, min_clients=2, clientapp="poison_clientapp:app")
+    fed = federation(rounds=3, steps=30, min_clients=2, clientapp="tests.poison_clientapp:app")
     fed.start_server()
     for name, domain in (
         ("healthcare", "healthcare"),
@@ -261,7 +261,7 @@ def test_server_refuses_a_state_dir_of_another_federation(tmp_path):
 
 
 def test_tls_and_supernode_authentication(federation, tmp_path):
-    from certs import make_node_key, make_tls
+    from tests.certs import make_node_key, make_tls
 
     ca, cert, key = make_tls(tmp_path / "tls")
     allowed_key, allowed_pub = make_node_key(tmp_path / "tls", "allowed")
