@@ -52,7 +52,7 @@ def main() -> None:
     from edge_client.data import load_examples
     from edge_client.demo_data import DOMAINS
     from edge_client.evaluate import evaluate
-    from edge_client.flower_client import Device, _get_adapter, _open, _set_adapter, _train_config
+    from edge_client.local_work import Device, get_adapter, open_adapter, set_adapter, train_config
     from edge_client.models import default_cache_dir
     from edge_client.session import epoch_maker, eval_batches
     from edge_client.train import train
@@ -65,23 +65,23 @@ def main() -> None:
     steps_per_round = args.total_steps // (n_clients * args.rounds)
     cache = args.cache_dir or default_cache_dir()
     settings = wire.RoundSettings(model=args.model, lr=args.lr, steps=steps_per_round, lora_freeze_a=not args.train_a)
-    session, model = _open(Device("bench", "", None, Path("."), cache, "auto"), settings)
+    session, model = open_adapter(Device("bench", "", None, Path("."), cache, "auto"), settings)
     train_sets = {d: load_examples(f"demo:{d}") for d in DOMAINS}
     test_sets = {d: _spread(load_examples(f"demo:{d}:test"), args.eval_per_domain) for d in DOMAINS}
-    initial = _get_adapter(model)
+    initial = get_adapter(model)
     timings: dict[str, float] = {}
 
     def run_train(arrays, examples, steps: int, seed: int) -> tuple[dict, float]:
-        _set_adapter(model, arrays)
-        cfg = _train_config(
+        set_adapter(model, arrays)
+        cfg = train_config(
             wire.RoundSettings(model=args.model, lr=args.lr, steps=steps, lora_freeze_a=not args.train_a), seed
         )
         cfg.checkpoint_every = 0
         result = train(model, epoch_maker(session.tokenizer, examples, cfg), cfg, session.device)
-        return _get_adapter(model), result.final_loss
+        return get_adapter(model), result.final_loss
 
     def score(arrays, domains=DOMAINS) -> dict:
-        _set_adapter(model, arrays)
+        set_adapter(model, arrays)
         per = {}
         for d in domains:
             ex = test_sets[d]

@@ -165,6 +165,11 @@ def _add_federation_commands(sub) -> None:
     cstart.add_argument("--root-certificates", type=Path, help="the server's CA certificate: enables TLS")
     cstart.add_argument("--auth-key", type=Path, help="this device's private key for SuperNode authentication")
     cstart.add_argument("--max-retries", type=int, default=None, help="give up after N reconnects (default: never)")
+    cstart.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="load the model in each round's ClientApp process instead of a warm worker",
+    )
     cstart.set_defaults(run=cmd_client_start)
 
     demo = sub.add_parser("demo", help="a whole federation on this machine: server + one client per demo domain")
@@ -322,6 +327,7 @@ def cmd_client_start(args) -> int:
         root_certificates=args.root_certificates,
         auth_key=args.auth_key,
         max_retries=args.max_retries,
+        warm_worker=not args.no_worker,
     )
     return start_client(opts, _say)
 

@@ -140,7 +140,7 @@ def _run_processes(opts: DemoOptions, out: Path, cache: Path, console: Console) 
                     "--threads",
                     str(threads),
                     "--model",
-                    "none",
+                    opts.settings.model,  # already pulled: this only preloads it in the client's warm worker
                 ),
                 env,
                 logs / f"client-{name}.log",

@@ -30,9 +30,21 @@ class ClientOptions:
     root_certificates: Path | None = None  # the server's CA: TLS on; without it the link is plaintext
     auth_key: Path | None = None  # this SuperNode's private key (OpenSSH ECDSA) when the server authenticates nodes
     max_retries: int | None = None  # None: retry forever
+    warm_worker: bool = True  # keep the model loaded between rounds in a worker process (see edge_client.worker)
 
 
-def supernode_command(opts: ClientOptions) -> tuple[list[str], dict[str, str]]:
+def worker_command(opts: ClientOptions, state_dir: Path, port: int) -> list[str]:
+    import sys
+
+    from edge_client.models import default_cache_dir
+
+    cmd = [sys.executable, "-m", "edge_client.worker", "--state", str(state_dir), "--port", str(port),
+           "--cache-dir", str((opts.cache_dir or default_cache_dir()).resolve()), "--precision", opts.precision,
+           "--threads", str(opts.threads)]  # fmt: skip
+    return cmd + (["--model", opts.model] if opts.model else [])
+
+
+def supernode_command(opts: ClientOptions, worker_port: int = 0) -> tuple[list[str], dict[str, str]]:
     """Check the options and the data, and build the ``flower-supernode`` command and its environment."""
     from edge_client.data import load_examples
     from edge_client.models import default_cache_dir
@@ -54,6 +66,7 @@ def supernode_command(opts: ClientOptions) -> tuple[list[str], dict[str, str]]:
         wire.Node.CACHE_DIR: str((opts.cache_dir or default_cache_dir()).resolve()),
         wire.Node.PRECISION: opts.precision,
         wire.Node.THREADS: opts.threads,
+        wire.Node.WORKER_PORT: worker_port,
     }
     if opts.eval_data:
         ev = opts.eval_data
@@ -97,10 +110,13 @@ def start_client(opts: ClientOptions, say, log_path: Path | None = None) -> int:
     from edge_client.models import default_cache_dir, pull_model
     from edge_client.procs import spawn, stop
 
-    cmd, env = supernode_command(opts)
+    worker_port = free_port() if opts.warm_worker else 0
+    cmd, env = supernode_command(opts, worker_port)
+    state_dir = Path(env["FLWR_HOME"]).parent
     if opts.model:
         pull_model(opts.model, opts.cache_dir or default_cache_dir(), say)
     say(f"joining {opts.server} as {cmd[cmd.index('--node-config') + 1]}")
+    worker = spawn(worker_command(opts, state_dir, worker_port), env, state_dir / "worker.log") if worker_port else None
     stopping = False
 
     def on_signal(signum, _frame) -> None:
@@ -115,8 +131,12 @@ def start_client(opts: ClientOptions, say, log_path: Path | None = None) -> int:
         node = spawn(cmd, env, log_path)
         while node.poll() is None and not stopping:
             time.sleep(0.5)
+            if worker is not None and worker.poll() is not None:  # rounds fall back to in-process work meanwhile
+                say(f"warm worker exited (code {worker.returncode}); restarting it")
+                worker = spawn(worker_command(opts, state_dir, worker_port), env, state_dir / "worker.log")
         if stopping:
             stop(node)
+            stop(worker)
             return 0
         if opts.max_retries is not None and restarts >= opts.max_retries:
             raise FedgeError(f"the SuperNode exited with code {node.returncode} {restarts + 1} times; giving up")

@@ -52,6 +52,7 @@ class Metric:
     LOAD_SECONDS = "load-seconds"  # base model load (+ LoRA wrap), from the local model cache
     PEAK_RSS_MB = "peak-rss-mb"
     RESUMED = "resumed"  # 1 if the reply came from work finished before a restart
+    WARM = "warm"  # 1 if the device's warm worker (model already loaded) did the work
     EXACT_MATCH = "exact-match"
     HELDOUT_LOSS = "heldout-loss"
     EVAL_EXAMPLES = "eval-examples"
@@ -75,6 +76,7 @@ class Node:
     CACHE_DIR = "cache-dir"
     PRECISION = "precision"
     THREADS = "threads"
+    WORKER_PORT = "worker-port"  # the device's warm worker on loopback (0: none)
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

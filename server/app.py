@@ -70,18 +70,19 @@ def run_federation(grid: Grid, cfg) -> None:
 
 
 def _initial_adapter(settings: wire.RoundSettings, cfg) -> dict:
-    from edge_client.flower_client import initial_adapter
+    from edge_client.local_work import initial_adapter
 
-    return initial_adapter(settings.model, Path(str(cfg[RunKeys.CACHE_DIR])), settings)
+    return initial_adapter(Path(str(cfg[RunKeys.CACHE_DIR])), settings)
 
 
 def _write_final_adapter(state: ServerState, settings: wire.RoundSettings, cfg, out: Path) -> None:
     """The global adapter as a PEFT directory (loadable by ``fedge eval --adapter``), with its round records."""
     from edge_client import adapters
-    from edge_client.flower_client import Device, _open, _set_adapter
+    from edge_client.local_work import Device, open_adapter, set_adapter
 
-    session, model = _open(Device("server", "", None, Path("."), Path(str(cfg[RunKeys.CACHE_DIR])), "fp32"), settings)
-    _set_adapter(model, state.arrays)
+    device = Device("server", "", None, Path("."), Path(str(cfg[RunKeys.CACHE_DIR])), "fp32")
+    session, model = open_adapter(device, settings)
+    set_adapter(model, state.arrays)
     meta = {
         "model": session.describe(),
         "federation": {"rounds": state.round, "settings": settings.to_config(), "records": state.records},

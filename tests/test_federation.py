@@ -164,6 +164,7 @@ def test_rounds_go_on_past_a_killed_client_and_poisoned_updates(federation):
     for c in by_round[2].values():
         if c.get("accepted"):
             assert c["steps"] == 30 and c["bytes_up"] > 0 and c["startup_seconds"] > 0 and c["load_seconds"] > 0
+            assert c["warm"] == 1  # the client's warm worker did the work, with the model already loaded
     assert (fed.tmp / "server" / "final-adapter" / "adapter_config.json").is_file()
 
 

@@ -1,0 +1,121 @@
+"""The warm worker: one long-lived process per device that keeps the base model loaded between rounds.
+
+Flower's SuperNode starts a fresh ClientApp process for every message, which would import torch and load
+the model again each round (measured on SmolLM2-135M, 2 cores: 20-45 s per message, more than the training of
+a short round). ``fedge client start`` therefore also starts this worker; the ClientApp process stays thin
+(Flower and numpy) and hands the round's work to it over an authenticated loopback connection. If the
+worker is not there, the ClientApp does the work itself, so a round never depends on it.
+
+    python -m edge_client.worker --state DIR --port N [--model M] [--precision P] [--threads T]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+import time
+import traceback
+from multiprocessing.connection import Client, Listener
+from pathlib import Path
+
+from edge_client import wire
+
+KEY_FILE = "worker.key"
+log = logging.getLogger("fedge.worker")
+
+
+def auth_key(state_dir: Path) -> bytes:
+    """The worker's shared secret (created once, readable by this user only)."""
+    path = state_dir / KEY_FILE
+    if not path.is_file():
+        from edge_client.fsutil import atomic_write_bytes
+
+        state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, secrets.token_hex(32).encode())
+        path.chmod(0o600)
+    return path.read_bytes()
+
+
+def call(device, kind: str, config: dict, arrays: dict, rnd: int) -> tuple[dict, dict] | None:
+    """Ask the device's worker to do a round's work: (arrays, metrics), or None if no worker answers.
+
+    Errors inside the worker come back as ``RuntimeError`` with the worker's traceback text.
+    """
+    try:
+        conn = Client(("127.0.0.1", device.worker_port), authkey=auth_key(device.state_dir))
+    except (OSError, EOFError):
+        return None
+    with conn:
+        conn.send({"kind": kind, "node": _node_dict(device), "config": config, "arrays": arrays, "round": rnd})
+        reply = conn.recv()
+    if "error" in reply:
+        raise RuntimeError(f"the worker failed: {reply['error']}")
+    return reply["arrays"], reply["metrics"]
+
+
+def _node_dict(device) -> dict:
+    return {
+        wire.Node.NAME: device.name,
+        wire.Node.DATA: device.data,
+        wire.Node.EVAL_DATA: device.eval_data or "",
+        wire.Node.STATE_DIR: str(device.state_dir),
+        wire.Node.CACHE_DIR: str(device.cache_dir),
+        wire.Node.PRECISION: device.precision,
+        wire.Node.THREADS: device.threads,
+    }
+
+
+def serve(state_dir: Path, port: int, model: str | None, precision: str, threads: int, cache_dir: Path) -> None:
+    """Answer work requests one at a time, forever; the model loads once, up front when ``model`` is given."""
+    from edge_client import local_work
+
+    listener = Listener(("127.0.0.1", port), authkey=auth_key(state_dir))
+    log.info("worker listening on 127.0.0.1:%d", port)
+    if model:
+        t0 = time.time()
+        device = local_work.Device("worker", "", None, state_dir, cache_dir, precision, threads)
+        local_work.load_base(device, model)
+        log.info("%s loaded in %.1f s", model, time.time() - t0)
+    while True:
+        try:
+            conn = listener.accept()
+        except OSError:  # a connection that failed authentication
+            continue
+        with conn:
+            try:
+                request = conn.recv()
+                conn.send(_handle(request))
+            except (EOFError, OSError):
+                continue  # the ClientApp went away mid-request (its process was killed)
+
+
+def _handle(request: dict) -> dict:
+    from edge_client import local_work
+
+    try:
+        device = local_work.Device.from_node_config(request["node"])
+        settings = wire.RoundSettings.from_config(request["config"])
+        if request["kind"] == "train":
+            arrays, metrics = local_work.do_train(device, settings, request["arrays"], request["round"])
+            return {"arrays": arrays, "metrics": metrics}
+        return {"arrays": {}, "metrics": local_work.do_evaluate(device, settings, request["arrays"])}
+    except Exception:  # noqa: BLE001 (sent back to the ClientApp, which reports it to the server)
+        return {"error": traceback.format_exc(limit=8)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="fedge's warm worker (started by `fedge client start`)")
+    p.add_argument("--state", type=Path, required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--cache-dir", type=Path, required=True)
+    p.add_argument("--model", default=None, help="base model to load before the first round")
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    serve(args.state, args.port, args.model, args.precision, args.threads, args.cache_dir)
+
+
+if __name__ == "__main__":
+    main()
