@@ -230,9 +230,10 @@ def set_adapter(model, arrays: Arrays) -> None:
 
 
 def get_adapter(model) -> Arrays:
+    """The adapter's tensors as float32 numpy copies (never views of the live parameters, which train on)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().float().cpu().numpy() for k, v in get_peft_model_state_dict(model).items()}
+    return {k: v.detach().float().cpu().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def _work_key(global_arrays: Arrays, settings: wire.RoundSettings, data_id: str) -> str:

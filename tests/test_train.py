@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,3 +139,19 @@ def test_freeze_a_trains_b_only_and_keeps_a_at_its_seeded_init(fresh_session):
     for name, value in before.items():
         changed = not torch.equal(after[name].detach(), value)
         assert changed == ("lora_B" in name), name
+
+
+def test_adapter_arrays_are_copies_not_views_of_live_parameters(fresh_session):
+    """Regression: numpy views of fp32 parameters changed under earlier clients' updates when one process
+    trained several clients in turn (simulation, benchmarks)."""
+    from edge_client.local_work import get_adapter
+
+    model = add_lora(fresh_session.model, LoraSettings(r=2))
+    snapshot = get_adapter(model)
+    name = next(iter(snapshot))
+    before = snapshot[name].copy()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    assert np.array_equal(snapshot[name], before)
