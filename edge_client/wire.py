@@ -111,8 +111,8 @@ class RoundSettings:
     """What every client does in a round, sent in the train/evaluate ConfigRecord."""
 
     model: str = "smollm2-135m"
-    steps: int = 20
-    lr: float = 1e-3
+    steps: int = 15
+    lr: float = 2e-3
     batch: int = 8
     seq_len: int = 256
     seed: int = 0
