@@ -147,7 +147,7 @@ def _run_processes(opts: DemoOptions, out: Path, cache: Path, console: Console) 
             )
         )
     try:
-        _watch(server, state_dir, opts.rounds, console, logs)
+        _watch(server, state_dir, opts.rounds, console)
     finally:
         for proc in clients:
             stop(proc)
@@ -157,7 +157,7 @@ def _run_processes(opts: DemoOptions, out: Path, cache: Path, console: Console) 
     return state_dir
 
 
-def _watch(server, state_dir: Path, rounds: int, console: Console, logs: Path) -> None:
+def _watch(server, state_dir: Path, rounds: int, console: Console) -> None:
     """Print each round as it lands, while the server runs."""
     _watch_records(lambda: server.poll() is not None, state_dir, rounds, console)
 

@@ -14,7 +14,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,6 @@ class _Loaded:
     session: object
     lora_key: tuple | None = None
     model: object = None
-    extra: dict = field(default_factory=dict)
 
 
 _LOADED: list[_Loaded] = []  # at most one: a device has no memory for two models
