@@ -164,19 +164,16 @@ def _watch(server, state_dir: Path, rounds: int, console: Console) -> None:
 
 def _watch_records(finished, state_dir: Path, rounds: int, console: Console) -> None:
     """Print each round record as it lands, until ``finished()``."""
-    from server.report import round_header, round_line
-    from server.state import read_records
+    from server.report import new_records, round_header, round_line
 
     shown: set[int] = set()
     console.print(round_header(), highlight=False)
     with console.status("round 0: every client evaluates the base model") as status:
         while True:
             done = finished()
-            for record in read_records(state_dir):
-                if record["round"] not in shown:
-                    shown.add(record["round"])
-                    console.print(round_line(record, rounds), highlight=False)
-                    status.update(f"round {record['round'] + 1}: clients train, then evaluate the new global adapter")
+            for record in new_records(state_dir, shown):
+                console.print(round_line(record, rounds), highlight=False)
+                status.update(f"round {record['round'] + 1}: clients train, then evaluate the new global adapter")
             if done:
                 return
             time.sleep(1.0)

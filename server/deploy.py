@@ -19,7 +19,7 @@ from edge_client import wire
 from edge_client.errors import FedgeError
 from edge_client.procs import flwr_env, parse_address, spawn, stop, tail, wait_for_port
 from server.app import FINAL_ADAPTER, RunKeys
-from server.state import ServerState, StateError, read_records
+from server.state import ServerState, StateError
 
 APP_NAME = "fedge-federation"
 CONNECTION = "fedge"
@@ -180,20 +180,18 @@ def _register_node_key(key: Path, env: dict, log_path: Path) -> None:
 
 def _follow(runner, superlink, state_dir: Path, rounds: int, console: Console, logs: Path) -> None:
     """Print each round as its record lands, until the run process ends."""
-    from server.report import round_header, round_line
+    from server.report import new_records, round_header, round_line
 
-    shown = {r["round"] for r in read_records(state_dir)}
-    if shown:
-        console.print(f"resuming: rounds {sorted(shown)} already done")
+    shown: set[int] = set()
+    if done := new_records(state_dir, shown):
+        console.print(f"resuming: rounds {[r['round'] for r in done]} already done")
     console.print(round_header())
-    while runner.poll() is None:
-        if superlink.poll() is not None:
+    while True:
+        finished = runner.poll() is not None
+        if not finished and superlink.poll() is not None:
             raise FedgeError(f"the SuperLink exited with code {superlink.returncode}:\n{tail(logs / 'superlink.log')}")
-        for record in read_records(state_dir):
-            if record["round"] not in shown:
-                shown.add(record["round"])
-                console.print(round_line(record, rounds))
-        time.sleep(1.0)
-    for record in read_records(state_dir):
-        if record["round"] not in shown:
+        for record in new_records(state_dir, shown):
             console.print(round_line(record, rounds))
+        if finished:
+            return
+        time.sleep(1.0)

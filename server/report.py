@@ -49,6 +49,15 @@ def round_line(record: dict, rounds: int) -> str:
     return "".join(cell.rjust(width) for cell, (_, width) in zip(cells, _COLUMNS))
 
 
+def new_records(state_dir: Path, shown: set[int]) -> list[dict]:
+    """Round records in ``state_dir`` whose round is not in ``shown`` yet; their rounds are added to it."""
+    from server.state import read_records
+
+    fresh = [r for r in read_records(state_dir) if r["round"] not in shown]
+    shown.update(r["round"] for r in fresh)
+    return fresh
+
+
 def build_report(records: list[dict], meta: dict) -> dict:
     """``report.json``: the run's settings and a ``rounds`` list (global metrics plus per-client entries)."""
     keep = (
