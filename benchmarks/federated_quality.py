@@ -46,6 +46,8 @@ def main() -> None:
         action="store_true",
         help="take base, centralized and local-only from the last results file if its setup matches",
     )
+    p.add_argument("--server-opt", default="sgd", choices=["sgd", "momentum", "adam"], help="FedOpt server optimizer")
+    p.add_argument("--server-tau", type=float, default=1e-3, help="FedAdam's adaptivity floor")
     p.add_argument("--train-a", action="store_true", help="train LoRA A too (default: A frozen, FFA-LoRA)")
     p.add_argument("--federated-only", action="store_true", help="skip the baselines (for trying FedAvg settings)")
     p.add_argument("--tag", default="", help="suffix for the results file (exploration runs)")
@@ -62,7 +64,7 @@ def main() -> None:
     from edge_client.models import default_cache_dir
     from edge_client.session import epoch_maker, eval_batches
     from edge_client.train import train
-    from server.aggregate import server_step, weighted_average
+    from server.aggregate import server_optimizer_step, weighted_average
 
     torch.set_num_threads(torch.get_num_threads())
     n_clients = len(DOMAINS)
@@ -120,14 +122,16 @@ def main() -> None:
         return {**score(arrays), "train_loss": loss}
 
     def federated(server_lr: float) -> dict:
-        global_arrays = initial
+        global_arrays, moments = initial, {}
         for rnd in range(1, args.rounds + 1):
             updates = [
                 run_train(global_arrays, train_sets[d], steps_per_round, seed=rnd * 100 + i)[0]
                 for i, d in enumerate(DOMAINS)
             ]
             average = weighted_average(updates, [len(train_sets[d]) for d in DOMAINS])
-            global_arrays = server_step(global_arrays, average, server_lr)
+            global_arrays, moments = server_optimizer_step(
+                global_arrays, average, args.server_opt, server_lr, moments, tau=args.server_tau
+            )
         return score(global_arrays)
 
     def local_only() -> dict:
@@ -153,6 +157,7 @@ def main() -> None:
         "lora_r": settings.lora_r,
         "lora_targets": settings.lora_targets,
         "lora_freeze_a": settings.lora_freeze_a,
+        "server_opt": args.server_opt,
         "eval_per_domain": args.eval_per_domain,
     }
     server_lrs = [float(x) for x in args.server_lrs.split(",")]

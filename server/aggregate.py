@@ -81,3 +81,38 @@ def server_step(current: Arrays, average: Arrays, server_lr: float) -> Arrays:
         return average
     return {k: (current[k] + server_lr * (average[k].astype(np.float64) - current[k])).astype(average[k].dtype)
             for k in average}  # fmt: skip
+
+
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def server_optimizer_step(
+    current: Arrays, average: Arrays, kind: str, lr: float, moments: Arrays, beta1: float = 0.9,
+    beta2: float = 0.99, tau: float = 1e-3,
+) -> tuple[Arrays, Arrays]:  # fmt: skip
+    """One FedOpt step (Reddi et al. 2021) on the pseudo-gradient ``average - current``: (new global, new moments).
+
+    ``sgd`` is :func:`server_step`; ``momentum`` (FedAvgM) keeps ``m = beta1 * m + delta`` and moves by
+    ``lr * m``; ``adam`` (FedAdam, no bias correction as in the paper) moves each coordinate by
+    ``lr * m / (sqrt(v) + tau)``, so coordinates only one client's data moves are not diluted by the others.
+    ``moments`` holds ``m/<name>`` and ``v/<name>`` (empty before the first round); it is the server's state.
+    """
+    if kind not in SERVER_OPTIMIZERS:
+        raise ValueError(f"server optimizer must be one of {SERVER_OPTIMIZERS}, got {kind!r}")
+    if kind == "sgd":
+        return server_step(current, average, lr), {}
+    new, out = {}, {}
+    for k in average:
+        delta = average[k].astype(np.float64) - current[k]
+        m = moments.get(f"m/{k}", np.zeros_like(delta))
+        if kind == "momentum":
+            m = beta1 * m + delta
+            step = lr * m
+        else:
+            m = beta1 * m + (1 - beta1) * delta
+            v = beta2 * moments.get(f"v/{k}", np.zeros_like(delta)) + (1 - beta2) * delta**2
+            out[f"v/{k}"] = v.astype(np.float32)
+            step = lr * m / (np.sqrt(v) + tau)
+        out[f"m/{k}"] = m.astype(np.float32)
+        new[k] = (current[k] + step).astype(average[k].dtype)
+    return new, out

@@ -91,3 +91,30 @@ def test_ffa_lora_average_of_b_is_the_average_of_weight_changes():
     a_s = [rng.normal(size=(4, 16)) for _ in range(3)]
     both = aggregate.weighted_average([{"b": b, "a": x} for b, x in zip(bs, a_s)], [1, 1, 1])
     assert not np.allclose(both["b"] @ both["a"], np.mean([b @ x for b, x in zip(bs, a_s)], axis=0))
+
+
+def test_server_adam_moves_each_coordinate_by_about_lr_whatever_its_scale():
+    current = {"b": np.zeros(3, dtype=np.float32)}
+    average = {"b": np.array([1.0, -1e-2, 0.0], dtype=np.float32)}  # a large, a small and no change
+    new, moments = aggregate.server_optimizer_step(current, average, "adam", 0.1, {}, tau=1e-6)
+    np.testing.assert_allclose(new["b"], [0.1, -0.1, 0.0], rtol=1e-3)  # first step: lr * sign(delta)
+    assert set(moments) == {"m/b", "v/b"}
+    again, _ = aggregate.server_optimizer_step(new, {"b": new["b"]}, "adam", 0.1, moments, tau=1e-6)
+    assert again["b"][0] > new["b"][0]  # no change this round, but the first moment still carries it on
+
+
+def test_server_momentum_accumulates_a_consistent_change():
+    current = {"b": np.zeros(2, dtype=np.float32)}
+    step1, m = aggregate.server_optimizer_step(current, {"b": np.array([1.0, 1.0])}, "momentum", 1.0, {}, beta1=0.5)
+    np.testing.assert_allclose(step1["b"], [1.0, 1.0])
+    step2, _ = aggregate.server_optimizer_step(step1, {"b": step1["b"] + [1.0, -1.0]}, "momentum", 1.0, m, beta1=0.5)
+    np.testing.assert_allclose(step2["b"], [1.0 + 1.5, 1.0 - 0.5])  # m = 0.5 * m + delta
+
+
+def test_server_sgd_is_server_step_and_unknown_optimizers_are_refused():
+    current, average = {"b": np.zeros(2, dtype=np.float32)}, {"b": np.ones(2, dtype=np.float32)}
+    new, moments = aggregate.server_optimizer_step(current, average, "sgd", 2.0, {})
+    np.testing.assert_allclose(new["b"], [2.0, 2.0])
+    assert moments == {}
+    with pytest.raises(ValueError, match="server optimizer must be one of"):
+        aggregate.server_optimizer_step(current, average, "yogi", 1.0, {})
