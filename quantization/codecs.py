@@ -1,11 +1,14 @@
 """Update codecs: encode/decode pairs for adapter deltas, composable, with error feedback. Plain numpy.
 
-A codec spec is ``"none"``, ``"fp16"``, ``"int8"``, ``"int4"`` or ``"topk:F+VALUES"`` (``F`` in (0, 1], ``VALUES``
-one of the others), e.g. ``"topk:0.1+int8"``; ``int8:128`` / ``int4:32`` set the block size (default 64).
+A codec spec is ``"none"``, ``"fp16"``, ``"int8"``, ``"int4"``, ``"int2"`` or ``"topk:F+VALUES"`` (``F`` in (0, 1],
+``VALUES`` one of the others), e.g. ``"topk:0.1+int8"``; ``int8:128`` / ``int4:32`` set the block size (default 64,
+a multiple of 8).
 
-- ``int8`` / ``int4``: blockwise absmax quantization. Each block of ``block`` values gets one fp16 scale,
+- ``int8`` / ``int4`` / ``int2``: blockwise absmax quantization. Each block of ``block`` values gets one fp16 scale,
   relative to an fp32 scale per tensor (so tiny deltas never underflow fp16). int8 is symmetric (-127..127),
-  int4 is mid-rise (16 levels at +-0.5, +-1.5 .. +-7.5 steps), packed two per byte.
+  int4 and int2 split [-absmax, absmax] into 2^bits equal cells, each decoded to its centre (the least-error
+  uniform quantizer for flat data), packed two / four per byte. Adam-trained
+  LoRA deltas are nearly flat (kurtosis ~2, measured), so int2 loses far less than top-k at the same size.
 - ``topk:F``: per tensor, keeps the ``ceil(F * n)`` largest-magnitude entries; their indices travel as a bitmap
   (1 bit per entry) or as uint16 gaps or uint32 positions, whichever is smallest; the kept values go through
   the value codec.
@@ -31,7 +34,8 @@ import numpy as np
 Arrays = dict[str, np.ndarray]
 FORMAT = 1
 HEADER_KEY = "codec-header"  # the array holding the zlib-compressed JSON header in Encoded.to_arrays()
-VALUE_CODECS = ("none", "fp16", "int8", "int4")
+VALUE_CODECS = ("none", "fp16", "int8", "int4", "int2")
+_BITS = {"int8": 8, "int4": 4, "int2": 2}  # the blockwise quantized value codecs
 DEFAULT_BLOCK = 64
 # Least lossy first (ordered by measured error on real LoRA-B deltas, benchmarks/codecs.py).
 LADDER = (
@@ -39,12 +43,12 @@ LADDER = (
     "fp16",
     "int8",
     "int4",
-    "topk:0.25+int8",
-    "topk:0.25+int4",
-    "topk:0.1+int4",
-    "topk:0.05+int4",
-    "topk:0.02+int4",
-    "topk:0.01+int4",
+    "int2",
+    "topk:0.25+int2",
+    "topk:0.1+int2",
+    "topk:0.05+int2",
+    "topk:0.02+int2",
+    "topk:0.01+int2",
 )
 _INDEX_MODES = ("bitmap", "u16", "u32")
 
@@ -55,14 +59,12 @@ class Codec:
 
     values: str = "none"  # one of VALUE_CODECS
     topk: float | None = None  # fraction of entries kept per tensor, in (0, 1]
-    block: int = DEFAULT_BLOCK  # values per scale, int8/int4 only
+    block: int = DEFAULT_BLOCK  # values per scale, int8/int4/int2 only
 
     @property
     def spec(self) -> str:
         """The canonical spec string (parses back to an equal Codec)."""
-        value = self.values + (
-            f":{self.block}" if self.values in ("int8", "int4") and self.block != DEFAULT_BLOCK else ""
-        )
+        value = self.values + (f":{self.block}" if self.values in _BITS and self.block != DEFAULT_BLOCK else "")
         return value if self.topk is None else f"topk:{self.topk:g}+{value}"
 
     def encode(self, arrays: Mapping[str, np.ndarray]) -> Encoded:
@@ -119,10 +121,10 @@ def parse_codec(spec: str) -> Codec:
                 raise ValueError(f"{bad}: at most one value codec ({', '.join(VALUE_CODECS)}) per spec")
             values = name
             if arg:
-                if name not in ("int8", "int4"):
-                    raise ValueError(f"{bad}: only int8 and int4 take a block size")
-                if not arg.isdigit() or int(arg) < 2 or int(arg) % 2:
-                    raise ValueError(f"{bad}: the block size must be an even integer >= 2, got {arg!r}")
+                if name not in _BITS:
+                    raise ValueError(f"{bad}: only {', '.join(_BITS)} take a block size")
+                if not arg.isdigit() or int(arg) < 8 or int(arg) % 8:
+                    raise ValueError(f"{bad}: the block size must be a multiple of 8, got {arg!r}")
                 block = int(arg)
         else:
             raise ValueError(f"{bad}: unknown codec; known: topk:F, {', '.join(VALUE_CODECS)}")
@@ -299,8 +301,8 @@ def estimate_bytes(spec: str | Codec, fp32_bytes: int) -> int:
     """
     codec = parse_codec(spec) if isinstance(spec, str) else spec
     n = fp32_bytes / 4
-    value_bits = {"none": 32.0, "fp16": 16.0, "int8": 8.0, "int4": 4.0}[codec.values]
-    if codec.values in ("int8", "int4"):
+    value_bits = float({"none": 32, "fp16": 16, **_BITS}[codec.values])
+    if codec.values in _BITS:
         value_bits += 16 / codec.block
     if codec.topk is None:
         return math.ceil(n * value_bits / 8)
@@ -369,12 +371,12 @@ class _Parts:
     def finish(self, codec: Codec) -> Arrays:
         dtypes = {"index": np.uint8, "values": _VALUE_DTYPE.get(codec.values, np.uint8), "scale": np.float16,
                   "tscale": np.float32}  # fmt: skip
-        keys = ["values"] + (["scale", "tscale"] if codec.values in ("int8", "int4") else [])
+        keys = ["values"] + (["scale", "tscale"] if codec.values in _BITS else [])
         keys = (["index"] if codec.topk is not None else []) + keys
         return {k: np.concatenate(self.chunks[k]) if self.chunks.get(k) else np.zeros(0, dtypes[k]) for k in keys}
 
 
-_VALUE_DTYPE = {"none": np.float32, "fp16": np.float16, "int8": np.int8, "int4": np.uint8}
+_VALUE_DTYPE = {"none": np.float32, "fp16": np.float16, "int8": np.int8, "int4": np.uint8, "int2": np.uint8}
 
 
 def _sparsify(flat: np.ndarray, k: int, parts: _Parts) -> tuple[np.ndarray, str]:
@@ -413,11 +415,12 @@ def _encode_values(name: str, flat: np.ndarray, codec: Codec, parts: _Parts) -> 
 
 
 def _levels(kind: str) -> float:
-    return 127.0 if kind == "int8" else 7.5
+    """absmax in steps: int8 is symmetric (+-127 steps); int4/int2 split [-absmax, absmax] into 2^bits cells."""
+    return 127.0 if kind == "int8" else float(2 ** (_BITS[kind] - 1))
 
 
 def _quantize(flat: np.ndarray, kind: str, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Blockwise absmax: (int8 values or packed int4 bytes, fp16 block scales (nb,), fp32 tensor scale (1,))."""
+    """Blockwise absmax: (int8 values or packed uint8 codes, fp16 block scales (nb,), fp32 tensor scale (1,))."""
     nb = -(-flat.size // block)
     x = np.zeros(nb * block, dtype=np.float32)
     x[: flat.size] = flat
@@ -428,11 +431,14 @@ def _quantize(flat: np.ndarray, kind: str, block: int) -> tuple[np.ndarray, np.n
     step = (tmax * rel.astype(np.float32) / _levels(kind))[:, None]  # (blocks, 1): the scale the decoder will use
     y = np.divide(x, step, out=np.zeros_like(x), where=step > 0)
     if kind == "int8":
-        q = np.clip(np.rint(y), -127, 127).astype(np.int8).ravel()
-    else:  # mid-rise: nibble j stands for (j - 7.5) steps
-        nib = np.clip(np.floor(y + 8), 0, 15).astype(np.uint8).ravel()
-        q = nib[0::2] | (nib[1::2] << 4)
-    return q, rel, np.array([tmax], dtype=np.float32)
+        return np.clip(np.rint(y), -127, 127).astype(np.int8).ravel(), rel, np.array([tmax], np.float32)
+    bits = _BITS[kind]
+    half = 2 ** (bits - 1)  # code j stands for (j - half + 0.5) steps
+    codes = np.clip(np.floor(y + half), 0, 2 * half - 1).astype(np.uint8).reshape(-1, 8 // bits)
+    packed = np.zeros(codes.shape[0], dtype=np.uint8)
+    for j in range(codes.shape[1]):  # little end first: value 0 in the low bits
+        packed |= codes[:, j] << (bits * j)
+    return packed, rel, np.array([tmax], np.float32)
 
 
 def _dequantize(q: np.ndarray, rel: np.ndarray, tmax: float, kind: str, block: int, n: int) -> np.ndarray:
@@ -440,9 +446,10 @@ def _dequantize(q: np.ndarray, rel: np.ndarray, tmax: float, kind: str, block: i
     if kind == "int8":
         y = q.astype(np.float32)
     else:
-        nib = np.empty(q.size * 2, dtype=np.uint8)
-        nib[0::2], nib[1::2] = q & 15, q >> 4
-        y = nib.astype(np.float32) - 7.5
+        bits = _BITS[kind]
+        mask = np.uint8(2**bits - 1)
+        codes = np.stack([(q >> (bits * j)) & mask for j in range(8 // bits)], axis=1)  # (bytes, per byte)
+        y = codes.ravel().astype(np.float32) - (2 ** (bits - 1) - 0.5)
     y = y.reshape(-1, block) * step  # (blocks, block)
     return y.ravel()[:n]
 
@@ -453,7 +460,7 @@ class _Reader:
     def __init__(self, arrays: Mapping[str, np.ndarray], codec: Codec) -> None:
         self.codec = codec
         want = {"values": _VALUE_DTYPE[codec.values]}
-        if codec.values in ("int8", "int4"):
+        if codec.values in _BITS:
             want |= {"scale": np.float16, "tscale": np.float32}
         if codec.topk is not None:
             want["index"] = np.uint8
@@ -480,7 +487,7 @@ class _Reader:
         if c.values in ("none", "fp16"):
             return self.take("values", n, name).astype(np.float32)
         nb = -(-n // c.block)
-        q = self.take("values", nb * c.block // (2 if c.values == "int4" else 1), name)
+        q = self.take("values", nb * c.block * _BITS[c.values] // 8, name)
         rel = self.take("scale", nb, name)
         tmax = float(self.take("tscale", 1, name)[0])
         return _dequantize(q, rel, tmax, c.values, c.block, n)
