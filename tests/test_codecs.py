@@ -291,3 +291,16 @@ def test_delta_helpers() -> None:
     assert all(np.array_equal(back[k], trained[k]) for k in ref)
     with pytest.raises(ValueError, match="lacks"):
         apply_delta(ref, {"C": np.zeros(1, np.float32)})
+
+
+def test_travels_in_an_array_record() -> None:
+    """Through Flower's ArrayRecord (wire.to_record / from_record) and back, validated against the adapter shapes."""
+    pytest.importorskip("flwr")
+    from edge_client import wire
+
+    x = gaussian()
+    enc = encode(x, "topk:0.1+int4")
+    record = wire.to_record(enc.to_arrays())
+    back = decode(Encoded.from_arrays(wire.from_record(record)), {k: v.shape for k, v in x.items()})
+    assert all(np.array_equal(back[k], decode(enc)[k]) for k in x)
+    assert wire.record_bytes(record) <= enc.encoded_bytes() + 128 * 5  # + an npy header per array
