@@ -86,8 +86,9 @@ def for_client(
     """The global adapter (rank r_max) cut to a client's ``rank``, in the client's scale ``s(rank)``.
 
     ``"zero-pad"``: the first ``rank`` columns of B / rows of A. ``"svd"``: the best rank-``rank`` approximation of
-    each module's product (Eckart-Young); a module whose product is zero (round 0: B = 0) is sliced instead, so
-    the client keeps the shared A it would get from the seeded init.
+    each module's product (Eckart-Young). That is a slice too when the module is already in the balanced SVD form
+    that ``aggregate(method="svd")`` returns (checked on r x r Gram matrices), or when its product is zero (round 0:
+    B = 0, so the client keeps the shared A of the seeded init); otherwise it costs two QRs per module.
     """
     _check_method(method)
     out = {k: np.array(v, copy=True) for k, v in global_arrays.items() if not k.endswith((_A, _B))}
@@ -97,7 +98,7 @@ def for_client(
         if not 1 <= rank <= r_max:
             raise ValueError(f"{mod}: client rank {rank} outside 1..{r_max}")
         s_max, s_r = lora_scale(alpha, r_max, rslora), lora_scale(alpha, rank, rslora)
-        if method == "svd" and rank < r_max and np.any(b):
+        if method == "svd" and rank < r_max and np.any(b) and not _svd_form(a, b):
             b_r, a_r = _factor([b * s_max], [a], rank, s_r, fill=a)
         else:
             b_r, a_r = b[:, :rank] * (s_max / s_r), a[:rank]
@@ -128,7 +129,8 @@ def aggregate(
     if len(clients) != len(weights) or (steps is not None and len(steps) != len(clients)):
         raise ValueError(f"{len(clients)} clients, {len(weights)} weights, {len(steps or clients)} step counts")
     ranks = [_validate(global_arrays, c, i) for i, c in enumerate(clients)]
-    starts = [for_client(global_arrays, r, alpha, method, rslora) if r else {} for r in ranks]
+    by_rank = {r: for_client(global_arrays, r, alpha, method, rslora) for r in set(ranks) if r}
+    starts = [by_rank.get(r, {}) for r in ranks]
     out = {k: np.array(v, copy=True) for k, v in global_arrays.items()}
     for key in global_arrays:
         if key.endswith((_A, _B)):
@@ -193,6 +195,17 @@ def _validate(global_arrays: Mapping[str, np.ndarray], client: Mapping[str, np.n
     if rank > r_max:
         raise ValueError(f"client {i}: rank {rank} above the global adapter's {r_max}")
     return rank
+
+
+def _svd_form(a: np.ndarray, b: np.ndarray, tol: float = 1e-5) -> bool:
+    """Whether ``B @ A`` is factored as ``U sqrt(S), sqrt(S) V^T`` (S descending): then slicing is SVD truncation."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    g_a, g_b = a @ a.T, b.T @ b  # (r, r): both diag(S) / scale in that form
+    d = np.diag(g_b)
+    scale = max(float(d.max(initial=0.0)), 1e-30)
+    off = np.abs(g_b - np.diag(d)).max(initial=0.0) + np.abs(g_a - np.diag(np.diag(g_a))).max(initial=0.0)
+    balanced = np.abs(np.diag(g_a) - d).max(initial=0.0)
+    return bool(off <= tol * scale and balanced <= tol * scale and np.all(np.diff(d) <= tol * scale))
 
 
 def _client_factors(client: Mapping, start: Mapping, mod: str) -> tuple[np.ndarray, np.ndarray]:

@@ -192,3 +192,16 @@ def test_errors_name_the_client_and_tensor() -> None:
         aggregate(g, [g], [1], ALPHA, method="mean")
     with pytest.raises(ValueError, match="client rank 9 outside 1..4"):
         for_client(g, 9, ALPHA)
+
+
+def test_svd_global_is_in_svd_form_so_clients_get_slices() -> None:
+    """After an svd round the global's top-r slice is its best rank-r approximation (no recomputation needed)."""
+    from server.hetero import _svd_form
+
+    g = adapter(8, 0)
+    new = aggregate(g, [train_ab(g, 1), train_ab(g, 2)], [1, 1], ALPHA, method="svd")
+    m = MODS[0]
+    assert _svd_form(new[m + ".lora_A.weight"], new[m + ".lora_B.weight"], tol=1e-4)
+    assert not _svd_form(g[m + ".lora_A.weight"], g[m + ".lora_B.weight"])
+    sliced = for_client(new, 3, ALPHA, "zero-pad")
+    assert np.allclose(product(sliced, m), best_rank(product(new, m), 3), atol=1e-3)
