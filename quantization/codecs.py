@@ -1,0 +1,514 @@
+"""Update codecs: encode/decode pairs for adapter deltas, composable, with error feedback. Plain numpy.
+
+A codec spec is ``"none"``, ``"fp16"``, ``"int8"``, ``"int4"``, ``"int2"`` or ``"topk:F+VALUES"`` (``F`` in (0, 1],
+``VALUES`` one of the others), e.g. ``"topk:0.1+int8"``; ``int8:128`` / ``int4:32`` set the block size (default 64,
+a multiple of 8).
+
+- ``int8`` / ``int4`` / ``int2``: blockwise absmax quantization. Each block of ``block`` values gets one fp16 scale,
+  relative to an fp32 scale per tensor (so tiny deltas never underflow fp16). int8 is symmetric (-127..127),
+  int4 and int2 split [-absmax, absmax] into 2^bits equal cells, each decoded to its centre (the least-error
+  uniform quantizer for flat data), packed two / four per byte. Adam-trained
+  LoRA deltas are nearly flat (kurtosis ~2, measured), so int2 loses far less than top-k at the same size.
+- ``topk:F``: per tensor, keeps the ``ceil(F * n)`` largest-magnitude entries; their indices travel as a bitmap
+  (1 bit per entry) or as uint16 gaps or uint32 positions, whichever is smallest; the kept values go through
+  the value codec.
+
+The encoded form (:class:`Encoded`) is a handful of flat arrays, every tensor's parts concatenated (an
+ArrayRecord pays ~128 bytes of npy header per array, so 210 tensors x 3 parts would cost ~80 kB), plus a
+JSON-able header with the spec and each tensor's name, shape and dtype. :meth:`Encoded.to_arrays` puts the header
+in the arrays too (zlib-compressed JSON), so one ArrayRecord carries everything.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+FORMAT = 1
+HEADER_KEY = "codec-header"  # the array holding the zlib-compressed JSON header in Encoded.to_arrays()
+VALUE_CODECS = ("none", "fp16", "int8", "int4", "int2")
+_BITS = {"int8": 8, "int4": 4, "int2": 2}  # the blockwise quantized value codecs
+DEFAULT_BLOCK = 64
+# Least lossy first (ordered by measured error on real LoRA-B deltas, benchmarks/codecs.py).
+LADDER = (
+    "none",
+    "fp16",
+    "int8",
+    "int4",
+    "int2",
+    "topk:0.25+int2",
+    "topk:0.1+int2",
+    "topk:0.05+int2",
+    "topk:0.02+int2",
+    "topk:0.01+int2",
+)
+_INDEX_MODES = ("bitmap", "u16", "u32")
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A parsed codec spec: optional top-k sparsification, then a value codec."""
+
+    values: str = "none"  # one of VALUE_CODECS
+    topk: float | None = None  # fraction of entries kept per tensor, in (0, 1]
+    block: int = DEFAULT_BLOCK  # values per scale, int8/int4/int2 only
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec string (parses back to an equal Codec)."""
+        value = self.values + (f":{self.block}" if self.values in _BITS and self.block != DEFAULT_BLOCK else "")
+        return value if self.topk is None else f"topk:{self.topk:g}+{value}"
+
+    def encode(self, arrays: Mapping[str, np.ndarray]) -> Encoded:
+        """Encode float arrays (any shapes); raises ValueError naming a tensor with NaN/Inf or a non-float dtype."""
+        tensors, parts = [], _Parts()
+        modes = []
+        for name, a in arrays.items():
+            a = np.asarray(a)
+            if a.dtype.kind != "f":
+                raise ValueError(f"tensor {name}: codecs encode float arrays, got {a.dtype}")
+            flat = a.astype(np.float32, copy=False).ravel()  # (n,)
+            if not np.isfinite(flat).all():
+                raise ValueError(f"tensor {name}: non-finite values (NaN or Inf) cannot be encoded")
+            tensors.append([name, list(a.shape), str(a.dtype)])
+            if self.topk is not None:
+                flat, mode = _sparsify(flat, _kept(self.topk, flat.size), parts)
+                modes.append(mode)
+            _encode_values(name, flat, self, parts)
+        header = {"format": FORMAT, "codec": self.spec, "tensors": tensors}
+        if self.topk is not None:
+            header["index"] = modes
+        return Encoded(header, parts.finish(self))
+
+    def decode(self, encoded: Encoded, shapes: Mapping[str, tuple[int, ...]] | None = None) -> Arrays:
+        """Decode; with ``shapes`` (e.g. the global adapter's), every tensor must be one of them, same shape.
+
+        Raises ValueError naming the tensor for a shape mismatch, a truncated or oversized payload, bad indices.
+        """
+        if encoded.header.get("codec") != self.spec:
+            raise ValueError(f"payload was encoded with {encoded.header.get('codec')!r}, not {self.spec!r}")
+        return decode(encoded, shapes)
+
+
+def parse_codec(spec: str) -> Codec:
+    """``"topk:0.1+int8"`` -> Codec; ValueError naming the bad part of the spec."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"codec spec must be a non-empty string, got {spec!r}")
+    stages = [s.strip() for s in spec.strip().lower().split("+")]
+    topk, values, block = None, None, DEFAULT_BLOCK
+    for i, stage in enumerate(stages):
+        name, _, arg = stage.partition(":")
+        bad = f"codec spec {spec!r}: {stage!r}"
+        if name == "topk":
+            if i != 0:
+                raise ValueError(f"{bad}: topk must come first (it picks entries, the value codec encodes them)")
+            try:
+                topk = float(arg)
+            except ValueError:
+                raise ValueError(f"{bad}: expected topk:FRACTION, e.g. topk:0.1") from None
+            if not 0 < topk <= 1:
+                raise ValueError(f"{bad}: the fraction must be in (0, 1], got {topk:g}")
+        elif name in VALUE_CODECS:
+            if values is not None:
+                raise ValueError(f"{bad}: at most one value codec ({', '.join(VALUE_CODECS)}) per spec")
+            values = name
+            if arg:
+                if name not in _BITS:
+                    raise ValueError(f"{bad}: only {', '.join(_BITS)} take a block size")
+                if not arg.isdigit() or int(arg) < 8 or int(arg) % 8:
+                    raise ValueError(f"{bad}: the block size must be a multiple of 8, got {arg!r}")
+                block = int(arg)
+        else:
+            raise ValueError(f"{bad}: unknown codec; known: topk:F, {', '.join(VALUE_CODECS)}")
+    return Codec(values=values or "none", topk=topk, block=block)
+
+
+@dataclass
+class Encoded:
+    """An encoded update: ``arrays`` (a few flat arrays, all tensors concatenated) and a JSON-able ``header``.
+
+    ``header``: ``{"format": 1, "codec": spec, "tensors": [[name, shape, dtype], ...], "index": [mode, ...]}``.
+    """
+
+    header: dict
+    arrays: Arrays = field(default_factory=dict)
+
+    def to_arrays(self) -> Arrays:
+        """Everything as one flat dict of arrays (the header as zlib-compressed JSON bytes): fits an ArrayRecord."""
+        blob = zlib.compress(json.dumps(self.header, separators=(",", ":")).encode(), 9)
+        return {HEADER_KEY: np.frombuffer(blob, dtype=np.uint8), **self.arrays}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Encoded:
+        """Inverse of :meth:`to_arrays`; ValueError if the header is missing or unreadable."""
+        if HEADER_KEY not in arrays:
+            raise ValueError(f"not an encoded update: no {HEADER_KEY!r} array (was it sent with a codec?)")
+        try:
+            header = json.loads(zlib.decompress(np.asarray(arrays[HEADER_KEY], dtype=np.uint8).tobytes()))
+        except (zlib.error, ValueError) as e:
+            raise ValueError(f"unreadable codec header: {e}") from None
+        return cls(header, {k: np.asarray(v) for k, v in arrays.items() if k != HEADER_KEY})
+
+    def encoded_bytes(self) -> int:
+        """Payload bytes: every array's data plus the compressed header (not counting ~128 B npy header/array)."""
+        return sum(a.nbytes for a in self.to_arrays().values())
+
+    @property
+    def names(self) -> list[str]:
+        return [t[0] for t in self.header.get("tensors", [])]
+
+
+def encode(arrays: Mapping[str, np.ndarray], spec: str | Codec) -> Encoded:
+    """Encode ``arrays`` with ``spec`` (a string or a parsed Codec)."""
+    return (parse_codec(spec) if isinstance(spec, str) else spec).encode(arrays)
+
+
+def decode(encoded: Encoded, shapes: Mapping[str, tuple[int, ...]] | None = None) -> Arrays:
+    """Decode an :class:`Encoded` to float arrays of their original shapes and dtypes (codec from its header).
+
+    With ``shapes`` (name -> shape, e.g. of the global adapter) every tensor must be there with that shape.
+    ValueError naming the tensor for: unknown codec, shape mismatch, truncated or oversized payload, bad indices.
+    """
+    header = encoded.header
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError(
+            f"unknown codec header format {header.get('format') if isinstance(header, dict) else header!r}"
+        )
+    codec = parse_codec(str(header.get("codec")))
+    tensors = header.get("tensors")
+    modes = header.get("index", [])
+    if not isinstance(tensors, list) or (codec.topk is not None and len(modes) != len(tensors)):
+        raise ValueError("codec header: 'tensors' (and 'index' for topk) must be lists of the same length")
+    reader = _Reader(encoded.arrays, codec)
+    out: Arrays = {}
+    for i, entry in enumerate(tensors):
+        name, shape, dtype = _tensor_entry(entry)
+        if shapes is not None:
+            if name not in shapes:
+                raise ValueError(f"tensor {name}: not in the adapter")
+            if tuple(shapes[name]) != shape:
+                raise ValueError(f"tensor {name}: shape {shape}, expected {tuple(shapes[name])}")
+        n = math.prod(shape)
+        if codec.topk is None:
+            flat = reader.values(name, n)
+        else:
+            k = _kept(codec.topk, n)
+            index = reader.index(name, str(modes[i]), n, k)
+            flat = np.zeros(n, dtype=np.float32)
+            flat[index] = reader.values(name, k)
+        out[name] = flat.reshape(shape).astype(dtype, copy=False)
+    reader.check_consumed()
+    return out
+
+
+# --- error feedback -------------------------------------------------------------------------------------------
+
+
+class ErrorFeedback:
+    """Per-tensor residual of what the codec dropped, kept on the device across rounds (EF-SGD, Karimireddy 2019).
+
+    ``encode(delta)`` sends ``codec(delta + residual)`` and keeps ``(delta + residual) - decoded`` as the new
+    residual, so what is dropped in one round is sent later: the sum of decoded updates tracks the sum of deltas
+    within one residual. Tensors absent from a round's delta keep their residual; a tensor whose shape changed
+    (a new LoRA rank) starts from a zero residual.
+    """
+
+    def __init__(self, codec: str | Codec, residual: Arrays | None = None) -> None:
+        self.codec = parse_codec(codec) if isinstance(codec, str) else codec
+        self.residual: Arrays = dict(residual or {})
+
+    def encode(self, delta: Mapping[str, np.ndarray]) -> Encoded:
+        """Encode ``delta + residual`` and update the residual; the returned payload is what to send."""
+        target = {}
+        for name, d in delta.items():
+            d = np.asarray(d, dtype=np.float32)
+            r = self.residual.get(name)
+            target[name] = d + r if r is not None and r.shape == d.shape else d.copy()
+        encoded = self.codec.encode(target)
+        decoded = decode(encoded)
+        for name, t in target.items():
+            self.residual[name] = t - decoded[name]
+        return encoded
+
+    def residual_norm(self) -> float:
+        """L2 norm of the residual over all tensors."""
+        return float(np.sqrt(sum(float(np.sum(r.astype(np.float64) ** 2)) for r in self.residual.values())))
+
+    def save(self, path: Path) -> None:
+        """Write the residual (and the codec spec) to ``path`` (.npz) atomically: a crash leaves old or new."""
+        from edge_client.fsutil import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez(buf, **{f"r/{k}": v for k, v in self.residual.items()}, codec=np.array(self.codec.spec))
+        atomic_write_bytes(Path(path), buf.getvalue())
+
+    @classmethod
+    def load(cls, path: Path, codec: str | Codec | None = None) -> ErrorFeedback:
+        """Read a residual saved by :meth:`save`; ``codec`` overrides the saved spec (the residual stays valid).
+
+        A missing file gives an empty residual; an unreadable one raises ValueError naming the file.
+        """
+        path = Path(path)
+        if not path.is_file():
+            return cls(codec or "none")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                saved = str(data["codec"])
+                residual = {k[2:]: data[k] for k in data.files if k.startswith("r/")}
+        except (OSError, ValueError, KeyError, EOFError, zlib.error) as e:
+            raise ValueError(f"{path}: not a residual file saved by ErrorFeedback ({e})") from None
+        return cls(codec or saved, residual)
+
+
+# --- measurement and choice -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CodecError:
+    """One codec measured on some arrays."""
+
+    spec: str
+    rel_error: float  # ||decoded - x|| / ||x|| over all tensors (L2)
+    encoded_bytes: int
+    ratio: float  # encoded bytes / fp32 bytes of the same arrays
+
+
+def measure(arrays: Mapping[str, np.ndarray], specs: list[str]) -> list[CodecError]:
+    """Relative L2 error and compression ratio (vs fp32) of each codec on ``arrays`` (one shot, no feedback)."""
+    fp32 = sum(np.asarray(a).size * 4 for a in arrays.values())
+    norm = math.sqrt(sum(float(np.sum(np.asarray(a, dtype=np.float64) ** 2)) for a in arrays.values()))
+    out = []
+    for spec in specs:
+        enc = encode(arrays, spec)
+        dec = decode(enc)
+        err = math.sqrt(sum(float(np.sum((dec[k].astype(np.float64) - arrays[k]) ** 2)) for k in arrays))
+        out.append(CodecError(spec, err / max(norm, 1e-30), enc.encoded_bytes(), enc.encoded_bytes() / max(fp32, 1)))
+    return out
+
+
+def estimate_bytes(spec: str | Codec, fp32_bytes: int) -> int:
+    """Payload bytes of ``spec`` for an update of ``fp32_bytes`` (as float32), without the data.
+
+    Ignores per-tensor padding to whole blocks and the header (a few kB for 210 tensors): within ~1% here.
+    """
+    codec = parse_codec(spec) if isinstance(spec, str) else spec
+    n = fp32_bytes / 4
+    value_bits = float({"none": 32, "fp16": 16, **_BITS}[codec.values])
+    if codec.values in _BITS:
+        value_bits += 16 / codec.block
+    if codec.topk is None:
+        return math.ceil(n * value_bits / 8)
+    index_bits = min(1.0, 16 * codec.topk)  # bitmap or uint16 gaps
+    return math.ceil(n * (codec.topk * value_bits + index_bits) / 8)
+
+
+def pick_codec(fp32_bytes: int, uplink_bytes_per_s: float, budget_s: float, ladder: tuple[str, ...] = LADDER) -> str:
+    """The least lossy spec of ``ladder`` whose payload uploads within ``budget_s`` at ``uplink_bytes_per_s``.
+
+    If none fits, the last (smallest) one: the upload then misses the budget by the least.
+    """
+    if not ladder:
+        raise ValueError("the codec ladder is empty")
+    allowed = max(0.0, uplink_bytes_per_s) * max(0.0, budget_s)
+    for spec in ladder:
+        if estimate_bytes(spec, fp32_bytes) <= allowed:
+            return spec
+    return ladder[-1]
+
+
+def make_delta(trained: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> Arrays:
+    """``trained - reference`` (float32) for the tensors that changed; unchanged ones (frozen LoRA A) are left out."""
+    return {
+        k: (np.asarray(v, dtype=np.float32) - reference[k]).astype(np.float32)
+        for k, v in trained.items()
+        if not np.array_equal(v, reference[k])
+    }
+
+
+def apply_delta(reference: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Arrays:
+    """``reference + delta``, tensors absent from ``delta`` unchanged; ValueError for an unknown tensor."""
+    extra = sorted(set(delta) - set(reference))
+    if extra:
+        raise ValueError(f"delta has tensors the adapter lacks: {extra[:3]}")
+    return {k: (v + delta[k]).astype(v.dtype) if k in delta else v.copy() for k, v in reference.items()}
+
+
+# --- internals ------------------------------------------------------------------------------------------------
+
+
+def _kept(fraction: float, n: int) -> int:
+    return min(n, max(1, math.ceil(fraction * n))) if n else 0
+
+
+def _tensor_entry(entry) -> tuple[str, tuple[int, ...], str]:
+    try:
+        name, shape, dtype = entry
+        shape = tuple(int(s) for s in shape)
+        if any(s < 0 for s in shape) or np.dtype(dtype).kind != "f":
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"codec header: bad tensor entry {entry!r} (expected [name, shape, float dtype])") from None
+    return str(name), shape, str(dtype)
+
+
+class _Parts:
+    """Per-tensor parts being concatenated into the payload's few arrays."""
+
+    def __init__(self) -> None:
+        self.chunks: dict[str, list[np.ndarray]] = {}
+
+    def add(self, key: str, a: np.ndarray) -> None:
+        self.chunks.setdefault(key, []).append(a)
+
+    def finish(self, codec: Codec) -> Arrays:
+        dtypes = {"index": np.uint8, "values": _VALUE_DTYPE.get(codec.values, np.uint8), "scale": np.float16,
+                  "tscale": np.float32}  # fmt: skip
+        keys = ["values"] + (["scale", "tscale"] if codec.values in _BITS else [])
+        keys = (["index"] if codec.topk is not None else []) + keys
+        return {k: np.concatenate(self.chunks[k]) if self.chunks.get(k) else np.zeros(0, dtypes[k]) for k in keys}
+
+
+_VALUE_DTYPE = {"none": np.float32, "fp16": np.float16, "int8": np.int8, "int4": np.uint8, "int2": np.uint8}
+
+
+def _sparsify(flat: np.ndarray, k: int, parts: _Parts) -> tuple[np.ndarray, str]:
+    """Keep the k largest |entries|: adds their index bytes to ``parts``, returns (kept values (k,), index mode)."""
+    n = flat.size
+    if k >= n:
+        index = np.arange(n)
+    else:
+        index = np.sort(np.argpartition(np.abs(flat), n - k)[n - k :])  # (k,) ascending
+    gaps = np.diff(index, prepend=0)
+    sizes = {"bitmap": (n + 7) // 8, "u16": 2 * k if k == 0 or gaps.max() < 65536 else None, "u32": 4 * k}
+    mode = min((m for m in _INDEX_MODES if sizes[m] is not None), key=lambda m: sizes[m])
+    if mode == "bitmap":
+        bits = np.zeros(n, dtype=bool)
+        bits[index] = True
+        parts.add("index", np.packbits(bits))
+    elif mode == "u16":
+        parts.add("index", gaps.astype("<u2").view(np.uint8))
+    else:
+        parts.add("index", index.astype("<u4").view(np.uint8))
+    return flat[index], mode
+
+
+def _encode_values(name: str, flat: np.ndarray, codec: Codec, parts: _Parts) -> None:
+    if codec.values == "none":
+        parts.add("values", flat.astype(np.float32))
+    elif codec.values == "fp16":
+        if flat.size and np.abs(flat).max() > np.finfo(np.float16).max:
+            raise ValueError(f"tensor {name}: values beyond fp16's range (65504); use int8 or none")
+        parts.add("values", flat.astype(np.float16))
+    else:
+        q, scale, tscale = _quantize(flat, codec.values, codec.block)
+        parts.add("values", q)
+        parts.add("scale", scale)
+        parts.add("tscale", tscale)
+
+
+def _levels(kind: str) -> float:
+    """absmax in steps: int8 is symmetric (+-127 steps); int4/int2 split [-absmax, absmax] into 2^bits cells."""
+    return 127.0 if kind == "int8" else float(2 ** (_BITS[kind] - 1))
+
+
+def _quantize(flat: np.ndarray, kind: str, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Blockwise absmax: (int8 values or packed uint8 codes, fp16 block scales (nb,), fp32 tensor scale (1,))."""
+    nb = -(-flat.size // block)
+    x = np.zeros(nb * block, dtype=np.float32)
+    x[: flat.size] = flat
+    x = x.reshape(nb, block)  # (blocks, block)
+    absmax = np.abs(x).max(axis=1) if nb else np.zeros(0, np.float32)  # (blocks,)
+    tmax = np.float32(absmax.max()) if nb else np.float32(0)
+    rel = (absmax / tmax if tmax > 0 else absmax).astype(np.float16)  # (blocks,) in [0, 1]
+    step = (tmax * rel.astype(np.float32) / _levels(kind))[:, None]  # (blocks, 1): the scale the decoder will use
+    y = np.divide(x, step, out=np.zeros_like(x), where=step > 0)
+    if kind == "int8":
+        return np.clip(np.rint(y), -127, 127).astype(np.int8).ravel(), rel, np.array([tmax], np.float32)
+    bits = _BITS[kind]
+    half = 2 ** (bits - 1)  # code j stands for (j - half + 0.5) steps
+    codes = np.clip(np.floor(y + half), 0, 2 * half - 1).astype(np.uint8).reshape(-1, 8 // bits)
+    packed = np.zeros(codes.shape[0], dtype=np.uint8)
+    for j in range(codes.shape[1]):  # little end first: value 0 in the low bits
+        packed |= codes[:, j] << (bits * j)
+    return packed, rel, np.array([tmax], np.float32)
+
+
+def _dequantize(q: np.ndarray, rel: np.ndarray, tmax: float, kind: str, block: int, n: int) -> np.ndarray:
+    step = (np.float32(tmax) * rel.astype(np.float32) / _levels(kind))[:, None]  # (blocks, 1)
+    if kind == "int8":
+        y = q.astype(np.float32)
+    else:
+        bits = _BITS[kind]
+        mask = np.uint8(2**bits - 1)
+        codes = np.stack([(q >> (bits * j)) & mask for j in range(8 // bits)], axis=1)  # (bytes, per byte)
+        y = codes.ravel().astype(np.float32) - (2 ** (bits - 1) - 0.5)
+    y = y.reshape(-1, block) * step  # (blocks, block)
+    return y.ravel()[:n]
+
+
+class _Reader:
+    """Walks the payload arrays tensor by tensor; every shortfall names the tensor."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], codec: Codec) -> None:
+        self.codec = codec
+        want = {"values": _VALUE_DTYPE[codec.values]}
+        if codec.values in _BITS:
+            want |= {"scale": np.float16, "tscale": np.float32}
+        if codec.topk is not None:
+            want["index"] = np.uint8
+        self.arrays, self.pos = {}, {}
+        for key, dtype in want.items():
+            if key not in arrays:
+                raise ValueError(f"codec {codec.spec}: payload has no {key!r} array")
+            a = np.asarray(arrays[key])
+            if a.dtype != dtype or a.ndim != 1:
+                raise ValueError(f"codec {codec.spec}: {key!r} must be 1-d {np.dtype(dtype)}, got {a.ndim}-d {a.dtype}")
+            self.arrays[key], self.pos[key] = a, 0
+
+    def take(self, key: str, count: int, name: str) -> np.ndarray:
+        a, start = self.arrays[key], self.pos[key]
+        if start + count > a.size:
+            raise ValueError(
+                f"tensor {name}: payload truncated ({key!r} has {a.size - start} entries left, needs {count})"
+            )
+        self.pos[key] = start + count
+        return a[start : start + count]
+
+    def values(self, name: str, n: int) -> np.ndarray:
+        c = self.codec
+        if c.values in ("none", "fp16"):
+            return self.take("values", n, name).astype(np.float32)
+        nb = -(-n // c.block)
+        q = self.take("values", nb * c.block * _BITS[c.values] // 8, name)
+        rel = self.take("scale", nb, name)
+        tmax = float(self.take("tscale", 1, name)[0])
+        return _dequantize(q, rel, tmax, c.values, c.block, n)
+
+    def index(self, name: str, mode: str, n: int, k: int) -> np.ndarray:
+        if mode == "bitmap":
+            bits = np.unpackbits(self.take("index", (n + 7) // 8, name), count=n).astype(bool)
+            index = np.flatnonzero(bits)
+        elif mode == "u16":
+            index = np.cumsum(self.take("index", 2 * k, name).view("<u2").astype(np.int64))
+        elif mode == "u32":
+            index = self.take("index", 4 * k, name).view("<u4").astype(np.int64)
+        else:
+            raise ValueError(f"tensor {name}: unknown index mode {mode!r}")
+        if index.size != k or (k and (index[-1] >= n or np.any(np.diff(index) <= 0))):
+            raise ValueError(f"tensor {name}: bad top-k indices (need {k} increasing positions below {n})")
+        return index
+
+    def check_consumed(self) -> None:
+        for key, a in self.arrays.items():
+            if self.pos[key] != a.size:
+                raise ValueError(
+                    f"codec {self.codec.spec}: {a.size - self.pos[key]} unexpected extra entries in {key!r}"
+                )
