@@ -1,13 +1,14 @@
 """Update codecs: encode/decode pairs for adapter deltas, composable, with error feedback. Plain numpy.
 
-A codec spec is ``"none"``, ``"fp16"``, ``"int8"``, ``"int4"``, ``"int2"`` or ``"topk:F+VALUES"`` (``F`` in (0, 1],
-``VALUES`` one of the others), e.g. ``"topk:0.1+int8"``; ``int8:128`` / ``int4:32`` set the block size (default 64,
-a multiple of 8).
+A codec spec is ``"none"``, ``"fp16"``, ``"int8"``, ``"int4"``, ``"int3"``, ``"int2"`` or ``"topk:F+VALUES"``
+(``F`` in (0, 1], ``VALUES`` one of the others), e.g. ``"topk:0.1+int8"``; ``int8:128`` / ``int4:32`` set the
+block size (default 64, a multiple of 8).
 
-- ``int8`` / ``int4`` / ``int2``: blockwise absmax quantization. Each block of ``block`` values gets one fp16 scale,
-  relative to an fp32 scale per tensor (so tiny deltas never underflow fp16). int8 is symmetric (-127..127),
-  int4 and int2 split [-absmax, absmax] into 2^bits equal cells, each decoded to its centre (the least-error
-  uniform quantizer for flat data), packed two / four per byte. Adam-trained
+- ``int8`` / ``int4`` / ``int3`` / ``int2``: blockwise absmax quantization. Each block of ``block`` values gets one
+  fp16 scale, relative to an fp32 scale per tensor (so tiny deltas never underflow fp16). int8 is symmetric (-127..127),
+  int4/int3/int2 split [-absmax, absmax] into 2^bits equal cells, each decoded to its centre (the least-error
+  uniform quantizer for flat data), packed two / four per byte (int3 as a little-endian bit stream). int3 is
+  the densest code under 1/8 of fp32 that keeps the error near int4's: 3.25 bits per value with its scales. Adam-trained
   LoRA deltas are nearly flat (kurtosis ~2, measured), so int2 loses far less than top-k at the same size.
 - ``topk:F``: per tensor, keeps the ``ceil(F * n)`` largest-magnitude entries; their indices travel as a bitmap
   (1 bit per entry) or as uint16 gaps or uint32 positions, whichever is smallest; the kept values go through
@@ -34,8 +35,8 @@ import numpy as np
 Arrays = dict[str, np.ndarray]
 FORMAT = 1
 HEADER_KEY = "codec-header"  # the array holding the zlib-compressed JSON header in Encoded.to_arrays()
-VALUE_CODECS = ("none", "fp16", "int8", "int4", "int2")
-_BITS = {"int8": 8, "int4": 4, "int2": 2}  # the blockwise quantized value codecs
+VALUE_CODECS = ("none", "fp16", "int8", "int4", "int3", "int2")
+_BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}  # the blockwise quantized value codecs
 DEFAULT_BLOCK = 64
 # Least lossy first (ordered by measured error on real LoRA-B deltas, benchmarks/codecs.py).
 LADDER = (
@@ -43,6 +44,7 @@ LADDER = (
     "fp16",
     "int8",
     "int4",
+    "int3",
     "int2",
     "topk:0.25+int2",
     "topk:0.1+int2",
@@ -376,7 +378,8 @@ class _Parts:
         return {k: np.concatenate(self.chunks[k]) if self.chunks.get(k) else np.zeros(0, dtypes[k]) for k in keys}
 
 
-_VALUE_DTYPE = {"none": np.float32, "fp16": np.float16, "int8": np.int8, "int4": np.uint8, "int2": np.uint8}
+_VALUE_DTYPE = {"none": np.float32, "fp16": np.float16, "int8": np.int8}
+_VALUE_DTYPE |= dict.fromkeys(("int4", "int3", "int2"), np.uint8)  # packed codes
 
 
 def _sparsify(flat: np.ndarray, k: int, parts: _Parts) -> tuple[np.ndarray, str]:
@@ -434,11 +437,30 @@ def _quantize(flat: np.ndarray, kind: str, block: int) -> tuple[np.ndarray, np.n
         return np.clip(np.rint(y), -127, 127).astype(np.int8).ravel(), rel, np.array([tmax], np.float32)
     bits = _BITS[kind]
     half = 2 ** (bits - 1)  # code j stands for (j - half + 0.5) steps
-    codes = np.clip(np.floor(y + half), 0, 2 * half - 1).astype(np.uint8).reshape(-1, 8 // bits)
-    packed = np.zeros(codes.shape[0], dtype=np.uint8)
-    for j in range(codes.shape[1]):  # little end first: value 0 in the low bits
-        packed |= codes[:, j] << (bits * j)
-    return packed, rel, np.array([tmax], np.float32)
+    codes = np.clip(np.floor(y + half), 0, 2 * half - 1).astype(np.uint8).ravel()
+    return _pack(codes, bits), rel, np.array([tmax], np.float32)
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """``bits``-bit codes -> bytes. 8 % bits == 0: codes side by side in a byte, value 0 in the low bits;
+    otherwise (int3) a bit stream of each code's bits, low bit first (blocks are multiples of 8 values)."""
+    if 8 % bits == 0:
+        per_byte = codes.reshape(-1, 8 // bits)
+        packed = np.zeros(per_byte.shape[0], dtype=np.uint8)
+        for j in range(per_byte.shape[1]):
+            packed |= per_byte[:, j] << (bits * j)
+        return packed
+    planes = (codes[:, None] >> np.arange(bits, dtype=np.uint8)) & 1  # (n, bits)
+    return np.packbits(planes.ravel(), bitorder="little")
+
+
+def _unpack(q: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of :func:`_pack`: (n,) uint8 codes."""
+    if 8 % bits == 0:
+        mask = np.uint8(2**bits - 1)
+        return np.stack([(q >> (bits * j)) & mask for j in range(8 // bits)], axis=1).ravel()[:n]
+    planes = np.unpackbits(q, count=n * bits, bitorder="little").reshape(n, bits)
+    return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
 
 
 def _dequantize(q: np.ndarray, rel: np.ndarray, tmax: float, kind: str, block: int, n: int) -> np.ndarray:
@@ -447,9 +469,8 @@ def _dequantize(q: np.ndarray, rel: np.ndarray, tmax: float, kind: str, block: i
         y = q.astype(np.float32)
     else:
         bits = _BITS[kind]
-        mask = np.uint8(2**bits - 1)
-        codes = np.stack([(q >> (bits * j)) & mask for j in range(8 // bits)], axis=1)  # (bytes, per byte)
-        y = codes.ravel().astype(np.float32) - (2 ** (bits - 1) - 0.5)
+        codes = _unpack(q, bits, rel.size * block)
+        y = codes.astype(np.float32) - (2 ** (bits - 1) - 0.5)
     y = y.reshape(-1, block) * step  # (blocks, block)
     return y.ravel()[:n]
 

@@ -51,6 +51,7 @@ def fp32_bytes(arrays: dict) -> int:
         ("int8:32", 0.01),
         ("int4", 0.10),
         ("int4:32", 0.095),
+        ("int3", 0.20),
         ("int2", 0.40),
     ],
 )
@@ -69,6 +70,7 @@ def test_round_trip_error(spec: str, max_error: float) -> None:
         ("fp16", 0.5),
         ("int8", (8 + 16 / 64) / 32),
         ("int4", (4 + 16 / 64) / 32),
+        ("int3", (3 + 16 / 64) / 32),
         ("int2", (2 + 16 / 64) / 32),
     ],
 )
@@ -80,12 +82,12 @@ def test_bytes_ratio(spec: str, ratio: float) -> None:
     assert abs(estimate_bytes(spec, fp32_bytes(x)) / fp32_bytes(x) - ratio) < 0.01
 
 
-@pytest.mark.parametrize(("spec", "per_byte"), [("int4", 2), ("int2", 4)])
-def test_packing_and_tiny_values_survive(spec: str, per_byte: int) -> None:
+@pytest.mark.parametrize(("spec", "bits"), [("int4", 4), ("int3", 3), ("int2", 2)])
+def test_packing_and_tiny_values_survive(spec: str, bits: int) -> None:
     x = {"t": (np.random.default_rng(1).uniform(-1, 1, size=(64, 16)) * 1e-9).astype(np.float32)}  # below fp16
     enc = encode(x, spec)
-    assert enc.arrays["values"].dtype == np.uint8 and enc.arrays["values"].size == 64 * 16 // per_byte
-    cells = 2 ** (8 // per_byte)  # uniform data: error = cell width / sqrt(12) against an rms of 1 / sqrt(3)
+    assert enc.arrays["values"].dtype == np.uint8 and enc.arrays["values"].size == 64 * 16 * bits // 8
+    cells = 2**bits  # uniform data: error = cell width / sqrt(12) against an rms of 1 / sqrt(3)
     assert rel_error(decode(enc), x) < 1.1 * (2 / cells) / np.sqrt(12) * np.sqrt(3)
 
 
@@ -140,7 +142,7 @@ def test_spec_parsing() -> None:
 @pytest.mark.parametrize(
     ("spec", "names"),
     [
-        ("int3", "'int3'"),
+        ("int5", "'int5'"),
         ("topk:1.5+int8", "'topk:1.5'"),
         ("topk:x", "'topk:x'"),
         ("int8+topk:0.1", "'topk:0.1'"),
