@@ -128,12 +128,13 @@ class EnergySession:
             meters = found if meters is None else meters
             tdp = tdp or detected
         self.meters, self.interval_s, self.temperature = meters, interval_s, temperature
-        self.estimate = EstimateMeter(*tdp)
+        self.tdp = tdp
         self.note, self._failed = note, False
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._proc = psutil.Process()
         self._joules = [0.0] * len(meters)
         self._est = 0.0
+        self._row_joules = (0.0, 0.0)  # (meters, estimate) at the last timeline row
         self._prev: list[float] = []
         self.phases: dict[str, Phase] = {}
         self._open: dict[str, tuple[float, float, str, float]] = {}
@@ -141,7 +142,8 @@ class EnergySession:
         self.result: EnergyResult | None = None
 
     def __enter__(self) -> EnergySession:
-        self._t0 = self._last_t = time.monotonic()
+        self.estimate = EstimateMeter(*self.tdp)  # counts CPU time from here
+        self._t0 = self._last_t = self._row_t = time.monotonic()
         self._prev = [self._safe_first(m) for m in self.meters]
         self._proc.cpu_percent(None)
         self._thread = threading.Thread(target=self._loop, name="fedge-energy", daemon=True)
@@ -152,8 +154,7 @@ class EnergySession:
         self._stop.set()
         self._thread.join()
         self.sample()
-        total = self.totals()
-        joules, method = total
+        joules, method = self.totals()
         description = (
             self.estimate.description if method == "estimated" else " + ".join(m.description for m in self.meters)
         )
@@ -180,12 +181,11 @@ class EnergySession:
         while not self._stop.wait(self.interval_s):
             self.sample()
 
-    def sample(self) -> None:
-        """Read every meter now and add one timeline row (thread-safe; the background thread calls it)."""
+    def sample(self, row: bool = True) -> None:
+        """Read every meter now (thread-safe); with ``row``, add a timeline row averaging since the last row."""
         with self._lock:
             now = time.monotonic()
-            dt = max(now - self._last_t, 1e-9)
-            watts = 0.0
+            dt = now - self._last_t
             if not self._failed:
                 for i, meter in enumerate(self.meters):
                     try:
@@ -193,25 +193,29 @@ class EnergySession:
                     except (OSError, ValueError, MeterUnavailable) as err:
                         self._fail(meter, err)
                         break
-                    if meter.kind == "energy":
-                        self._joules[i], watts = value, watts + (value - self._prev[i]) / dt
+                    if meter.kind == "energy":  # counters may be shared by sessions: add the change only
+                        self._joules[i] += value - self._prev[i]
                     else:  # trapezoid between this and the previous power reading
                         self._joules[i] += (value + self._prev[i]) / 2 * dt
-                        watts += value
                     self._prev[i] = value
-            est = self.estimate.read()
-            if self._failed or not self.meters:
-                watts = (est - self._est) / dt
-            self._est, self._last_t = est, now
-            self.timeline.append(
-                {
-                    "t_s": round(now - self._t0, 3),
-                    "power_w": round(watts, 3),
-                    "cpu_pct": self._proc.cpu_percent(None),
-                    "rss_mb": round(self._proc.memory_info().rss / 2**20, 1),
-                    "temp_c": self.temperature() if self.temperature else None,
-                }
-            )
+            self._est, self._last_t = self.estimate.read(), now
+            if row:
+                self._add_row(now)
+
+    def _add_row(self, now: float) -> None:
+        joules = (sum(self._joules), self._est)
+        used = 1 if self._failed or not self.meters else 0  # the estimate once a meter failed
+        watts = (joules[used] - self._row_joules[used]) / max(now - self._row_t, 1e-9)
+        self._row_t, self._row_joules = now, joules
+        self.timeline.append(
+            {
+                "t_s": round(now - self._t0, 3),
+                "power_w": round(watts, 3),
+                "cpu_pct": self._proc.cpu_percent(None),
+                "rss_mb": round(self._proc.memory_info().rss / 2**20, 1),
+                "temp_c": self.temperature() if self.temperature else None,
+            }
+        )
 
     def totals(self) -> tuple[float, str]:
         """(joules so far, method) as of the last sample: the meters' sum, or the estimate."""
@@ -221,12 +225,12 @@ class EnergySession:
 
     def begin(self, name: str) -> None:
         """Start the phase ``name`` (see :meth:`end`); :meth:`phase` wraps both around a block."""
-        self.sample()
+        self.sample(row=False)
         self._open[name] = (time.monotonic(), *self.totals(), self._est)
 
     def end(self, name: str) -> Phase:
         """End the phase ``name``: its seconds and joules (the estimate's if the meter failed inside it)."""
-        self.sample()
+        self.sample(row=False)
         t0, j0, m0, e0 = self._open.pop(name)
         joules, method = self.totals()
         est = self._est - e0

@@ -146,7 +146,8 @@ def profile_training(
     reset_peak_rss()
     steps, t0 = plan.steps, time.monotonic()
     if plan.warmup:
-        train(model, make_epoch, _train_config(plan, plan.warmup), session.device, on_step=record)
+        with meter.phase("train-warmup"):
+            train(model, make_epoch, _train_config(plan, plan.warmup), session.device, on_step=record)
         left = budget_s and budget_s - (time.monotonic() - t0)
         steps = fit_reps(plan.steps, times[-1], left, least=1)
         times.clear(), tokens.clear()
@@ -199,11 +200,12 @@ def profile_generation(
         return time.perf_counter() - t0
 
     reset_peak_rss()
-    per_token = generate(4) / 4  # warm-up, and a (pessimistic: prompt included) time per token
-    budget = budget_s and budget_s / 2  # half for the first-token runs, half for the timed ones
-    new = plan.gen_tokens if budget is None else max(8, min(plan.gen_tokens, int(budget / per_token)))
-    reps = fit_reps(plan.gen_reps, per_token * new, budget, least=1)
-    first = [generate(1) for _ in range(reps)]  # prompt processing + one token
+    with meter.phase("generate-warmup"):
+        per_token = generate(4) / 4  # warm-up, and a (pessimistic: prompt included) time per token
+        budget = budget_s and budget_s / 2  # half for the first-token runs, half for the timed ones
+        new = plan.gen_tokens if budget is None else max(8, min(plan.gen_tokens, int(budget / per_token)))
+        reps = fit_reps(plan.gen_reps, per_token * new, budget, least=1)
+        first = [generate(1) for _ in range(reps)]  # prompt processing + one token
     with meter.phase("generate"):
         times = [generate(new) for _ in range(reps)]
     return {
@@ -346,8 +348,9 @@ def plot_timeline(result: energy.EnergyResult, path: Path) -> None:
         ax.set_ylabel(label)
         for i, phase in enumerate(result.phases.values()):
             ax.axvspan(phase.start_s, phase.end_s, color=f"C{i + 1}", alpha=0.12)
-    for i, phase in enumerate(result.phases.values()):
-        axes[0].text((phase.start_s + phase.end_s) / 2, 1.02, phase.name, transform=axes[0].get_xaxis_transform(),
+    for i, phase in enumerate(result.phases.values()):  # labels at two heights so short phases do not overlap
+        middle = (phase.start_s + phase.end_s) / 2
+        axes[0].text(middle, 1.02 + 0.1 * (i % 2), phase.name, transform=axes[0].get_xaxis_transform(),
                      ha="center", fontsize=8, color=f"C{i + 1}")  # fmt: skip
     axes[-1].set_xlabel("s")
     fig.tight_layout()

@@ -67,3 +67,25 @@ def test_without_meters_the_estimate_is_cpu_time_times_tdp_over_cores():
 def test_estimate_rejects_a_nonpositive_tdp():
     with pytest.raises(ValueError, match="TDP"):
         energy.EstimateMeter(0, "x")
+
+
+class Counter(Meter):
+    """A counter meter that has counted before any session started (like a RAPL meter reused across rounds)."""
+
+    method, kind = "counter", "energy"
+
+    def __init__(self) -> None:
+        self.joules = 1000.0
+
+    def read(self) -> float:
+        self.joules += 1.0
+        return self.joules
+
+
+def test_a_counter_shared_by_sessions_counts_only_each_sessions_energy():
+    counter = Counter()
+    for _ in range(2):
+        with EnergySession([counter], (8.0, "test"), interval_s=10) as s:
+            pass
+        # reads: one on entering, one on leaving: 1 J each, whatever the counter held before
+        assert s.result.joules == pytest.approx(1.0) and s.result.method == "counter"

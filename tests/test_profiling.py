@@ -30,7 +30,7 @@ def test_profile_of_a_model_fills_every_field_or_gives_the_reason(tiny_model_dir
     assert train["tokens_per_s"] > 0 and train["peak_rss_mb"] > 0 and train["energy_j"] >= 0
     assert gen["new_tokens"] == 4 and gen["tokens_per_s"]["n"] == 2 and gen["tokens_per_s"]["median"] > 0
     assert report["matmul_gflops"]["fp32"]["median"] > 0
-    assert set(report["energy"]["phases"]) == {"matmul", "load", "train", "generate"}
+    assert set(report["energy"]["phases"]) == {"matmul", "load", "train-warmup", "train", "generate-warmup", "generate"}
     assert report["energy"]["method"] in ("estimated", "rapl", "pmic", "ina3221", "battery", "nvml", "rapl+nvml")
     assert report["energy"]["estimated"] == (report["energy"]["method"] == "estimated")
     assert len(report["timeline"]["t_s"]) == len(report["timeline"]["power_w"]) > 3
