@@ -124,6 +124,7 @@ def _add_profile_command(sub) -> None:
     prof.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per row (default: {d.seq_len})")
     prof.add_argument("--gen-tokens", type=int, default=d.gen_tokens, help="new tokens per generation")
     prof.add_argument("--tdp-watts", type=float, default=None, help="TDP for the CPU-utilisation energy estimate")
+    prof.add_argument("--threads", type=int, default=0, help="torch threads (default: all; 1 helps on a busy CPU)")
     prof.add_argument(
         "--budget",
         type=float,
@@ -312,6 +313,7 @@ def cmd_profile(args) -> int:
             gen_tokens=args.gen_tokens,
             tdp_w=args.tdp_watts,
             budget_s=args.budget or None,
+            threads=args.threads,
         )
     except ValueError as err:
         raise FedgeError(f"bad profile option: {err}") from None

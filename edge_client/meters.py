@@ -181,7 +181,8 @@ def parse_pmic(text: str) -> dict[str, tuple[float, float]]:
     Lines look like ``VDD_CORE_A current(7)=2.12345678A`` and ``VDD_CORE_V volt(15)=0.87654321V`` (also
     ``VDD_CORE_A=2.1A`` on older firmware). Rails with only a voltage (EXT5V_V, BATT_V) are left out.
     """
-    volts, amps = {}, {}
+    volts: dict[str, float] = {}
+    amps: dict[str, float] = {}
     for line in text.splitlines():
         m = _PMIC_LINE.match(line)
         if m:

@@ -39,11 +39,14 @@ class ProfilePlan:
     gen_tokens: int = 32  # new tokens per generation, batch 1
     gen_reps: int = 3
     lora_r: int = 16
+    threads: int = 0  # torch threads; 0: torch's default (all cores). 1 can be several times faster on a busy CPU
     tdp_w: float | None = None  # the estimate's TDP; None: detected (energy.detect_tdp)
     interval_s: float = 0.25  # energy/timeline sampling period
     budget_s: float | None = 90.0  # target wall time: fewer timed steps/repetitions (never < 2 steps) to fit it
 
     def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
         for name in ("steps", "batch", "gen_tokens", "gen_reps", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -83,7 +86,8 @@ def matmul_gflops(dtype: torch.dtype, budget_s: float = 1.0, max_n: int = 2048) 
     n = int(min(max_n, max(256, (rate * budget_s / 20 / 2) ** (1 / 3))) // 256 * 256)
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     torch.mm(a, b)  # warm-up: first-call allocation and kernel selection
-    rates, end = [], time.perf_counter() + budget_s
+    rates: list[float] = []
+    end = time.perf_counter() + budget_s
     while time.perf_counter() < end or len(rates) < 3:
         t0 = time.perf_counter()
         torch.mm(a, b)
@@ -142,7 +146,11 @@ def profile_training(
     model = add_lora(session.model, cfg.lora, seed=0)
     times: list[float] = []
     tokens: list[int] = []
-    record = lambda step, loss, n, dt: (times.append(dt), tokens.append(n))  # noqa: E731
+
+    def record(step: int, loss: float, n: int, dt: float) -> None:
+        times.append(dt)
+        tokens.append(n)
+
     reset_peak_rss()
     steps, t0 = plan.steps, time.monotonic()
     if plan.warmup:
@@ -150,7 +158,8 @@ def profile_training(
             train(model, make_epoch, _train_config(plan, plan.warmup), session.device, on_step=record)
         left = budget_s and budget_s - (time.monotonic() - t0)
         steps = fit_reps(plan.steps, times[-1], left, least=1)
-        times.clear(), tokens.clear()
+        times.clear()
+        tokens.clear()
     with meter.phase("train"):
         train(model, make_epoch, _train_config(plan, steps), session.device, on_step=record)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -265,6 +274,8 @@ def run_profile(plan: ProfilePlan, cache_dir: Path, say: Say, plot: Path | None 
     from edge_client.session import open_model
 
     check_plot_path(plot)
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
     t_start = time.monotonic()
     model_name, no_model = resolve_model(plan.model, cache_dir)
     say("inventory: CPU, memory, sensors, backends, energy meters")
@@ -305,13 +316,13 @@ def run_profile(plan: ProfilePlan, cache_dir: Path, say: Say, plot: Path | None 
         "method": result.method,
         "description": result.description,
         "estimated": result.estimated,
-        "note": result.note or Missing("the meter worked for the whole run"),
+        "note": result.note or Missing("no meter failed during the run: nothing to note"),
         "total_j": round(result.joules, 2),
         "mean_power_w": result.mean_power_w,
         "phases": {name: asdict(p) for name, p in result.phases.items()},
     }
-    timeline = {key: [row[key] for row in result.timeline] for key in energy.TIMELINE_KEYS}
-    if all(v is None for v in timeline["temp_c"]):
+    timeline: dict[str, object] = {key: [row[key] for row in result.timeline] for key in energy.TIMELINE_KEYS}
+    if all(row["temp_c"] is None for row in result.timeline):
         timeline["temp_c"] = Missing("no temperature sensor on this device")
     report["timeline"] = timeline
     report["wall_s"] = round(time.monotonic() - t_start, 1)
@@ -375,8 +386,9 @@ def render_table(report: dict, unavailable: dict[str, str]):
     table.add_row("device", "CPU", f"{cpu['model']} ({cpu['arch']}, {cpu['cores_logical']} threads)")
     table.add_row("", "ISA", " ".join(cpu["isa"] or []) or "-")
     if cpu["load_avg_1m"] > cpu["cores_logical"]:
-        busy = f"[yellow]{cpu['load_avg_1m']:.1f} on {cpu['cores_logical']} cores: figures are a share of a busy CPU[/]"
-        table.add_row("", "load average", busy)
+        busy = f"{cpu['load_avg_1m']:.1f} on {cpu['cores_logical']} cores: figures are a share of a busy CPU"
+        table.add_row("", "load average", f"[yellow]{busy} (try --threads 1)[/]")
+    table.add_row("", "torch threads", str(dev["torch_threads"]))
     table.add_row("", "board / power", f"{dev['board']['model'] or '-'} / {dev['power']['source'] or '-'}")
     table.add_row("", "RAM (MB)", f"{dev['memory']['ram_total_mb']} ({dev['memory']['ram_available_mb']} free)")
     q = dev["quantization"]
