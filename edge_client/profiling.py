@@ -387,7 +387,8 @@ def render_table(report: dict, unavailable: dict[str, str]):
     table.add_row("", "ISA", " ".join(cpu["isa"] or []) or "-")
     if cpu["load_avg_1m"] > cpu["cores_logical"]:
         busy = f"{cpu['load_avg_1m']:.1f} on {cpu['cores_logical']} cores: figures are a share of a busy CPU"
-        table.add_row("", "load average", f"[yellow]{busy} (try --threads 1)[/]")
+        hint = " (try --threads 1)" if dev["torch_threads"] > 1 else ""
+        table.add_row("", "load average", f"[yellow]{busy}{hint}[/]")
     table.add_row("", "torch threads", str(dev["torch_threads"]))
     table.add_row("", "board / power", f"{dev['board']['model'] or '-'} / {dev['power']['source'] or '-'}")
     table.add_row("", "RAM (MB)", f"{dev['memory']['ram_total_mb']} ({dev['memory']['ram_available_mb']} free)")
