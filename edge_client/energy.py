@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from edge_client.meters import Meter, MeterUnavailable, probe_meters, rapl_power_limit_w, select_meters
+from edge_client.meters import Meter, probe_meters, rapl_power_limit_w, select_meters
 
 WATTS_PER_CORE_ASSUMED = 4.0  # estimate's TDP when none is detected or given: a typical loaded core, 2020s CPUs
 TIMELINE_KEYS = ("t_s", "power_w", "cpu_pct", "rss_mb", "temp_c")  # s, W, % of one core, MiB, °C (hottest sensor)
@@ -167,7 +167,7 @@ class EnergySession:
     def _safe_first(self, meter: Meter) -> float:
         try:
             return meter.read()
-        except (OSError, ValueError, MeterUnavailable) as err:
+        except Exception as err:  # any meter failure (NVMLError, a file gone): fall back, never crash
             self._fail(meter, err)
             return 0.0
 
@@ -190,7 +190,7 @@ class EnergySession:
                 for i, meter in enumerate(self.meters):
                     try:
                         value = meter.read()
-                    except (OSError, ValueError, MeterUnavailable) as err:
+                    except Exception as err:  # see _safe_first
                         self._fail(meter, err)
                         break
                     if meter.kind == "energy":  # counters may be shared by sessions: add the change only
@@ -213,9 +213,15 @@ class EnergySession:
                 "power_w": round(watts, 3),
                 "cpu_pct": self._proc.cpu_percent(None),
                 "rss_mb": round(self._proc.memory_info().rss / 2**20, 1),
-                "temp_c": self.temperature() if self.temperature else None,
+                "temp_c": self._temperature(),
             }
         )
+
+    def _temperature(self) -> float | None:
+        try:
+            return self.temperature() if self.temperature else None
+        except Exception:  # a sensor that fails mid-run leaves a gap in the plot, nothing more
+            return None
 
     def totals(self) -> tuple[float, str]:
         """(joules so far, method) as of the last sample: the meters' sum, or the estimate."""

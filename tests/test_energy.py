@@ -89,3 +89,28 @@ def test_a_counter_shared_by_sessions_counts_only_each_sessions_energy():
             pass
         # reads: one on entering, one on leaving: 1 J each, whatever the counter held before
         assert s.result.joules == pytest.approx(1.0) and s.result.method == "counter"
+
+
+class Broken(Meter):
+    """A meter whose library raises its own exception type (like pynvml's NVMLError) after a few reads."""
+
+    method, kind = "broken", "energy"
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read(self) -> float:
+        self.reads += 1
+        if self.reads > 2:
+            raise RuntimeError("NVML_ERROR_GPU_IS_LOST")
+        return float(self.reads)
+
+
+def test_any_meter_error_falls_back_and_never_reaches_the_work():
+    def bad_sensor() -> float:
+        raise OSError("thermal zone gone")
+
+    with EnergySession([Broken()], (8.0, "test"), interval_s=0.01, temperature=bad_sensor) as s:
+        threading.Event().wait(0.05)
+    assert s.result.method == "estimated" and "GPU_IS_LOST" in s.result.note
+    assert all(row["temp_c"] is None for row in s.result.timeline)

@@ -95,3 +95,10 @@ def test_an_unwritable_plot_fails_before_measuring(tmp_path):
     (tmp_path / "dir.png").mkdir()
     with pytest.raises(FedgeError, match="is a directory"):
         profiling.check_plot_path(tmp_path / "dir.png")
+
+
+def test_cli_table_for_people(tmp_path, capsys):
+    assert main(["--cache-dir", str(tmp_path), "profile", "--model", "none", "--plot", str(tmp_path / "t.png")]) == 0
+    captured = capsys.readouterr()
+    assert "fedge profile" in captured.out and "fp32 GFLOP/s" in captured.out and "skipped" in captured.out
+    assert (tmp_path / "t.png").is_file()
