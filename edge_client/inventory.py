@@ -24,6 +24,10 @@ _ISA = {
     "neon": "NEON", "asimd": "NEON", "asimdhp": "NEON-FP16", "asimddp": "NEON-DOTPROD", "bf16": "BF16",
     "i8mm": "I8MM", "sve": "SVE", "sve2": "SVE2",
 }  # fmt: skip
+_ARM_PARTS = {  # /proc/cpuinfo "CPU part" of ARM Ltd (implementer 0x41) cores found on edge boards
+    "0xd03": "Cortex-A53", "0xd07": "Cortex-A57", "0xd08": "Cortex-A72", "0xd05": "Cortex-A55",
+    "0xd0b": "Cortex-A76", "0xd42": "Cortex-A78AE", "0xd0c": "Neoverse-N1", "0xd40": "Neoverse-V1",
+}  # fmt: skip
 _PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "flwr", "fedge")
 
 
@@ -88,7 +92,8 @@ def cpu(root: Path = Path("/")) -> dict:
 
     text = _text(root / "proc/cpuinfo") or ""
     fields = cpuinfo_fields(text)
-    model = fields.get("model name") or fields.get("hardware") or fields.get("model") or platform.processor()
+    arm = _ARM_PARTS.get(fields.get("cpu part", "")) if fields.get("cpu implementer") == "0x41" else None
+    model = fields.get("model name") or arm or fields.get("hardware") or platform.processor()
     freq = psutil.cpu_freq() if root == Path("/") else None
     no_freq = Missing("no cpufreq information (a VM, or no cpufreq driver)")
     return {
@@ -123,7 +128,8 @@ def board(root: Path = Path("/")) -> dict:
     return {
         "model": model or Missing("no device-tree model and no DMI product name"),
         "raspberry_pi": bool(model and model.startswith("Raspberry Pi")),
-        "jetson": (tegra.splitlines()[0] if tegra else None) or bool(model and "Jetson" in model),
+        "jetson": bool(tegra) or bool(model and "Jetson" in model),
+        "jetson_release": tegra.splitlines()[0] if tegra else Missing("not a Jetson (no /etc/nv_tegra_release)"),
     }
 
 

@@ -79,14 +79,8 @@ class RaplMeter(Meter):
         base = root / "sys/class/powercap"
         if not base.is_dir():
             raise MeterUnavailable("no /sys/class/powercap on this machine (no RAPL driver, or a VM)")
-        zones = {}
-        for zone in sorted(base.glob("intel-rapl:*")):
-            name = _read(zone / "name") if (zone / "name").is_file() else ""
-            top = zone.name.count(":") == 1
-            if name.startswith("package") or name == "psys" or name == "dram" or (top and name):
-                zones[zone] = name
-        if not zones:
-            raise MeterUnavailable(f"{base} has no intel-rapl zones")
+        # Zones nest (intel-rapl:0:0 "core" is inside intel-rapl:0 "package-0"); dram and psys are not inside a package.
+        zones = {z: _read(z / "name") for z in sorted(base.glob("intel-rapl:*")) if (z / "name").is_file()}
         psys = [z for z, n in zones.items() if n == "psys"]
         self.zones = psys or [z for z, n in zones.items() if n.startswith("package") or n == "dram"]
         if not self.zones:

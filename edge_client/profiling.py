@@ -281,7 +281,7 @@ def run_profile(plan: ProfilePlan, cache_dir: Path, say: Say, plot: Path | None 
     say("inventory: CPU, memory, sensors, backends, energy meters")
     device = inventory.collect()
     tdp = (plan.tdp_w, "declared with --tdp-watts") if plan.tdp_w else None
-    report: dict = {"device": device}
+    report: dict = {"schema": "fedge-profile/1", "device": device}
     with energy.EnergySession(None, tdp, plan.interval_s, inventory.max_temperature) as meter:
         say("matmul throughput: fp32, bf16, fp16")
         with meter.phase("matmul"):

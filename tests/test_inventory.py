@@ -17,6 +17,7 @@ PI5_CPUINFO = """processor\t: 0
 BogoMIPS\t: 108.00
 Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp
 CPU implementer\t: 0x41
+CPU part\t: 0xd0b
 Model\t\t: Raspberry Pi 5 Model B Rev 1.0
 """
 
@@ -30,13 +31,10 @@ def test_isa_features_on_x86_and_arm():
 
 def test_a_raspberry_pi_from_its_device_tree(tmp_path):
     write_tree(tmp_path, {"proc/cpuinfo": PI5_CPUINFO, "proc/device-tree/model": "Raspberry Pi 5 Model B Rev 1.0\x00"})
-    assert inventory.board(tmp_path) == {
-        "model": "Raspberry Pi 5 Model B Rev 1.0",
-        "raspberry_pi": True,
-        "jetson": False,
-    }
+    board = inventory.board(tmp_path)
+    assert board["model"] == "Raspberry Pi 5 Model B Rev 1.0" and board["raspberry_pi"] and not board["jetson"]
     cpu = inventory.cpu(tmp_path)
-    assert cpu["model"] == "Raspberry Pi 5 Model B Rev 1.0" and cpu["bf16_native"] is False
+    assert cpu["model"] == "Cortex-A76" and cpu["bf16_native"] is False
     assert isinstance(cpu["freq_mhz"]["max"], Missing)  # a fixture root has no live cpufreq
 
 
@@ -49,7 +47,11 @@ def test_the_firmware_devicetree_path_and_a_jetson_release_file(tmp_path):
         },
     )
     b = inventory.board(tmp_path)
-    assert b["model"] == "NVIDIA Jetson Orin Nano Developer Kit" and b["jetson"].startswith("# R36")
+    assert (
+        b["model"] == "NVIDIA Jetson Orin Nano Developer Kit"
+        and b["jetson"]
+        and b["jetson_release"].startswith("# R36")
+    )
 
 
 def test_dmi_names_an_x86_machine(tmp_path):
