@@ -270,66 +270,87 @@ def check_plot_path(path: Path | None) -> None:
 
 
 def run_profile(plan: ProfilePlan, cache_dir: Path, say: Say, plot: Path | None = None) -> dict:
-    """Measure everything in ``plan``; returns the report tree (with Missing values; see split_missing)."""
-    from edge_client.session import open_model
+    """Measure everything in ``plan``; returns the report tree (with Missing values; see split_missing).
+
+    Input mistakes (a model that does not exist, a plot path that cannot be written) raise FedgeError
+    before anything is measured.
+    """
+    from edge_client.models import pull_model
 
     check_plot_path(plot)
+    model_name, no_model = resolve_model(plan.model, cache_dir)
+    if model_name is not None:
+        pull_model(model_name, cache_dir, say)  # a bad name or path fails here, in a second
     if plan.threads:
         torch.set_num_threads(plan.threads)
+    deadline = time.monotonic() + plan.budget_s if plan.budget_s else None
     t_start = time.monotonic()
-    model_name, no_model = resolve_model(plan.model, cache_dir)
     say("inventory: CPU, memory, sensors, backends, energy meters")
-    device = inventory.collect()
+    report: dict = {"schema": "fedge-profile/1", "device": inventory.collect()}
     tdp = (plan.tdp_w, "declared with --tdp-watts") if plan.tdp_w else None
-    report: dict = {"schema": "fedge-profile/1", "device": device}
     with energy.EnergySession(None, tdp, plan.interval_s, inventory.max_temperature) as meter:
         say("matmul throughput: fp32, bf16, fp16")
         with meter.phase("matmul"):
-            report["matmul_gflops"] = {
-                name: matmul_gflops(dt)
-                for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))
-            }
+            dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+            report["matmul_gflops"] = {name: matmul_gflops(dtype) for name, dtype in dtypes.items()}
         if model_name is None:
-            report["model"] = report["training"] = report["generation"] = Missing(no_model or "")
+            report["model"] = report["training"] = report["generation"] = Missing(no_model or "no model")
         else:
-            with meter.phase("load"):
-                t0 = time.monotonic()
-                session = open_model(model_name, cache_dir, plan.precision, plan.device, say=say)
-                load_s = time.monotonic() - t0
-            report["model"] = {
-                "name": model_name,
-                "precision": session.precision,
-                "device": str(session.device),
-                "params_m": round(sum(p.numel() for p in session.model.parameters()) / 1e6, 1),
-                "load_s": round(load_s, 2),
-            }
-            # What is left of the budget: about 2/3 to training, the rest to generation.
-            left = plan.budget_s and max(0.0, plan.budget_s - (time.monotonic() - t_start))
-            say(f"training: {plan.warmup} warm-up + up to {plan.steps} timed steps of {plan.batch} x {plan.seq_len}")
-            model, report["training"] = profile_training(session, plan, meter, left and left * 0.65)
-            left = plan.budget_s and max(0.0, plan.budget_s - (time.monotonic() - t_start))
-            say(f"generation: up to {plan.gen_reps} x {plan.gen_tokens} new tokens, batch 1")
-            report["generation"] = profile_generation(model, session.tokenizer, session.device, plan, meter, left)
-    result = meter.result
-    assert result is not None
-    report["energy"] = {
-        "method": result.method,
-        "description": result.description,
-        "estimated": result.estimated,
-        "note": result.note or Missing("no meter failed during the run: nothing to note"),
-        "total_j": round(result.joules, 2),
-        "mean_power_w": result.mean_power_w,
-        "phases": {name: asdict(p) for name, p in result.phases.items()},
-    }
-    timeline: dict[str, object] = {key: [row[key] for row in result.timeline] for key in energy.TIMELINE_KEYS}
-    if all(row["temp_c"] is None for row in result.timeline):
-        timeline["temp_c"] = Missing("no temperature sensor on this device")
-    report["timeline"] = timeline
+            report.update(_profile_model(model_name, plan, cache_dir, meter, say, deadline))
+    assert meter.result is not None
+    report.update(_energy_report(meter.result))
     report["wall_s"] = round(time.monotonic() - t_start, 1)
     report["plot"] = str(plot) if plot else Missing("no --plot FILE given")
     if plot:
-        plot_timeline(result, plot)
+        plot_timeline(meter.result, plot)
     return report
+
+
+def _profile_model(
+    name: str, plan: ProfilePlan, cache_dir: Path, meter: energy.EnergySession, say: Say, deadline: float | None
+) -> dict:
+    """Load the model, then training and generation; what is left of the budget goes 2/3 to training."""
+    from edge_client.session import open_model
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    with meter.phase("load"):
+        t0 = time.monotonic()
+        session = open_model(name, cache_dir, plan.precision, plan.device, say=say)
+        load_s = time.monotonic() - t0
+    say(f"training: {plan.warmup} warm-up + up to {plan.steps} timed steps of {plan.batch} x {plan.seq_len}")
+    budget = left()
+    model, training = profile_training(session, plan, meter, budget and budget * 0.65)
+    say(f"generation: up to {plan.gen_reps} x {plan.gen_tokens} new tokens, batch 1")
+    generation = profile_generation(model, session.tokenizer, session.device, plan, meter, left())
+    described = {
+        "name": name,
+        "precision": session.precision,
+        "device": str(session.device),
+        "params_m": round(sum(p.numel() for p in session.model.parameters()) / 1e6, 1),
+        "load_s": round(load_s, 2),
+    }
+    return {"model": described, "training": training, "generation": generation}
+
+
+def _energy_report(result: energy.EnergyResult) -> dict:
+    """The session's totals, phases and timeline (columns of energy.TIMELINE_KEYS)."""
+    timeline: dict[str, object] = {key: [row[key] for row in result.timeline] for key in energy.TIMELINE_KEYS}
+    if all(row["temp_c"] is None for row in result.timeline):
+        timeline["temp_c"] = Missing("no temperature sensor on this device")
+    return {
+        "energy": {
+            "method": result.method,
+            "description": result.description,
+            "estimated": result.estimated,
+            "note": result.note or Missing("no meter failed during the run: nothing to note"),
+            "total_j": round(result.joules, 2),
+            "mean_power_w": result.mean_power_w,
+            "phases": {name: asdict(p) for name, p in result.phases.items()},
+        },
+        "timeline": timeline,
+    }
 
 
 def plot_timeline(result: energy.EnergyResult, path: Path) -> None:

@@ -85,7 +85,11 @@ def test_default_model_not_cached_is_skipped_with_the_pull_command(tmp_path):
         (["--steps", "0"], "steps must be >= 1"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
+def test_bad_input_is_one_line_and_exit_2_before_measuring(args, message, tmp_path, capsys, monkeypatch):
+    def measured():
+        raise AssertionError("measured before checking the input")
+
+    monkeypatch.setattr("edge_client.inventory.collect", measured)
     assert main(["--cache-dir", str(tmp_path), "profile", *QUICK, *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
