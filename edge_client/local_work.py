@@ -173,16 +173,12 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
         wire.Metric.TRAIN_SECONDS: result.seconds,
         wire.Metric.LOAD_SECONDS: load_seconds,
         wire.Metric.PEAK_RSS_MB: result.peak_rss_mb,
-        **energy_metrics(meter.result),
+        wire.Metric.ENERGY_J: meter.result.joules,
+        wire.Client.ENERGY_METHOD: meter.result.method,  # a string: the ClientApp moves it to the CLIENT record
     }
     _save_update(work, arrays, metrics)  # before replying: a lost reply costs a resend, not the training
     _prune_work(work.parent)
     return arrays, {**metrics, wire.Metric.RESUMED: 0}
-
-
-def energy_metrics(result) -> dict:
-    """A round's energy for the reply: joules (a metric) and how they were had (a string, for the CLIENT record)."""
-    return {wire.Metric.ENERGY_J: result.joules, wire.Client.ENERGY_METHOD: result.method}
 
 
 def do_evaluate(device: Device, settings: wire.RoundSettings, global_arrays: Arrays) -> dict:
