@@ -105,8 +105,35 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print JSON to stdout")
     _add_runtime_args(ev)
     ev.set_defaults(run=cmd_eval)
+    _add_profile_command(sub)
     _add_federation_commands(sub)
     return parser
+
+
+def _add_profile_command(sub) -> None:
+    from edge_client.profiling import ProfilePlan
+
+    d = ProfilePlan()
+    prof = sub.add_parser("profile", help="what this device can do: matmuls, training and generation speed, energy")
+    prof.add_argument("--model", default=None, help=f"model to profile (default: {d.model} if cached; none: skip)")
+    prof.add_argument("--json", action="store_true", help="print JSON to stdout (null fields: see 'unavailable')")
+    prof.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="timeline: power, CPU, RSS, temp")
+    prof.add_argument("--steps", type=int, default=d.steps, help=f"timed training steps (default: {d.steps})")
+    prof.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed steps first (default: {d.warmup})")
+    prof.add_argument("--batch", type=int, default=d.batch, help=f"rows per training step (default: {d.batch})")
+    prof.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per row (default: {d.seq_len})")
+    prof.add_argument("--gen-tokens", type=int, default=d.gen_tokens, help="new tokens per generation")
+    prof.add_argument("--tdp-watts", type=float, default=None, help="TDP for the CPU-utilisation energy estimate")
+    prof.add_argument("--threads", type=int, default=0, help="torch threads (default: all; 1 helps on a busy CPU)")
+    prof.add_argument(
+        "--budget",
+        type=float,
+        default=d.budget_s,
+        metavar="SECONDS",
+        help=f"target run time: fewer timed repetitions on a slow device (default: {d.budget_s:g}; 0: no limit)",
+    )
+    _add_runtime_args(prof)
+    prof.set_defaults(run=cmd_profile)
 
 
 def _add_round_args(p: argparse.ArgumentParser) -> None:
@@ -268,6 +295,37 @@ def cmd_eval(args) -> int:
     from edge_client.commands import run_eval
 
     return run_eval(args, _cache(args), console)
+
+
+def cmd_profile(args) -> int:
+    from edge_client.inventory import split_missing
+    from edge_client.profiling import ProfilePlan, render_table, run_profile
+
+    try:
+        plan = ProfilePlan(
+            model=args.model,
+            precision=args.precision,
+            device=args.device,
+            steps=args.steps,
+            warmup=args.warmup,
+            batch=args.batch,
+            seq_len=args.seq_len,
+            gen_tokens=args.gen_tokens,
+            tdp_w=args.tdp_watts,
+            budget_s=args.budget or None,
+            threads=args.threads,
+        )
+    except ValueError as err:
+        raise FedgeError(f"bad profile option: {err}") from None
+    report, unavailable = split_missing(run_profile(plan, _cache(args), _say, args.plot))
+    report["unavailable"] = unavailable
+    if args.json:
+        print(json.dumps(report))
+    else:
+        Console().print(render_table(report, unavailable))
+        if args.plot:
+            console.print(f"timeline: {args.plot}")
+    return 0
 
 
 def _round_settings(args):

@@ -32,11 +32,12 @@ def train_round(msg: Message, context: Context) -> Message:
     arrays = wire.from_record(msg.content[wire.ADAPTER])
     rnd = int(config.get(wire.Cfg.ROUND, 0))
     arrays, metrics, warm = _work(device, "train", config, arrays, rnd)
+    info = {k: metrics.pop(k) for k in [k for k, v in metrics.items() if isinstance(v, str)]}  # e.g. energy method
     content = RecordDict(
         {
             wire.ADAPTER: wire.to_record(arrays),
             wire.METRICS: MetricRecord({**metrics, wire.Metric.STARTUP_SECONDS: startup, wire.Metric.WARM: warm}),
-            wire.CLIENT: _client_info(device),
+            wire.CLIENT: _client_info(device, info),
         }
     )
     return Message(content, reply_to=msg)
@@ -71,11 +72,12 @@ def _work(device: Device, kind: str, config: dict, arrays: dict, rnd: int) -> tu
     return {}, local_work.do_evaluate(device, settings, arrays), 0
 
 
-def _client_info(device: Device) -> ConfigRecord:
+def _client_info(device: Device, extra: dict | None = None) -> ConfigRecord:
     return ConfigRecord(
         {
             wire.Client.NAME: device.name,
             wire.Client.DATA: device.data,
             wire.Client.DEVICE: f"{platform.machine()} {psutil.cpu_count()} cpus",
+            **(extra or {}),
         }
     )

@@ -140,6 +140,7 @@ def local_data(device: Device, seed: int) -> tuple[list, list]:
 def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays, rnd: int) -> tuple[Arrays, dict]:
     """Train the global adapter for the round's steps on local data: (new adapter, metrics)."""
     from edge_client.data import fingerprint
+    from edge_client.energy import EnergySession
     from edge_client.session import epoch_maker
     from edge_client.train import train
 
@@ -154,14 +155,15 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
     set_adapter(model, global_arrays)
     load_seconds = time.time() - t0
     cfg = train_config(settings, rnd)
-    result = train(
-        model,
-        epoch_maker(session.tokenizer, train_set, cfg),
-        cfg,
-        session.device,
-        state_dir=work,
-        run_id=f"{session.model_dir}|{data_id}",
-    )
+    with EnergySession(interval_s=1.0) as meter:
+        result = train(
+            model,
+            epoch_maker(session.tokenizer, train_set, cfg),
+            cfg,
+            session.device,
+            state_dir=work,
+            run_id=f"{session.model_dir}|{data_id}",
+        )
     arrays = get_adapter(model)
     metrics = {
         wire.Metric.EXAMPLES: len(train_set),
@@ -171,6 +173,8 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
         wire.Metric.TRAIN_SECONDS: result.seconds,
         wire.Metric.LOAD_SECONDS: load_seconds,
         wire.Metric.PEAK_RSS_MB: result.peak_rss_mb,
+        wire.Metric.ENERGY_J: meter.result.joules,
+        wire.Client.ENERGY_METHOD: meter.result.method,  # a string: the ClientApp moves it to the CLIENT record
     }
     _save_update(work, arrays, metrics)  # before replying: a lost reply costs a resend, not the training
     _prune_work(work.parent)

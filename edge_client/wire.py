@@ -56,6 +56,7 @@ class Metric:
     EXACT_MATCH = "exact-match"
     HELDOUT_LOSS = "heldout-loss"
     EVAL_EXAMPLES = "eval-examples"
+    ENERGY_J = "energy-j"  # the round's local training, by the method in Client.ENERGY_METHOD
 
 
 class Client:
@@ -64,6 +65,7 @@ class Client:
     NAME = "name"
     DATA = "data"
     DEVICE = "device"
+    ENERGY_METHOD = "energy-method"  # how energy-j was had: "rapl", "pmic", "ina3221", "battery", "estimated", ...
 
 
 class Node:

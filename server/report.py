@@ -136,8 +136,9 @@ def plot_clients(report: dict, path: Path) -> None:
         ("train_seconds", "training s", None),
         ("startup_seconds", "fixed cost: process start s", None),
         ("peak_rss_mb", "peak RSS MB", None),
+        ("energy_j", "training energy J (see energy_method)", None),
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(20, 3.6))
     for ax, (key, title, fn) in zip(axes, panels):
         for name in names:
             pts = [

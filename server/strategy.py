@@ -166,6 +166,7 @@ def _client_entry(reply: Message) -> dict:
         "name": info.get(wire.Client.NAME, str(reply.metadata.src_node_id)),
         "data": info.get(wire.Client.DATA),
         "device": info.get(wire.Client.DEVICE),
+        "energy_method": info.get(wire.Client.ENERGY_METHOD),
     }
     for key, value in metrics.items():
         entry[key.replace("-", "_")] = value
