@@ -1,0 +1,229 @@
+"""Planner calibration: the training plan's predicted step time and peak RSS against measured ones.
+
+Each configuration trains the real model (SmolLM2-135M, LoRA r=16 on all seven projections, A frozen: the
+federation's default adapter) for a few steps on demo data packed into full rows, in a fresh process so its
+peak RSS (VmHWM, model load included) is its own. The step time is the median of the steps after the first.
+
+    python benchmarks/plan_calibration.py            # measure (~8 min on 2 cores), fit, write JSON + table
+    python benchmarks/plan_calibration.py --table    # re-fit and re-render from the last JSON
+
+The fit (printed, and stored in the JSON) gives `edge_client.plan.HOST`'s constants; the table compares the
+predictions of the constants in plan.py (the shipped model) with the measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import RESULTS, run_worker, update_readme_section, write_results  # noqa: E402
+
+STEPS = 3  # the first is warm-up
+# (name, precision, compute dtype, seq_len, micro_batch, checkpointing, trainable top layers)
+CONFIGS = [
+    ("fp32 128x4", "fp32", "fp32", 128, 4, False, 30),
+    ("fp32 128x4 ckpt", "fp32", "fp32", 128, 4, True, 30),
+    ("bf16 128x4", "bf16", "bf16", 128, 4, False, 30),
+    ("bf16 256x4", "bf16", "bf16", 256, 4, False, 30),
+    ("bf16 256x8 ckpt", "bf16", "bf16", 256, 8, True, 30),
+    ("bf16 256x4 top8", "bf16", "bf16", 256, 4, False, 8),
+    ("int8 128x4", "int8", "bf16", 128, 4, False, 30),
+    ("int4 256x4 ckpt", "int4", "bf16", 256, 4, True, 30),
+    ("int4 128x8", "int4", "bf16", 128, 8, False, 30),
+    ("int4/fp32 128x4", "int4", "fp32", 128, 4, False, 30),
+]
+
+
+def worker(spec: list, cache_dir: Path, threads: int) -> dict:
+    from edge_client.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
+
+    name, precision, compute, seq_len, micro, ckpt, layers = spec
+    import torch
+
+    from edge_client.data import encode_all, load_examples, packed_batches
+    from edge_client.plan import ALL_TARGETS, Knobs, loss_chunk_for
+    from edge_client.session import open_model
+    from edge_client.train import LoraSettings, TrainConfig, add_lora, train
+
+    torch.set_num_threads(threads)
+    runtime_mb = current_rss_mb()  # imports done, nothing loaded
+    knobs = Knobs(precision, ckpt, micro, 1, seq_len, layers, 16)
+    session = open_model(
+        "smollm2-135m",
+        cache_dir,
+        precision,
+        "cpu",
+        compute_dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[compute]),
+    )
+    lora = LoraSettings(
+        r=16, alpha=32, target_modules=ALL_TARGETS, freeze_a=True, top_layers=layers if layers < 30 else None
+    )
+    model = add_lora(session.model, lora)
+    load_peak_mb, loaded_mb = peak_rss_mb(), current_rss_mb()
+    encoded = encode_all(session.tokenizer, load_examples("demo:all"), seq_len)
+    batches = packed_batches(encoded, micro, seq_len, session.tokenizer.pad_token_id, seed=0)
+    labels = [int((b.labels[:, 1:] != -100).sum()) for b in batches[:STEPS]]
+    cfg = TrainConfig(
+        steps=STEPS, micro_batch=micro, seq_len=seq_len, gradient_checkpointing=ckpt, loss_chunk=loss_chunk_for(knobs),
+        warmup_steps=0, lr_schedule="constant", checkpoint_every=0, lora=lora,
+    )  # fmt: skip
+    reset_peak_rss()
+    times, cpu, last = [], [], [time.process_time()]
+
+    def on_step(step: int, loss: float, tokens: int, seconds: float) -> None:
+        times.append(seconds)
+        cpu.append(time.process_time() - last[0])  # this process's CPU seconds: what contention does not inflate
+        last[0] = time.process_time()
+
+    train(model, lambda epoch: batches, cfg, torch.device("cpu"), on_step=on_step)
+    return {
+        "name": name,
+        "runtime_mb": runtime_mb,
+        "loaded_mb": loaded_mb,
+        "load_peak_mb": load_peak_mb,
+        "train_peak_mb": peak_rss_mb(),
+        "step_times_s": times,
+        "step_s": statistics.median(times[1:]),
+        "step_cpu_s": cpu,
+        "load_avg_1min": __import__("os").getloadavg()[0],
+        "label_fraction": sum(labels) / (len(labels) * micro * (seq_len - 1)),
+    }
+
+
+def knobs_of(spec: list):
+    from edge_client.plan import Knobs
+
+    _, precision, compute, seq_len, micro, ckpt, layers = spec
+    return Knobs(precision, ckpt, micro, 1, seq_len, layers, 16)
+
+
+def predict(spec: list, label_fraction: float, host=None) -> tuple[float, float]:
+    """(step seconds, peak bytes) the planner predicts for a calibration config on the reference machine."""
+    from edge_client.plan import HOST, DeviceCaps, RoundBudget, estimate
+
+    host = host or HOST
+    key = spec[1] if spec[1] == spec[2] or spec[1] in ("fp32", "bf16") else f"{spec[1]}-fp32"
+    caps = DeviceCaps("host", 2, 2**40, {spec[1]: host.train_gflops[key]}, bf16_native=spec[2] == "bf16")
+    budget = RoundBudget(deadline_s=1e9, label_fraction=label_fraction, r_max=16)
+    est = estimate(knobs_of(spec), caps, budget, _model(), host)
+    return est.step_s, est.peak_bytes
+
+
+def _model():
+    from edge_client.plan import SMOLLM2_135M
+
+    return SMOLLM2_135M
+
+
+def fit(rows: list[dict]) -> dict:
+    """Least-effort fit of HOST's constants: throughput per path as the median FLOPs/s over its configs, the
+    runtime as the median import RSS, activation scale per compute dtype as the median measured/modelled."""
+    from edge_client.plan import HOST, RoundBudget, activation_bytes, step_flops, weight_bytes
+
+    model = _model()
+    by_path: dict[str, list[float]] = {}
+    act: dict[str, list[float]] = {}
+    load_extra: dict[str, list[float]] = {}
+    runtime = statistics.median(r["runtime_mb"] for r in rows) * 2**20
+    for spec, r in zip(CONFIGS, rows):
+        k = knobs_of(spec)
+        budget = RoundBudget(deadline_s=1e9, label_fraction=r["label_fraction"], r_max=16)
+        key = spec[1] if spec[2] == "bf16" or spec[1] == "fp32" else f"{spec[1]}-fp32"
+        by_path.setdefault(key, []).append(step_flops(k, budget, model) / (r["step_s"] - HOST.step_overhead_s) / 1e9)
+        weights = weight_bytes(spec[1], spec[2], model)
+        lora = 16 * 16 * 30 * 10176  # generous: every LoRA value x 16 bytes
+        logits = min(r["label_fraction"] * k.micro_batch * k.seq_len, 256 if k.checkpointing else 1024)
+        logits *= model.vocab * HOST.logit_bytes
+        measured_act = r["train_peak_mb"] * 2**20 - runtime - weights - lora - logits
+        unit = activation_bytes(k, spec[2], model, host=_unit_host())
+        act.setdefault(spec[2], []).append(measured_act / unit)
+        load_extra.setdefault(spec[1], []).append(r["load_peak_mb"] * 2**20 - runtime - weights)
+    return {
+        "train_gflops": {k: round(statistics.median(v), 1) for k, v in by_path.items()},
+        "runtime_bytes": round(runtime, -6),
+        "act_scale": {k: round(statistics.median(v), 2) for k, v in act.items()},
+        "load_extra_bytes": {k: round(max(0.0, statistics.median(v)), -6) for k, v in load_extra.items()},
+    }
+
+
+def _unit_host():
+    import dataclasses
+
+    from edge_client.plan import HOST
+
+    return dataclasses.replace(HOST, act_scale={"fp32": 1.0, "bf16": 1.0})
+
+
+def table(results: dict) -> str:
+    s = results["setup"]
+    lines = [
+        f"### Planner calibration: {s['model']}, LoRA r=16 on all 7 projections (A frozen), {s['steps']} steps "
+        f"(median of the last {s['steps'] - 1}), {s['threads']} threads",
+        "",
+        "| config | measured step (s) | predicted step (s) | error | measured peak RSS (MB) | predicted peak (MB) | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    t_err, m_err = [], []
+    for spec, r in zip(CONFIGS, results["runs"]):
+        step, peak = predict(spec, r["label_fraction"])
+        peak_mb = peak / 2**20
+        measured_peak = max(r["load_peak_mb"], r["train_peak_mb"])
+        te, me = step / r["step_s"] - 1, peak_mb / measured_peak - 1
+        t_err.append(abs(te))
+        m_err.append(abs(me))
+        lines.append(
+            f"| {r['name']} | {r['step_s']:.2f} | {step:.2f} | {te:+.0%} | {measured_peak:.0f} | {peak_mb:.0f} | {me:+.0%} |"
+        )
+    lines += [
+        "",
+        f"Median absolute error: step time {statistics.median(t_err):.0%} (max {max(t_err):.0%}), "
+        f"peak RSS {statistics.median(m_err):.0%} (max {max(m_err):.0%}).",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--table", action="store_true", help="re-fit and re-render from the last results")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    args = parser.parse_args()
+    from edge_client.models import default_cache_dir
+
+    cache = args.cache_dir or default_cache_dir()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker), cache, args.threads)))
+        return
+    if args.table:
+        results = json.loads((RESULTS / "plan_calibration.json").read_text())
+    else:
+        t0, runs = time.time(), []
+        for spec in CONFIGS:
+            runs.append(
+                run_worker(
+                    Path(__file__), [json.dumps(spec), "--threads", str(args.threads), "--cache-dir", str(cache)]
+                )
+            )
+            print(
+                f"{spec[0]}: {runs[-1]['step_s']:.2f} s/step, peak {max(runs[-1]['load_peak_mb'], runs[-1]['train_peak_mb']):.0f} MB",
+                flush=True,
+            )
+        setup = {"model": "smollm2-135m", "steps": STEPS, "threads": args.threads, "seconds": round(time.time() - t0)}
+        results = {"setup": setup, "runs": runs}
+    results["fit"] = fit(results["runs"])
+    print("fitted constants:", json.dumps(results["fit"], indent=1))
+    write_results("plan_calibration", results)
+    update_readme_section("plan_calibration", table(results))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
