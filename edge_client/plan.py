@@ -335,10 +335,12 @@ def make_plan(
         model.module_dims(name)  # unknown target: a clear error, not a KeyError deep in a cost model
     if not caps.precisions:
         raise ValueError(f"device {caps.name!r} supports none of the planner's precisions {LADDER}")
-    scored = [(k, estimate(k, caps, budget, model, host)) for k in candidates(caps, budget, model)]
-    for k, est in scored:
+    scored = []
+    for k in candidates(caps, budget, model):
+        est = estimate(k, caps, budget, model, host)
         if _violation(est, budget.steps, caps, budget) is None:
             return _plan(k, est, budget.steps, caps, budget, model, host, True, "fits with the requested steps")
+        scored.append((k, est))
     fitting = [(k, e, _max_steps(e, budget)) for k, e in scored if _violation(e, 0, caps, budget) is None]
     best = max(fitting, key=lambda t: t[2], default=None)
     if best is not None and best[2] >= 1:
