@@ -21,7 +21,8 @@ import dataclasses
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,6 +336,25 @@ class RssWatchdog:
         self.stop()
         if exc_type is None:
             self.check()
+
+
+@contextmanager
+def emulate(
+    profile: DeviceProfile,
+    sleep: Callable[[float], None] = time.sleep,
+    read_rss: Callable[[], int] = _process_rss,
+) -> Iterator[Callable[[int, float, int, float], bool]]:
+    """Run the enclosed training as ``profile``: its threads, its speed, its memory cap.
+
+    Yields the ``on_step`` callback to pass to `edge_client.train.train` (chain it with a `Replanner` placed
+    after it, so re-planning sees the stretched steps). Raises `EmulatedOutOfMemory` from the step that
+    finds the cap exceeded, or on leaving the block. The cap covers the whole process RSS, so emulate one
+    device per process (Flower runs each ClientApp in its own).
+    """
+    apply_threads(profile.threads)
+    throttle = Throttle(profile.slowdown, sleep)
+    with RssWatchdog(profile.memory_bytes, read_rss=read_rss, device=profile.name) as watchdog:
+        yield chain(throttle, watchdog)
 
 
 # --- link -----------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from edge_client.devices import (
     Throttle,
     apply_threads,
     chain,
+    emulate,
     load_profile,
 )
 from edge_client.errors import FedgeError
@@ -170,3 +171,21 @@ def test_link_seconds_and_emulated_transfer():
     assert slept == pytest.approx([0.55])
     with pytest.raises(ValueError, match="direction"):
         link.seconds(1, "sideways")
+
+
+def test_emulate_throttles_and_enforces_the_cap_from_one_callback():
+    import torch
+
+    before = torch.get_num_threads()
+    slept, rss = [], [100]
+    profile = load_profile("base=pi4-2gb,slowdown=3,memory_bytes=1000,threads=1")
+    try:
+        with pytest.raises(EmulatedOutOfMemory, match="pi4-2gb"):
+            with emulate(profile, sleep=slept.append, read_rss=lambda: rss[0]) as on_step:
+                assert torch.get_num_threads() == 1
+                assert on_step(1, 1.0, 10, 2.0) is False
+                rss[0] = 5000
+                on_step(2, 1.0, 10, 2.0)
+        assert slept == pytest.approx([4.0, 4.0])
+    finally:
+        torch.set_num_threads(before)

@@ -15,6 +15,7 @@ from edge_client.plan import (
     LADDER,
     SMOLLM2_135M,
     DeviceCaps,
+    ModelShape,
     Replanner,
     RoundBudget,
     TrainingPlan,
@@ -230,3 +231,38 @@ def test_replanner_stops_the_loop_at_the_replanned_step():
             break
     assert replanner.step_s[:2] == [20.0, 20.0]
     assert stops[-1] is True and len(stops) == replanner.plan.steps == 5  # 100 s / 20 s
+
+
+def test_a_plan_runs_end_to_end_on_the_tiny_model_and_the_replanner_cuts_it_short(fresh_session):
+    """Plan -> TrainConfig -> train() with an emulated device's callback and a Replanner that stops early."""
+    import torch
+
+    from edge_client.data import load_examples
+    from edge_client.devices import chain, emulate, load_profile
+    from edge_client.session import epoch_maker
+    from edge_client.train import LoraSettings, TrainConfig, add_lora, train
+
+    budget = RoundBudget(deadline_s=100, steps=6, batch=4, seq_len=64, r_max=4, targets=("q_proj", "v_proj"))
+    caps = _caps(gflops={p: 1e4 for p in LADDER}, uplink_bytes_per_s=1e9, latency_s=0.0)
+    plan = make_plan(
+        caps, budget, model=ModelShape(layers=2, hidden=64, intermediate=128, vocab=512, heads=4, kv_heads=2)
+    )
+    assert plan.feasible and plan.steps == 6
+    base = TrainConfig(warmup_steps=1, checkpoint_every=0)
+    cfg = dataclasses.replace(base, **plan.train_overrides(), lora=LoraSettings(**plan.lora_overrides()))
+    model = add_lora(fresh_session.model, cfg.lora)
+    make = epoch_maker(fresh_session.tokenizer, load_examples("demo:iot")[:40], cfg)
+    now = [0.0]
+    replanner = Replanner(plan, budget, started=0.0, clock=lambda: now[0])
+
+    def fake_sleep(seconds):
+        slept.append(seconds)
+        now[0] += 30.0  # the emulated device's clock: every step takes 30 s, whatever this machine did
+
+    slept = []
+    profile = load_profile("base=laptop,slowdown=30,memory_bytes=64e9")
+    with emulate(profile, sleep=fake_sleep) as device_step:
+        replanner.start()
+        result = train(model, make, cfg, torch.device("cpu"), on_step=chain(device_step, replanner))
+    assert result.steps == replanner.plan.steps == 2  # 100 s x 0.85 allows 2 steps of 30 s
+    assert len(slept) == 2 and replanner.plan.calibration > 1
