@@ -26,16 +26,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import RESULTS, run_worker, update_readme_section, write_results  # noqa: E402
 
 STEPS = 3  # the first is warm-up
-# Uncontended step time = CPU seconds / (threads x this): two threads on oneDNN/MKL GEMMs of this size keep both
-# cores ~85% busy. An assumption, used because other benchmarks shared the cores (see benchmarks/README.md).
-PARALLEL_EFFICIENCY = 0.85
-
-
-def quiet_step_s(run: dict, threads: int) -> float:
-    """The step time on an otherwise idle machine, estimated from the process's CPU seconds per step."""
-    return statistics.median(run["step_cpu_s"][1:]) / (threads * PARALLEL_EFFICIENCY)
-
-
+# The cores were shared with other benchmarks during calibration (load average 5-9 on 2 vCPUs), which slowed
+# wall-clock steps 5-20x and unevenly, and inflated CPU seconds too (hyperthread siblings, spinning OpenMP threads).
+# So every step is bracketed by a matmul probe (2048^3 fp32, same threads): the step's quiet time is its wall
+# time x (probe GFLOP/s during it / the probe's GFLOP/s on the idle machine). QUIET_PROBE_GFLOPS is FACTS.md's
+# fp32 matmul peak on this machine (2 threads); an assumption, as are all contention corrections.
+QUIET_PROBE_GFLOPS = 306.0
 # (name, precision, compute dtype, seq_len, micro_batch, checkpointing, trainable top layers)
 CONFIGS = [
     ("fp32 128x4", "fp32", "fp32", 128, 4, False, 30),
@@ -47,6 +43,25 @@ CONFIGS = [
     ("int4 256x4 ckpt", "int4", "bf16", 256, 4, True, 30),
     ("int4/fp32 128x4", "int4", "fp32", 128, 4, False, 30),
 ]
+
+
+def probe_gflops() -> float:
+    """fp32 GFLOP/s of two 2048x2048 matmuls right now (~0.1 s on an idle 2-core machine)."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(2):
+        a @ b
+    return 2 * 2 * 2048**3 / (time.perf_counter() - t0) / 1e9
+
+
+def quiet_step_s(run: dict) -> float:
+    """The step time on an idle machine: each timed step's wall time scaled by the probes around it."""
+    probes = run["probe_gflops"]  # one before training, one after each step
+    scaled = [t * (probes[i] + probes[i + 1]) / 2 / QUIET_PROBE_GFLOPS for i, t in enumerate(run["step_times_s"])]
+    return statistics.median(scaled[1:])
 
 
 def worker(spec: list, cache_dir: Path, threads: int) -> dict:
@@ -83,11 +98,12 @@ def worker(spec: list, cache_dir: Path, threads: int) -> dict:
         warmup_steps=0, lr_schedule="constant", checkpoint_every=0, lora=lora,
     )  # fmt: skip
     reset_peak_rss()
-    times, cpu, last = [], [], [time.process_time()]
+    times, cpu, last, probes = [], [], [time.process_time()], [probe_gflops()]
 
     def on_step(step: int, loss: float, tokens: int, seconds: float) -> None:
         times.append(seconds)
-        cpu.append(time.process_time() - last[0])  # this process's CPU seconds: what contention does not inflate
+        cpu.append(time.process_time() - last[0])
+        probes.append(probe_gflops())  # after the step's timing: the probe is not part of it
         last[0] = time.process_time()
 
     train(model, lambda epoch: batches, cfg, torch.device("cpu"), on_step=on_step)
@@ -100,6 +116,7 @@ def worker(spec: list, cache_dir: Path, threads: int) -> dict:
         "step_times_s": times,
         "step_s": statistics.median(times[1:]),
         "step_cpu_s": cpu,
+        "probe_gflops": probes,
         "load_avg_1min": __import__("os").getloadavg()[0],
         "label_fraction": sum(labels) / (len(labels) * micro * (seq_len - 1)),
     }
@@ -114,11 +131,10 @@ def knobs_of(spec: list):
 
 def predict(spec: list, label_fraction: float, host=None) -> tuple[float, float]:
     """(step seconds, peak bytes) the planner predicts for a calibration config on the reference machine."""
-    from edge_client.plan import HOST, DeviceCaps, RoundBudget, estimate
+    from edge_client.plan import HOST, RoundBudget, estimate
 
     host = host or HOST
-    key = spec[1] if spec[1] == spec[2] or spec[1] in ("fp32", "bf16") else f"{spec[1]}-fp32"
-    caps = DeviceCaps("host", 2, 2**40, {spec[1]: host.train_gflops[key]}, bf16_native=spec[2] == "bf16")
+    caps = predict_caps(spec, host)
     budget = RoundBudget(deadline_s=1e9, label_fraction=label_fraction, r_max=16)
     est = estimate(knobs_of(spec), caps, budget, _model(), host)
     return est.step_s, est.peak_bytes
@@ -130,36 +146,54 @@ def _model():
     return SMOLLM2_135M
 
 
-def fit(rows: list[dict], threads: int) -> dict:
-    """Least-effort fit of HOST's constants: throughput per path as the median FLOPs/s over its configs, the
-    runtime as the median import RSS, activation scale per compute dtype as the median measured/modelled."""
-    from edge_client.plan import HOST, RoundBudget, activation_bytes, step_flops, weight_bytes
+def fit(rows: list[dict]) -> dict:
+    """Fit HOST's constants to the measurements.
 
-    model = _model()
+    Throughput per path: the median model GFLOP/s over its configs (after the fixed per-step overhead).
+    Memory: peak - (runtime + weights + LoRA state + logits) = train_overhead + act_scale[dtype] x modelled
+    activations, by least squares over all configs. Load: load peak - runtime - weights, per precision.
+    """
+    import numpy as np
+
+    from edge_client.plan import HOST, RoundBudget, activation_bytes, estimate, step_flops, weight_bytes
+
+    model, unit_host = _model(), _unit_host()
     by_path: dict[str, list[float]] = {}
-    act: dict[str, list[float]] = {}
     load_extra: dict[str, list[float]] = {}
+    dtypes = sorted({spec[2] for spec in CONFIGS})
+    design, target = [], []
     runtime = statistics.median(r["runtime_mb"] for r in rows) * 2**20
     for spec, r in zip(CONFIGS, rows):
         k = knobs_of(spec)
         budget = RoundBudget(deadline_s=1e9, label_fraction=r["label_fraction"], r_max=16)
         key = spec[1] if spec[2] == "bf16" or spec[1] == "fp32" else f"{spec[1]}-fp32"
-        seconds = quiet_step_s(r, threads) - HOST.step_overhead_s
+        seconds = quiet_step_s(r) - HOST.step_overhead_s
         by_path.setdefault(key, []).append(step_flops(k, budget, model) / seconds / 1e9)
         weights = weight_bytes(spec[1], spec[2], model)
-        lora = 16 * 16 * 30 * 10176  # generous: every LoRA value x 16 bytes
-        logits = min(r["label_fraction"] * k.micro_batch * k.seq_len, 256 if k.checkpointing else 1024)
-        logits *= model.vocab * HOST.logit_bytes
-        measured_act = r["train_peak_mb"] * 2**20 - runtime - weights - lora - logits
-        unit = activation_bytes(k, spec[2], model, host=_unit_host())
-        act.setdefault(spec[2], []).append(measured_act / unit)
+        unit = activation_bytes(k, spec[2], model, host=unit_host)
+        # Everything the model predicts except activations and the training overhead (both zero in unit_host).
+        caps_spec = predict_caps(spec, unit_host)
+        rest = estimate(k, caps_spec, budget, model, unit_host)
+        fixed = rest.peak_bytes - unit - runtime  # weights + LoRA state + logits (load peak ignored: extra 0)
+        design.append([1.0] + [unit if d == spec[2] else 0.0 for d in dtypes])
+        target.append(r["train_peak_mb"] * 2**20 - runtime - fixed)
         load_extra.setdefault(spec[1], []).append(r["load_peak_mb"] * 2**20 - runtime - weights)
+    coef, *_ = np.linalg.lstsq(np.array(design), np.array(target), rcond=None)
     return {
         "train_gflops": {k: round(statistics.median(v), 1) for k, v in by_path.items()},
         "runtime_bytes": round(runtime, -6),
-        "act_scale": {k: round(statistics.median(v), 2) for k, v in act.items()},
+        "train_overhead_bytes": round(float(coef[0]), -6),
+        "act_scale": {d: round(float(c), 2) for d, c in zip(dtypes, coef[1:])},
         "load_extra_bytes": {k: round(max(0.0, statistics.median(v)), -6) for k, v in load_extra.items()},
     }
+
+
+def predict_caps(spec: list, host):
+    """A reference-machine DeviceCaps that runs exactly this config's path."""
+    from edge_client.plan import DeviceCaps
+
+    key = spec[1] if spec[1] == spec[2] or spec[1] in ("fp32", "bf16") else f"{spec[1]}-fp32"
+    return DeviceCaps("host", 2, 2**40, {spec[1]: host.train_gflops[key]}, bf16_native=spec[2] == "bf16")
 
 
 def _unit_host():
@@ -167,7 +201,10 @@ def _unit_host():
 
     from edge_client.plan import HOST
 
-    return dataclasses.replace(HOST, act_scale={"fp32": 1.0, "bf16": 1.0})
+    zero_load = {p: 0.0 for p in HOST.load_extra_bytes}
+    return dataclasses.replace(
+        HOST, act_scale={"fp32": 1.0, "bf16": 1.0}, train_overhead_bytes=0.0, load_extra_bytes=zero_load
+    )
 
 
 def table(results: dict) -> str:
@@ -176,14 +213,14 @@ def table(results: dict) -> str:
         f"### Planner calibration: {s['model']}, LoRA r=16 on all 7 projections (A frozen), {s['steps']} steps "
         f"(median of the last {s['steps'] - 1}), {s['threads']} threads",
         "",
-        "| config | wall step, contended (s) | step from CPU time (s) | predicted step (s) | error "
+        "| config | wall step, contended (s) | probe-scaled step (s) | predicted step (s) | error "
         "| peak RSS (MB) | predicted peak (MB) | error |",
         "|---|---|---|---|---|---|---|---|",
     ]
     t_err, m_err = [], []
     for spec, r in zip(CONFIGS, results["runs"]):
         step, peak = predict(spec, r["label_fraction"])
-        quiet = quiet_step_s(r, s["threads"])
+        quiet = quiet_step_s(r)
         peak_mb, measured_peak = peak / 2**20, max(r["load_peak_mb"], r["train_peak_mb"])
         te, me = step / quiet - 1, peak_mb / measured_peak - 1
         t_err.append(abs(te))
@@ -194,10 +231,37 @@ def table(results: dict) -> str:
         )
     lines += [
         "",
-        f"Median absolute error: step time (against the CPU-time estimate) {statistics.median(t_err):.0%} "
+        f"Median absolute error: step time (against the probe-scaled step) {statistics.median(t_err):.0%} "
         f"(max {max(t_err):.0%}), "
         f"peak RSS {statistics.median(m_err):.0%} (max {max(m_err):.0%}).",
     ]
+    return "\n".join(lines)
+
+
+def plans_table(deadline_s: float = 120.0, steps: int = 15, r_max: int = 16) -> str:
+    """The plan each emulated device gets for one sample round, with the shipped constants."""
+    from edge_client.devices import PROFILES
+    from edge_client.plan import GIB, RoundBudget, make_plan
+
+    budget = RoundBudget(deadline_s=deadline_s, steps=steps, r_max=r_max)
+    lines = [
+        f"Plans for a sample round (deadline {deadline_s:.0f} s, {steps} steps of batch {budget.batch} x "
+        f"{budget.seq_len} tokens requested, r_max {r_max}, all 7 projections, label fraction "
+        f"{budget.label_fraction}; margins: {budget.time_margin:.0%} of the deadline, "
+        f"{budget.memory_margin:.0%} of memory):",
+        "",
+        "| device | precision (compute) | rank | layers | seq | micro x accum | ckpt | steps | predicted s "
+        "| predicted peak (GiB) / cap | upload (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, profile in PROFILES.items():
+        p = make_plan(profile.caps(), budget)
+        lines.append(
+            f"| {name} | {p.precision} ({p.compute_dtype}) | {p.lora_r} | {p.top_layers or 'all'} | {p.seq_len} "
+            f"| {p.micro_batch} x {p.grad_accum} | {'on' if p.gradient_checkpointing else 'off'} | {p.steps} "
+            f"| {p.predicted_s:.0f} | {p.predicted_peak_bytes / GIB:.2f} / {profile.memory_bytes / GIB:.1f} "
+            f"| {p.predicted_upload_bytes / 1e6:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -231,11 +295,12 @@ def main() -> None:
             print(f"{spec[0]}: {r['step_s']:.2f} s/step, peak {max(r['load_peak_mb'], r['train_peak_mb']):.0f} MB")
         setup = {"model": "smollm2-135m", "steps": STEPS, "threads": args.threads, "seconds": round(time.time() - t0)}
         results = {"setup": setup, "runs": runs}
-    results["fit"] = fit(results["runs"], results["setup"]["threads"])
+    results["fit"] = fit(results["runs"])
     print("fitted constants:", json.dumps(results["fit"], indent=1))
     write_results("plan_calibration", results)
-    update_readme_section("plan_calibration", table(results))
-    print(table(results))
+    markdown = table(results) + "\n\n" + plans_table()
+    update_readme_section("plan_calibration", markdown)
+    print(markdown)
 
 
 if __name__ == "__main__":

@@ -29,16 +29,18 @@ class HostCalibration:
     """
 
     train_gflops: dict[str, float]
-    runtime_bytes: float  # python + torch + transformers + peft, imported, nothing loaded
+    runtime_bytes: float  # python + torch imported, nothing loaded (transformers/peft count in the overheads below)
+    train_overhead_bytes: float  # allocator caches and workspaces that training adds, whatever the config
     act_scale: dict[str, float]  # measured / modelled activation bytes, per compute dtype
     logit_bytes: float  # bytes per (labelled position x vocab entry) alive in one LM-head chunk
-    load_extra_bytes: dict[str, float]  # transient bytes above the loaded weights while loading, per precision
+    load_extra_bytes: dict[str, float]  # load peak - runtime - weights, per precision (transformers, temporaries)
     step_overhead_s: float  # per optimizer step: AdamW on the adapter, python
 
 
 HOST = HostCalibration(
     train_gflops={"fp32": 80.0, "bf16": 200.0, "int8": 150.0, "int4": 150.0, "int8-fp32": 60.0, "int4-fp32": 60.0},
     runtime_bytes=450e6,
+    train_overhead_bytes=0.0,
     act_scale={"fp32": 1.0, "bf16": 1.0},
     logit_bytes=14.0,
     load_extra_bytes={"fp32": 0.0, "bf16": 540e6, "int8": 540e6, "int4": 540e6},
