@@ -150,19 +150,21 @@ def fit(rows: list[dict]) -> dict:
     """Fit HOST's constants to the measurements.
 
     Throughput per path: the median model GFLOP/s over its configs (after the fixed per-step overhead).
-    Memory: peak - (runtime + weights + LoRA state + logits) = train_overhead + act_scale[dtype] x modelled
-    activations, by least squares over all configs. Load: load peak - runtime - weights, per precision.
+    Memory: peak - (runtime + weights + LoRA state + logits) = train_overhead + act_scale x modelled activations
+    + token_bytes x tokens per micro-batch (one scale for both dtypes: the model already counts bytes per dtype),
+    by least squares; then the overhead is raised to the largest residual, so the model bounds every measured
+    peak from above: the planner must not under-predict (an OOM costs the round). Load: load peak - runtime -
+    weights, per precision.
     """
     import numpy as np
 
     from edge_client.plan import HOST, RoundBudget, activation_bytes, estimate, step_flops, weight_bytes
 
-    model, unit_host = _model(), _unit_host()
     by_path: dict[str, list[float]] = {}
     load_extra: dict[str, list[float]] = {}
-    dtypes = sorted({spec[2] for spec in CONFIGS})
-    design, target = [], []
+    units, tokens, target = [], [], []
     runtime = statistics.median(r["runtime_mb"] for r in rows) * 2**20
+    model, unit_host = _model(), _unit_host(runtime)
     for spec, r in zip(CONFIGS, rows):
         k = knobs_of(spec)
         budget = RoundBudget(deadline_s=1e9, label_fraction=r["label_fraction"], r_max=16)
@@ -175,15 +177,20 @@ def fit(rows: list[dict]) -> dict:
         caps_spec = predict_caps(spec, unit_host)
         rest = estimate(k, caps_spec, budget, model, unit_host)
         fixed = rest.peak_bytes - unit - runtime  # weights + LoRA state + logits (load peak ignored: extra 0)
-        design.append([1.0] + [unit if d == spec[2] else 0.0 for d in dtypes])
+        units.append(unit)
+        tokens.append(k.micro_batch * k.seq_len)
         target.append(r["train_peak_mb"] * 2**20 - runtime - fixed)
         load_extra.setdefault(spec[1], []).append(r["load_peak_mb"] * 2**20 - runtime - weights)
-    coef, *_ = np.linalg.lstsq(np.array(design), np.array(target), rcond=None)
+    design = np.array([[1.0, u, n] for u, n in zip(units, tokens)])
+    (_, scale, per_token), *_ = np.linalg.lstsq(design, np.array(target), rcond=None)
+    scale, per_token = max(0.0, float(scale)), max(0.0, float(per_token))
+    overhead = max(t - scale * u - per_token * n for t, u, n in zip(target, units, tokens))
     return {
         "train_gflops": {k: round(statistics.median(v), 1) for k, v in by_path.items()},
         "runtime_bytes": round(runtime, -6),
-        "train_overhead_bytes": round(float(coef[0]), -6),
-        "act_scale": {d: round(float(c), 2) for d, c in zip(dtypes, coef[1:])},
+        "train_overhead_bytes": round(overhead + 0.5e6, -6),
+        "act_scale": {"fp32": round(scale, 2), "bf16": round(scale, 2)},
+        "token_bytes": round(per_token, -3),
         "load_extra_bytes": {k: round(max(0.0, statistics.median(v)), -6) for k, v in load_extra.items()},
     }
 
@@ -196,14 +203,18 @@ def predict_caps(spec: list, host):
     return DeviceCaps("host", 2, 2**40, {spec[1]: host.train_gflops[key]}, bf16_native=spec[2] == "bf16")
 
 
-def _unit_host():
+def _unit_host(runtime_bytes: float):
     import dataclasses
 
     from edge_client.plan import HOST
 
     zero_load = {p: 0.0 for p in HOST.load_extra_bytes}
     return dataclasses.replace(
-        HOST, act_scale={"fp32": 1.0, "bf16": 1.0}, train_overhead_bytes=0.0, load_extra_bytes=zero_load
+        HOST,
+        act_scale={"fp32": 1.0, "bf16": 1.0},
+        train_overhead_bytes=0.0,
+        token_bytes=0.0,
+        load_extra_bytes=zero_load,
     )
 
 

@@ -4,7 +4,7 @@ A profile describes a device relative to the reference machine this project meas
 AVX-512 and AMX-BF16): ``slowdown`` is how many times longer a training step takes there at the same compute
 dtype. Emulation runs the real training here and makes it behave like the device:
 
-- `apply_threads` + `Throttle`: limit torch's threads and stretch each step by sleeping (slowdown - 1) x its measured time;
+- `apply_threads` + `Throttle`: limit torch's threads, stretch each step by sleeping (slowdown - 1) x its time;
 - `RssWatchdog`: samples this process's RSS in a background thread and raises `EmulatedOutOfMemory` from the
   training loop's step callback once it exceeded the cap (an OOM the client can report, not a dead process);
 - `Link`: seconds a payload takes (latency + bytes / bandwidth), and a sleep that emulates the transfer.

@@ -263,6 +263,7 @@ def estimate(
     logits = min(labels, loss_chunk_for(k)) * model.vocab * host.logit_bytes
     weights = weight_bytes(k.precision, compute, model)
     activations = activation_bytes(k, compute, model, host) + host.train_overhead_bytes
+    activations += host.token_bytes * k.micro_batch * k.seq_len
     train_peak = host.runtime_bytes + weights + lora + activations + logits
     load_peak = host.runtime_bytes + weights + host.load_extra_bytes[k.precision]
     step_s = step_flops(k, budget, model) / (caps.train_gflops[k.precision] * 1e9) + host.step_overhead_s

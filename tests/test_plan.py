@@ -76,7 +76,12 @@ def test_unconstrained_device_keeps_every_requested_setting():
 
 # Constants of a made-up machine, so the ordering tests do not move when the real calibration does.
 TEST_HOST = dataclasses.replace(
-    HOST, runtime_bytes=100e6, load_extra_bytes={p: 0.0 for p in LADDER}, act_scale={"fp32": 1.0, "bf16": 1.0}
+    HOST,
+    runtime_bytes=100e6,
+    train_overhead_bytes=0.0,
+    token_bytes=0.0,
+    load_extra_bytes={p: 0.0 for p in LADDER},
+    act_scale={"fp32": 1.0, "bf16": 1.0},
 )
 
 
@@ -100,7 +105,7 @@ def test_memory_pressure_gives_up_precision_then_checkpointing_then_micro_batch(
 
 
 def test_tighter_deadlines_never_give_up_a_more_important_knob_first():
-    caps = PROFILES["pi5-8gb"].caps()
+    caps = dataclasses.replace(PROFILES["pi5-8gb"].caps(), memory_bytes=64 * GIB)  # time binds, not memory
     levels = []
     for deadline in (20000, 5000, 2000, 800, 300, 120, 60, 30):
         budget = RoundBudget(deadline_s=deadline)
