@@ -122,6 +122,40 @@ def worker(spec: list, cache_dir: Path, threads: int) -> dict:
     }
 
 
+SAMPLE_ROUND = {"deadline_s": 120.0, "steps": 15, "r_max": 16}
+
+
+def plan_worker(device: str, cache_dir: Path) -> dict:
+    """Run the sample round's plan for an emulated device for 3 steps under its memory cap (no throttle sleeps:
+    this checks memory, not time). Returns the peak RSS (load included) and whether the cap tripped."""
+    import torch
+
+    from edge_client.data import encode_all, load_examples, packed_batches
+    from edge_client.devices import PROFILES, EmulatedOutOfMemory, emulate
+    from edge_client.memory import peak_rss_mb
+    from edge_client.plan import RoundBudget, make_plan
+    from edge_client.session import open_model
+    from edge_client.train import LoraSettings, TrainConfig, add_lora, train
+
+    profile = PROFILES[device]
+    plan = make_plan(profile.caps(), RoundBudget(**SAMPLE_ROUND))
+    oom = None
+    with emulate(profile, sleep=lambda seconds: None) as on_step:
+        try:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[plan.compute_dtype]
+            session = open_model("smollm2-135m", cache_dir, plan.precision, "cpu", compute_dtype=dtype)
+            lora = LoraSettings(alpha=2 * plan.lora_r, freeze_a=True, **plan.lora_overrides())
+            model = add_lora(session.model, lora)
+            encoded = encode_all(session.tokenizer, load_examples("demo:all"), plan.seq_len)
+            batches = packed_batches(encoded, plan.micro_batch, plan.seq_len, session.tokenizer.pad_token_id, seed=0)
+            overrides = {**plan.train_overrides(), "steps": 3}
+            cfg = TrainConfig(**overrides, warmup_steps=0, lr_schedule="constant", checkpoint_every=0, lora=lora)
+            train(model, lambda epoch: batches, cfg, torch.device("cpu"), on_step=on_step)
+        except EmulatedOutOfMemory as err:
+            oom = str(err)
+    return {"device": device, "plan": plan.to_dict(), "peak_rss_mb": peak_rss_mb(), "oom": oom}
+
+
 def knobs_of(spec: list):
     from edge_client.plan import Knobs
 
@@ -249,12 +283,14 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plans_table(deadline_s: float = 120.0, steps: int = 15, r_max: int = 16) -> str:
-    """The plan each emulated device gets for one sample round, with the shipped constants."""
+def plans_table(verified: dict | None = None) -> str:
+    """The plan each emulated device gets for the sample round, with the shipped constants (and, if
+    ``verified`` has them, the peak RSS measured running it under the device's memory cap)."""
     from edge_client.devices import PROFILES
     from edge_client.plan import GIB, RoundBudget, make_plan
 
-    budget = RoundBudget(deadline_s=deadline_s, steps=steps, r_max=r_max)
+    budget, verified = RoundBudget(**SAMPLE_ROUND), verified or {}
+    deadline_s, steps, r_max = budget.deadline_s, budget.steps, budget.r_max
     lines = [
         f"Plans for a sample round (deadline {deadline_s:.0f} s, {steps} steps of batch {budget.batch} x "
         f"{budget.seq_len} tokens requested, r_max {r_max}, all 7 projections, label fraction "
@@ -262,8 +298,8 @@ def plans_table(deadline_s: float = 120.0, steps: int = 15, r_max: int = 16) -> 
         f"{budget.memory_margin:.0%} of memory):",
         "",
         "| device | precision (compute) | rank | layers | seq | micro x accum | ckpt | steps | predicted s "
-        "| predicted peak (GiB) / cap | upload (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| predicted peak (GiB) / cap | measured peak, 3 steps (GiB) | upload (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, profile in PROFILES.items():
         p = make_plan(profile.caps(), budget)
@@ -271,9 +307,19 @@ def plans_table(deadline_s: float = 120.0, steps: int = 15, r_max: int = 16) -> 
             f"| {name} | {p.precision} ({p.compute_dtype}) | {p.lora_r} | {p.top_layers or 'all'} | {p.seq_len} "
             f"| {p.micro_batch} x {p.grad_accum} | {'on' if p.gradient_checkpointing else 'off'} | {p.steps} "
             f"| {p.predicted_s:.0f} | {p.predicted_peak_bytes / GIB:.2f} / {profile.memory_bytes / GIB:.1f} "
-            f"| {p.predicted_upload_bytes / 1e6:.1f} |"
+            f"| {_measured(verified.get(name), p)} | {p.predicted_upload_bytes / 1e6:.1f} |"
         )
     return "\n".join(lines)
+
+
+def _measured(run: dict | None, plan) -> str:
+    if run is None:
+        return "not run"
+    from edge_client.plan import TrainingPlan
+
+    if TrainingPlan.from_dict(run["plan"]) != plan:
+        return "stale (plan changed)"
+    return "OOM: " + run["oom"] if run["oom"] else f"{run['peak_rss_mb'] / 1024:.2f}"
 
 
 def main() -> None:
@@ -281,12 +327,16 @@ def main() -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--table", action="store_true", help="re-fit and re-render from the last results")
     parser.add_argument("--resume", action="store_true", help="keep the configs a killed run already measured")
+    parser.add_argument("--verify-plans", action="store_true", help="also run each device's sample plan (~5 min)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args()
     from edge_client.models import default_cache_dir
 
     cache = args.cache_dir or default_cache_dir()
+    if args.worker and args.worker.startswith("plan:"):
+        print(json.dumps(plan_worker(args.worker.removeprefix("plan:"), cache)))
+        return
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker), cache, args.threads)))
         return
@@ -307,9 +357,17 @@ def main() -> None:
         setup = {"model": "smollm2-135m", "steps": STEPS, "threads": args.threads, "seconds": round(time.time() - t0)}
         results = {"setup": setup, "runs": runs}
     results["fit"] = fit(results["runs"])
+    if args.verify_plans:
+        from edge_client.devices import PROFILES
+
+        results["plans"] = {}
+        for device in PROFILES:
+            run = run_worker(Path(__file__), [f"plan:{device}", "--cache-dir", str(cache)])
+            results["plans"][device] = {k: v for k, v in run.items() if k != "device"}
+            print(f"{device}: peak {run['peak_rss_mb']:.0f} MB, oom: {run['oom']}", flush=True)
     print("fitted constants:", json.dumps(results["fit"], indent=1))
     write_results("plan_calibration", results)
-    markdown = table(results) + "\n\n" + plans_table()
+    markdown = table(results) + "\n\n" + plans_table(results.get("plans"))
     update_readme_section("plan_calibration", markdown)
     print(markdown)
 
