@@ -169,6 +169,21 @@ class RoundBudget:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_round_settings(cls, settings: object, deadline_s: float, **limits: object) -> RoundBudget:
+        """From the federation's `edge_client.wire.RoundSettings` (steps, batch, seq_len, LoRA rank and targets)
+        plus the round's limits (``memory_cap_bytes``, ``upload_budget_bytes``, margins ...)."""
+        targets = tuple(t.strip() for t in settings.lora_targets.split(",") if t.strip())
+        return cls(
+            deadline_s=deadline_s,
+            steps=settings.steps,
+            batch=settings.batch,
+            seq_len=settings.seq_len,
+            r_max=settings.lora_r,
+            targets=targets,
+            **limits,
+        )
+
+    @classmethod
     def from_dict(cls, data: dict) -> RoundBudget:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
@@ -186,6 +201,11 @@ class TrainingPlan:
 
     ``top_layers`` is the number of last decoder layers that train (None: all). Seconds and bytes.
     ``calibration`` is measured / predicted step time (1.0 until `replan` has measured steps).
+
+    In a federation the adapter's tensors are fixed (rank r_max on every layer): a plan with fewer layers or a
+    lower rank trains a part of them (the top layers; the first ``lora_r`` rows of A / columns of B) and leaves
+    the rest at the global values. The cost models count LoRA state and upload for the trained part only;
+    wrapping the full adapter and freezing the rest adds ~20 MB (SmolLM2, r=16, 7 targets) and few FLOPs.
     """
 
     feasible: bool

@@ -183,6 +183,15 @@ def test_unknown_target_and_bad_budget_are_named():
         RoundBudget.from_dict({"deadline_s": 60, "bogus": 1})
 
 
+def test_budget_from_the_federations_round_settings():
+    from edge_client.wire import RoundSettings
+
+    settings = RoundSettings(steps=10, batch=4, seq_len=128, lora_r=8, lora_targets="q_proj, v_proj")
+    budget = RoundBudget.from_round_settings(settings, 90.0, memory_cap_bytes=GIB)
+    assert (budget.steps, budget.batch, budget.seq_len, budget.r_max) == (10, 4, 128, 8)
+    assert budget.targets == ("q_proj", "v_proj") and budget.memory_cap_bytes == GIB
+
+
 def test_caps_from_a_profiler_report():
     report = {"name": "box", "threads": 4, "memory_bytes": 8 * GIB, "bf16_native": False}
     report |= {"matmul_gflops": {"fp32": 153.0, "bf16": 20.0}, "peak_rss_mb": 900, "train_tokens_per_s": 50}
