@@ -251,7 +251,7 @@ def train(
     If ``state_dir`` holds a checkpoint of an earlier run with the same config and ``run_id`` (name the
     model and data in it, e.g. their fingerprints), training resumes from it;
     progress is saved there every ``cfg.checkpoint_every`` steps (atomically) and at the end.
-    ``on_step`` runs after each optimizer step; if it returns True, training ends after that step (the
+    ``on_step`` runs after each optimizer step; if it returns ``True`` (exactly), training ends after that step (the
     result then counts the steps done, and the learning-rate schedule stays the one for ``cfg.steps``).
     """
     torch.manual_seed(cfg.seed)
@@ -288,7 +288,8 @@ def train(
         losses.append(step_loss / max(1, n_labels))
         tokens += batch_tokens
         seconds += dt
-        stop = on_step is not None and bool(on_step(step + 1, losses[-1], batch_tokens, dt))
+        # `is True`, not truthiness: callbacks written before stopping existed may return anything (e.g. a tuple)
+        stop = on_step is not None and on_step(step + 1, losses[-1], batch_tokens, dt) is True
         done = stop or step + 1 == cfg.steps
         if state_dir is not None and (done or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
             _save_state(

@@ -162,6 +162,8 @@ def test_on_step_returning_true_stops_training_after_that_step(fresh_session, tm
 
     def on_step(step, loss, tokens, seconds):
         calls.append(step)
+        if step < 3:
+            return (None, None)  # truthy but not True: old-style callbacks must not stop training
         return step == 3  # e.g. a re-planned step count reached
 
     cfg = TrainConfig(steps=6, micro_batch=4, seq_len=128, checkpoint_every=0)
