@@ -233,7 +233,8 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-StepCallback = Callable[[int, float, int, float], None]  # (step, loss, tokens, seconds)
+# (step, loss, tokens, seconds) -> True to stop after this step (e.g. a re-planned step count was reached)
+StepCallback = Callable[[int, float, int, float], bool | None]
 
 
 def train(
@@ -250,6 +251,8 @@ def train(
     If ``state_dir`` holds a checkpoint of an earlier run with the same config and ``run_id`` (name the
     model and data in it, e.g. their fingerprints), training resumes from it;
     progress is saved there every ``cfg.checkpoint_every`` steps (atomically) and at the end.
+    ``on_step`` runs after each optimizer step; if it returns ``True`` (exactly), training ends after that step (the
+    result then counts the steps done, and the learning-rate schedule stays the one for ``cfg.steps``).
     """
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -285,9 +288,9 @@ def train(
         losses.append(step_loss / max(1, n_labels))
         tokens += batch_tokens
         seconds += dt
-        if on_step is not None:
-            on_step(step + 1, losses[-1], batch_tokens, dt)
-        done = step + 1 == cfg.steps
+        # `is True`, not truthiness: callbacks written before stopping existed may return anything (e.g. a tuple)
+        stop = on_step is not None and on_step(step + 1, losses[-1], batch_tokens, dt) is True
+        done = stop or step + 1 == cfg.steps
         if state_dir is not None and (done or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0)):
             _save_state(
                 state_dir,
@@ -300,8 +303,10 @@ def train(
                 optimizer,
                 scheduler,
             )
+        if stop:
+            break
     model.eval()
-    return TrainResult(cfg.steps, tokens, seconds, losses, peak_rss_mb())
+    return TrainResult(len(losses), tokens, seconds, losses, peak_rss_mb())
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

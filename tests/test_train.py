@@ -8,7 +8,7 @@ import torch
 
 from edge_client.data import load_examples
 from edge_client.session import epoch_maker
-from edge_client.train import LoraSettings, TrainConfig, add_lora, lean_loss, train
+from edge_client.train import STATE_FILE, LoraSettings, TrainConfig, add_lora, lean_loss, train
 
 CPU = torch.device("cpu")
 
@@ -155,3 +155,21 @@ def test_adapter_arrays_are_copies_not_views_of_live_parameters(fresh_session):
             if p.requires_grad:
                 p.add_(1.0)
     assert np.array_equal(snapshot[name], before)
+
+
+def test_on_step_returning_true_stops_training_after_that_step(fresh_session, tmp_path):
+    calls = []
+
+    def on_step(step, loss, tokens, seconds):
+        calls.append(step)
+        if step < 3:
+            return (None, None)  # truthy but not True: old-style callbacks must not stop training
+        return step == 3  # e.g. a re-planned step count reached
+
+    cfg = TrainConfig(steps=6, micro_batch=4, seq_len=128, checkpoint_every=0)
+    model = add_lora(fresh_session.model, cfg.lora)
+    make = epoch_maker(fresh_session.tokenizer, load_examples("demo:iot")[:40], cfg)
+    stopped = train(model, make, cfg, CPU, state_dir=tmp_path / "state", on_step=on_step)
+    assert calls == [1, 2, 3]
+    assert stopped.steps == 3 and len(stopped.losses) == 3
+    assert (tmp_path / "state" / STATE_FILE).is_file()  # the stopped run's progress is saved

@@ -1,0 +1,499 @@
+"""The training plan: from a device's capabilities and the round's budget, choose how to train this round.
+
+``make_plan`` is a pure function (no torch, no clock): cost models predict a configuration's peak memory,
+step time and upload size, and a search picks the best-quality configuration that fits the device's memory
+cap with a margin and the round's deadline with a margin. Quality is given up in a fixed order, the least
+harmful first: base-weight precision -> gradient checkpointing -> micro-batch/accumulation -> sequence
+length -> trainable layers -> LoRA rank -> local steps. When nothing fits, the plan is flagged infeasible
+with the reason, and the client declines the round instead of running out of memory or time.
+
+``replan`` corrects the step count once the first steps have been timed; ``Replanner`` does that from the
+training loop's per-step callback and stops the loop when the corrected step count is reached.
+
+The cost models (`edge_client.costs`) and their constants (``HOST``) are calibrated on the real model on the
+reference machine (2 vCPU x86 AVX-512 + AMX): see ``benchmarks/plan_calibration.py`` and benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from edge_client.costs import (
+    ALL_TARGETS,
+    GIB,
+    HOST,
+    LADDER,
+    SMOLLM2_135M,
+    HostCalibration,
+    Knobs,
+    ModelShape,
+    activation_bytes,
+    compute_dtype,
+    lora_params,
+    loss_chunk_for,
+    step_flops,
+    train_gflops_from_matmul,
+    weight_bytes,
+)
+
+__all__ = [
+    "ALL_TARGETS",
+    "GIB",
+    "HOST",
+    "LADDER",
+    "SMOLLM2_135M",
+    "DeviceCaps",
+    "Estimate",
+    "HostCalibration",
+    "Knobs",
+    "ModelShape",
+    "Replanner",
+    "RoundBudget",
+    "TrainingPlan",
+    "activation_bytes",
+    "candidates",
+    "estimate",
+    "lora_params",
+    "make_plan",
+    "replan",
+    "step_flops",
+    "weight_bytes",
+]
+
+
+# --- inputs: the device and the round --------------------------------------------------------------------
+
+
+@dataclass
+class DeviceCaps:
+    """What a device can do. ``memory_bytes`` is what training may use (total RAM minus the OS and apps).
+
+    ``train_gflops`` maps each base precision the device runs to its effective training GFLOP/s (see
+    `HostCalibration`); ``bf16_native`` says whether quantized weights compute in bf16 (else fp32).
+    ``overhead_s`` is the fixed cost of a round before training (model load, startup), in seconds.
+    """
+
+    name: str
+    threads: int
+    memory_bytes: int
+    train_gflops: dict[str, float]
+    bf16_native: bool = False
+    uplink_bytes_per_s: float = 1e6
+    downlink_bytes_per_s: float = 4e6
+    latency_s: float = 0.05
+    overhead_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        for name in ("memory_bytes", "uplink_bytes_per_s", "downlink_bytes_per_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        bad = {p: g for p, g in self.train_gflops.items() if not g > 0}
+        if not self.train_gflops or bad:
+            raise ValueError(f"train_gflops needs a positive GFLOP/s per precision, got {self.train_gflops}")
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The planner's precisions this device runs, best quality first."""
+        return tuple(p for p in LADDER if p in self.train_gflops)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DeviceCaps:
+        """From `to_dict` output, or from a profiler report.
+
+        A profiler report has ``matmul_gflops`` ({"fp32": .., "bf16": ..}, peak matmul GFLOP/s) instead of
+        ``train_gflops``: training throughput is then the matmul peak times the reference machine's
+        measured ratio of training to matmul throughput for that precision. Unknown keys are ignored
+        (a profile carries more than the planner needs); a missing required key is named.
+        """
+        data = dict(data)
+        if "train_gflops" not in data and "matmul_gflops" in data:
+            data["train_gflops"] = train_gflops_from_matmul(data["matmul_gflops"], bool(data.get("bf16_native")))
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in data]
+        if missing:
+            raise ValueError(f"device caps miss field(s) {missing}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class RoundBudget:
+    """The round's limits and the federation's fixed settings, as the server sends them.
+
+    Seconds and bytes. ``deadline_s`` covers the whole round on the device: fixed overhead, download of
+    the global adapter, training, upload of the update. ``label_fraction`` is the share of tokens that
+    carry a loss label (reply tokens; it sizes the LM-head work). ``bytes_per_value`` is what one adapter
+    value costs on the wire (4: fp32; less with an update codec).
+    """
+
+    deadline_s: float
+    steps: int = 15
+    batch: int = 8
+    seq_len: int = 256
+    r_max: int = 16
+    targets: tuple[str, ...] = ALL_TARGETS
+    memory_cap_bytes: int | None = None
+    upload_budget_bytes: int | None = None
+    label_fraction: float = 0.5
+    bytes_per_value: float = 4.0
+    time_margin: float = 0.15  # plan for deadline x (1 - margin)
+    memory_margin: float = 0.10  # plan for memory cap x (1 - margin)
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        for name in ("steps", "batch", "seq_len", "r_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.deadline_s > 0:
+            raise ValueError(f"deadline_s must be > 0, got {self.deadline_s}")
+        if not self.targets:
+            raise ValueError("targets must name at least one module")
+        for name in ("time_margin", "memory_margin"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.label_fraction <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_round_settings(cls, settings: object, deadline_s: float, **limits: object) -> RoundBudget:
+        """From the federation's `edge_client.wire.RoundSettings` (steps, batch, seq_len, LoRA rank and targets)
+        plus the round's limits (``memory_cap_bytes``, ``upload_budget_bytes``, margins ...)."""
+        targets = tuple(t.strip() for t in settings.lora_targets.split(",") if t.strip())
+        return cls(
+            deadline_s=deadline_s,
+            steps=settings.steps,
+            batch=settings.batch,
+            seq_len=settings.seq_len,
+            r_max=settings.lora_r,
+            targets=targets,
+            **limits,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RoundBudget:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown round budget field(s) {unknown}; expected some of {sorted(names)}")
+        return cls(**data)
+
+
+# --- the plan ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingPlan:
+    """How to train this round, with the predictions and the reason for each choice. JSON-able.
+
+    ``top_layers`` is the number of last decoder layers that train (None: all). Seconds and bytes.
+    ``calibration`` is measured / predicted step time (1.0 until `replan` has measured steps).
+
+    In a federation the adapter's tensors are fixed (rank r_max on every layer): a plan with fewer layers or a
+    lower rank trains a part of them (the top layers; the first ``lora_r`` rows of A / columns of B) and leaves
+    the rest at the global values. The cost models count LoRA state and upload for the trained part only;
+    wrapping the full adapter and freezing the rest adds ~20 MB (SmolLM2, r=16, 7 targets) and few FLOPs.
+    """
+
+    feasible: bool
+    precision: str
+    compute_dtype: str
+    lora_r: int
+    targets: tuple[str, ...]
+    top_layers: int | None
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    loss_chunk: int
+    steps: int
+    requested_steps: int
+    predicted_step_s: float
+    predicted_s: float
+    predicted_peak_bytes: int
+    predicted_upload_bytes: int
+    predicted_upload_s: float
+    calibration: float = 1.0
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainingPlan:
+        data = dict(data)
+        data["targets"] = tuple(data["targets"])
+        return cls(**data)
+
+    def train_overrides(self) -> dict:
+        """TrainConfig fields this plan sets (apply with ``dataclasses.replace``; LoRA fields: `lora_overrides`)."""
+        return {
+            "steps": self.steps,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+            "seq_len": self.seq_len,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "loss_chunk": self.loss_chunk,
+        }
+
+    def lora_overrides(self) -> dict:
+        """LoraSettings fields this plan sets."""
+        return {"r": self.lora_r, "target_modules": self.targets, "top_layers": self.top_layers}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A configuration's predicted cost: seconds per optimizer step, peak resident bytes, upload bytes."""
+
+    step_s: float
+    peak_bytes: float
+    upload_bytes: float
+    fixed_s: float  # overhead + download + upload, paid once per round
+    upload_s: float  # the part of fixed_s still due after training
+
+
+# --- prediction ------------------------------------------------------------------------------------------
+
+
+def estimate(
+    k: Knobs, caps: DeviceCaps, budget: RoundBudget, model: ModelShape, host: HostCalibration = HOST
+) -> Estimate:
+    """Predict a configuration's cost on a device."""
+    compute = compute_dtype(k.precision, caps.bf16_native)
+    n_lora = lora_params(k, budget, model)
+    # LoRA A and B in fp32; B's (or both's) gradient and two AdamW moments: 12 bytes per trainable value.
+    lora = n_lora * 4 + n_lora * 12
+    labels = budget.label_fraction * k.micro_batch * k.seq_len
+    logits = min(labels, loss_chunk_for(k)) * model.vocab * host.logit_bytes
+    weights = weight_bytes(k.precision, compute, model)
+    activations = activation_bytes(k, compute, model, host) + host.train_overhead_bytes
+    activations += host.token_bytes * k.micro_batch * k.seq_len
+    train_peak = host.runtime_bytes + weights + lora + activations + logits
+    load_peak = host.runtime_bytes + weights + host.load_extra_bytes[k.precision]
+    step_s = step_flops(k, budget, model) / (caps.train_gflops[k.precision] * 1e9) + host.step_overhead_s
+    upload = n_lora * budget.bytes_per_value
+    download = budget.r_max * model.layers * sum(i + o for i, o in map(model.module_dims, budget.targets)) * 4
+    upload_s = caps.latency_s + upload / caps.uplink_bytes_per_s
+    fixed = caps.overhead_s + caps.latency_s + download / caps.downlink_bytes_per_s + upload_s
+    return Estimate(step_s, max(train_peak, load_peak), upload, fixed, upload_s)
+
+
+# --- search ----------------------------------------------------------------------------------------------
+
+
+def _halvings(top: int, floor: int) -> list[int]:
+    values = [top]
+    while values[-1] // 2 >= floor:
+        values.append(values[-1] // 2)
+    return values
+
+
+def _batch_options(batch: int) -> list[tuple[int, int]]:
+    """(micro_batch, grad_accum), best first: the requested batch in ever smaller micro-batches (same
+    optimization, less memory), then smaller total batches (less time)."""
+    keep = [(m, batch // m) for m in _halvings(batch, 1) if batch % m == 0]
+    smaller = [(m, 1) for m in _halvings(batch, 1)[1:]]
+    return keep + smaller
+
+
+def candidates(caps: DeviceCaps, budget: RoundBudget, model: ModelShape) -> Iterator[Knobs]:
+    """All configurations, best quality first: lexicographic in (rank, layers, seq_len, batch, checkpointing,
+    precision), the knob given up first varying fastest."""
+    ranks = _halvings(budget.r_max, 1)
+    layers = _halvings(model.layers, 1)
+    seqs = _halvings(budget.seq_len, min(64, budget.seq_len))
+    for r, n, s, (m, a), ckpt, p in itertools.product(
+        ranks, layers, seqs, _batch_options(budget.batch), (False, True), caps.precisions
+    ):
+        yield Knobs(p, ckpt, m, a, s, n, r)
+
+
+def _violation(est: Estimate, steps: int, caps: DeviceCaps, budget: RoundBudget) -> str | None:
+    """Why a configuration does not fit (None if it does): memory first, then upload, then time."""
+    cap = min(caps.memory_bytes, budget.memory_cap_bytes or caps.memory_bytes)
+    if est.peak_bytes > cap * (1 - budget.memory_margin):
+        return f"memory: {est.peak_bytes / GIB:.2f} GiB > {cap * (1 - budget.memory_margin) / GIB:.2f} GiB usable"
+    if budget.upload_budget_bytes is not None and est.upload_bytes > budget.upload_budget_bytes:
+        return f"upload: {est.upload_bytes / 1e6:.1f} MB > budget {budget.upload_budget_bytes / 1e6:.1f} MB"
+    allowed = budget.deadline_s * (1 - budget.time_margin)
+    total = est.fixed_s + steps * est.step_s
+    if total > allowed:
+        return f"time: {total:.0f} s > {allowed:.0f} s usable"
+    return None
+
+
+def _max_steps(est: Estimate, budget: RoundBudget) -> int:
+    allowed = budget.deadline_s * (1 - budget.time_margin) - est.fixed_s
+    return max(0, min(budget.steps, math.floor(allowed / est.step_s)))
+
+
+def make_plan(
+    caps: DeviceCaps, budget: RoundBudget, model: ModelShape = SMOLLM2_135M, host: HostCalibration = HOST
+) -> TrainingPlan:
+    """The best-quality configuration that fits the device and the round (see the module docstring).
+
+    First choice: the requested steps with the first candidate (in `candidates` order) that fits memory,
+    upload and time. Failing that, the configuration that fits memory and upload and allows the most steps
+    (best quality among ties). Failing that, an infeasible plan for the cheapest configuration, whose
+    ``reasons["feasible"]`` says what does not fit.
+    """
+    for name in budget.targets:
+        model.module_dims(name)  # unknown target: a clear error, not a KeyError deep in a cost model
+    if not caps.precisions:
+        raise ValueError(f"device {caps.name!r} supports none of the planner's precisions {LADDER}")
+    scored = []
+    for k in candidates(caps, budget, model):
+        est = estimate(k, caps, budget, model, host)
+        if _violation(est, budget.steps, caps, budget) is None:
+            return _plan(k, est, budget.steps, caps, budget, model, host, True, "fits with the requested steps")
+        scored.append((k, est))
+    fitting = [(k, e, _max_steps(e, budget)) for k, e in scored if _violation(e, 0, caps, budget) is None]
+    best = max(fitting, key=lambda t: t[2], default=None)
+    if best is not None and best[2] >= 1:
+        k, est, steps = best
+        why = f"the requested {budget.steps} steps do not fit the deadline in any configuration"
+        return _plan(k, est, steps, caps, budget, model, host, True, why)
+    k, est = min(scored, key=lambda t: (t[1].peak_bytes, t[1].step_s))
+    why = _violation(est, 1, caps, budget) or "no configuration fits"
+    return _plan(k, est, 0, caps, budget, model, host, False, f"nothing fits even the leanest configuration: {why}")
+
+
+def _plan(k, est, steps, caps, budget, model, host, feasible: bool, why: str) -> TrainingPlan:
+    return TrainingPlan(
+        feasible=feasible,
+        precision=k.precision,
+        compute_dtype=compute_dtype(k.precision, caps.bf16_native),
+        lora_r=k.rank,
+        targets=budget.targets,
+        top_layers=None if k.layers == model.layers else k.layers,
+        seq_len=k.seq_len,
+        micro_batch=k.micro_batch,
+        grad_accum=k.grad_accum,
+        gradient_checkpointing=k.checkpointing,
+        loss_chunk=loss_chunk_for(k),
+        steps=steps,
+        requested_steps=budget.steps,
+        predicted_step_s=est.step_s,
+        predicted_s=est.fixed_s + steps * est.step_s,
+        predicted_peak_bytes=round(est.peak_bytes),
+        predicted_upload_bytes=round(est.upload_bytes),
+        predicted_upload_s=est.upload_s,
+        reasons={"feasible": why, **(_reasons(k, steps, caps, budget, model, host) if feasible else {})},
+    )
+
+
+def _reasons(k: Knobs, steps: int, caps: DeviceCaps, budget: RoundBudget, model, host) -> dict[str, str]:
+    """For each knob: kept at its best value, or what the one-notch-better value would have broken."""
+    best = {
+        "rank": budget.r_max,
+        "layers": model.layers,
+        "seq_len": budget.seq_len,
+        "batch": (budget.batch, 1),
+        "checkpointing": False,
+        "precision": caps.precisions[0],
+    }
+    reasons = {}
+    for name, top in best.items():
+        if _value(k, name) == top:
+            reasons[name] = f"{_show(k, name)}: best value kept"
+            continue
+        better = _one_notch_better(k, name, caps, budget, model)
+        why = _violation(estimate(better, caps, budget, model, host), steps, caps, budget)
+        reasons[name] = f"{_show(k, name)}: {_show(better, name)} would not fit ({why})" if why else _show(k, name)
+    reasons["targets"] = "the federation's targets (they fix the adapter's tensors)"
+    reasons["steps"] = f"{steps} of {budget.steps} requested"
+    return reasons
+
+
+def _value(k: Knobs, name: str) -> object:
+    return (k.micro_batch, k.grad_accum) if name == "batch" else getattr(k, name)
+
+
+def _show(k: Knobs, name: str) -> str:
+    return f"micro-batch {k.micro_batch} x {k.grad_accum} accumulated" if name == "batch" else str(getattr(k, name))
+
+
+def _one_notch_better(k: Knobs, name: str, caps: DeviceCaps, budget: RoundBudget, model) -> Knobs:
+    if name == "precision":
+        return dataclasses.replace(k, precision=caps.precisions[caps.precisions.index(k.precision) - 1])
+    if name == "checkpointing":
+        return dataclasses.replace(k, checkpointing=False)
+    if name == "batch":
+        options = _batch_options(budget.batch)
+        m, a = options[max(0, options.index((k.micro_batch, k.grad_accum)) - 1)]
+        return dataclasses.replace(k, micro_batch=m, grad_accum=a)
+    cap = {"rank": budget.r_max, "layers": model.layers, "seq_len": budget.seq_len}[name]
+    return dataclasses.replace(k, **{name: min(cap, getattr(k, name) * 2)})
+
+
+# --- re-planning from measured steps ---------------------------------------------------------------------
+
+
+def replan(plan: TrainingPlan, measured_step_s: list[float], elapsed_s: float, budget: RoundBudget) -> TrainingPlan:
+    """Correct the plan's step count from the steps timed so far.
+
+    ``measured_step_s``: seconds of each finished step (the first calibrate); ``elapsed_s``: seconds since
+    the round started on the device (load included). The remaining steps are what fits in the deadline
+    (with its margin) less the time still needed for the upload, at the median measured step time (the
+    first step is left out once there are three: it pays one-off warm-up). The new step count is never
+    below the steps done, and never above the requested steps: a fast device gets back steps the plan
+    had cut. Records ``calibration`` = measured / predicted step time.
+    """
+    if not measured_step_s:
+        return plan
+    done = len(measured_step_s)
+    timed = measured_step_s[1:] if done >= 3 else measured_step_s
+    step_s = statistics.median(timed)
+    left = budget.deadline_s * (1 - budget.time_margin) - elapsed_s - plan.predicted_upload_s
+    steps = min(plan.requested_steps, done + max(0, math.floor(left / step_s)))
+    steps = max(done, steps)
+    return dataclasses.replace(
+        plan,
+        steps=steps,
+        calibration=step_s / plan.predicted_step_s,
+        reasons={**plan.reasons, "steps": f"{steps} of {plan.requested_steps}: re-planned after {done} steps "
+                 f"at {step_s:.2f} s/step (predicted {plan.predicted_step_s:.2f})"},
+    )  # fmt: skip
+
+
+class Replanner:
+    """A training-loop ``on_step`` callback that re-plans after each step and says when to stop.
+
+    Times steps by the wall clock between calls (so an emulated device's throttle sleeps count), starting
+    at ``started`` (the round's start on the device, a ``clock()`` reading). Returns True (stop) once the
+    re-planned step count is reached. ``plan`` holds the latest plan.
+    """
+
+    def __init__(
+        self, plan: TrainingPlan, budget: RoundBudget, started: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.plan, self.budget, self.started, self.clock = plan, budget, started, clock
+        self.step_s: list[float] = []
+        self._last: float | None = None
+
+    def start(self) -> None:
+        """Mark the start of the first step (call right before training)."""
+        self._last = self.clock()
+
+    def __call__(self, step: int, loss: float, tokens: int, seconds: float) -> bool:
+        now = self.clock()
+        self.step_s.append(now - self._last if self._last is not None else seconds)
+        self._last = now
+        self.plan = replan(self.plan, self.step_s, now - self.started, self.budget)
+        return step >= self.plan.steps
