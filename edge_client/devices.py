@@ -380,3 +380,32 @@ class Link:
         seconds = self.seconds(n_bytes, direction)
         sleep(seconds)
         return seconds
+
+
+# --- this machine -----------------------------------------------------------------------------------------
+
+
+def this_machine(name: str = "this-machine", host: HostCalibration = HOST) -> DeviceCaps:
+    """The planner's view of the machine it runs on: the reference calibration, this machine's memory and cores.
+
+    Training may use 80% of the memory available now. The link is unknown (the caps' defaults) until a
+    measured profile provides it. A device that is not the reference machine should be profiled
+    (``fedge profile``) and planned from that; this is the fallback.
+    """
+    import os
+
+    import psutil
+
+    from quantization.backends import cpu_supports_bf16
+
+    bf16 = cpu_supports_bf16()
+    keys = {"fp32": "fp32", "int8": "int8" if bf16 else "int8-fp32", "int4": "int4" if bf16 else "int4-fp32"}
+    if bf16:
+        keys["bf16"] = "bf16"
+    return DeviceCaps(
+        name=name,
+        threads=os.cpu_count() or 1,
+        memory_bytes=int(0.8 * psutil.virtual_memory().available),
+        train_gflops={p: host.train_gflops[k] for p, k in keys.items()},
+        bf16_native=bf16,
+    )

@@ -10,6 +10,8 @@ before the reply goes out. The same message after a restart resumes that work or
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -22,7 +24,7 @@ import numpy as np
 from edge_client import wire
 from edge_client.fsutil import atomic_write_bytes, atomic_write_text
 
-UPDATE_FILE, METRICS_FILE = "update.npz", "metrics.json"
+UPDATE_FILE, METRICS_FILE, RESIDUAL_FILE = "update.npz", "metrics.json", "residual.npz"
 KEEP_WORK_DIRS = 3
 Arrays = dict[str, np.ndarray]
 
@@ -39,6 +41,7 @@ class Device:
     precision: str = "auto"
     threads: int = 0  # 0: torch's default
     worker_port: int = 0  # 0: no warm worker, the ClientApp process does the work
+    profile: str = ""  # an emulated device (`edge_client.devices.load_profile`); "": this machine as it is
 
     @classmethod
     def from_node_config(cls, config) -> Device:
@@ -55,6 +58,7 @@ class Device:
             precision=str(config.get(wire.Node.PRECISION, "auto")),
             threads=int(config.get(wire.Node.THREADS, 0)),
             worker_port=int(config.get(wire.Node.WORKER_PORT, 0)),
+            profile=str(config.get(wire.Node.PROFILE, "")),
         )
 
 
@@ -71,49 +75,63 @@ class _Loaded:
 _LOADED: list[_Loaded] = []  # at most one: a device has no memory for two models
 
 
-def load_base(device: Device, model: str) -> object:
-    """Load (once per process) the base model ``model`` at the device's precision; returns the session."""
+def load_base(device: Device, model: str, precision: str | None = None, compute_dtype: str | None = None) -> object:
+    """Load (once per process) the base model ``model`` at ``precision`` (default: the device's); the session."""
     import torch
 
     from edge_client.session import open_model
 
     if device.threads > 0:
         torch.set_num_threads(device.threads)
-    key = (model, device.precision, str(device.cache_dir))
+    precision = precision or device.precision
+    key = (model, precision, compute_dtype, str(device.cache_dir))
     if not _LOADED or _LOADED[0].base_key != key:
         _LOADED.clear()
-        _LOADED.append(_Loaded(key, open_model(model, device.cache_dir, device.precision)))
+        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(compute_dtype or "")
+        _LOADED.append(_Loaded(key, open_model(model, device.cache_dir, precision, compute_dtype=dtype)))
     return _LOADED[0].session
 
 
-def open_adapter(device: Device, settings: wire.RoundSettings) -> tuple:
-    """(session, peft model) with a LoRA adapter of the round's shape, reusing what this process loaded."""
+def open_adapter(device: Device, settings: wire.RoundSettings, plan=None) -> tuple:
+    """(session, peft model) with a LoRA adapter of the round's shape (or the plan's), reusing what is loaded."""
     from edge_client.train import add_lora
 
-    session = load_base(device, settings.model)
+    if plan is None:
+        session = load_base(device, settings.model)
+    else:
+        session = load_base(device, settings.model, plan.precision, plan.compute_dtype)
     loaded = _LOADED[0]
-    lora_key = (settings.lora_r, settings.lora_alpha, settings.lora_targets, settings.lora_freeze_a, settings.seed)
+    lora = lora_settings(settings, plan)
+    lora_key = (lora.r, lora.alpha, lora.target_modules, lora.top_layers, lora.freeze_a, settings.seed)
     if loaded.lora_key != lora_key:
         if loaded.model is not None:
             session.model = loaded.model.unload()  # drop the old LoRA layers, keep the base weights
-        loaded.model, loaded.lora_key = add_lora(session.model, lora_settings(settings), seed=settings.seed), lora_key
+        loaded.model, loaded.lora_key = add_lora(session.model, lora, seed=settings.seed), lora_key
     return session, loaded.model
 
 
-def lora_settings(settings: wire.RoundSettings):
+def lora_settings(settings: wire.RoundSettings, plan=None):
+    """The round's LoRA shape; a training plan may lower the rank and train fewer layers or targets.
+
+    A lower-rank client keeps the federation's alpha, so its scale is ``alpha / r``: it starts from the global
+    adapter cut to its rank in that scale (`server.hetero.for_client`) and the server merges it back.
+    """
     from edge_client.train import LoraSettings
 
     targets = tuple(t.strip() for t in settings.lora_targets.split(",") if t.strip())
-    return LoraSettings(
+    lora = LoraSettings(
         r=settings.lora_r, alpha=settings.lora_alpha, target_modules=targets, freeze_a=settings.lora_freeze_a
     )
+    if plan is not None:
+        lora = dataclasses.replace(lora, **plan.lora_overrides())
+    return lora
 
 
-def train_config(settings: wire.RoundSettings, rnd: int):
+def train_config(settings: wire.RoundSettings, rnd: int, plan=None):
     """Local training for round ``rnd``: the data order is seeded per round, so rounds see different batches."""
     from edge_client.train import TrainConfig
 
-    return TrainConfig(
+    cfg = TrainConfig(
         steps=settings.steps,
         micro_batch=settings.batch,
         lr=settings.lr,
@@ -122,8 +140,9 @@ def train_config(settings: wire.RoundSettings, rnd: int):
         warmup_steps=min(10, settings.steps // 5),
         lr_schedule="constant",
         checkpoint_every=10,
-        lora=lora_settings(settings),
+        lora=lora_settings(settings, plan),
     )
+    return cfg if plan is None else dataclasses.replace(cfg, **plan.train_overrides())
 
 
 def local_data(device: Device, seed: int) -> tuple[list, list]:
@@ -138,24 +157,35 @@ def local_data(device: Device, seed: int) -> tuple[list, list]:
 
 
 def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays, rnd: int) -> tuple[Arrays, dict]:
-    """Train the global adapter for the round's steps on local data: (new adapter, metrics)."""
+    """Train the global adapter for the round on local data: (the reply's arrays, metrics).
+
+    With ``settings.deadline_s`` the device first plans the round (`edge_client.plan`) and re-plans from its
+    measured steps; with ``settings.codec`` it replies with its encoded change instead of the whole adapter.
+    An emulated device (``device.profile``) runs at its speed, under its memory cap, behind its link.
+    Raises `edge_client.devices.EmulatedOutOfMemory` past an emulated memory cap, and `RoundDeclined` when
+    no plan fits the round.
+    """
     from edge_client.data import fingerprint
     from edge_client.energy import EnergySession
     from edge_client.session import epoch_maker
     from edge_client.train import train
 
+    started = time.monotonic()
     train_set, _ = local_data(device, settings.seed)
     data_id = fingerprint(train_set)
-    work = device.state_dir / "work" / _work_key(global_arrays, settings, f"{data_id}|{rnd}")
+    work = device.state_dir / "work" / _work_key(global_arrays, settings, f"{data_id}|{device.profile}|{rnd}")
     if (work / UPDATE_FILE).is_file():  # finished before a restart: reply with that work
         arrays, metrics = _load_update(work)
         return arrays, {**metrics, wire.Metric.RESUMED: 1}
-    t0 = time.time()
-    session, model = open_adapter(device, settings)
-    set_adapter(model, global_arrays)
-    load_seconds = time.time() - t0
-    cfg = train_config(settings, rnd)
-    with EnergySession(interval_s=1.0) as meter:
+    profile = _profile(device)
+    plan, budget = _plan(device, settings, profile) if settings.deadline_s > 0 else (None, None)
+    session, model = open_adapter(device, settings, plan)
+    start = _start_arrays(global_arrays, settings, get_adapter(model))
+    set_adapter(model, start)
+    load_seconds = time.monotonic() - started
+    cfg = train_config(settings, rnd, plan)
+    with EnergySession(interval_s=1.0) as meter, _emulated(profile) as emulated_step:
+        replanner = _replanner(plan, budget, started)
         result = train(
             model,
             epoch_maker(session.tokenizer, train_set, cfg),
@@ -163,8 +193,11 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
             session.device,
             state_dir=work,
             run_id=f"{session.model_dir}|{data_id}",
+            on_step=_chain(emulated_step, replanner),
         )
-    arrays = get_adapter(model)
+    arrays, codec = _reply_arrays(device, settings, get_adapter(model), start, profile, time.monotonic() - started)
+    upload_bytes = sum(a.nbytes for a in arrays.values())
+    upload_seconds = profile.link.transfer(upload_bytes, "up") if profile is not None else 0.0
     metrics = {
         wire.Metric.EXAMPLES: len(train_set),
         wire.Metric.STEPS: result.steps,
@@ -174,11 +207,121 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
         wire.Metric.LOAD_SECONDS: load_seconds,
         wire.Metric.PEAK_RSS_MB: result.peak_rss_mb,
         wire.Metric.ENERGY_J: meter.result.joules,
-        wire.Client.ENERGY_METHOD: meter.result.method,  # a string: the ClientApp moves it to the CLIENT record
+        wire.Metric.UPLOAD_BYTES: upload_bytes,
+        wire.Metric.UPLOAD_SECONDS: upload_seconds,
+        wire.Metric.ROUND_SECONDS: time.monotonic() - started,
+        wire.Metric.DEADLINE_S: settings.deadline_s,
+        # strings: the ClientApp moves them to the CLIENT record
+        wire.Client.ENERGY_METHOD: meter.result.method,
+        wire.Client.CODEC: codec,
+        wire.Client.PLAN: replanner.plan.to_json() if replanner is not None else "",
+        wire.Client.PROFILE: profile.name if profile is not None else "",
     }
     _save_update(work, arrays, metrics)  # before replying: a lost reply costs a resend, not the training
     _prune_work(work.parent)
     return arrays, {**metrics, wire.Metric.RESUMED: 0}
+
+
+class RoundDeclined(RuntimeError):
+    """No training plan fits this device into the round's deadline and memory: it sits the round out."""
+
+
+def _profile(device: Device):
+    if not device.profile:
+        return None
+    from edge_client.devices import load_profile
+
+    return load_profile(device.profile)
+
+
+def _plan(device: Device, settings: wire.RoundSettings, profile) -> tuple:
+    """(plan, budget) for this round on this device; RoundDeclined if nothing fits."""
+    from edge_client.plan import RoundBudget, make_plan
+
+    if profile is not None:
+        caps = profile.caps()
+    else:
+        from edge_client.devices import this_machine
+
+        caps = this_machine(device.name)
+    budget = RoundBudget.from_round_settings(settings, settings.deadline_s, label_fraction=0.15)
+    plan = make_plan(caps, budget)
+    if not plan.feasible:
+        raise RoundDeclined(f"{device.name}: no training plan fits this round ({plan.reasons.get('feasible', '')})")
+    return plan, budget
+
+
+def _replanner(plan, budget, started: float):
+    if plan is None:
+        return None
+    from edge_client.plan import Replanner
+
+    replanner = Replanner(plan, budget, started=started)
+    replanner.start()
+    return replanner
+
+
+def _chain(*callbacks):
+    """One ``on_step`` from the present callbacks (None if there are none); True from any one stops training."""
+    present = [c for c in callbacks if c is not None]
+    if not present:
+        return None
+    from edge_client.devices import chain
+
+    return chain(*present)
+
+
+@contextlib.contextmanager
+def _emulated(profile):
+    """The emulated device's per-step hook (throttle + memory cap), or None on a real device."""
+    if profile is None:
+        yield None
+        return
+    from edge_client.devices import emulate
+
+    with emulate(profile) as on_step:
+        yield on_step
+
+
+def _start_arrays(global_arrays: Arrays, settings: wire.RoundSettings, local: Arrays) -> Arrays:
+    """The global adapter as this client trains it: cut to its rank and to the tensors its plan trains."""
+    from server.hetero import client_rank, for_client
+
+    rank = client_rank(local)
+    cut = for_client(global_arrays, rank, settings.lora_alpha) if rank != client_rank(global_arrays) else global_arrays
+    missing = sorted(set(local) - set(cut))
+    if missing:
+        raise ValueError(f"the global adapter does not fit this model: it has no {missing[:3]}")
+    return {k: cut[k] for k in local}
+
+
+def _reply_arrays(
+    device: Device, settings: wire.RoundSettings, trained: Arrays, start: Arrays, profile, elapsed: float
+) -> tuple[Arrays, str]:
+    """What goes back: the whole adapter (``codec == ""``) or the encoded change, with error feedback.
+
+    ``"auto"`` picks the least lossy codec whose upload fits the deadline's remaining time on the device's
+    link (an emulated profile's; on a real device without a link model, int8). The residual of lossy codecs
+    stays on the device (``state_dir/residual.npz``) and is added to the next round's change.
+    """
+    if not settings.codec:
+        return trained, ""
+    from quantization.codecs import ErrorFeedback, make_delta, pick_codec
+
+    delta = make_delta(trained, start)
+    spec = settings.codec
+    if spec == "auto":
+        if profile is None or settings.deadline_s <= 0:
+            spec = "int8"
+        else:
+            fp32_bytes = sum(a.nbytes for a in delta.values())
+            left = max(1.0, 0.9 * settings.deadline_s - elapsed)
+            spec = pick_codec(fp32_bytes, profile.uplink_bytes_per_s, left)
+    residual_path = device.state_dir / RESIDUAL_FILE
+    feedback = ErrorFeedback.load(residual_path, spec) if residual_path.is_file() else ErrorFeedback(spec)
+    encoded = feedback.encode(delta)
+    feedback.save(residual_path)
+    return encoded.to_arrays(), spec
 
 
 def do_evaluate(device: Device, settings: wire.RoundSettings, global_arrays: Arrays) -> dict:

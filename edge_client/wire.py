@@ -38,6 +38,8 @@ class Cfg:
     LORA_TARGETS = "lora-targets"  # comma-separated module names
     EVAL_EXAMPLES = "eval-examples"  # at most this many held-out examples for exact match
     LORA_FREEZE_A = "lora-freeze-a"
+    DEADLINE_S = "deadline-s"  # > 0: each client plans its round to finish within it (0: train as sent)
+    CODEC = "codec"  # how updates travel: "" the whole adapter, else a codec spec or "auto" (see quantization.codecs)
 
 
 class Metric:
@@ -57,6 +59,10 @@ class Metric:
     HELDOUT_LOSS = "heldout-loss"
     EVAL_EXAMPLES = "eval-examples"
     ENERGY_J = "energy-j"  # the round's local training, by the method in Client.ENERGY_METHOD
+    UPLOAD_BYTES = "upload-bytes"  # the encoded update's payload
+    UPLOAD_SECONDS = "upload-seconds"  # emulated link time of the upload (0 on a real link: Flower sends it)
+    ROUND_SECONDS = "round-seconds"  # the round on the device: load, train, encode, upload
+    DEADLINE_S = "deadline-s"  # the deadline the client planned for (0: none)
 
 
 class Client:
@@ -65,6 +71,9 @@ class Client:
     NAME = "name"
     DATA = "data"
     DEVICE = "device"
+    PLAN = "plan"  # the training plan as JSON (adaptive rounds)
+    CODEC = "codec"  # the update codec spec the client used
+    PROFILE = "device-profile"  # the emulated device, if any
     ENERGY_METHOD = "energy-method"  # how energy-j was had: "rapl", "pmic", "ina3221", "battery", "estimated", ...
 
 
@@ -79,6 +88,7 @@ class Node:
     PRECISION = "precision"
     THREADS = "threads"
     WORKER_PORT = "worker-port"  # the device's warm worker on loopback (0: none)
+    PROFILE = "device-profile"  # an emulated device (edge_client.devices): name, file or key=value text
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -126,6 +136,8 @@ class RoundSettings:
     # average of B_i @ A is then exactly the average of the clients' weight changes, where averaging A and B
     # separately multiplies each client's own change by 1/clients^2 plus cross terms.
     lora_freeze_a: bool = True
+    deadline_s: float = 0.0  # > 0: adaptive clients (edge_client.plan) fit their work into it
+    codec: str = ""  # "": send the whole adapter as fp32; a codec spec or "auto" (by the device's uplink)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "seq_len", "lora_r", "lora_alpha", "eval_examples"):
@@ -133,11 +145,18 @@ class RoundSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.deadline_s < 0:
+            raise ValueError(f"deadline_s must be >= 0, got {self.deadline_s}")
+        if self.codec not in ("", "auto"):
+            from quantization.codecs import parse_codec
+
+            parse_codec(self.codec)  # ValueError naming the bad part
 
     _KEYS: ClassVar[dict[str, str]] = {
         "model": Cfg.MODEL, "steps": Cfg.STEPS, "lr": Cfg.LR, "batch": Cfg.BATCH, "seq_len": Cfg.SEQ_LEN,
         "seed": Cfg.SEED, "lora_r": Cfg.LORA_R, "lora_alpha": Cfg.LORA_ALPHA, "lora_targets": Cfg.LORA_TARGETS,
-        "eval_examples": Cfg.EVAL_EXAMPLES, "lora_freeze_a": Cfg.LORA_FREEZE_A,
+        "eval_examples": Cfg.EVAL_EXAMPLES, "lora_freeze_a": Cfg.LORA_FREEZE_A, "deadline_s": Cfg.DEADLINE_S,
+        "codec": Cfg.CODEC,
     }  # fmt: skip
 
     def to_config(self) -> dict:

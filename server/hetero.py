@@ -258,3 +258,33 @@ def _factor(lefts: list, rights: list, r: int, scale: float, fill: np.ndarray) -
     live = int(np.count_nonzero(s[:keep] > (s[0] * 1e-10 if s.size else 0.0)))
     a[live:keep], b[:, live:keep] = fill[live:keep], 0.0  # numerically-zero directions: keep the old A rows
     return b, a
+
+
+def from_reply(arrays: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray], alpha: float) -> tuple:
+    """A client's reply -> (its trained tensors at its own rank, the L2 norm of its change); ValueError: why not.
+
+    A reply is either the whole adapter at the global's shapes (fp32) or an encoded change
+    (`quantization.codecs`) of the tensors the client trained, at its rank, relative to
+    ``for_client(global, rank, alpha)``. Checks names, shapes and finite values.
+    """
+    from quantization.codecs import HEADER_KEY, Encoded, decode
+    from server.aggregate import check_update, delta_norm
+
+    if HEADER_KEY not in arrays:
+        reason = check_update(dict(arrays), dict(global_arrays))
+        if reason:
+            raise ValueError(reason)
+        return dict(arrays), delta_norm(dict(arrays), dict(global_arrays))
+    delta = decode(Encoded.from_arrays(arrays))
+    if not delta:
+        raise ValueError("the update changes no tensor")
+    start = for_client(global_arrays, client_rank(delta), alpha)
+    for name, d in delta.items():
+        if name not in start:
+            raise ValueError(f"wrong keys: unexpected {name}")
+        if d.shape != start[name].shape:
+            raise ValueError(f"wrong shape for {name}: {tuple(d.shape)}, expected {tuple(start[name].shape)}")
+        if not np.isfinite(d).all():
+            raise ValueError(f"non-finite values (NaN or Inf) in {name}")
+    norm = float(np.sqrt(sum(np.sum(d.astype(np.float64) ** 2) for d in delta.values())))
+    return {k: (start[k] + d).astype(start[k].dtype) for k, d in delta.items()}, norm

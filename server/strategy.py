@@ -8,6 +8,7 @@ cohort), a round closes at its deadline with whoever replied, and the loop start
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -18,7 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from edge_client import wire
-from server import aggregate
+from server import aggregate, hetero
 from server.state import ServerState
 
 log = logging.getLogger("fedge.server")
@@ -81,7 +82,9 @@ class FedgeAvg(FedAvg):
             replies, train_failures = self._stage(
                 grid, self.configure_train(rnd, sent, ConfigRecord(train_config), grid)
             )
-            clients = self._check_and_average(state, replies, wire.record_bytes(sent))
+            clients = self._check_and_average(
+                state, replies, wire.record_bytes(sent), float(train_config[wire.Cfg.LORA_ALPHA])
+            )
             evals, eval_failures = self._stage(
                 grid, self.configure_evaluate(rnd, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid)
             )
@@ -109,20 +112,23 @@ class FedgeAvg(FedAvg):
         failures += [{"node_id": None, "reason": "no reply before the deadline"} for _ in pending]
         return replies, failures
 
-    def _check_and_average(self, state: ServerState, replies: list[Message], bytes_down: int) -> list[dict]:
+    def _check_and_average(
+        self, state: ServerState, replies: list[Message], bytes_down: int, alpha: float
+    ) -> list[dict]:
         """Validate each update against the global adapter and average the accepted ones into ``state``."""
         clients, updates = [], []
         for reply in replies:
             entry = _client_entry(reply)
             entry["bytes_down"] = bytes_down
+            update, reason = {}, None
             try:
-                update = wire.from_record(reply.content[wire.ADAPTER])
+                received = wire.from_record(reply.content[wire.ADAPTER])
                 entry["bytes_up"] = wire.record_bytes(reply.content[wire.ADAPTER])
-                reason = aggregate.check_update(update, state.arrays)
-            except (KeyError, TypeError, ValueError) as err:
-                update, reason = {}, f"malformed reply ({err})"
-            if reason is None:
-                entry["delta_norm"] = aggregate.delta_norm(update, state.arrays)
+                update, entry["delta_norm"] = hetero.from_reply(received, state.arrays, alpha)
+            except ValueError as err:  # names, shapes, dtypes, finite values: the check's own words
+                reason = str(err)
+            except (KeyError, TypeError) as err:
+                reason = f"malformed reply ({err})"
             entry["reason"] = reason
             clients.append(entry)
             updates.append(update)
@@ -142,10 +148,16 @@ class FedgeAvg(FedAvg):
             if not c["accepted"]:
                 log.warning("rejected the update of %s: %s", c["name"], c["reason"])
         if len(accepted) >= self.policy.min_clients or (accepted and len(accepted) == len(clients)):
-            average = aggregate.weighted_average(
-                [updates[i] for i in accepted], [clients[i]["examples"] for i in accepted]
+            # Mixed ranks and layer subsets merge per tensor; FedNova weighting evens out unequal step counts
+            # (with equal steps this is the example-weighted FedAvg, then the server learning rate).
+            state.arrays = hetero.aggregate(
+                state.arrays,
+                [updates[i] for i in accepted],
+                [clients[i]["examples"] for i in accepted],
+                alpha,
+                steps=[max(1, int(clients[i].get("steps") or 1)) for i in accepted],
+                server_lr=self.policy.server_lr,
             )
-            state.arrays = aggregate.server_step(state.arrays, average, self.policy.server_lr)
             state.strategy["accepted_norms"] = history + [clients[i]["delta_norm"] for i in accepted]
         elif clients:
             log.warning(
@@ -168,6 +180,11 @@ def _client_entry(reply: Message) -> dict:
         "device": info.get(wire.Client.DEVICE),
         "energy_method": info.get(wire.Client.ENERGY_METHOD),
     }
+    if info.get(wire.Client.PLAN):  # an adaptive round: what the device chose, and how it sent its update
+        entry["plan"] = json.loads(str(info[wire.Client.PLAN]))
+    for key in (wire.Client.CODEC, wire.Client.PROFILE):
+        if info.get(key):
+            entry[key.replace("-", "_")] = info[key]
     for key, value in metrics.items():
         entry[key.replace("-", "_")] = value
     entry["examples"] = float(metrics.get(wire.Metric.EXAMPLES, 0) or 0)

@@ -1,0 +1,84 @@
+"""A client's round in-process (edge_client.local_work) on the tiny model, checked against the server's side."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_client import local_work, wire
+from edge_client.local_work import Device
+from quantization.codecs import HEADER_KEY
+from server import hetero
+
+
+@pytest.fixture()
+def device(tmp_path) -> Device:
+    return Device("client", "demo:iot", "demo:iot:test", tmp_path / "state", tmp_path / "cache", "fp32")
+
+
+def _settings(model_dir, **kw) -> wire.RoundSettings:
+    base = {"steps": 3, "batch": 2, "seq_len": 64, "lora_r": 8, "lora_alpha": 16}
+    return wire.RoundSettings(model=str(model_dir), **{**base, **kw})
+
+
+def test_whole_adapter_reply_by_default(device, tiny_model_dir):
+    settings = _settings(tiny_model_dir)
+    initial = local_work.initial_adapter(device.cache_dir, settings)
+    arrays, metrics = local_work.do_train(device, settings, initial, rnd=1)
+    assert set(arrays) == set(initial) and HEADER_KEY not in arrays
+    assert metrics[wire.Metric.UPLOAD_BYTES] == sum(a.nbytes for a in initial.values())
+    update, norm = hetero.from_reply(arrays, initial, settings.lora_alpha)
+    assert norm > 0 and set(update) == set(initial)
+
+
+def test_encoded_change_with_error_feedback_decodes_to_the_trained_adapter(device, tiny_model_dir):
+    settings = _settings(tiny_model_dir, codec="int8")
+    initial = local_work.initial_adapter(device.cache_dir, settings)
+    arrays, metrics = local_work.do_train(device, settings, initial, rnd=1)
+    assert HEADER_KEY in arrays and metrics[wire.Client.CODEC] == "int8"
+    fp32 = sum(a.nbytes for k, a in initial.items() if "lora_B" in k)  # A is frozen: only B changes
+    assert metrics[wire.Metric.UPLOAD_BYTES] < 0.3 * fp32
+    update, _ = hetero.from_reply(arrays, initial, settings.lora_alpha)
+    assert update and all("lora_B" in k for k in update)
+    residual = device.state_dir / local_work.RESIDUAL_FILE
+    assert residual.is_file()  # what int8 dropped waits on the device for the next round
+    # The server's view equals the client's trained B up to int8 rounding.
+    trained = local_work.get_adapter(local_work._LOADED[0].model)
+    for k, v in update.items():
+        assert np.abs(v - trained[k]).max() <= 0.02 * np.abs(trained[k] - initial[k]).max() + 1e-8
+
+
+def test_a_planned_round_on_an_emulated_small_device_trains_part_of_the_adapter(device, tiny_model_dir):
+    # A Pi 4 with a tight deadline: the plan lowers the rank and trains fewer layers; the server merges it back.
+    device.profile = "base=pi4-2gb,slowdown=1.5"
+    settings = _settings(tiny_model_dir, codec="auto", deadline_s=60.0, lora_r=16)
+    initial = local_work.initial_adapter(device.cache_dir, settings)
+    arrays, metrics = local_work.do_train(device, settings, initial, rnd=1)
+    plan = json.loads(metrics[wire.Client.PLAN])
+    assert plan["feasible"] and plan["lora_r"] <= 16 and metrics[wire.Client.PROFILE] == "pi4-2gb"
+    assert metrics[wire.Metric.UPLOAD_SECONDS] > 0  # the emulated link carried the update
+    update, _ = hetero.from_reply(arrays, initial, settings.lora_alpha)
+    assert {v.shape[1] for k, v in update.items() if "lora_B" in k} == {plan["lora_r"]}
+    merged = hetero.aggregate(initial, [update], [1.0], settings.lora_alpha)
+    changed = {k for k in initial if not np.array_equal(merged[k], initial[k])}
+    assert changed and changed <= {k for k in initial if "lora_B" in k}
+    if plan["top_layers"] is not None:  # untrained layers keep the global values
+        assert len({k.split(".layers.")[1].split(".")[0] for k in changed}) <= plan["top_layers"]
+
+
+def test_a_resent_round_replies_with_the_saved_encoded_update(device, tiny_model_dir):
+    settings = _settings(tiny_model_dir, codec="int4")
+    initial = local_work.initial_adapter(device.cache_dir, settings)
+    first, _ = local_work.do_train(device, settings, initial, rnd=1)
+    residual = (device.state_dir / local_work.RESIDUAL_FILE).read_bytes()
+    again, metrics = local_work.do_train(device, settings, initial, rnd=1)
+    assert metrics[wire.Metric.RESUMED] == 1
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert (device.state_dir / local_work.RESIDUAL_FILE).read_bytes() == residual  # not encoded twice
+
+
+def test_a_bad_codec_is_refused_with_its_name():
+    with pytest.raises(ValueError, match="int5"):
+        wire.RoundSettings(codec="int5")
