@@ -42,6 +42,9 @@ class Device:
     threads: int = 0  # 0: torch's default
     worker_port: int = 0  # 0: no warm worker, the ClientApp process does the work
     profile: str = ""  # an emulated device (`edge_client.devices.load_profile`); "": this machine as it is
+    # How an emulated device's extra time passes: "wall" sleeps it (a real federation sees the slow device);
+    # "virtual" adds it to the device's clock without sleeping (benchmarks: the deadline still binds).
+    emulated_time: str = "wall"
 
     @classmethod
     def from_node_config(cls, config) -> Device:
@@ -59,6 +62,7 @@ class Device:
             threads=int(config.get(wire.Node.THREADS, 0)),
             worker_port=int(config.get(wire.Node.WORKER_PORT, 0)),
             profile=str(config.get(wire.Node.PROFILE, "")),
+            emulated_time=str(config.get(wire.Node.EMULATED_TIME, "wall")),
         )
 
 
@@ -170,7 +174,8 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
     from edge_client.session import epoch_maker
     from edge_client.train import train
 
-    started = time.monotonic()
+    clock = _DeviceClock(virtual=device.emulated_time == "virtual")
+    started = clock()
     train_set, _ = local_data(device, settings.seed)
     data_id = fingerprint(train_set)
     work = device.state_dir / "work" / _work_key(global_arrays, settings, f"{data_id}|{device.profile}|{rnd}")
@@ -182,10 +187,10 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
     session, model = open_adapter(device, settings, plan)
     start = _start_arrays(global_arrays, settings, get_adapter(model))
     set_adapter(model, start)
-    load_seconds = time.monotonic() - started
+    load_seconds = clock() - started
     cfg = train_config(settings, rnd, plan)
-    with EnergySession(interval_s=1.0) as meter, _emulated(profile) as emulated_step:
-        replanner = _replanner(plan, budget, started)
+    with EnergySession(interval_s=1.0) as meter, _emulated(profile, clock) as emulated_step:
+        replanner = _replanner(plan, budget, started, clock)
         result = train(
             model,
             epoch_maker(session.tokenizer, train_set, cfg),
@@ -195,9 +200,9 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
             run_id=f"{session.model_dir}|{data_id}",
             on_step=_chain(emulated_step, replanner),
         )
-    arrays, codec = _reply_arrays(device, settings, get_adapter(model), start, profile, time.monotonic() - started)
+    arrays, codec = _reply_arrays(device, settings, get_adapter(model), start, profile, clock() - started)
     upload_bytes = sum(a.nbytes for a in arrays.values())
-    upload_seconds = profile.link.transfer(upload_bytes, "up") if profile is not None else 0.0
+    upload_seconds = profile.link.transfer(upload_bytes, "up", clock.sleep) if profile is not None else 0.0
     metrics = {
         wire.Metric.EXAMPLES: len(train_set),
         wire.Metric.STEPS: result.steps,
@@ -209,7 +214,7 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
         wire.Metric.ENERGY_J: meter.result.joules,
         wire.Metric.UPLOAD_BYTES: upload_bytes,
         wire.Metric.UPLOAD_SECONDS: upload_seconds,
-        wire.Metric.ROUND_SECONDS: time.monotonic() - started,
+        wire.Metric.ROUND_SECONDS: clock() - started,
         wire.Metric.DEADLINE_S: settings.deadline_s,
         # strings: the ClientApp moves them to the CLIENT record
         wire.Client.ENERGY_METHOD: meter.result.method,
@@ -251,12 +256,28 @@ def _plan(device: Device, settings: wire.RoundSettings, profile) -> tuple:
     return plan, budget
 
 
-def _replanner(plan, budget, started: float):
+class _DeviceClock:
+    """The device's clock: monotonic seconds, plus the emulated time that was not slept (``virtual``)."""
+
+    def __init__(self, virtual: bool) -> None:
+        self.virtual, self.skipped = virtual, 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.skipped
+
+    def sleep(self, seconds: float) -> None:
+        if self.virtual:
+            self.skipped += max(0.0, seconds)
+        else:
+            time.sleep(seconds)
+
+
+def _replanner(plan, budget, started: float, clock: _DeviceClock):
     if plan is None:
         return None
     from edge_client.plan import Replanner
 
-    replanner = Replanner(plan, budget, started=started)
+    replanner = Replanner(plan, budget, started=started, clock=clock)
     replanner.start()
     return replanner
 
@@ -272,14 +293,14 @@ def _chain(*callbacks):
 
 
 @contextlib.contextmanager
-def _emulated(profile):
+def _emulated(profile, clock: _DeviceClock):
     """The emulated device's per-step hook (throttle + memory cap), or None on a real device."""
     if profile is None:
         yield None
         return
     from edge_client.devices import emulate
 
-    with emulate(profile) as on_step:
+    with emulate(profile, sleep=clock.sleep) as on_step:
         yield on_step
 
 

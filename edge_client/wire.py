@@ -89,6 +89,7 @@ class Node:
     THREADS = "threads"
     WORKER_PORT = "worker-port"  # the device's warm worker on loopback (0: none)
     PROFILE = "device-profile"  # an emulated device (edge_client.devices): name, file or key=value text
+    EMULATED_TIME = "emulated-time"  # "wall" (sleep the emulated slowness) or "virtual" (count it, don't sleep)
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -63,6 +63,8 @@ def _node_dict(device) -> dict:
         wire.Node.CACHE_DIR: str(device.cache_dir),
         wire.Node.PRECISION: device.precision,
         wire.Node.THREADS: device.threads,
+        wire.Node.PROFILE: device.profile,
+        wire.Node.EMULATED_TIME: device.emulated_time,
     }
 
 
