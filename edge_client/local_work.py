@@ -322,22 +322,24 @@ def _reply_arrays(
     """What goes back: the whole adapter (``codec == ""``) or the encoded change, with error feedback.
 
     ``"auto"`` picks the least lossy codec whose upload fits the deadline's remaining time on the device's
-    link (an emulated profile's; on a real device without a link model, int8). The residual of lossy codecs
+    link (an emulated profile's; on a real device without a link model, int8); ``"auto:C"`` starts the search
+    at codec ``C`` of `quantization.codecs.LADDER`. The residual of lossy codecs
     stays on the device (``state_dir/residual.npz``) and is added to the next round's change.
     """
     if not settings.codec:
         return trained, ""
-    from quantization.codecs import ErrorFeedback, make_delta, pick_codec
+    from quantization.codecs import LADDER, ErrorFeedback, make_delta, pick_codec
 
     delta = make_delta(trained, start)
     spec = settings.codec
-    if spec == "auto":
+    if spec.startswith("auto"):
+        ladder = LADDER[LADDER.index(spec.partition(":")[2] or LADDER[0]) :]
         if profile is None or settings.deadline_s <= 0:
-            spec = "int8"
+            spec = ladder[min(2, len(ladder) - 1)]  # no link model: int8 unless the ceiling is lower
         else:
             fp32_bytes = sum(a.nbytes for a in delta.values())
             left = max(1.0, 0.9 * settings.deadline_s - elapsed)
-            spec = pick_codec(fp32_bytes, profile.uplink_bytes_per_s, left)
+            spec = pick_codec(fp32_bytes, profile.uplink_bytes_per_s, left, ladder)
     residual_path = device.state_dir / RESIDUAL_FILE
     feedback = ErrorFeedback.load(residual_path, spec) if residual_path.is_file() else ErrorFeedback(spec)
     encoded = feedback.encode(delta)

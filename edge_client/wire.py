@@ -138,7 +138,9 @@ class RoundSettings:
     # separately multiplies each client's own change by 1/clients^2 plus cross terms.
     lora_freeze_a: bool = True
     deadline_s: float = 0.0  # > 0: adaptive clients (edge_client.plan) fit their work into it
-    codec: str = ""  # "": send the whole adapter as fp32; a codec spec or "auto" (by the device's uplink)
+    # "": the whole adapter as fp32; a codec spec (quantization.codecs); "auto": the least lossy codec whose upload
+    # fits the deadline on the device's link; "auto:int3": the same, never less compressed than int3.
+    codec: str = ""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "seq_len", "lora_r", "lora_alpha", "eval_examples"):
@@ -148,10 +150,16 @@ class RoundSettings:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.deadline_s < 0:
             raise ValueError(f"deadline_s must be >= 0, got {self.deadline_s}")
-        if self.codec not in ("", "auto"):
-            from quantization.codecs import parse_codec
+        if self.codec:
+            from quantization.codecs import LADDER, parse_codec
 
-            parse_codec(self.codec)  # ValueError naming the bad part
+            auto, _, ceiling = self.codec.partition(":") if self.codec.startswith("auto") else ("", "", "")
+            if auto and auto != "auto":
+                raise ValueError(f"codec {self.codec!r}: expected auto or auto:CODEC")
+            if auto and ceiling and ceiling not in LADDER:
+                raise ValueError(f"codec {self.codec!r}: the ceiling after auto: must be one of {', '.join(LADDER)}")
+            if not auto:
+                parse_codec(self.codec)  # ValueError naming the bad part
 
     _KEYS: ClassVar[dict[str, str]] = {
         "model": Cfg.MODEL, "steps": Cfg.STEPS, "lr": Cfg.LR, "batch": Cfg.BATCH, "seq_len": Cfg.SEQ_LEN,

@@ -16,6 +16,7 @@ import logging
 import secrets
 import time
 import traceback
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def serve(state_dir: Path, port: int, model: str | None, precision: str, threads
     while True:
         try:
             conn = listener.accept()
-        except OSError:  # a connection that failed authentication
+        except (OSError, EOFError, AuthenticationError):  # a wrong key, or a peer gone mid-handshake (a port probe)
             continue
         with conn:
             try:

@@ -1,0 +1,295 @@
+"""Heterogeneous devices: adaptive clients against one fixed configuration, under one round deadline.
+
+Four emulated devices (``--devices``, default pi4-2gb, pi5-8gb, jetson-orin-nano, laptop; see
+edge_client/devices.py) hold one demo domain each. Each device is its own warm-worker process
+(``edge_client.worker``, as ``fedge client start`` runs it), so its memory cap is enforced on its own RSS,
+and it trains with fedge's client code (``local_work.do_train``). Emulated slowness and link time run on the
+device's virtual clock (``emulated-time = virtual``): they count against the deadline without being slept,
+so the benchmark takes the host's compute time, not a Pi's. The server side is fedge's own: replies are
+decoded and checked by ``server.hetero.from_reply`` and merged by ``server.hetero.aggregate`` (mixed ranks,
+FedNova weighting, server lr 2).
+
+Three federations, the same rounds and deadline:
+
+- **fixed**: every device trains the round settings as sent (r=16 on all layers, 15 steps of 8 x 256) and
+  sends its whole adapter as fp32; a device that runs out of memory or misses the deadline contributes
+  nothing that round;
+- **adaptive**: each device plans its round to the deadline and its memory (``edge_client.plan``),
+  re-plans from its measured steps, and sends its change with ``--codec`` (default ``auto:int3``: the least
+  lossy codec at or below int3 whose upload fits the deadline on its link), with error feedback;
+- **adaptive_uncompressed**: the same plans, changes sent as fp32 (the codec's reference).
+
+The global adapter after the last round is scored on ``--eval-per-domain`` held-out examples of each domain.
+
+    python benchmarks/heterogeneous.py [--rounds 3] [--deadline 120] [--eval-per-domain 30]
+
+Writes benchmarks/results/heterogeneous.json and the table in benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import update_readme_section, write_results  # noqa: E402
+
+DEVICES = "pi4-2gb,pi5-8gb,jetson-orin-nano,laptop"
+FEDERATIONS = ("fixed", "adaptive", "adaptive_uncompressed")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--devices", default=DEVICES)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--deadline", type=float, default=120.0, help="seconds per round on every device")
+    p.add_argument("--codec", default="auto:int3", help="the adaptive clients' update codec")
+    p.add_argument("--server-lr", type=float, default=2.0)
+    p.add_argument("--eval-per-domain", type=int, default=30)
+    p.add_argument("--only", default=",".join(FEDERATIONS), help="federations to run (comma-separated)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/fedge-heterogeneous"))
+    p.add_argument("--cache-dir", type=Path, default=None)
+    args = p.parse_args()
+
+    from edge_client import wire
+    from edge_client.demo_data import DOMAINS
+    from edge_client.models import default_cache_dir, pull_model
+
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    cache = args.cache_dir or default_cache_dir()
+    pull_model(args.model, cache)
+    fixed = wire.RoundSettings(model=args.model)
+    settings = {
+        "fixed": fixed,
+        "adaptive": wire.RoundSettings(model=args.model, deadline_s=args.deadline, codec=args.codec),
+        "adaptive_uncompressed": wire.RoundSettings(model=args.model, deadline_s=args.deadline, codec="none"),
+    }
+    scorer = Scorer(args.model, cache, DOMAINS[: len(devices)], args.eval_per_domain)
+    results: dict = {}
+    for name in [f for f in args.only.split(",") if f]:
+        t0 = time.monotonic()
+        with Fleet(devices, DOMAINS, cache, args.work / name) as fleet:
+            results[name] = federate(fleet, settings[name], args.rounds, args.deadline, args.server_lr, name)
+        results[name].update(scorer.score(results[name].pop("global")))
+        results[name]["seconds"] = round(time.monotonic() - t0, 1)
+        print(f"{name}: {results[name]['exact_match']:.1%} exact match ({results[name]['seconds']:.0f} s)", flush=True)
+    results["setup"] = {
+        "model": args.model,
+        "devices": devices,
+        "domains": list(DOMAINS[: len(devices)]),
+        "rounds": args.rounds,
+        "deadline_s": args.deadline,
+        "codec": args.codec,
+        "server_lr": args.server_lr,
+        "fixed_settings": fixed.to_config(),
+        "eval_per_domain": args.eval_per_domain,
+        "emulated_time": "virtual",
+    }
+    path = write_results("heterogeneous", results)
+    if all(f in results for f in FEDERATIONS):
+        update_readme_section("heterogeneous", _table(results))
+    print(f"wrote {path}")
+
+
+class Fleet:
+    """One warm-worker process per emulated device, each with its own state directory, on loopback."""
+
+    def __init__(self, devices: list[str], domains, cache: Path, work: Path) -> None:
+        from edge_client.local_work import Device
+        from edge_client.procs import free_port
+
+        self.devices = []
+        for i, profile in enumerate(devices):
+            state = work / f"{i}-{profile}"
+            d = domains[i]
+            self.devices.append(
+                # fp32 unless a plan says otherwise: the one precision every device runs (no bf16 on a Pi)
+                Device(profile, f"demo:{d}", f"demo:{d}:test", state, cache, "fp32", 0, free_port(), profile, "virtual")
+            )
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> Fleet:
+        import os
+        import shutil
+
+        from edge_client.procs import spawn, wait_for_port
+
+        for dev in self.devices:
+            shutil.rmtree(dev.state_dir, ignore_errors=True)
+            dev.state_dir.mkdir(parents=True)
+            cmd = [sys.executable, "-m", "edge_client.worker", "--state", str(dev.state_dir)]
+            cmd += ["--port", str(dev.worker_port), "--cache-dir", str(dev.cache_dir)]
+            proc = spawn(cmd, dict(os.environ), dev.state_dir / "worker.log")
+            self.procs.append(proc)
+            wait_for_port("127.0.0.1", dev.worker_port, proc, dev.state_dir / "worker.log")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from edge_client.procs import stop
+
+        for proc in self.procs:
+            stop(proc)
+
+
+def federate(fleet: Fleet, settings, rounds: int, deadline: float, server_lr: float, name: str) -> dict:
+    """Run the rounds; every device trains in turn (one at a time: the host's cores are not the devices')."""
+    import numpy as np
+
+    from edge_client import wire
+    from edge_client.local_work import initial_adapter
+    from edge_client.worker import call
+    from server import hetero
+
+    global_arrays = initial_adapter(fleet.devices[0].cache_dir, settings)
+    per_round = []
+    for rnd in range(1, rounds + 1):
+        accepted, weights, steps, clients = [], [], [], []
+        for dev in fleet.devices:
+            entry: dict = {"device": dev.profile}
+            try:
+                done = call(dev, "train", settings.to_config(), global_arrays, rnd)
+                if done is None:
+                    raise RuntimeError(f"the worker of {dev.profile} does not answer (see {dev.state_dir}/worker.log)")
+                arrays, metrics = done
+            except RuntimeError as err:
+                entry["failure"] = "oom" if "EmulatedOutOfMemory" in str(err) else "error"
+                entry["error"] = str(err).strip().splitlines()[-1][:300]
+                clients.append(entry)
+                print(f"  [{name} r{rnd}] {dev.profile}: {entry['error']}", flush=True)
+                continue
+            update, _ = hetero.from_reply(arrays, global_arrays, settings.lora_alpha)
+            entry |= {
+                "round_seconds": round(metrics[wire.Metric.ROUND_SECONDS], 1),
+                "steps": metrics[wire.Metric.STEPS],
+                "bytes_up": int(sum(a.nbytes for a in arrays.values())),
+                "bytes_up_fp32": int(sum(np.asarray(update[k], np.float32).nbytes for k in update)),
+                "codec": metrics.get(wire.Client.CODEC, ""),
+                "train_loss": metrics[wire.Metric.TRAIN_LOSS],
+                "peak_rss_mb": metrics[wire.Metric.PEAK_RSS_MB],
+            }
+            if metrics.get(wire.Client.PLAN):
+                import json
+
+                plan = json.loads(metrics[wire.Client.PLAN])
+                entry["plan"] = {k: plan[k] for k in ("precision", "lora_r", "top_layers", "seq_len", "micro_batch",
+                                                      "grad_accum", "gradient_checkpointing", "steps")}  # fmt: skip
+            entry["missed_deadline"] = entry["round_seconds"] > deadline
+            clients.append(entry)
+            print(f"  [{name} r{rnd}] {dev.profile}: {_describe(entry)}", flush=True)
+            if not entry["missed_deadline"]:
+                accepted.append(update)
+                weights.append(float(metrics[wire.Metric.EXAMPLES]))
+                steps.append(max(1, int(metrics[wire.Metric.STEPS])))
+        if accepted:
+            global_arrays = hetero.aggregate(
+                global_arrays, accepted, weights, settings.lora_alpha, steps=steps, server_lr=server_lr
+            )
+        per_round.append({"round": rnd, "accepted": len(accepted), "clients": clients})
+    replies = [c for r in per_round for c in r["clients"] if "bytes_up" in c]
+    n = len(fleet.devices) * rounds
+    return {
+        "global": global_arrays,
+        "deadline_misses": sum(1 for c in replies if c["missed_deadline"]),
+        "oom_failures": sum(1 for r in per_round for c in r["clients"] if c.get("failure") == "oom"),
+        "bytes_up_per_round": sum(c["bytes_up"] for c in replies) / n,  # per client per round, failures as 0
+        "bytes_up_per_round_fp32": sum(c["bytes_up_fp32"] for c in replies) / n,
+        "rounds": per_round,
+    }
+
+
+def _describe(entry: dict) -> str:
+    plan = entry.get("plan")
+    shape = (
+        f"{plan['precision']} r={plan['lora_r']} layers={plan['top_layers'] or 'all'} seq={plan['seq_len']} "
+        f"{plan['micro_batch']}x{plan['grad_accum']} "
+        if plan
+        else ""
+    )
+    late = " MISSED" if entry["missed_deadline"] else ""
+    return (
+        f"{shape}{entry['steps']} steps, {entry['round_seconds']:.0f} s{late}, "
+        f"{entry['bytes_up'] / 1e6:.2f} MB up ({entry['codec'] or 'fp32 adapter'}), loss {entry['train_loss']:.3f}"
+    )
+
+
+class Scorer:
+    """Exact match and held-out loss of an adapter on each domain's held-out examples (the real model, bf16)."""
+
+    def __init__(self, model: str, cache: Path, domains, per_domain: int) -> None:
+        from edge_client import wire
+        from edge_client.data import load_examples
+        from edge_client.local_work import Device, open_adapter
+
+        self.settings = wire.RoundSettings(model=model)
+        self.session, self.model = open_adapter(Device("bench", "", None, Path("."), cache, "auto"), self.settings)
+        self.tests = {}
+        for d in domains:
+            examples = load_examples(f"demo:{d}:test")
+            self.tests[d] = examples[:: max(1, len(examples) // per_domain)][:per_domain]
+
+    def score(self, arrays: dict) -> dict:
+        import numpy as np
+
+        from edge_client.evaluate import evaluate
+        from edge_client.local_work import set_adapter
+        from edge_client.session import eval_batches
+
+        set_adapter(self.model, arrays)
+        tok = self.session.tokenizer
+        per = {}
+        for d, ex in self.tests.items():
+            longest = max(len(tok(e.answer)["input_ids"]) for e in ex)
+            r = evaluate(
+                self.model, tok, eval_batches(tok, ex, 256), ex, self.session.device, max_new_tokens=longest + 2
+            )
+            per[d] = {"exact_match": r.exact_match, "heldout_loss": r.loss}
+        return {
+            "exact_match": float(np.mean([v["exact_match"] for v in per.values()])),
+            "heldout_loss": float(np.mean([v["heldout_loss"] for v in per.values()])),
+            "per_domain": per,
+        }
+
+
+def _table(r: dict) -> str:
+    s = r["setup"]
+    rows = [
+        f"### Heterogeneous devices: {s['model']}, {', '.join(s['devices'])} (one demo domain each), "
+        f"{s['rounds']} rounds, deadline {s['deadline_s']:g} s per round",
+        "",
+        f"Scored on {s['eval_per_domain']} held-out examples per domain. Emulated time is virtual: a device's "
+        "slowdown and link time count against the deadline without being slept.",
+        "",
+        "| federation | exact match | held-out loss | deadline misses | out-of-memory | MB up per client-round | "
+        "same as fp32 | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in FEDERATIONS:
+        v = r[name]
+        ratio = v["bytes_up_per_round"] / v["bytes_up_per_round_fp32"] if v["bytes_up_per_round_fp32"] else 0
+        rows.append(
+            f"| {name} | {v['exact_match']:.1%} | {v['heldout_loss']:.3f} | {v['deadline_misses']} | "
+            f"{v['oom_failures']} | {v['bytes_up_per_round'] / 1e6:.2f} | {v['bytes_up_per_round_fp32'] / 1e6:.2f} | "
+            f"{ratio:.3f} |"
+        )
+    rows += ["", "Plans in the last round of the adaptive federation:", ""]
+    rows += ["| device | precision | rank | layers | seq | micro x accum | steps | seconds | codec |", "|---" * 9 + "|"]
+    for c in r["adaptive"]["rounds"][-1]["clients"]:
+        if "plan" in c:
+            pl = c["plan"]
+            rows.append(
+                f"| {c['device']} | {pl['precision']} | {pl['lora_r']} | {pl['top_layers'] or 'all'} | {pl['seq_len']} "
+                f"| {pl['micro_batch']} x {pl['grad_accum']} | {c['steps']} | {c['round_seconds']:.0f} | {c['codec']} |"
+            )
+        else:
+            rows.append(f"| {c['device']} | failed: {c.get('error', '')} |" + " |" * 7)
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
