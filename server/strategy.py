@@ -25,12 +25,31 @@ from server.state import ServerState
 log = logging.getLogger("fedge.server")
 
 
+DEFAULT_STAGE_DEADLINE_S = 1800.0
+# What a stage costs on top of a client's own round: Flower starts a ClientApp process per message and
+# moves the message both ways (measured 20-40 s per message on 2 busy cores), plus the warm worker's hand-off.
+STAGE_SLACK_S = 60.0
+
+
+def stage_deadline(client_deadline_s: float, explicit_s: float | None = None, waves: int = 1) -> float:
+    """Seconds a stage waits for replies: ``explicit_s`` if given, else ``waves`` client deadlines plus the slack.
+
+    ``client_deadline_s`` is the round's `RoundSettings.deadline_s` (0: none, the fixed default applies).
+    ``waves``: how many batches of clients run one after another (a simulation with fewer cores than clients).
+    """
+    if explicit_s is not None:
+        return explicit_s
+    if client_deadline_s > 0:
+        return waves * client_deadline_s + STAGE_SLACK_S
+    return DEFAULT_STAGE_DEADLINE_S
+
+
 @dataclass
 class RoundPolicy:
     """How a round treats its clients. ``deadline_s`` bounds each stage (train, evaluate) of a round."""
 
     min_clients: int = 2
-    deadline_s: float = 1800.0
+    deadline_s: float = DEFAULT_STAGE_DEADLINE_S
     norm_factor: float = 10.0  # reject an update whose change is > this x the median of the others'
     server_lr: float = 1.0  # 1: plain FedAvg; > 1 extrapolates the averaged change (see aggregate.server_step)
 
