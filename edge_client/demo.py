@@ -182,12 +182,12 @@ def _watch_records(finished, state_dir: Path, rounds: int, console: Console) -> 
     from server.report import new_records, round_header, round_line
 
     shown: set[int] = set()
-    console.print(round_header(), highlight=False)
+    console.print(round_header(), highlight=False, soft_wrap=True)
     with console.status("round 0: every client evaluates the base model") as status:
         while True:
             done = finished()
             for record in new_records(state_dir, shown):
-                console.print(round_line(record, rounds), highlight=False)
+                console.print(round_line(record, rounds), highlight=False, soft_wrap=True)
                 status.update(f"round {record['round'] + 1}: clients train, then evaluate the new global adapter")
             if done:
                 return

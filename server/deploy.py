@@ -186,13 +186,13 @@ def _follow(runner, superlink, state_dir: Path, rounds: int, console: Console, l
     shown: set[int] = set()
     if done := new_records(state_dir, shown):
         console.print(f"resuming: rounds {[r['round'] for r in done]} already done")
-    console.print(round_header())
+    console.print(round_header(), highlight=False, soft_wrap=True)
     while True:
         finished = runner.poll() is not None
         if not finished and superlink.poll() is not None:
             raise FedgeError(f"the SuperLink exited with code {superlink.returncode}:\n{tail(logs / 'superlink.log')}")
         for record in new_records(state_dir, shown):
-            console.print(round_line(record, rounds))
+            console.print(round_line(record, rounds), highlight=False, soft_wrap=True)
         if finished:
             return
         time.sleep(1.0)

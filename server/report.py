@@ -70,15 +70,15 @@ def client_line(c: dict) -> str:
     requested = plan.get("requested_steps")
     layers = "-" if not plan else ("all" if plan.get("top_layers") is None else f"top {plan['top_layers']}")
     cells = (
-        f"{'':8}{str(c.get('name', '?')):<14}",
-        f"{c.get('device_profile') or '-':<18}",
-        f"{plan.get('precision', '-'):<6}",
-        f"{'r' + str(plan['lora_r']) if 'lora_r' in plan else '-':<5}",
-        f"{layers:<8}",
-        f"{c.get('steps', '-')}{'/' + str(requested) if requested else ''} steps".rjust(15),
-        f"  {c.get('codec') or 'fp32':<16}",
-        f"{_mb(c.get('bytes_up'))} up".rjust(12),
-        f"{_fmt(c.get('round_seconds'), '.0f')} s".rjust(8),
+        f"{'':8}{str(c.get('name', '?')):<13}",
+        f"{c.get('device_profile') or '-':<17}",
+        f"{plan.get('precision', '-'):<5}",
+        f"{'r' + str(plan['lora_r']) if 'lora_r' in plan else '-':>4}",
+        f"{layers:>7}",
+        f"{c.get('steps', '-')}{'/' + str(requested) if requested else ''} steps".rjust(13),
+        f"  {c.get('codec') or 'fp32':<14}",
+        f"{_mb(c.get('bytes_up'))} up".rjust(11),
+        f"{_fmt(c.get('round_seconds'), '.0f')} s".rjust(7),
     )
     status = "" if c.get("accepted", True) else f"  rejected: {_last_line(c.get('reason'))}"
     return "".join(cells) + status
@@ -186,6 +186,7 @@ _CLIENT_PANELS = (
 def plot_clients(report: dict, path: Path) -> None:
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
+
     entries = [(r["round"], c) for r in report["rounds"] for c in r.get("clients") or []]
     labels = {}  # name -> legend label, with the emulated device when there is one
     for _, c in entries:
