@@ -56,7 +56,7 @@ def round_line(record: dict, rounds: int) -> str:
     trained = [c for c in record.get("clients") or [] if c.get("steps") is not None]
     if not any(c.get("plan") or c.get("codec") or c.get("device_profile") for c in trained):
         return row
-    failed = [f"{'':8}failed: {_last_line(f.get('reason'))}" for f in record.get("failures") or []]
+    failed = [f"{'':8}{_who(f)}failed: {_last_line(f.get('reason'))}" for f in record.get("failures") or []]
     return "\n".join([row, *(client_line(c) for c in trained), *failed])
 
 
@@ -82,6 +82,12 @@ def client_line(c: dict) -> str:
     )
     status = "" if c.get("accepted", True) else f"  rejected: {_last_line(c.get('reason'))}"
     return "".join(cells) + status
+
+
+def _who(failure: dict) -> str:
+    if failure.get("name"):
+        return f"{failure['name']:<13}"
+    return f"{'node ' + str(failure['node_id']):<13}" if failure.get("node_id") is not None else ""
 
 
 def _last_line(text, width: int = 100) -> str:

@@ -77,6 +77,7 @@ class FedgeAvg(FedAvg):
             configrecord_key=wire.CONFIG,
         )
         self.policy = policy
+        self._names: dict[int, str] = {}  # node id -> client name, from replies: names the failures
 
     def run(
         self,
@@ -115,21 +116,32 @@ class FedgeAvg(FedAvg):
         return state
 
     def _stage(self, grid: Grid, messages: Iterable[Message]) -> tuple[list[Message], list[dict]]:
-        """Send, then collect replies until all are in or the deadline passes: (good replies, failures)."""
-        pending = set(grid.push_messages(list(messages)))
+        """Send, then collect replies until all are in or the deadline passes: (good replies, failures).
+
+        A failure names its node and, once the node has replied in this run, its client.
+        """
+        sent = list(messages)
+        pending = set(grid.push_messages(sent))
+        to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}  # push filled in the ids
         end = time.monotonic() + self.policy.deadline_s
         replies, failures = [], []
         while pending and time.monotonic() < end:
             for reply in grid.pull_messages(list(pending)):
                 pending.discard(reply.metadata.reply_to_message_id)
+                node = reply.metadata.src_node_id
                 if reply.has_error():
-                    failures.append({"node_id": reply.metadata.src_node_id, "reason": reply.error.reason})
-                    log.warning("node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
+                    failures.append(self._failure(node, reply.error.reason))
+                    log.warning("node %s failed: %s", node, reply.error.reason)
                 else:
+                    if wire.CLIENT in reply.content:
+                        self._names[node] = str(reply.content[wire.CLIENT].get(wire.Client.NAME, node))
                     replies.append(reply)
             time.sleep(0.5)
-        failures += [{"node_id": None, "reason": "no reply before the deadline"} for _ in pending]
+        failures += [self._failure(to_node.get(mid), "no reply before the deadline") for mid in pending]
         return replies, failures
+
+    def _failure(self, node: int | None, reason: str) -> dict:
+        return {"node_id": node, "name": self._names.get(node) if node is not None else None, "reason": reason}
 
     def _check_and_average(
         self, state: ServerState, replies: list[Message], bytes_down: int, alpha: float

@@ -24,8 +24,9 @@ def _records() -> list[dict]:
     one = {"round": 1, "exact_match": 0.3, "heldout_loss": 2.0, "train_loss": 1.0, "clients_accepted": 1,
            "clients_replied": 2, "clients_rejected": 1, "clients_failed": 1, "bytes_up": 5_300_000,
            "bytes_down": 10_000_000, "seconds": 250.0, "clients": [laptop, pi4],
-           "failures": [{"node_id": None,
-                         "reason": "Traceback ...\nRoundDeclined: jetson: no training plan fits"}]}  # fmt: skip
+           "failures": [{"node_id": 7, "name": "iot",
+                         "reason": "Traceback ...\nRoundDeclined: jetson: no training plan fits"},
+                        {"node_id": 8, "reason": "no reply before the deadline"}]}  # fmt: skip
     return [base, one]
 
 
@@ -33,13 +34,14 @@ def test_round_line_lists_each_clients_plan_codec_and_bytes_up():
     records = _records()
     assert "\n" not in round_line(records[0], 1)  # no adaptive clients: the one row as before
     lines = round_line(records[1], 1).splitlines()
-    assert len(lines) == 4 and lines[0].startswith(" " * 3) and "1/1" in lines[0]
-    laptop, pi4, failed = lines[1:]
+    assert len(lines) == 5 and lines[0].startswith(" " * 3) and "1/1" in lines[0]
+    laptop, pi4, failed, late = lines[1:]
     assert "finance" in laptop and "laptop" in laptop and "fp32" in laptop and "r16" in laptop and "all" in laptop
     assert "15/15 steps" in laptop and "4.8 MB up" in laptop and "rejected: update norm" in laptop
     assert "pi4-2gb" in pi4 and "int8" in pi4 and "r8" in pi4 and "top 12" in pi4 and "9/15 steps" in pi4
     assert "int4" in pi4 and "0.29 MB up" in pi4 and "231 s" in pi4 and "rejected" not in pi4
-    assert failed.strip() == "failed: RoundDeclined: jetson: no training plan fits"
+    assert failed.split() == ["iot", "failed:", "RoundDeclined:", "jetson:", "no", "training", "plan", "fits"]
+    assert late.split() == ["node", "8", "failed:", "no", "reply", "before", "the", "deadline"]
     assert len(round_header()) == len(lines[0])
 
 
