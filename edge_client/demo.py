@@ -57,7 +57,8 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
         s = opts.settings
         console.print(
             f"emulated devices: {', '.join(opts.devices)}; each plans its round to a {s.deadline_s:g} s deadline"
-            f"{', sends its change encoded (' + s.codec + ')' if s.codec else ''}"
+            f"{', sends its change encoded (' + s.codec + ')' if s.codec else ''}",
+            soft_wrap=True,
         )
     with console.status(f"fetching {opts.settings.model} (once)"):
         pull_model(opts.settings.model, cache, lambda m: console.print(f"[dim]{m}[/]"))
