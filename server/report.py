@@ -208,7 +208,9 @@ def plot_clients(report: dict, path: Path) -> None:
             ax.text(0.5, 0.5, "not in these records", ha="center", va="center", transform=ax.transAxes, color="gray")
         ax.set(title=title, xlabel="round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.flat[0].legend(fontsize=8)
+    drawn = [ax for ax in axes.flat if ax.lines]
+    if drawn:
+        drawn[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
