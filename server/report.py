@@ -198,15 +198,17 @@ def plot_clients(report: dict, path: Path) -> None:
     for _, c in entries:
         if c.get("device_profile") or c["name"] not in labels:
             labels[c["name"]] = f"{c['name']} ({c['device_profile']})" if c.get("device_profile") else c["name"]
+    colors = {name: f"C{i % 10}" for i, name in enumerate(sorted(labels))}  # a client keeps its color in every panel
+    rounds = [r["round"] for r in report["rounds"]] or [0]
     fig, axes = plt.subplots(2, 4, figsize=(20, 7.2))
     for ax, (title, value) in zip(axes.flat, _CLIENT_PANELS):
         for name in sorted(labels):
             pts = [(rnd, value(c)) for rnd, c in entries if c["name"] == name and value(c) is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=labels[name])
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[name], label=labels[name])
         if not ax.lines:
             ax.text(0.5, 0.5, "not in these records", ha="center", va="center", transform=ax.transAxes, color="gray")
-        ax.set(title=title, xlabel="round")
+        ax.set(title=title, xlabel="round", xlim=(min(rounds) - 0.5, max(rounds) + 0.5))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     drawn = [ax for ax in axes.flat if ax.lines]
     if drawn:
