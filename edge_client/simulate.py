@@ -21,29 +21,33 @@ from edge_client.demo_data import DOMAINS
 from edge_client.errors import FedgeError
 
 
+def node_config(pid: int, out: Path, cache: Path, threads: int, devices: list[str] | None = None) -> dict:
+    """What ``fedge client start`` would put in virtual client ``pid``'s node config: domain, paths, device."""
+    domain = DOMAINS[pid % len(DOMAINS)]
+    name = f"{domain}-{pid}"
+    config = {
+        wire.Node.NAME: name,
+        wire.Node.DATA: f"demo:{domain}",
+        wire.Node.EVAL_DATA: f"demo:{domain}:test",
+        wire.Node.STATE_DIR: str(out / "clients" / name),
+        wire.Node.CACHE_DIR: str(cache),
+        wire.Node.THREADS: threads,
+    }
+    if devices:
+        config[wire.Node.PROFILE] = devices[pid % len(devices)]
+    return config
+
+
 def client_app(out: Path, cache: Path, threads: int, devices: list[str] | None = None) -> ClientApp:
     """fedge's ClientApp behind a mod that gives each virtual node the node config ``fedge client start`` would."""
     from edge_client.flower_client import evaluate_round, train_round
 
-    def node_config(msg: Message, context: Context, call_next) -> Message:
+    def with_node_config(msg: Message, context: Context, call_next) -> Message:
         pid = int(context.node_config.get("partition-id", 0))
-        domain = DOMAINS[pid % len(DOMAINS)]
-        name = f"{domain}-{pid}"
-        context.node_config.update(
-            {
-                wire.Node.NAME: name,
-                wire.Node.DATA: f"demo:{domain}",
-                wire.Node.EVAL_DATA: f"demo:{domain}:test",
-                wire.Node.STATE_DIR: str(out / "clients" / name),
-                wire.Node.CACHE_DIR: str(cache),
-                wire.Node.THREADS: threads,
-            }
-        )
-        if devices:
-            context.node_config[wire.Node.PROFILE] = devices[pid % len(devices)]
+        context.node_config.update(node_config(pid, out, cache, threads, devices))
         return call_next(msg, context)
 
-    app = ClientApp(mods=[node_config])
+    app = ClientApp(mods=[with_node_config])
     app.train()(train_round)
     app.evaluate()(evaluate_round)
     return app

@@ -240,3 +240,13 @@ def test_stage_deadline_follows_the_round_deadline(tmp_path):
     app = tomllib.loads((_write_app(tmp_path / "flwr", tmp_path, opts) / "pyproject.toml").read_text())
     config = app["tool"]["flwr"]["app"]["config"]
     assert config[RunKeys.DEADLINE] == 240 + STAGE_SLACK_S and config["deadline-s"] == 240 and config["codec"] == "auto"
+
+
+def test_simulated_clients_get_the_devices_in_turn(tmp_path):
+    from edge_client import wire
+    from edge_client.simulate import node_config
+
+    configs = [node_config(pid, tmp_path, tmp_path / "cache", 1, ["pi4-2gb", "laptop"]) for pid in range(3)]
+    assert [c[wire.Node.PROFILE] for c in configs] == ["pi4-2gb", "laptop", "pi4-2gb"]
+    assert [c[wire.Node.NAME] for c in configs] == ["healthcare-0", "finance-1", "education-2"]
+    assert wire.Node.PROFILE not in node_config(0, tmp_path, tmp_path / "cache", 1)
