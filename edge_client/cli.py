@@ -14,6 +14,11 @@ from edge_client.errors import FedgeError
 
 console = Console(stderr=True)
 EXIT_USAGE = 2
+# `fedge demo --devices`' default round deadline, for the default model (SmolLM2-135M, 15 steps of 8 x 256):
+# long enough that every built-in profile plans all 15 steps at full rank, short enough that they must
+# choose differently to make it (Pi 4: int8 base, 64-token rows; Pi 5: fp32, 128; Jetson: bf16, batch 8;
+# laptop: fp32, batch 4), and a round of four emulated devices stays ~5 minutes on 2 cores.
+DEVICES_DEADLINE_S = 240.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +157,21 @@ def _add_round_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out examples per client")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="each client plans its round (precision, rank, layers, steps) to finish within it (default: 0, "
+        "every client trains the round as sent)",
+    )
+    p.add_argument(
+        "--codec",
+        default=None,
+        metavar="SPEC",
+        help="clients send their change encoded: int8, int4, topk:0.1+int4, ... or auto (each by its uplink); "
+        "default: the whole fp32 adapter",
+    )
+    p.add_argument(
         "--server-lr",
         type=float,
         default=2.0,
@@ -166,7 +186,14 @@ def _add_federation_commands(sub) -> None:
     start.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT the clients connect to")
     start.add_argument("--state", type=Path, default=Path("fedge-server"), help="checkpoints and round records")
     start.add_argument("--min-clients", type=int, default=2, help="clients needed to start and to close a round")
-    start.add_argument("--deadline", type=float, default=1800.0, help="seconds a round stage waits for replies")
+    start.add_argument(
+        "--stage-deadline",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds a round stage (train, evaluate) waits for replies (default: --deadline + 60 s of Flower "
+        "overhead, or 1800 without --deadline)",
+    )
     start.add_argument("--ssl-certfile", type=Path, help="server certificate (PEM): enables TLS")
     start.add_argument("--ssl-keyfile", type=Path, help="server private key (PEM)")
     start.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (PEM) the clients trust")
@@ -198,6 +225,13 @@ def _add_federation_commands(sub) -> None:
     cstart.add_argument("--auth-key", type=Path, help="this device's private key for SuperNode authentication")
     cstart.add_argument("--max-retries", type=int, default=None, help="give up after N reconnects (default: never)")
     cstart.add_argument(
+        "--device-profile",
+        default="",
+        metavar="SPEC",
+        help="run as an emulated device: pi4-2gb, pi5-8gb, jetson-orin-nano, laptop, a .json/.toml file, or "
+        "key=value text such as base=pi5-8gb,slowdown=2 (its speed, memory cap and link; see edge_client/devices.py)",
+    )
+    cstart.add_argument(
         "--no-worker",
         action="store_true",
         help="load the model in each round's ClientApp process instead of a warm worker",
@@ -206,7 +240,16 @@ def _add_federation_commands(sub) -> None:
 
     demo = sub.add_parser("demo", help="a whole federation on this machine: server + one client per demo domain")
     _add_round_args(demo)
-    demo.add_argument("--clients", type=int, default=4, help="client processes (one demo domain each)")
+    demo.add_argument("--clients", type=int, default=None, help="client processes (one demo domain each; default 4)")
+    demo.add_argument(
+        "--devices",
+        action="append",
+        default=None,
+        metavar="LIST",
+        help="one client per emulated device, e.g. pi4-2gb,pi5-8gb,jetson-orin-nano,laptop (repeat the option for "
+        "key=value profiles: --devices base=laptop --devices base=pi5-8gb,slowdown=2); makes rounds adaptive: "
+        f"--deadline {DEVICES_DEADLINE_S:g} and --codec auto unless given",
+    )
     demo.add_argument("--out", type=Path, default=None, help="report, plots, adapter (default: a new directory)")
     demo.add_argument(
         "--simulation",
@@ -343,6 +386,8 @@ def _round_settings(args):
             lora_targets=args.targets,
             eval_examples=args.eval_examples,
             seed=args.seed,
+            deadline_s=args.deadline or 0.0,
+            codec=args.codec or "",
         )
     except ValueError as err:
         raise FedgeError(f"bad round option: {err}") from None
@@ -363,7 +408,7 @@ def cmd_server_start(args) -> int:
         address=args.address,
         rounds=args.rounds,
         min_clients=args.min_clients,
-        deadline_s=args.deadline,
+        stage_deadline_s=args.stage_deadline,
         cache_dir=args.cache_dir,
         settings=_round_settings(args),
         tls=Tls(*tls_files) if all(tls_files) else None,
@@ -391,6 +436,7 @@ def cmd_client_start(args) -> int:
         auth_key=args.auth_key,
         max_retries=args.max_retries,
         warm_worker=not args.no_worker,
+        profile=args.device_profile,
     )
     return start_client(opts, _say)
 
@@ -398,18 +444,42 @@ def cmd_client_start(args) -> int:
 def cmd_demo(args) -> int:
     from edge_client.demo import DemoOptions, run_demo
 
-    if not 1 <= args.clients <= 16 or args.rounds < 1:
-        raise FedgeError("--clients must be 1..16 and --rounds >= 1")
+    devices = _device_list(args.devices)
+    if devices:
+        if args.clients is not None and args.clients != len(devices):
+            raise FedgeError(f"--clients {args.clients} but --devices lists {len(devices)}: one client per device")
+        args.deadline = DEVICES_DEADLINE_S if args.deadline is None else args.deadline
+        args.codec = "auto" if args.codec is None else args.codec
+    clients = len(devices) if devices else (4 if args.clients is None else args.clients)
+    if not 1 <= clients <= 16 or args.rounds < 1:
+        raise FedgeError("--clients (or --devices) must be 1..16 and --rounds >= 1")
     opts = DemoOptions(
         settings=_round_settings(args),
         rounds=args.rounds,
-        clients=args.clients,
+        clients=clients,
+        devices=devices,
         out=args.out,
         cache_dir=_cache(args),
         simulation=args.simulation,
         server_lr=args.server_lr,
     )
     return run_demo(opts, Console())
+
+
+def _device_list(values: list[str] | None) -> list[str]:
+    """``--devices`` values -> one profile spec per client, each checked now (FedgeError naming the field).
+
+    A value without ``=`` is a comma-separated list of names or files; one with ``=`` is a single key=value
+    profile (its commas separate fields).
+    """
+    from edge_client.devices import load_profile
+
+    specs = []
+    for value in values or []:
+        specs += [value] if "=" in value else [v.strip() for v in value.split(",") if v.strip()]
+    for spec in specs:
+        load_profile(spec)
+    return specs
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 The server and each client run as their own processes (``fedge server start`` and ``fedge client start``)
 talking over loopback through Flower's SuperLink and SuperNodes, exactly as on separate devices. Client i
 holds demo domain i (healthcare, finance, education, iot), trains on its train split and evaluates the
-global adapter on its test split. Everything lands in ``--out``: report.json, rounds.png, clients.png, the
+global adapter on its test split. With ``devices`` client i runs as emulated device i (``fedge client start
+--device-profile``) and the rounds are adaptive: each device plans its round to the deadline and sends its
+change encoded for its link. Everything lands in ``--out``: report.json, rounds.png, clients.png, the
 final adapter, the server's state and every process's log.
 """
 
@@ -33,6 +35,7 @@ class DemoOptions:
     cache_dir: Path | None = None
     simulation: int | None = None
     server_lr: float = 1.0
+    devices: list[str] = field(default_factory=list)  # device profile specs: client i runs as devices[i]
 
 
 def run_demo(opts: DemoOptions, console: Console) -> int:
@@ -50,6 +53,13 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
         f"fedge demo: {opts.clients} clients x {opts.rounds} rounds x {opts.settings.steps} steps "
         f"on {opts.settings.model}; output in [bold]{out}[/]"
     )
+    if opts.devices:
+        s = opts.settings
+        console.print(
+            f"emulated devices: {', '.join(opts.devices)}; each plans its round to a {s.deadline_s:g} s deadline"
+            f"{', sends its change encoded (' + s.codec + ')' if s.codec else ''}",
+            soft_wrap=True,
+        )
     with console.status(f"fetching {opts.settings.model} (once)"):
         pull_model(opts.settings.model, cache, lambda m: console.print(f"[dim]{m}[/]"))
     t0 = time.monotonic()
@@ -88,6 +98,10 @@ def _round_args(s: wire.RoundSettings, rounds: int) -> list[str]:
         str(s.eval_examples),
         "--seed",
         str(s.seed),
+        "--deadline",
+        str(s.deadline_s),
+        "--codec",
+        s.codec,
     ]
 
 
@@ -121,6 +135,7 @@ def _run_processes(opts: DemoOptions, out: Path, cache: Path, console: Console) 
     for i in range(opts.clients):
         domain = DOMAINS[i % len(DOMAINS)]
         name = domain if i < len(DOMAINS) else f"{domain}-{i}"
+        profile = ["--device-profile", opts.devices[i]] if opts.devices else []
         clients.append(
             spawn(
                 _fedge(
@@ -141,6 +156,7 @@ def _run_processes(opts: DemoOptions, out: Path, cache: Path, console: Console) 
                     str(threads),
                     "--model",
                     opts.settings.model,  # already pulled: this only preloads it in the client's warm worker
+                    *profile,
                 ),
                 env,
                 logs / f"client-{name}.log",
@@ -167,12 +183,12 @@ def _watch_records(finished, state_dir: Path, rounds: int, console: Console) -> 
     from server.report import new_records, round_header, round_line
 
     shown: set[int] = set()
-    console.print(round_header(), highlight=False)
+    console.print(round_header(), highlight=False, soft_wrap=True)
     with console.status("round 0: every client evaluates the base model") as status:
         while True:
             done = finished()
             for record in new_records(state_dir, shown):
-                console.print(round_line(record, rounds), highlight=False)
+                console.print(round_line(record, rounds), highlight=False, soft_wrap=True)
                 status.update(f"round {record['round'] + 1}: clients train, then evaluate the new global adapter")
             if done:
                 return
@@ -188,6 +204,7 @@ def _finish(opts: DemoOptions, out: Path, state_dir: Path, seconds: float, conso
     meta = {
         "settings": opts.settings.to_config(),
         "clients": opts.clients,
+        "devices": opts.devices,
         "rounds_planned": opts.rounds,
         "mode": f"simulation ({opts.simulation} virtual clients)" if opts.simulation else "processes on loopback",
         "seconds": round(seconds, 1),

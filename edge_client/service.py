@@ -31,6 +31,7 @@ class ClientOptions:
     auth_key: Path | None = None  # this SuperNode's private key (OpenSSH ECDSA) when the server authenticates nodes
     max_retries: int | None = None  # None: retry forever
     warm_worker: bool = True  # keep the model loaded between rounds in a worker process (see edge_client.worker)
+    profile: str = ""  # an emulated device (edge_client.devices.load_profile spec); "": this machine as it is
 
 
 def worker_command(opts: ClientOptions, state_dir: Path, port: int) -> list[str]:
@@ -53,6 +54,7 @@ def supernode_command(opts: ClientOptions, worker_port: int = 0) -> tuple[list[s
     load_examples(opts.data)  # a bad data file fails here, with its line, not in round 1
     if opts.eval_data:
         load_examples(opts.eval_data)
+    profile = _profile_spec(opts.profile)
     name = opts.name or Path(opts.data).stem.replace("demo:", "")
     state_dir = (opts.state_dir or Path.home() / ".fedge" / "clients" / name).resolve()
     try:
@@ -68,6 +70,8 @@ def supernode_command(opts: ClientOptions, worker_port: int = 0) -> tuple[list[s
         wire.Node.THREADS: opts.threads,
         wire.Node.WORKER_PORT: worker_port,
     }
+    if profile:  # the ClientApp hands it to the warm worker with each round's work (edge_client.worker)
+        node_config[wire.Node.PROFILE] = profile
     if opts.eval_data:
         ev = opts.eval_data
         node_config[wire.Node.EVAL_DATA] = str(Path(ev).resolve()) if Path(ev).exists() else ev
@@ -95,6 +99,20 @@ def supernode_command(opts: ClientOptions, worker_port: int = 0) -> tuple[list[s
     if opts.max_retries is not None:
         cmd += ["--max-retries", str(opts.max_retries)]
     return cmd, flwr_env(state_dir / "flwr")
+
+
+def _profile_spec(spec: str) -> str:
+    """Check a ``--device-profile`` now (FedgeError naming the bad field); a file's path made absolute.
+
+    The ClientApp and the warm worker load it again each round, from other working directories.
+    """
+    if not spec:
+        return ""
+    from edge_client.devices import load_profile
+
+    load_profile(spec)
+    path = Path(spec)
+    return str(path.resolve()) if path.suffix in (".json", ".toml") and path.is_file() else spec
 
 
 def start_client(opts: ClientOptions, say, log_path: Path | None = None) -> int:

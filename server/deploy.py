@@ -20,6 +20,7 @@ from edge_client.errors import FedgeError
 from edge_client.procs import flwr_env, parse_address, spawn, stop, tail, wait_for_port
 from server.app import FINAL_ADAPTER, RunKeys
 from server.state import ServerState, StateError
+from server.strategy import stage_deadline
 
 APP_NAME = "fedge-federation"
 CONNECTION = "fedge"
@@ -45,7 +46,7 @@ class ServerOptions:
     address: str = "0.0.0.0:9092"
     rounds: int = 3
     min_clients: int = 2
-    deadline_s: float = 1800.0
+    stage_deadline_s: float | None = None  # None: the round deadline plus Flower's overhead (server.strategy)
     norm_factor: float = 10.0
     server_lr: float = 1.0
     cache_dir: Path | None = None
@@ -128,7 +129,7 @@ def _write_app(home: Path, state_dir: Path, opts: ServerOptions) -> Path:
         RunKeys.STATE_DIR: str(state_dir),
         RunKeys.CACHE_DIR: str(opts.cache_dir or default_cache_dir()),
         RunKeys.MIN_CLIENTS: opts.min_clients,
-        RunKeys.DEADLINE: float(opts.deadline_s),
+        RunKeys.DEADLINE: float(stage_deadline(opts.settings.deadline_s, opts.stage_deadline_s)),
         RunKeys.NORM_FACTOR: float(opts.norm_factor),
         RunKeys.SERVER_LR: float(opts.server_lr),
     }
@@ -185,13 +186,13 @@ def _follow(runner, superlink, state_dir: Path, rounds: int, console: Console, l
     shown: set[int] = set()
     if done := new_records(state_dir, shown):
         console.print(f"resuming: rounds {[r['round'] for r in done]} already done")
-    console.print(round_header())
+    console.print(round_header(), highlight=False, soft_wrap=True)
     while True:
         finished = runner.poll() is not None
         if not finished and superlink.poll() is not None:
             raise FedgeError(f"the SuperLink exited with code {superlink.returncode}:\n{tail(logs / 'superlink.log')}")
         for record in new_records(state_dir, shown):
-            console.print(round_line(record, rounds))
+            console.print(round_line(record, rounds), highlight=False, soft_wrap=True)
         if finished:
             return
         time.sleep(1.0)

@@ -24,7 +24,9 @@ def _fmt(value, spec: str) -> str:
 
 
 def _mb(n: int | None) -> str:
-    return "-" if not n else f"{n / 2**20:.1f} MB"
+    if not n:
+        return "-"
+    return f"{n / 2**20:.2f} MB" if n < 2**20 else f"{n / 2**20:.1f} MB"  # encoded updates are often < 1 MB
 
 
 def round_header() -> str:
@@ -32,7 +34,11 @@ def round_header() -> str:
 
 
 def round_line(record: dict, rounds: int) -> str:
-    """One aligned row: round, exact match, losses, clients accepted/replied, bytes up/down, seconds."""
+    """One aligned row: round, exact match, losses, clients accepted/replied, bytes up/down, seconds.
+
+    In an adaptive round (clients that planned, ran as emulated devices or sent encoded changes) a line per
+    client follows (`client_line`), then one per failed client.
+    """
     clients = f"{record['clients_accepted']}/{record['clients_replied']}" if record["round"] else "base"
     if record.get("clients_rejected") or record.get("clients_failed"):
         clients += f" ({record.get('clients_rejected', 0)}r {record.get('clients_failed', 0)}f)"
@@ -46,7 +52,49 @@ def round_line(record: dict, rounds: int) -> str:
         _mb(record.get("bytes_down")),
         _fmt(record.get("seconds"), ".0f"),
     )
-    return "".join(cell.rjust(width) for cell, (_, width) in zip(cells, _COLUMNS))
+    row = "".join(cell.rjust(width) for cell, (_, width) in zip(cells, _COLUMNS))
+    trained = [c for c in record.get("clients") or [] if c.get("steps") is not None]
+    if not any(c.get("plan") or c.get("codec") or c.get("device_profile") for c in trained):
+        return row
+    failed = [f"{'':8}{_who(f)}failed: {_last_line(f.get('reason'))}" for f in record.get("failures") or []]
+    return "\n".join([row, *(client_line(c) for c in trained), *failed])
+
+
+def client_line(c: dict) -> str:
+    """A client's round, indented under its round's row: device, plan, steps, codec, bytes up, seconds.
+
+    ``fp32 r16 all 15/15 steps``: the plan's base precision, LoRA rank, trained layers ("top 12": the last 12
+    only) and the steps trained of those the round asked for. "-" where the client had no plan.
+    """
+    plan = c.get("plan") or {}
+    requested = plan.get("requested_steps")
+    layers = "-" if not plan else ("all" if plan.get("top_layers") is None else f"top {plan['top_layers']}")
+    cells = (
+        f"{'':8}{str(c.get('name', '?')):<13}",
+        f"{c.get('device_profile') or '-':<17}",
+        f"{plan.get('precision', '-'):<5}",
+        f"{'r' + str(plan['lora_r']) if 'lora_r' in plan else '-':>4}",
+        f"{layers:>7}",
+        f"{c.get('steps', '-')}{'/' + str(requested) if requested else ''} steps".rjust(13),
+        f"  {c.get('codec') or 'fp32':<14}",
+        f"{_mb(c.get('bytes_up'))} up".rjust(11),
+        f"{_fmt(c.get('round_seconds'), '.0f')} s".rjust(7),
+    )
+    status = "" if c.get("accepted", True) else f"  rejected: {_last_line(c.get('reason'))}"
+    return "".join(cells) + status
+
+
+def _who(failure: dict) -> str:
+    if failure.get("name"):
+        return f"{failure['name']:<13}"
+    return f"{'node ' + str(failure['node_id']):<13}" if failure.get("node_id") is not None else ""
+
+
+def _last_line(text, width: int = 100) -> str:
+    """The last non-empty line of a (possibly multi-line, traceback) reason, cut to ``width``."""
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    last = lines[-1] if lines else "-"
+    return last if len(last) <= width else last[: width - 3] + "..."
 
 
 def new_records(state_dir: Path, shown: set[int]) -> list[dict]:
@@ -128,29 +176,43 @@ def plot_rounds(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# clients.png: (title, the value a client's round entry gives, or None where it has none)
+_CLIENT_PANELS = (
+    ("exact match on its held-out data (%)", lambda c: _pct(c.get("exact_match"))),
+    ("training s", lambda c: c.get("train_seconds")),
+    ("fixed cost: process start s", lambda c: c.get("startup_seconds")),
+    ("peak RSS MB", lambda c: c.get("peak_rss_mb")),
+    ("training energy J (see energy_method)", lambda c: c.get("energy_j")),
+    ("planned LoRA rank (adaptive rounds)", lambda c: (c.get("plan") or {}).get("lora_r")),
+    ("local steps trained", lambda c: c.get("steps")),
+    ("bytes up: its update (MB)", lambda c: None if c.get("bytes_up") is None else c["bytes_up"] / 2**20),
+)
+
+
 def plot_clients(report: dict, path: Path) -> None:
     plt = _pyplot()
-    names = sorted({c["name"] for r in report["rounds"] for c in r.get("clients") or []})
-    panels = (
-        ("exact_match", "exact match on its held-out data (%)", _pct),
-        ("train_seconds", "training s", None),
-        ("startup_seconds", "fixed cost: process start s", None),
-        ("peak_rss_mb", "peak RSS MB", None),
-        ("energy_j", "training energy J (see energy_method)", None),
-    )
-    fig, axes = plt.subplots(1, len(panels), figsize=(20, 3.6))
-    for ax, (key, title, fn) in zip(axes, panels):
-        for name in names:
-            pts = [
-                (r["round"], c.get(key))
-                for r in report["rounds"]
-                for c in r.get("clients") or []
-                if c["name"] == name and c.get(key) is not None
-            ]
+    from matplotlib.ticker import MaxNLocator
+
+    entries = [(r["round"], c) for r in report["rounds"] for c in r.get("clients") or []]
+    labels = {}  # name -> legend label, with the emulated device when there is one
+    for _, c in entries:
+        if c.get("device_profile") or c["name"] not in labels:
+            labels[c["name"]] = f"{c['name']} ({c['device_profile']})" if c.get("device_profile") else c["name"]
+    colors = {name: f"C{i % 10}" for i, name in enumerate(sorted(labels))}  # a client keeps its color in every panel
+    rounds = [r["round"] for r in report["rounds"]] or [0]
+    fig, axes = plt.subplots(2, 4, figsize=(20, 7.2))
+    for ax, (title, value) in zip(axes.flat, _CLIENT_PANELS):
+        for name in sorted(labels):
+            pts = [(rnd, value(c)) for rnd, c in entries if c["name"] == name and value(c) is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [fn(p[1]) if fn else p[1] for p in pts], "o-", label=name)
-        ax.set(title=title, xlabel="round")
-    axes[0].legend(fontsize=8)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[name], label=labels[name])
+        if not ax.lines:
+            ax.text(0.5, 0.5, "not in these records", ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set(title=title, xlabel="round", xlim=(min(rounds) - 0.5, max(rounds) + 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    drawn = [ax for ax in axes.flat if ax.lines]
+    if drawn:
+        drawn[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

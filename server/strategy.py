@@ -25,12 +25,31 @@ from server.state import ServerState
 log = logging.getLogger("fedge.server")
 
 
+DEFAULT_STAGE_DEADLINE_S = 1800.0
+# What a stage costs on top of a client's own round: Flower starts a ClientApp process per message and
+# moves the message both ways (measured 20-40 s per message on 2 busy cores), plus the warm worker's hand-off.
+STAGE_SLACK_S = 60.0
+
+
+def stage_deadline(client_deadline_s: float, explicit_s: float | None = None, waves: int = 1) -> float:
+    """Seconds a stage waits for replies: ``explicit_s`` if given, else ``waves`` client deadlines plus the slack.
+
+    ``client_deadline_s`` is the round's `RoundSettings.deadline_s` (0: none, the fixed default applies).
+    ``waves``: how many batches of clients run one after another (a simulation with fewer cores than clients).
+    """
+    if explicit_s is not None:
+        return explicit_s
+    if client_deadline_s > 0:
+        return waves * client_deadline_s + STAGE_SLACK_S
+    return DEFAULT_STAGE_DEADLINE_S
+
+
 @dataclass
 class RoundPolicy:
     """How a round treats its clients. ``deadline_s`` bounds each stage (train, evaluate) of a round."""
 
     min_clients: int = 2
-    deadline_s: float = 1800.0
+    deadline_s: float = DEFAULT_STAGE_DEADLINE_S
     norm_factor: float = 10.0  # reject an update whose change is > this x the median of the others'
     server_lr: float = 1.0  # 1: plain FedAvg; > 1 extrapolates the averaged change (see aggregate.server_step)
 
@@ -58,6 +77,7 @@ class FedgeAvg(FedAvg):
             configrecord_key=wire.CONFIG,
         )
         self.policy = policy
+        self._names: dict[int, str] = {}  # node id -> client name, from replies: names the failures
 
     def run(
         self,
@@ -96,21 +116,32 @@ class FedgeAvg(FedAvg):
         return state
 
     def _stage(self, grid: Grid, messages: Iterable[Message]) -> tuple[list[Message], list[dict]]:
-        """Send, then collect replies until all are in or the deadline passes: (good replies, failures)."""
-        pending = set(grid.push_messages(list(messages)))
+        """Send, then collect replies until all are in or the deadline passes: (good replies, failures).
+
+        A failure names its node and, once the node has replied in this run, its client.
+        """
+        sent = list(messages)
+        pending = set(grid.push_messages(sent))
+        to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}  # push filled in the ids
         end = time.monotonic() + self.policy.deadline_s
         replies, failures = [], []
         while pending and time.monotonic() < end:
             for reply in grid.pull_messages(list(pending)):
                 pending.discard(reply.metadata.reply_to_message_id)
+                node = reply.metadata.src_node_id
                 if reply.has_error():
-                    failures.append({"node_id": reply.metadata.src_node_id, "reason": reply.error.reason})
-                    log.warning("node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
+                    failures.append(self._failure(node, reply.error.reason))
+                    log.warning("node %s failed: %s", node, reply.error.reason)
                 else:
+                    if wire.CLIENT in reply.content:
+                        self._names[node] = str(reply.content[wire.CLIENT].get(wire.Client.NAME, node))
                     replies.append(reply)
             time.sleep(0.5)
-        failures += [{"node_id": None, "reason": "no reply before the deadline"} for _ in pending]
+        failures += [self._failure(to_node.get(mid), "no reply before the deadline") for mid in pending]
         return replies, failures
+
+    def _failure(self, node: int | None, reason: str) -> dict:
+        return {"node_id": node, "name": self._names.get(node) if node is not None else None, "reason": reason}
 
     def _check_and_average(
         self, state: ServerState, replies: list[Message], bytes_down: int, alpha: float

@@ -165,3 +165,88 @@ def test_console_script_runs_without_traceback(tmp_path):
 
 def test_meta_file_name_is_stable():
     assert META_FILE == "fedge_adapter.json"
+
+
+# --- adaptive rounds and emulated devices from the command line ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["client", "start", "--device-profile", "pi9"], "unknown device 'pi9'"),
+        (["client", "start", "--device-profile", "base=pi5-8gb,slowdown=fast"], "field 'slowdown': expected float"),
+        (["client", "start", "--device-profile", "base=pi5-8gb,cores=2"], "unknown field(s) ['cores']"),
+        (["server", "start", "--codec", "int9"], "'int9': unknown codec"),
+        (["server", "start", "--deadline", "-5"], "deadline_s must be >= 0"),
+        (["demo", "--devices", "pi4-2gb,toaster"], "unknown device 'toaster'"),
+        (["demo", "--devices", "base=laptop,slowdown=0.5"], "slowdown must be >= 1"),
+        (["demo", "--devices", "pi4-2gb,laptop", "--clients", "3"], "--clients 3 but --devices lists 2"),
+    ],
+)
+def test_device_and_round_options_are_checked_up_front(argv, expected, tmp_path, capsys):
+    if argv[0] == "client":
+        argv = [*argv[:2], "--server", "127.0.0.1:1", "--data", "demo:iot", "--model", "none",
+                "--state", str(tmp_path / "c"), *argv[2:]]  # fmt: skip
+    elif argv[0] == "server":
+        argv = [*argv[:2], "--state", str(tmp_path / "s"), *argv[2:]]
+    else:
+        argv = [*argv, "--out", str(tmp_path / "demo")]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and expected in " ".join(err.split()) and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_demo_with_devices_becomes_adaptive_unless_told_otherwise(monkeypatch, tmp_path):
+    import edge_client.demo
+
+    seen = []
+    monkeypatch.setattr(edge_client.demo, "run_demo", lambda opts, console: seen.append(opts) or 0)
+    assert main(["demo", "--devices", "pi4-2gb,laptop", "--devices", "base=pi5-8gb,slowdown=2"]) == 0
+    assert seen[-1].devices == ["pi4-2gb", "laptop", "base=pi5-8gb,slowdown=2"] and seen[-1].clients == 3
+    assert seen[-1].settings.deadline_s == 240 and seen[-1].settings.codec == "auto"
+    assert main(["demo", "--devices", "laptop", "--deadline", "90", "--codec", "int4"]) == 0
+    assert seen[-1].settings.deadline_s == 90 and seen[-1].settings.codec == "int4"
+    assert main(["demo", "--clients", "2"]) == 0  # without devices: the fixed configuration, as before
+    assert seen[-1].devices == [] and seen[-1].settings.deadline_s == 0 and seen[-1].settings.codec == ""
+
+
+def test_device_profile_reaches_the_supernodes_node_config(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    from edge_client import wire
+    from edge_client.service import ClientOptions, supernode_command
+
+    opts = ClientOptions("127.0.0.1:9092", "demo:iot", state_dir=tmp_path, profile="base=pi5-8gb,slowdown=2")
+    cmd, _ = supernode_command(opts, worker_port=1234)
+    node_config = parse_config_args([cmd[cmd.index("--node-config") + 1]])  # as the SuperNode parses it
+    assert node_config[wire.Node.PROFILE] == "base=pi5-8gb,slowdown=2" and node_config[wire.Node.WORKER_PORT] == 1234
+    cmd, _ = supernode_command(ClientOptions("127.0.0.1:9092", "demo:iot", state_dir=tmp_path))
+    assert wire.Node.PROFILE not in parse_config_args([cmd[cmd.index("--node-config") + 1]])
+
+
+def test_stage_deadline_follows_the_round_deadline(tmp_path):
+    import tomllib
+
+    from edge_client.wire import RoundSettings
+    from server.app import RunKeys
+    from server.deploy import ServerOptions, _write_app
+    from server.strategy import DEFAULT_STAGE_DEADLINE_S, STAGE_SLACK_S, stage_deadline
+
+    assert stage_deadline(0) == DEFAULT_STAGE_DEADLINE_S and stage_deadline(0, 99.0) == 99.0
+    assert stage_deadline(240) == 240 + STAGE_SLACK_S and stage_deadline(240, 500.0) == 500.0
+    assert stage_deadline(100, waves=2) == 200 + STAGE_SLACK_S
+    opts = ServerOptions(tmp_path, settings=RoundSettings(deadline_s=240, codec="auto"))
+    app = tomllib.loads((_write_app(tmp_path / "flwr", tmp_path, opts) / "pyproject.toml").read_text())
+    config = app["tool"]["flwr"]["app"]["config"]
+    assert config[RunKeys.DEADLINE] == 240 + STAGE_SLACK_S and config["deadline-s"] == 240 and config["codec"] == "auto"
+
+
+def test_simulated_clients_get_the_devices_in_turn(tmp_path):
+    from edge_client import wire
+    from edge_client.simulate import node_config
+
+    configs = [node_config(pid, tmp_path, tmp_path / "cache", 1, ["pi4-2gb", "laptop"]) for pid in range(3)]
+    assert [c[wire.Node.PROFILE] for c in configs] == ["pi4-2gb", "laptop", "pi4-2gb"]
+    assert [c[wire.Node.NAME] for c in configs] == ["healthcare-0", "finance-1", "education-2"]
+    assert wire.Node.PROFILE not in node_config(0, tmp_path, tmp_path / "cache", 1)

@@ -352,3 +352,31 @@ def test_simulation_engine_runs_the_same_apps(tmp_path, tiny_model_dir):
     assert [r["round"] for r in report["rounds"]] == [0, 1]
     assert report["rounds"][1]["clients_accepted"] == 2
     assert {c["name"] for c in report["rounds"][1]["clients"]} == {"healthcare-0", "finance-1"}
+
+
+def test_demo_with_emulated_devices_plans_and_encodes_each_clients_round(tmp_path, tiny_model_dir):
+    """`fedge demo --devices`: two emulated devices plan their rounds to the deadline and send encoded changes.
+
+    The planner's cost model is SmolLM2's, so the plans do not fit the tiny model's real cost; what is checked
+    is the wiring: profiles reach the clients, plans and codecs come back, encoded updates merge.
+    """
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "edge_client.cli", "--cache-dir", str(tmp_path / "cache"), "demo",
+           "--devices", "base=laptop", "--devices", "base=pi5-8gb,slowdown=2", "--deadline", "120", "--codec", "auto",
+           "--rounds", "2", "--steps", "4", "--eval-examples", "4", "--rank", "4", "--model", str(tiny_model_dir),
+           "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{TESTS.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
+    assert report["devices"] == ["base=laptop", "base=pi5-8gb,slowdown=2"]
+    for rnd in report["rounds"][1:]:
+        assert rnd["clients_accepted"] == 2 and rnd["clients_failed"] == 0, rnd
+        by_profile = {c["device_profile"]: c for c in rnd["clients"]}
+        assert set(by_profile) == {"laptop", "pi5-8gb"}
+        for c in by_profile.values():
+            assert c["plan"]["feasible"] and c["plan"]["precision"] and c["steps"] >= 1
+            assert c["codec"] and c["deadline_s"] == 120 and c["warm"] == 1
+            assert 0 < c["bytes_up"] < c["bytes_down"]  # the encoded change, smaller than the fp32 adapter sent
+    assert "steps" in done.stdout and "pi5-8gb" in done.stdout  # the live table's per-client plan lines
