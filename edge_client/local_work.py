@@ -232,11 +232,15 @@ class RoundDeclined(RuntimeError):
 
 
 def _profile(device: Device):
+    """The emulated device, with no more threads than this client was given (several share one machine)."""
     if not device.profile:
         return None
     from edge_client.devices import load_profile
 
-    return load_profile(device.profile)
+    profile = load_profile(device.profile)
+    if device.threads > 0 and device.threads < profile.threads:
+        profile = dataclasses.replace(profile, threads=device.threads)
+    return profile
 
 
 def _plan(device: Device, settings: wire.RoundSettings, profile) -> tuple:
