@@ -24,7 +24,7 @@ import numpy as np
 from edge_client import wire
 from edge_client.fsutil import atomic_write_bytes, atomic_write_text
 
-UPDATE_FILE, METRICS_FILE, RESIDUAL_FILE = "update.npz", "metrics.json", "residual.npz"
+UPDATE_FILE, METRICS_FILE = "update.npz", "metrics.json"
 KEEP_WORK_DIRS = 3
 Arrays = dict[str, np.ndarray]
 
@@ -87,6 +87,13 @@ def load_base(device: Device, model: str, precision: str | None = None, compute_
 
     if device.threads > 0:
         torch.set_num_threads(device.threads)
+    if (
+        precision is None
+        and _LOADED
+        and _LOADED[0].base_key[0] == model
+        and _LOADED[0].base_key[3] == str(device.cache_dir)
+    ):
+        return _LOADED[0].session  # no precision asked for (evaluation): the one a plan loaded serves
     precision = precision or device.precision
     key = (model, precision, compute_dtype, str(device.cache_dir))
     if not _LOADED or _LOADED[0].base_key != key:
@@ -200,7 +207,7 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
             run_id=f"{session.model_dir}|{data_id}",
             on_step=_chain(emulated_step, replanner),
         )
-    arrays, codec = _reply_arrays(device, settings, get_adapter(model), start, profile, clock() - started)
+    arrays, codec, feedback = _reply_arrays(device, settings, get_adapter(model), start, profile, clock() - started)
     upload_bytes = sum(a.nbytes for a in arrays.values())
     upload_seconds = profile.link.transfer(upload_bytes, "up", clock.sleep) if profile is not None else 0.0
     metrics = {
@@ -223,6 +230,8 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
         wire.Client.PROFILE: profile.name if profile is not None else "",
     }
     _save_update(work, arrays, metrics)  # before replying: a lost reply costs a resend, not the training
+    if feedback is not None:  # after the update: a crash in between loses a residual, never sends it twice
+        feedback.save(_residual_path(device, settings))
     _prune_work(work.parent)
     return arrays, {**metrics, wire.Metric.RESUMED: 0}
 
@@ -322,33 +331,45 @@ def _start_arrays(global_arrays: Arrays, settings: wire.RoundSettings, local: Ar
 
 def _reply_arrays(
     device: Device, settings: wire.RoundSettings, trained: Arrays, start: Arrays, profile, elapsed: float
-) -> tuple[Arrays, str]:
-    """What goes back: the whole adapter (``codec == ""``) or the encoded change, with error feedback.
+) -> tuple[Arrays, str, object]:
+    """What goes back: (arrays, codec spec, the error feedback to save once the update is saved).
+
+    The whole adapter (``codec == ""``) or the encoded change, with error feedback.
 
     ``"auto"`` picks the least lossy codec whose upload fits the deadline's remaining time on the device's
     link (an emulated profile's; on a real device without a link model, int8); ``"auto:C"`` starts the search
     at codec ``C`` of `quantization.codecs.LADDER`. The residual of lossy codecs
     stays on the device (``state_dir/residual.npz``) and is added to the next round's change.
     """
-    if not settings.codec:
-        return trained, ""
     from quantization.codecs import LADDER, ErrorFeedback, make_delta, pick_codec
 
+    if not settings.codec and set(trained) == set(start) and _same_shapes(trained, start):
+        return trained, "", None
+    # A plan that trains part of the adapter (lower rank, fewer layers) always sends its change: the whole
+    # adapter would not have the global's shapes.
     delta = make_delta(trained, start)
-    spec = settings.codec
+    spec = settings.codec or "none"
     if spec.startswith("auto"):
         ladder = LADDER[LADDER.index(spec.partition(":")[2] or LADDER[0]) :]
-        if profile is None or settings.deadline_s <= 0:
-            spec = ladder[min(2, len(ladder) - 1)]  # no link model: int8 unless the ceiling is lower
+        if profile is None or settings.deadline_s <= 0:  # no link model: int8, or the ceiling if it is lower
+            spec = LADDER[max(LADDER.index("int8"), LADDER.index(ladder[0]))]
         else:
             fp32_bytes = sum(a.nbytes for a in delta.values())
             left = max(1.0, 0.9 * settings.deadline_s - elapsed)
             spec = pick_codec(fp32_bytes, profile.uplink_bytes_per_s, left, ladder)
-    residual_path = device.state_dir / RESIDUAL_FILE
-    feedback = ErrorFeedback.load(residual_path, spec) if residual_path.is_file() else ErrorFeedback(spec)
+    feedback = ErrorFeedback.load(_residual_path(device, settings), spec)
     encoded = feedback.encode(delta)
-    feedback.save(residual_path)
-    return encoded.to_arrays(), spec
+    return encoded.to_arrays(), spec, feedback
+
+
+def _residual_path(device: Device, settings: wire.RoundSettings) -> Path:
+    """Where the error-feedback residual waits between rounds: one per federation shape (model, LoRA, seed)."""
+    key = hashlib.sha256(json.dumps(settings.defining(), sort_keys=True).encode()).hexdigest()[:12]
+    return device.state_dir / f"residual-{key}.npz"
+
+
+def _same_shapes(a: Arrays, b: Arrays) -> bool:
+    return all(a[k].shape == b[k].shape for k in a)
 
 
 def do_evaluate(device: Device, settings: wire.RoundSettings, global_arrays: Arrays) -> dict:

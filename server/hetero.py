@@ -261,7 +261,10 @@ def _factor(lefts: list, rights: list, r: int, scale: float, fill: np.ndarray) -
 
 
 def from_reply(arrays: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray], alpha: float) -> tuple:
-    """A client's reply -> (its trained tensors at its own rank, the L2 norm of its change); ValueError: why not.
+    """A client's reply -> (its trained tensors at its own rank, the RMS of its change); ValueError: why not.
+
+    The RMS is over the entries the client changed, so clients that train a small part of the adapter (a low rank,
+    a few layers) and clients that train all of it are comparable for the norm-outlier check.
 
     A reply is either the whole adapter at the global's shapes (fp32) or an encoded change
     (`quantization.codecs`) of the tensors the client trained, at its rank, relative to
@@ -274,7 +277,8 @@ def from_reply(arrays: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.
         reason = check_update(dict(arrays), dict(global_arrays))
         if reason:
             raise ValueError(reason)
-        return dict(arrays), delta_norm(dict(arrays), dict(global_arrays))
+        changed = sum(int(np.count_nonzero(arrays[k] != global_arrays[k])) for k in global_arrays)
+        return dict(arrays), delta_norm(dict(arrays), dict(global_arrays)) / math.sqrt(max(1, changed))
     delta = decode(Encoded.from_arrays(arrays))
     if not delta:
         raise ValueError("the update changes no tensor")
@@ -287,4 +291,5 @@ def from_reply(arrays: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.
         if not np.isfinite(d).all():
             raise ValueError(f"non-finite values (NaN or Inf) in {name}")
     norm = float(np.sqrt(sum(np.sum(d.astype(np.float64) ** 2) for d in delta.values())))
-    return {k: (start[k] + d).astype(start[k].dtype) for k, d in delta.items()}, norm
+    size = sum(int(np.count_nonzero(d)) for d in delta.values())
+    return {k: (start[k] + d).astype(start[k].dtype) for k, d in delta.items()}, norm / math.sqrt(max(1, size))

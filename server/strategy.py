@@ -155,7 +155,7 @@ class FedgeAvg(FedAvg):
             try:
                 received = wire.from_record(reply.content[wire.ADAPTER])
                 entry["bytes_up"] = wire.record_bytes(reply.content[wire.ADAPTER])
-                update, entry["delta_norm"] = hetero.from_reply(received, state.arrays, alpha)
+                update, entry["delta_rms"] = hetero.from_reply(received, state.arrays, alpha)
             except ValueError as err:  # names, shapes, dtypes, finite values: the check's own words
                 reason = str(err)
             except (KeyError, TypeError) as err:
@@ -165,13 +165,11 @@ class FedgeAvg(FedAvg):
             updates.append(update)
         checked = [i for i, c in enumerate(clients) if c["reason"] is None]
         history = state.strategy.get("accepted_norms", [])[-20:]
-        outliers = aggregate.norm_outliers(
-            [clients[i]["delta_norm"] for i in checked], history, self.policy.norm_factor
-        )
+        outliers = aggregate.norm_outliers([clients[i]["delta_rms"] for i in checked], history, self.policy.norm_factor)
         for i, is_outlier in zip(checked, outliers):
             if is_outlier:
                 clients[i]["reason"] = (
-                    f"update norm {clients[i]['delta_norm']:.3g} is more than {self.policy.norm_factor:g}x the cohort's"
+                    f"update RMS {clients[i]['delta_rms']:.3g} is more than {self.policy.norm_factor:g}x the cohort's"
                 )
         accepted = [i for i, c in enumerate(clients) if c["reason"] is None]
         for c in clients:
@@ -189,7 +187,7 @@ class FedgeAvg(FedAvg):
                 steps=[max(1, int(clients[i].get("steps") or 1)) for i in accepted],
                 server_lr=self.policy.server_lr,
             )
-            state.strategy["accepted_norms"] = history + [clients[i]["delta_norm"] for i in accepted]
+            state.strategy["accepted_norms"] = history + [clients[i]["delta_rms"] for i in accepted]
         elif clients:
             log.warning(
                 "only %d acceptable updates (minimum %d): the global adapter stays as it was",

@@ -42,7 +42,7 @@ def test_encoded_change_with_error_feedback_decodes_to_the_trained_adapter(devic
     assert metrics[wire.Metric.UPLOAD_BYTES] < 0.3 * fp32
     update, _ = hetero.from_reply(arrays, initial, settings.lora_alpha)
     assert update and all("lora_B" in k for k in update)
-    residual = device.state_dir / local_work.RESIDUAL_FILE
+    residual = local_work._residual_path(device, settings)
     assert residual.is_file()  # what int8 dropped waits on the device for the next round
     # The server's view equals the client's trained B up to int8 rounding.
     trained = local_work.get_adapter(local_work._LOADED[0].model)
@@ -50,10 +50,11 @@ def test_encoded_change_with_error_feedback_decodes_to_the_trained_adapter(devic
         assert np.abs(v - trained[k]).max() <= 0.02 * np.abs(trained[k] - initial[k]).max() + 1e-8
 
 
-def test_a_planned_round_on_an_emulated_small_device_trains_part_of_the_adapter(device, tiny_model_dir):
+@pytest.mark.parametrize("codec", ["auto", ""])  # "": a partial plan still sends its change (as fp32)
+def test_a_planned_round_on_an_emulated_small_device_trains_part_of_the_adapter(device, tiny_model_dir, codec):
     # A Pi 4 with a tight deadline: the plan lowers the rank and trains fewer layers; the server merges it back.
     device.profile = "base=pi4-2gb,slowdown=1.5"
-    settings = _settings(tiny_model_dir, codec="auto", deadline_s=60.0, lora_r=16)
+    settings = _settings(tiny_model_dir, codec=codec, deadline_s=60.0, lora_r=16)
     initial = local_work.initial_adapter(device.cache_dir, settings)
     arrays, metrics = local_work.do_train(device, settings, initial, rnd=1)
     plan = json.loads(metrics[wire.Client.PLAN])
@@ -72,11 +73,19 @@ def test_a_resent_round_replies_with_the_saved_encoded_update(device, tiny_model
     settings = _settings(tiny_model_dir, codec="int4")
     initial = local_work.initial_adapter(device.cache_dir, settings)
     first, _ = local_work.do_train(device, settings, initial, rnd=1)
-    residual = (device.state_dir / local_work.RESIDUAL_FILE).read_bytes()
+    residual = local_work._residual_path(device, settings).read_bytes()
     again, metrics = local_work.do_train(device, settings, initial, rnd=1)
     assert metrics[wire.Metric.RESUMED] == 1
     assert all(np.array_equal(first[k], again[k]) for k in first)
-    assert (device.state_dir / local_work.RESIDUAL_FILE).read_bytes() == residual  # not encoded twice
+    assert local_work._residual_path(device, settings).read_bytes() == residual  # not encoded twice
+
+
+def test_auto_without_a_link_model_takes_int8_or_its_ceiling(device, tiny_model_dir):
+    for codec, expected in (("auto", "int8"), ("auto:int3", "int3"), ("auto:fp16", "int8")):
+        settings = _settings(tiny_model_dir, codec=codec)
+        initial = local_work.initial_adapter(device.cache_dir, settings)
+        _, metrics = local_work.do_train(device, settings, initial, rnd=1)
+        assert metrics[wire.Client.CODEC] == expected
 
 
 def test_a_bad_codec_is_refused_with_its_name():
