@@ -169,7 +169,8 @@ class FedgeAvg(FedAvg):
         for i, is_outlier in zip(checked, outliers):
             if is_outlier:
                 clients[i]["reason"] = (
-                    f"update RMS {clients[i]['delta_rms']:.3g} is more than {self.policy.norm_factor:g}x the cohort's"
+                    f"update norm {clients[i]['delta_rms']:.3g} (RMS per changed entry) is more than "
+                    f"{self.policy.norm_factor:g}x the cohort's"
                 )
         accepted = [i for i, c in enumerate(clients) if c["reason"] is None]
         for c in clients:
