@@ -74,7 +74,7 @@ def main() -> None:
     results: dict = {}
     for name in [f for f in args.only.split(",") if f]:
         t0 = time.monotonic()
-        with Fleet(devices, DOMAINS, cache, args.work / name) as fleet:
+        with Fleet(devices, DOMAINS, cache, args.work / name, args.model) as fleet:
             results[name] = federate(fleet, settings[name], args.rounds, args.deadline, args.server_lr, name)
         results[name].update(scorer.score(results[name].pop("global")))
         results[name]["seconds"] = round(time.monotonic() - t0, 1)
@@ -100,10 +100,11 @@ def main() -> None:
 class Fleet:
     """One warm-worker process per emulated device, each with its own state directory, on loopback."""
 
-    def __init__(self, devices: list[str], domains, cache: Path, work: Path) -> None:
+    def __init__(self, devices: list[str], domains, cache: Path, work: Path, model: str) -> None:
         from edge_client.local_work import Device
         from edge_client.procs import free_port
 
+        self.model = model
         self.devices = []
         for i, profile in enumerate(devices):
             state = work / f"{i}-{profile}"
@@ -125,6 +126,7 @@ class Fleet:
             dev.state_dir.mkdir(parents=True)
             cmd = [sys.executable, "-m", "edge_client.worker", "--state", str(dev.state_dir)]
             cmd += ["--port", str(dev.worker_port), "--cache-dir", str(dev.cache_dir)]
+            cmd += ["--model", self.model, "--precision", dev.precision]  # loaded up front, as the service does
             proc = spawn(cmd, dict(os.environ), dev.state_dir / "worker.log")
             self.procs.append(proc)
             wait_for_port("127.0.0.1", dev.worker_port, proc, dev.state_dir / "worker.log")
