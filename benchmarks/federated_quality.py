@@ -50,6 +50,7 @@ def main() -> None:
     p.add_argument("--server-tau", type=float, default=1e-3, help="FedAdam's adaptivity floor")
     p.add_argument("--train-a", action="store_true", help="train LoRA A too (default: A frozen, FFA-LoRA)")
     p.add_argument("--federated-only", action="store_true", help="skip the baselines (for trying FedAvg settings)")
+    p.add_argument("--centralized-only", action="store_true", help="only the centralized baseline (e.g. at another lr)")
     p.add_argument("--tag", default="", help="suffix for the results file (exploration runs)")
     args = p.parse_args()
 
@@ -163,6 +164,10 @@ def main() -> None:
     server_lrs = [float(x) for x in args.server_lrs.split(",")]
     if args.server_lr not in server_lrs:
         raise SystemExit(f"--server-lr {args.server_lr} must be one of --server-lrs {server_lrs}")
+    if args.centralized_only:
+        only = {"centralized": timed("centralized", centralized), "setup": setup}
+        write_results(f"federated_quality{args.tag}", only)
+        return
     results = _reusable(setup, f"federated_quality{args.tag}") if args.reuse_baselines else {}
     if "base" not in results and not args.federated_only:  # the base model generates to the limit: slow
         results["base"] = timed("base", lambda: score(initial))

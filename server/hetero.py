@@ -279,7 +279,15 @@ def from_reply(arrays: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.
             raise ValueError(reason)
         changed = sum(int(np.count_nonzero(arrays[k] != global_arrays[k])) for k in global_arrays)
         return dict(arrays), delta_norm(dict(arrays), dict(global_arrays)) / math.sqrt(max(1, changed))
-    delta = decode(Encoded.from_arrays(arrays))
+    encoded = Encoded.from_arrays(arrays)
+    for entry in encoded.header.get("tensors", []):  # before decoding: a header must not make the server allocate
+        name, shape = entry[0], tuple(entry[1])
+        ref = global_arrays.get(name)
+        if ref is None:
+            raise ValueError(f"wrong keys: unexpected {name}")
+        if len(shape) != ref.ndim or any(int(n) > r for n, r in zip(shape, ref.shape)):
+            raise ValueError(f"wrong shape for {name}: {shape}, expected at most {tuple(ref.shape)}")
+    delta = decode(encoded)
     if not delta:
         raise ValueError("the update changes no tensor")
     start = for_client(global_arrays, client_rank(delta), alpha)

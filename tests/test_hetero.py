@@ -205,3 +205,25 @@ def test_svd_global_is_in_svd_form_so_clients_get_slices() -> None:
     assert not _svd_form(g[m + ".lora_A.weight"], g[m + ".lora_B.weight"])
     sliced = for_client(new, 3, ALPHA, "zero-pad")
     assert np.allclose(product(sliced, m), best_rank(product(new, m), 3), atol=1e-3)
+
+
+def test_from_reply_takes_a_lower_rank_encoded_change_and_refuses_bad_headers():
+    from quantization.codecs import Encoded, encode
+    from server.hetero import from_reply
+
+    global_arrays = adapter(rank=4, seed=0)
+    start = for_client(global_arrays, 2, alpha=8.0)
+    delta = {k: np.full_like(v, 0.01) for k, v in start.items() if k.endswith("lora_B.weight")}
+    update, rms = from_reply(encode(delta, "fp16").to_arrays(), global_arrays, alpha=8.0)
+    assert set(update) == set(delta) and rms == pytest.approx(0.01, rel=1e-3)
+    for k, v in update.items():  # the client's tensors at its own rank: where it started plus its change
+        np.testing.assert_allclose(v, start[k] + 0.01, atol=1e-4)
+
+    encoded = encode(delta, "topk:0.5+int8")
+    name = encoded.header["tensors"][0][0]
+    encoded.header["tensors"][0][1] = [10**6, 10**6]  # a header that would make the server allocate 4 TB
+    with pytest.raises(ValueError, match=f"wrong shape for {name}"):
+        from_reply(Encoded(encoded.header, encoded.arrays).to_arrays(), global_arrays, alpha=8.0)
+    encoded.header["tensors"][0][0] = "not.a.lora.weight"
+    with pytest.raises(ValueError, match="unexpected not.a.lora.weight"):
+        from_reply(Encoded(encoded.header, encoded.arrays).to_arrays(), global_arrays, alpha=8.0)
