@@ -129,9 +129,8 @@ def lora_settings(settings: wire.RoundSettings, plan=None):
     """
     from edge_client.train import LoraSettings
 
-    targets = tuple(t.strip() for t in settings.lora_targets.split(",") if t.strip())
     lora = LoraSettings(
-        r=settings.lora_r, alpha=settings.lora_alpha, target_modules=targets, freeze_a=settings.lora_freeze_a
+        r=settings.lora_r, alpha=settings.lora_alpha, target_modules=settings.targets, freeze_a=settings.lora_freeze_a
     )
     if plan is not None:
         lora = dataclasses.replace(lora, **plan.lora_overrides())

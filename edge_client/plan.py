@@ -172,14 +172,13 @@ class RoundBudget:
     def from_round_settings(cls, settings: object, deadline_s: float, **limits: object) -> RoundBudget:
         """From the federation's `edge_client.wire.RoundSettings` (steps, batch, seq_len, LoRA rank and targets)
         plus the round's limits (``memory_cap_bytes``, ``upload_budget_bytes``, margins ...)."""
-        targets = tuple(t.strip() for t in settings.lora_targets.split(",") if t.strip())
         return cls(
             deadline_s=deadline_s,
             steps=settings.steps,
             batch=settings.batch,
             seq_len=settings.seq_len,
             r_max=settings.lora_r,
-            targets=targets,
+            targets=settings.targets,
             **limits,
         )
 

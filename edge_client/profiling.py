@@ -115,7 +115,7 @@ def _train_config(plan: ProfilePlan, steps: int):
         lora=LoraSettings(
             r=plan.lora_r,
             alpha=2 * plan.lora_r,
-            target_modules=tuple(rounds.lora_targets.split(",")),
+            target_modules=rounds.targets,
             freeze_a=rounds.lora_freeze_a,
         ),
     )

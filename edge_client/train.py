@@ -260,6 +260,8 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif getattr(model, "is_gradient_checkpointing", False):  # a kept model: an earlier run (plan) turned it on
+        model.gradient_checkpointing_disable()
     if cfg.compile:
         compile_layers(model)
     model.train()

@@ -168,6 +168,11 @@ class RoundSettings:
         "codec": Cfg.CODEC,
     }  # fmt: skip
 
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """``lora_targets`` as module names ("q_proj, v_proj" -> ("q_proj", "v_proj"))."""
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
     def to_config(self) -> dict:
         """ConfigRecord contents."""
         return {key: getattr(self, name) for name, key in self._KEYS.items()}

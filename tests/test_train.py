@@ -93,6 +93,15 @@ def test_gradient_accumulation_and_checkpointing_train(fresh_session):
     assert result.tokens > 0 and result.peak_rss_mb > 0
 
 
+def test_a_kept_model_follows_each_runs_checkpointing_setting(fresh_session):
+    # The warm worker keeps one model across rounds whose plans differ: checkpointing must not stick.
+    model, _ = _run(fresh_session, steps=1, gradient_checkpointing=True)
+    assert model.is_gradient_checkpointing
+    cfg = TrainConfig(steps=1, micro_batch=8, seq_len=128, lr=2e-2, warmup_steps=0, checkpoint_every=0)
+    train(model, epoch_maker(fresh_session.tokenizer, load_examples("demo:iot")[:16], cfg), cfg, CPU)
+    assert not model.is_gradient_checkpointing
+
+
 def test_top_layers_puts_lora_only_on_the_last_layers(fresh_session):
     model = add_lora(fresh_session.model, LoraSettings(r=2, top_layers=1, target_modules=("q_proj", "k_proj")))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
