@@ -21,6 +21,7 @@ Writes benchmarks/results/federated_quality.json and the table in benchmarks/REA
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,12 @@ def main() -> None:
     p.add_argument("--train-a", action="store_true", help="train LoRA A too (default: A frozen, FFA-LoRA)")
     p.add_argument("--federated-only", action="store_true", help="skip the baselines (for trying FedAvg settings)")
     p.add_argument("--centralized-only", action="store_true", help="only the centralized baseline (e.g. at another lr)")
+    p.add_argument(
+        "--round-lr-min",
+        type=float,
+        default=None,
+        help="client lr follows a cosine over rounds from --lr down to this (FlowerTune-style); default: constant",
+    )
     p.add_argument("--tag", default="", help="suffix for the results file (exploration runs)")
     args = p.parse_args()
 
@@ -80,10 +87,10 @@ def main() -> None:
     initial = get_adapter(model)
     timings: dict[str, float] = {}
 
-    def run_train(arrays, examples, steps: int, seed: int) -> tuple[dict, float]:
+    def run_train(arrays, examples, steps: int, seed: int, lr: float | None = None) -> tuple[dict, float]:
         set_adapter(model, arrays)
         cfg = train_config(
-            wire.RoundSettings(model=args.model, lr=args.lr, steps=steps, lora_freeze_a=not args.train_a), seed
+            wire.RoundSettings(model=args.model, lr=lr or args.lr, steps=steps, lora_freeze_a=not args.train_a), seed
         )
         cfg.checkpoint_every = 0
         result = train(model, epoch_maker(session.tokenizer, examples, cfg), cfg, session.device)
@@ -125,8 +132,9 @@ def main() -> None:
     def federated(server_lr: float) -> dict:
         global_arrays, moments = initial, {}
         for rnd in range(1, args.rounds + 1):
+            lr = round_lr(args.lr, args.round_lr_min, rnd, args.rounds)
             updates = [
-                run_train(global_arrays, train_sets[d], steps_per_round, seed=rnd * 100 + i)[0]
+                run_train(global_arrays, train_sets[d], steps_per_round, seed=rnd * 100 + i, lr=lr)[0]
                 for i, d in enumerate(DOMAINS)
             ]
             average = weighted_average(updates, [len(train_sets[d]) for d in DOMAINS])
@@ -159,6 +167,7 @@ def main() -> None:
         "lora_targets": settings.lora_targets,
         "lora_freeze_a": settings.lora_freeze_a,
         "server_opt": args.server_opt,
+        "round_lr_min": args.round_lr_min,
         "eval_per_domain": args.eval_per_domain,
     }
     server_lrs = [float(x) for x in args.server_lrs.split(",")]
@@ -197,6 +206,13 @@ def main() -> None:
     path = write_results(f"federated_quality{args.tag}", results)
     update_readme_section("federated_quality", _table(results))
     print(f"wrote {path}")
+
+
+def round_lr(peak: float, floor: float | None, rnd: int, rounds: int) -> float:
+    """The client learning rate for round ``rnd`` of ``rounds``: ``peak``, or a cosine from ``peak`` to ``floor``."""
+    if floor is None or rounds < 2:
+        return peak
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * (rnd - 1) / (rounds - 1)))
 
 
 def _reusable(setup: dict, name: str) -> dict:

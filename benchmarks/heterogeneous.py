@@ -17,7 +17,9 @@ Three federations, the same rounds and deadline:
 - **adaptive**: each device plans its round to the deadline and its memory (``edge_client.plan``),
   re-plans from its measured steps, and sends its change with ``--codec`` (default ``auto:int3``: the least
   lossy codec at or below int3 whose upload fits the deadline on its link), with error feedback;
-- **adaptive_uncompressed**: the same plans, changes sent as fp32 (the codec's reference).
+- **adaptive_uncompressed**: the adaptive federation's plans replayed (each device, each round, pinned to the
+  plan it ran, steps included: ``RoundSettings.plan``), changes sent as fp32. Only the codec differs, so
+  the difference in the final metric is what compression costs.
 
 The global adapter after the last round is scored on ``--eval-per-domain`` held-out examples of each domain.
 
@@ -51,7 +53,7 @@ def main() -> None:
     p.add_argument("--deadline", type=float, default=120.0, help="seconds per round on every device")
     p.add_argument("--codec", default="auto:int3", help="the adaptive clients' update codec")
     p.add_argument("--server-lr", type=float, default=2.0)
-    p.add_argument("--eval-per-domain", type=int, default=30)
+    p.add_argument("--eval-per-domain", type=int, default=50)
     p.add_argument("--only", default=",".join(FEDERATIONS), help="federations to run (comma-separated)")
     p.add_argument("--work", type=Path, default=Path("/tmp/fedge-heterogeneous"))
     p.add_argument("--cache-dir", type=Path, default=None)
@@ -72,10 +74,18 @@ def main() -> None:
     }
     scorer = Scorer(args.model, cache, DOMAINS[: len(devices)], args.eval_per_domain)
     results: dict = {}
-    for name in [f for f in args.only.split(",") if f]:
+    runs = [f for f in args.only.split(",") if f]
+    if "adaptive_uncompressed" in runs and "adaptive" not in runs:
+        raise SystemExit("adaptive_uncompressed replays the adaptive federation's plans: run adaptive with it")
+    pinned = None
+    for name in sorted(runs, key=FEDERATIONS.index):
         t0 = time.monotonic()
         with Fleet(devices, DOMAINS, cache, args.work / name, args.model) as fleet:
-            results[name] = federate(fleet, settings[name], args.rounds, args.deadline, args.server_lr, name)
+            pins = pinned if name == "adaptive_uncompressed" else None
+            results[name] = federate(fleet, settings[name], args.rounds, args.deadline, args.server_lr, name, pins)
+        if name == "adaptive":
+            pinned = results[name]["plans"]
+        results[name].pop("plans")
         results[name].update(scorer.score(results[name].pop("global")))
         results[name]["seconds"] = round(time.monotonic() - t0, 1)
         print(f"{name}: {results[name]['exact_match']:.1%} exact match ({results[name]['seconds']:.0f} s)", flush=True)
@@ -139,8 +149,17 @@ class Fleet:
             stop(proc)
 
 
-def federate(fleet: Fleet, settings, rounds: int, deadline: float, server_lr: float, name: str) -> dict:
-    """Run the rounds; every device trains in turn (one at a time: the host's cores are not the devices')."""
+def federate(
+    fleet: Fleet, settings, rounds: int, deadline: float, server_lr: float, name: str, pinned: dict | None = None
+) -> dict:
+    """Run the rounds; every device trains in turn (one at a time: the host's cores are not the devices').
+
+    ``pinned``: {(round, device index): plan JSON} to replay (a device without one plans as usual). The result's
+    ``plans`` holds the plans the devices ran, in that form.
+    """
+    import dataclasses
+    import json
+
     import numpy as np
 
     from edge_client import wire
@@ -149,13 +168,14 @@ def federate(fleet: Fleet, settings, rounds: int, deadline: float, server_lr: fl
     from server import hetero
 
     global_arrays = initial_adapter(fleet.devices[0].cache_dir, settings)
-    per_round = []
+    per_round, plans = [], {}
     for rnd in range(1, rounds + 1):
         accepted, weights, steps, clients = [], [], [], []
-        for dev in fleet.devices:
+        for i, dev in enumerate(fleet.devices):
             entry: dict = {"device": dev.profile}
+            sent = dataclasses.replace(settings, plan=pinned[rnd, i]) if (rnd, i) in (pinned or {}) else settings
             try:
-                done = call(dev, "train", settings.to_config(), global_arrays, rnd)
+                done = call(dev, "train", sent.to_config(), global_arrays, rnd)
                 if done is None:
                     raise RuntimeError(f"the worker of {dev.profile} does not answer (see {dev.state_dir}/worker.log)")
                 arrays, metrics = done
@@ -176,15 +196,14 @@ def federate(fleet: Fleet, settings, rounds: int, deadline: float, server_lr: fl
                 "peak_rss_mb": metrics[wire.Metric.PEAK_RSS_MB],
             }
             if metrics.get(wire.Client.PLAN):
-                import json
-
-                plan = json.loads(metrics[wire.Client.PLAN])
+                plans[rnd, i] = metrics[wire.Client.PLAN]
+                plan = json.loads(plans[rnd, i])
                 entry["plan"] = {k: plan[k] for k in ("precision", "lora_r", "top_layers", "seq_len", "micro_batch",
                                                       "grad_accum", "gradient_checkpointing", "steps")}  # fmt: skip
             entry["missed_deadline"] = entry["round_seconds"] > deadline
             clients.append(entry)
             print(f"  [{name} r{rnd}] {dev.profile}: {_describe(entry)}", flush=True)
-            if not entry["missed_deadline"]:
+            if not entry["missed_deadline"] or pinned is not None:  # a replay is the codec's reference: all count
                 accepted.append(update)
                 weights.append(float(metrics[wire.Metric.EXAMPLES]))
                 steps.append(max(1, int(metrics[wire.Metric.STEPS])))
@@ -202,6 +221,7 @@ def federate(fleet: Fleet, settings, rounds: int, deadline: float, server_lr: fl
         "bytes_up_per_round": sum(c["bytes_up"] for c in replies) / n,  # per client per round, failures as 0
         "bytes_up_per_round_fp32": sum(c["bytes_up_fp32"] for c in replies) / n,
         "rounds": per_round,
+        "plans": plans,
     }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
@@ -189,7 +190,12 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
         arrays, metrics = _load_update(work)
         return arrays, {**metrics, wire.Metric.RESUMED: 1}
     profile = _profile(device)
-    plan, budget = _plan(device, settings, profile) if settings.deadline_s > 0 else (None, None)
+    if settings.plan:
+        plan, budget = settings.pinned_plan(), None  # trained as pinned: no re-planning
+    elif settings.deadline_s > 0:
+        plan, budget = _plan(device, settings, profile, _data_seq_len(device, settings, train_set))
+    else:
+        plan, budget = None, None
     session, model = open_adapter(device, settings, plan)
     start = _start_arrays(global_arrays, settings, get_adapter(model))
     set_adapter(model, start)
@@ -225,7 +231,7 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
         # strings: the ClientApp moves them to the CLIENT record
         wire.Client.ENERGY_METHOD: meter.result.method,
         wire.Client.CODEC: codec,
-        wire.Client.PLAN: replanner.plan.to_json() if replanner is not None else "",
+        wire.Client.PLAN: (replanner.plan if replanner is not None else plan).to_json() if plan is not None else "",
         wire.Client.PROFILE: profile.name if profile is not None else "",
     }
     _save_update(work, arrays, metrics)  # before replying: a lost reply costs a resend, not the training
@@ -251,8 +257,9 @@ def _profile(device: Device):
     return profile
 
 
-def _plan(device: Device, settings: wire.RoundSettings, profile) -> tuple:
-    """(plan, budget) for this round on this device; RoundDeclined if nothing fits."""
+def _plan(device: Device, settings: wire.RoundSettings, profile, seq_len: int) -> tuple:
+    """(plan, budget) for this round on this device, at most ``seq_len`` tokens a row; RoundDeclined if nothing
+    fits."""
     from edge_client.plan import RoundBudget, make_plan
 
     if profile is not None:
@@ -262,10 +269,34 @@ def _plan(device: Device, settings: wire.RoundSettings, profile) -> tuple:
 
         caps = this_machine(device.name)
     budget = RoundBudget.from_round_settings(settings, settings.deadline_s, label_fraction=0.15)
+    budget = dataclasses.replace(budget, seq_len=seq_len)
     plan = make_plan(caps, budget)
     if not plan.feasible:
         raise RoundDeclined(f"{device.name}: no training plan fits this round ({plan.reasons.get('feasible', '')})")
     return plan, budget
+
+
+def _data_seq_len(device: Device, settings: wire.RoundSettings, examples) -> int:
+    """The row length the round needs: the longest example in tokens (rounded up to 8), at most ``seq_len``.
+
+    Batches are padded to their longest example, so rows of short data cost what they hold, not ``seq_len``:
+    planning with the data's length keeps a slow device from cutting rows short (and answers off) to save
+    time it would not spend.
+    """
+    from edge_client.session import encode_all
+
+    tokenizer = _tokenizer(device.cache_dir, settings.model)
+    longest = max((len(e.input_ids) for e in encode_all(tokenizer, examples, settings.seq_len)), default=1)
+    return min(settings.seq_len, -(-longest // 8) * 8)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(cache_dir: Path, model: str):
+    from transformers import AutoTokenizer
+
+    from edge_client.models import pull_model
+
+    return AutoTokenizer.from_pretrained(pull_model(model, cache_dir))
 
 
 class _DeviceClock:
@@ -285,7 +316,7 @@ class _DeviceClock:
 
 
 def _replanner(plan, budget, started: float, clock: _DeviceClock):
-    if plan is None:
+    if plan is None or budget is None:  # no plan, or a pinned one
         return None
     from edge_client.plan import Replanner
 

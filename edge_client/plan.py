@@ -348,8 +348,8 @@ def make_plan(
     """The best-quality configuration that fits the device and the round (see the module docstring).
 
     First choice: the requested steps with the first candidate (in `candidates` order) that fits memory,
-    upload and time. Failing that, the configuration that fits memory and upload and allows the most steps
-    (best quality among ties). Failing that, an infeasible plan for the cheapest configuration, whose
+    upload and time. Failing that, the best-quality configuration that fits memory and upload and allows
+    nearly the most steps (within one step, or 10% when that is more). Failing that, an infeasible plan for the cheapest configuration, whose
     ``reasons["feasible"]`` says what does not fit.
     """
     for name in budget.targets:
@@ -363,7 +363,9 @@ def make_plan(
             return _plan(k, est, budget.steps, caps, budget, model, host, True, "fits with the requested steps")
         scored.append((k, est))
     fitting = [(k, e, _max_steps(e, budget)) for k, e in scored if _violation(e, 0, caps, budget) is None]
-    best = max(fitting, key=lambda t: t[2], default=None)
+    most = max((t[2] for t in fitting), default=0)
+    # The best quality within a step of the most steps (10% for long rounds): one step is not worth a rank.
+    best = next((t for t in fitting if t[2] >= most - max(1, most // 10)), None)
     if best is not None and best[2] >= 1:
         k, est, steps = best
         why = f"the requested {budget.steps} steps do not fit the deadline in any configuration"

@@ -40,6 +40,7 @@ class Cfg:
     LORA_FREEZE_A = "lora-freeze-a"
     DEADLINE_S = "deadline-s"  # > 0: each client plans its round to finish within it (0: train as sent)
     CODEC = "codec"  # how updates travel: "" the whole adapter, else a codec spec or "auto" (see quantization.codecs)
+    PLAN = "plan"  # a pinned training plan (JSON, as a reply's plan): trained as it is, no planning or re-planning
 
 
 class Metric:
@@ -141,6 +142,9 @@ class RoundSettings:
     # "": the whole adapter as fp32; a codec spec (quantization.codecs); "auto": the least lossy codec whose upload
     # fits the deadline on the device's link; "auto:int3": the same, never less compressed than int3.
     codec: str = ""
+    # A pinned training plan (the JSON a reply's plan record holds): the client trains exactly it, without
+    # planning or re-planning, e.g. to replay a recorded round with another codec.
+    plan: str = ""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "seq_len", "lora_r", "lora_alpha", "eval_examples"):
@@ -160,12 +164,27 @@ class RoundSettings:
                 raise ValueError(f"codec {self.codec!r}: the ceiling after auto: must be one of {', '.join(LADDER)}")
             if not auto:
                 parse_codec(self.codec)  # ValueError naming the bad part
+        if self.plan:
+            self.pinned_plan()  # ValueError naming what is wrong
+
+    def pinned_plan(self):
+        """The pinned `edge_client.plan.TrainingPlan` (None if there is none); ValueError if ``plan`` is not one."""
+        if not self.plan:
+            return None
+        import json
+
+        from edge_client.plan import TrainingPlan
+
+        try:
+            return TrainingPlan.from_dict(json.loads(self.plan))
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"plan: expected a training plan as JSON (a reply's plan record), got {err}") from None
 
     _KEYS: ClassVar[dict[str, str]] = {
         "model": Cfg.MODEL, "steps": Cfg.STEPS, "lr": Cfg.LR, "batch": Cfg.BATCH, "seq_len": Cfg.SEQ_LEN,
         "seed": Cfg.SEED, "lora_r": Cfg.LORA_R, "lora_alpha": Cfg.LORA_ALPHA, "lora_targets": Cfg.LORA_TARGETS,
         "eval_examples": Cfg.EVAL_EXAMPLES, "lora_freeze_a": Cfg.LORA_FREEZE_A, "deadline_s": Cfg.DEADLINE_S,
-        "codec": Cfg.CODEC,
+        "codec": Cfg.CODEC, "plan": Cfg.PLAN,
     }  # fmt: skip
 
     @property

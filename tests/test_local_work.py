@@ -91,3 +91,46 @@ def test_auto_without_a_link_model_takes_int8_or_its_ceiling(device, tiny_model_
 def test_a_bad_codec_is_refused_with_its_name():
     with pytest.raises(ValueError, match="int5"):
         wire.RoundSettings(codec="int5")
+
+
+def test_a_pinned_plan_is_trained_as_pinned_without_re_planning(device, tiny_model_dir, tmp_path):
+    # Replaying a recorded round with another codec: the same plan, steps included, whatever the clock says.
+    device.profile = "base=pi4-2gb,slowdown=1.5"
+    settings = _settings(tiny_model_dir, codec="int4", deadline_s=60.0, lora_r=16)
+    initial = local_work.initial_adapter(device.cache_dir, settings)
+    _, metrics = local_work.do_train(device, settings, initial, rnd=1)
+    recorded = json.loads(metrics[wire.Client.PLAN])
+    pinned = {**recorded, "steps": 2, "lora_r": 2}  # not what the planner would choose
+    replay = Device("replay", device.data, device.eval_data, tmp_path / "replay", device.cache_dir, "fp32", 0, 0,
+                    device.profile)  # fmt: skip
+    settings = _settings(tiny_model_dir, codec="none", deadline_s=60.0, lora_r=16, plan=json.dumps(pinned))
+    arrays, metrics = local_work.do_train(replay, settings, initial, rnd=1)
+    assert json.loads(metrics[wire.Client.PLAN]) == pinned and metrics[wire.Metric.STEPS] == 2
+    update, _ = hetero.from_reply(arrays, initial, settings.lora_alpha)
+    assert {v.shape[1] for k, v in update.items() if "lora_B" in k} == {2}
+
+
+def test_a_pinned_plan_that_is_not_a_plan_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match="plan: expected a training plan"):
+        wire.RoundSettings(plan='{"steps": 3}')
+    with pytest.raises(ValueError, match="plan: expected a training plan"):
+        wire.RoundSettings(plan="not json")
+
+
+def test_rows_are_planned_at_the_data_s_length_not_the_round_s(device, tiny_model_dir):
+    # Batches pad to their longest example: a plan for 256-token rows would overprice short data and, on a slow
+    # device, cut rows (and the answers at their end) to lengths the data never needed.
+    from edge_client.session import encode_all
+
+    settings = _settings(tiny_model_dir, seq_len=256)
+    train_set, _ = local_work.local_data(device, settings.seed)
+    need = local_work._data_seq_len(device, settings, train_set)
+    tok = local_work._tokenizer(device.cache_dir, settings.model)
+    longest = max(len(e.input_ids) for e in encode_all(tok, train_set, 256))
+    assert need % 8 == 0 and longest <= need < longest + 8 and need < 256
+    assert local_work._data_seq_len(device, _settings(tiny_model_dir, seq_len=16), train_set) == 16
+    device.profile = "base=pi4-2gb,slowdown=1.5"
+    settings = _settings(tiny_model_dir, seq_len=256, deadline_s=60.0)
+    initial = local_work.initial_adapter(device.cache_dir, settings)
+    _, metrics = local_work.do_train(device, settings, initial, rnd=1)
+    assert json.loads(metrics[wire.Client.PLAN])["seq_len"] <= need

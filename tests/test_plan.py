@@ -15,10 +15,13 @@ from edge_client.plan import (
     LADDER,
     SMOLLM2_135M,
     DeviceCaps,
+    Knobs,
     ModelShape,
     Replanner,
     RoundBudget,
     TrainingPlan,
+    _max_steps,
+    estimate,
     make_plan,
     replan,
 )
@@ -114,15 +117,19 @@ def test_tighter_deadlines_never_give_up_a_more_important_knob_first():
     assert levels[0] == (0, -16, -30, -256, -8, 1, False, 0)
 
 
-def test_steps_are_cut_only_when_nothing_else_fits():
+def test_steps_are_cut_only_when_nothing_else_fits_and_no_knob_is_given_up_for_one_step():
     caps = _caps(gflops={p: 0.05 for p in LADDER})  # very slow
     budget = RoundBudget(deadline_s=3000, steps=15)
     plan = make_plan(caps, budget)
     assert plan.feasible and 1 <= plan.steps < 15
-    # The costly knobs are all given up; rank costs little time, so it is kept at the steps this allows.
-    assert (plan.top_layers, plan.seq_len, plan.micro_batch, plan.lora_r) == (1, 64, 1, 16)
     assert plan.reasons["feasible"].startswith("the requested 15 steps do not fit")
     _fits(plan, caps, budget)
+    # The leanest configuration (one layer, shortest rows, micro-batch 1) would allow at most one more step:
+    # the plan keeps more layers rather than win that step.
+    leanest = Knobs(plan.precision, False, 1, 1, 64, 1, 16)
+    most = _max_steps(estimate(leanest, caps, budget, SMOLLM2_135M, HOST), budget)
+    assert most - 1 <= plan.steps <= most
+    assert plan.lora_r == 16 and plan.top_layers > 1
     assert dataclasses.replace(plan, steps=plan.steps + 1).steps * plan.predicted_step_s > 3000 * 0.85 - (
         plan.predicted_s - plan.steps * plan.predicted_step_s
     )  # one more step would miss the deadline
