@@ -10,6 +10,10 @@ block size (default 64, a multiple of 8).
   uniform quantizer for flat data), packed two / four per byte (int3 as a little-endian bit stream). int3 is
   the densest code under 1/8 of fp32 that keeps the error near int4's: 3.25 bits per value with its scales. Adam-trained
   LoRA deltas are nearly flat (kurtosis ~2, measured), so int2 loses far less than top-k at the same size.
+- ``mix:F+int4`` (or ``mix:F+int3``): a fraction ``F`` of the values at the value codec's bits, the rest one bit
+  fewer (int3, or int2). The finer code goes to the tensors whose coarse coding would add the most squared error
+  (the largest mean block scale), whole tensors at a time. ``mix:0.9+int4:256`` averages 3.96 bits a value: under
+  1/8 of fp32 with its scales, at about half int3's error on real LoRA deltas.
 - ``topk:F``: per tensor, keeps the ``ceil(F * n)`` largest-magnitude entries; their indices travel as a bitmap
   (1 bit per entry) or as uint16 gaps or uint32 positions, whichever is smallest; the kept values go through
   the value codec.
@@ -44,6 +48,7 @@ LADDER = (
     "fp16",
     "int8",
     "int4",
+    "mix:0.9+int4:256",
     "int3",
     "int2",
     "topk:0.25+int2",
@@ -57,22 +62,25 @@ _INDEX_MODES = ("bitmap", "u16", "u32")
 
 @dataclass(frozen=True)
 class Codec:
-    """A parsed codec spec: optional top-k sparsification, then a value codec."""
+    """A parsed codec spec: optional top-k sparsification or bit mixing, then a value codec."""
 
     values: str = "none"  # one of VALUE_CODECS
     topk: float | None = None  # fraction of entries kept per tensor, in (0, 1]
     block: int = DEFAULT_BLOCK  # values per scale, int8/int4/int2 only
+    mix: float | None = None  # fraction of values at ``values``' bits, the rest at one bit fewer (int4/int3 only)
 
     @property
     def spec(self) -> str:
         """The canonical spec string (parses back to an equal Codec)."""
         value = self.values + (f":{self.block}" if self.values in _BITS and self.block != DEFAULT_BLOCK else "")
+        if self.mix is not None:
+            return f"mix:{self.mix:g}+{value}"
         return value if self.topk is None else f"topk:{self.topk:g}+{value}"
 
     def encode(self, arrays: Mapping[str, np.ndarray]) -> Encoded:
         """Encode float arrays (any shapes); raises ValueError naming a tensor with NaN/Inf or a non-float dtype."""
         tensors, parts = [], _Parts()
-        modes = []
+        modes, flats = [], {}
         for name, a in arrays.items():
             a = np.asarray(a)
             if a.dtype.kind != "f":
@@ -81,13 +89,18 @@ class Codec:
             if not np.isfinite(flat).all():
                 raise ValueError(f"tensor {name}: non-finite values (NaN or Inf) cannot be encoded")
             tensors.append([name, list(a.shape), str(a.dtype)])
+            flats[name] = flat
+        kinds = _mix_kinds(flats, self) if self.mix is not None else {}
+        for name, flat in flats.items():
             if self.topk is not None:
                 flat, mode = _sparsify(flat, _kept(self.topk, flat.size), parts)
                 modes.append(mode)
-            _encode_values(name, flat, self, parts)
+            _encode_values(name, flat, self, parts, kinds.get(name, self.values))
         header = {"format": FORMAT, "codec": self.spec, "tensors": tensors}
         if self.topk is not None:
             header["index"] = modes
+        if self.mix is not None:
+            header["bits"] = [_BITS[kinds[name]] for name in flats]
         return Encoded(header, parts.finish(self))
 
     def decode(self, encoded: Encoded, shapes: Mapping[str, tuple[int, ...]] | None = None) -> Arrays:
@@ -105,11 +118,20 @@ def parse_codec(spec: str) -> Codec:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"codec spec must be a non-empty string, got {spec!r}")
     stages = [s.strip() for s in spec.strip().lower().split("+")]
-    topk, values, block = None, None, DEFAULT_BLOCK
+    topk, mix, values, block = None, None, None, DEFAULT_BLOCK
     for i, stage in enumerate(stages):
         name, _, arg = stage.partition(":")
         bad = f"codec spec {spec!r}: {stage!r}"
-        if name == "topk":
+        if name == "mix":
+            if i != 0:
+                raise ValueError(f"{bad}: mix must come first (it says how many values the value codec codes finer)")
+            try:
+                mix = float(arg)
+            except ValueError:
+                raise ValueError(f"{bad}: expected mix:FRACTION, e.g. mix:0.9+int4") from None
+            if not 0 <= mix <= 1:
+                raise ValueError(f"{bad}: the fraction must be in [0, 1], got {mix:g}")
+        elif name == "topk":
             if i != 0:
                 raise ValueError(f"{bad}: topk must come first (it picks entries, the value codec encodes them)")
             try:
@@ -129,8 +151,10 @@ def parse_codec(spec: str) -> Codec:
                     raise ValueError(f"{bad}: the block size must be a multiple of 8, got {arg!r}")
                 block = int(arg)
         else:
-            raise ValueError(f"{bad}: unknown codec; known: topk:F, {', '.join(VALUE_CODECS)}")
-    return Codec(values=values or "none", topk=topk, block=block)
+            raise ValueError(f"{bad}: unknown codec; known: topk:F, mix:F, {', '.join(VALUE_CODECS)}")
+    if mix is not None and values not in _COARSER:
+        raise ValueError(f"codec spec {spec!r}: mix takes {' or '.join(_COARSER)} (the rest one bit fewer)")
+    return Codec(values=values or "none", topk=topk, block=block, mix=mix)
 
 
 @dataclass
@@ -187,8 +211,13 @@ def decode(encoded: Encoded, shapes: Mapping[str, tuple[int, ...]] | None = None
     codec = parse_codec(str(header.get("codec")))
     tensors = header.get("tensors")
     modes = header.get("index", [])
+    bits = header.get("bits", [])
     if not isinstance(tensors, list) or (codec.topk is not None and len(modes) != len(tensors)):
         raise ValueError("codec header: 'tensors' (and 'index' for topk) must be lists of the same length")
+    if codec.mix is not None:
+        kinds = {_BITS[codec.values]: codec.values, _BITS[_COARSER[codec.values]]: _COARSER[codec.values]}
+        if not isinstance(bits, list) or len(bits) != len(tensors) or any(b not in kinds for b in bits):
+            raise ValueError(f"codec header: 'bits' must give each tensor's bits, one of {sorted(kinds)}")
     reader = _Reader(encoded.arrays, codec)
     out: Arrays = {}
     for i, entry in enumerate(tensors):
@@ -199,8 +228,9 @@ def decode(encoded: Encoded, shapes: Mapping[str, tuple[int, ...]] | None = None
             if tuple(shapes[name]) != shape:
                 raise ValueError(f"tensor {name}: shape {shape}, expected {tuple(shapes[name])}")
         n = math.prod(shape)
+        kind = kinds[bits[i]] if codec.mix is not None else codec.values
         if codec.topk is None:
-            flat = reader.values(name, n)
+            flat = reader.values(name, n, kind)
         else:
             k = _kept(codec.topk, n)
             index = reader.index(name, str(modes[i]), n, k)
@@ -304,6 +334,8 @@ def estimate_bytes(spec: str | Codec, fp32_bytes: int) -> int:
     codec = parse_codec(spec) if isinstance(spec, str) else spec
     n = fp32_bytes / 4
     value_bits = float({"none": 32, "fp16": 16, **_BITS}[codec.values])
+    if codec.mix is not None:
+        value_bits -= 1 - codec.mix  # the coarser rest
     if codec.values in _BITS:
         value_bits += 16 / codec.block
     if codec.topk is None:
@@ -403,15 +435,42 @@ def _sparsify(flat: np.ndarray, k: int, parts: _Parts) -> tuple[np.ndarray, str]
     return flat[index], mode
 
 
-def _encode_values(name: str, flat: np.ndarray, codec: Codec, parts: _Parts) -> None:
-    if codec.values == "none":
+_COARSER = {"int4": "int3", "int3": "int2"}  # mix: the rest's code (packed codes too, so one values array)
+
+
+def _mix_kinds(flats: Mapping[str, np.ndarray], codec: Codec) -> dict[str, str]:
+    """Each tensor's code under ``mix:F``: the finer one for the tensors whose coarser coding would add the most
+    squared error per value (it grows with the square of the block scales), up to ``F`` of all values."""
+    fine, coarse = codec.values, _COARSER[codec.values]
+    block = codec.block
+
+    def cost(flat: np.ndarray) -> float:  # mean squared block absmax: the quantization step squared, up to a factor
+        if not flat.size:
+            return 0.0
+        padded = np.zeros(-(-flat.size // block) * block, np.float32)
+        padded[: flat.size] = np.abs(flat)
+        return float(np.mean(padded.reshape(-1, block).max(axis=1).astype(np.float64) ** 2))
+
+    allowed = codec.mix * sum(f.size for f in flats.values())
+    kinds, used = {}, 0
+    for name in sorted(flats, key=lambda k: -cost(flats[k])):
+        size = flats[name].size
+        kinds[name] = fine if used + size <= allowed else coarse
+        used += size if kinds[name] == fine else 0
+    return kinds
+
+
+def _encode_values(name: str, flat: np.ndarray, codec: Codec, parts: _Parts, kind: str | None = None) -> None:
+    """Add ``flat``'s values to ``parts`` in ``kind`` (default: the codec's value codec)."""
+    kind = kind or codec.values
+    if kind == "none":
         parts.add("values", flat.astype(np.float32))
-    elif codec.values == "fp16":
+    elif kind == "fp16":
         if flat.size and np.abs(flat).max() > np.finfo(np.float16).max:
             raise ValueError(f"tensor {name}: values beyond fp16's range (65504); use int8 or none")
         parts.add("values", flat.astype(np.float16))
     else:
-        q, scale, tscale = _quantize(flat, codec.values, codec.block)
+        q, scale, tscale = _quantize(flat, kind, codec.block)
         parts.add("values", q)
         parts.add("scale", scale)
         parts.add("tscale", tscale)
@@ -503,15 +562,15 @@ class _Reader:
         self.pos[key] = start + count
         return a[start : start + count]
 
-    def values(self, name: str, n: int) -> np.ndarray:
-        c = self.codec
-        if c.values in ("none", "fp16"):
+    def values(self, name: str, n: int, kind: str | None = None) -> np.ndarray:
+        c, kind = self.codec, kind or self.codec.values
+        if kind in ("none", "fp16"):
             return self.take("values", n, name).astype(np.float32)
         nb = -(-n // c.block)
-        q = self.take("values", nb * c.block * _BITS[c.values] // 8, name)
+        q = self.take("values", nb * c.block * _BITS[kind] // 8, name)
         rel = self.take("scale", nb, name)
         tmax = float(self.take("tscale", 1, name)[0])
-        return _dequantize(q, rel, tmax, c.values, c.block, n)
+        return _dequantize(q, rel, tmax, kind, c.block, n)
 
     def index(self, name: str, mode: str, n: int, k: int) -> np.ndarray:
         if mode == "bitmap":

@@ -135,7 +135,8 @@ def test_spec_parsing() -> None:
     assert parse_codec("topk:0.1+int8") == Codec(values="int8", topk=0.1)
     assert parse_codec(" INT4:32 ") == Codec(values="int4", block=32)
     assert parse_codec("topk:0.5") == Codec(values="none", topk=0.5)
-    for spec in ["none", "fp16", "int8", "int4:128", "topk:0.1+int4", "topk:0.25+fp16"]:
+    assert parse_codec("mix:0.9+int4:256") == Codec(values="int4", block=256, mix=0.9)
+    for spec in ["none", "fp16", "int8", "int4:128", "topk:0.1+int4", "topk:0.25+fp16", "mix:0.5+int3"]:
         assert parse_codec(parse_codec(spec).spec) == parse_codec(spec)
 
 
@@ -149,6 +150,10 @@ def test_spec_parsing() -> None:
         ("int8+int4", "'int4'"),
         ("fp16:64", "'fp16:64'"),
         ("int4:7", "'int4:7'"),
+        ("mix:1.5+int4", "'mix:1.5'"),
+        ("mix:0.5+int8", "mix takes int4 or int3"),
+        ("int4+mix:0.5", "'mix:0.5'"),
+        ("topk:0.5+mix:0.5+int4", "'mix:0.5'"),
         ("", "non-empty"),
     ],
 )
@@ -274,6 +279,7 @@ def test_pick_codec_ladder() -> None:
     assert pick_codec(fp32, 1e6, 6) == "fp16"
     assert pick_codec(fp32, 1e6, 3) == "int8"
     assert pick_codec(fp32, 1e6, 1.4) == "int4"
+    assert pick_codec(fp32, 1e6, 1.25) == "mix:0.9+int4:256"
     assert pick_codec(fp32, 1e6, 1.0) == "int2"
     assert pick_codec(fp32, 1e6, 0.6) == "topk:0.25+int2"
     assert pick_codec(fp32, 1e6, 0.001) == LADDER[-1]  # nothing fits: the smallest
@@ -306,3 +312,30 @@ def test_travels_in_an_array_record() -> None:
     back = decode(Encoded.from_arrays(wire.from_record(record)), {k: v.shape for k, v in x.items()})
     assert all(np.array_equal(back[k], decode(enc)[k]) for k in x)
     assert wire.record_bytes(record) <= enc.encoded_bytes() + 128 * 5  # + an npy header per array
+
+
+def test_mix_codes_the_largest_tensors_finer_under_an_eighth_of_fp32() -> None:
+    rng = np.random.default_rng(3)
+    # Tensors of different scales: the mix should spend its 4-bit values where 3 bits would cost the most.
+    arrays = {B.format(i): (rng.uniform(-1, 1, size=(576, 16)) * 10.0 ** -i).astype(np.float32) for i in range(4)}
+    mixed = encode(arrays, "mix:0.5+int4:256")
+    assert mixed.header["bits"] == [4, 4, 3, 3]  # half the values, the two largest-scale tensors
+    dec = decode(Encoded.from_arrays(mixed.to_arrays()))
+    err = {s: rel_error(decode(encode(arrays, s)), arrays) for s in ("int4:256", "int3:256")}
+    assert err["int4:256"] <= rel_error(dec, arrays) < 0.5 * err["int3:256"]  # the small tensors' error is tiny
+    assert mixed.encoded_bytes() < fp32_bytes(arrays) / 8
+    even = gaussian(layers=8)
+    ninety = encode(even, "mix:0.9+int4:256")
+    assert ninety.encoded_bytes() <= fp32_bytes(even) / 8
+    assert abs(ninety.encoded_bytes() - estimate_bytes("mix:0.9+int4:256", fp32_bytes(even))) < 0.02 * ninety.encoded_bytes()
+
+
+def test_mix_header_must_give_every_tensor_a_known_width() -> None:
+    enc = encode(gaussian(), "mix:0.5+int4")
+    for bad in ([4] * (len(enc.header["bits"]) - 1), [5] * len(enc.header["bits"]), "44444"):
+        forged = Encoded({**enc.header, "bits": bad}, enc.arrays)
+        with pytest.raises(ValueError, match="'bits'"):
+            decode(forged)
+    flipped = Encoded({**enc.header, "bits": [7 - b for b in enc.header["bits"]]}, enc.arrays)
+    with pytest.raises(ValueError, match="payload truncated|unexpected extra"):
+        decode(flipped)  # the widths decide how much each tensor takes: a lie shows as a size mismatch
