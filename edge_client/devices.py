@@ -4,7 +4,8 @@ A profile describes a device relative to the reference machine this project meas
 AVX-512 and AMX-BF16): ``slowdown`` is how many times longer a training step takes there at the same compute
 dtype. Emulation runs the real training here and makes it behave like the device:
 
-- `apply_threads` + `Throttle`: limit torch's threads, stretch each step by sleeping (slowdown - 1) x its time;
+- `apply_threads` + `Throttle`: limit torch's threads, stretch each step by sleeping (slowdown - 1) x its time
+  (on a virtual clock, at its fastest rate seen: a busy host does not slow the emulated device);
 - `RssWatchdog`: samples this process's RSS in a background thread and raises `EmulatedOutOfMemory` from the
   training loop's step callback once it exceeded the cap (an OOM the client can report, not a dead process);
 - `Link`: seconds a payload takes (latency + bytes / bandwidth), and a sleep that emulates the transfer.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -228,21 +230,39 @@ class Throttle:
 
     After a step of ``seconds`` it sleeps (slowdown - 1) x seconds. ``step_s`` records the emulated step
     times (measured x slowdown); ``slept_s`` the sleeps. ``sleep`` is injectable for tests.
+
+    With ``rewind`` (a virtual device clock's), a step's host time is its tokens at the fastest seconds per token
+    seen in this run, when that is less than its wall time: other work on the host (other emulated devices, other
+    jobs) then does not slow the emulated device down, and the wall time beyond it goes to ``rewind``, which takes
+    it off the device's clock. (Process CPU time would not do: torch's threads spin while they wait for a core.)
+    Without ``rewind`` (wall-clock emulation) time already spent cannot be undone: the step counts at its wall time.
     """
 
-    def __init__(self, slowdown: float, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        slowdown: float,
+        sleep: Callable[[float], None] = time.sleep,
+        rewind: Callable[[float], None] | None = None,
+    ) -> None:
         if not slowdown >= 1:
             raise ValueError(f"slowdown must be >= 1, got {slowdown}")
-        self.slowdown, self.sleep = slowdown, sleep
+        self.slowdown, self.sleep, self.rewind = slowdown, sleep, rewind
+        self._best: float | None = None  # fastest seconds per token so far
         self.step_s: list[float] = []
         self.slept_s: list[float] = []
 
     def __call__(self, step: int, loss: float, tokens: int, seconds: float) -> None:
-        extra = (self.slowdown - 1) * seconds
+        host = seconds
+        if self.rewind is not None and tokens > 0:
+            self._best = min(seconds / tokens, self._best if self._best is not None else math.inf)
+            host = min(seconds, self._best * tokens)
+            if seconds > host:
+                self.rewind(seconds - host)
+        extra = (self.slowdown - 1) * host
         if extra > 0:
             self.sleep(extra)
         self.slept_s.append(extra)
-        self.step_s.append(seconds * self.slowdown)
+        self.step_s.append(host * self.slowdown)
 
 
 def chain(*callbacks: Callable[[int, float, int, float], bool | None]) -> Callable[[int, float, int, float], bool]:
@@ -343,16 +363,17 @@ def emulate(
     profile: DeviceProfile,
     sleep: Callable[[float], None] = time.sleep,
     read_rss: Callable[[], int] = _process_rss,
+    rewind: Callable[[float], None] | None = None,
 ) -> Iterator[Callable[[int, float, int, float], bool]]:
     """Run the enclosed training as ``profile``: its threads, its speed, its memory cap.
 
     Yields the ``on_step`` callback to pass to `edge_client.train.train` (chain it with a `Replanner` placed
     after it, so re-planning sees the stretched steps). Raises `EmulatedOutOfMemory` from the step that
     finds the cap exceeded, or on leaving the block. The cap covers the whole process RSS, so emulate one
-    device per process (Flower runs each ClientApp in its own).
+    device per process (Flower runs each ClientApp in its own). ``rewind``: a virtual clock's, see `Throttle`.
     """
     apply_threads(profile.threads)
-    throttle = Throttle(profile.slowdown, sleep)
+    throttle = Throttle(profile.slowdown, sleep, rewind)
     with RssWatchdog(profile.memory_bytes, read_rss=read_rss, device=profile.name) as watchdog:
         yield chain(throttle, watchdog)
 

@@ -300,7 +300,8 @@ def _tokenizer(cache_dir: Path, model: str):
 
 
 class _DeviceClock:
-    """The device's clock: monotonic seconds, plus the emulated time that was not slept (``virtual``)."""
+    """The device's clock: monotonic seconds, plus the emulated time that was not slept (``virtual``), less the
+    time a training step waited for the host's cores (``virtual``: the emulated device has its own)."""
 
     def __init__(self, virtual: bool) -> None:
         self.virtual, self.skipped = virtual, 0.0
@@ -313,6 +314,10 @@ class _DeviceClock:
             self.skipped += max(0.0, seconds)
         else:
             time.sleep(seconds)
+
+    def rewind(self, seconds: float) -> None:
+        """Take ``seconds`` of host time (waiting for the host's cores) off a virtual clock."""
+        self.skipped -= max(0.0, seconds)
 
 
 def _replanner(plan, budget, started: float, clock: _DeviceClock):
@@ -343,7 +348,7 @@ def _emulated(profile, clock: _DeviceClock):
         return
     from edge_client.devices import emulate
 
-    with emulate(profile, sleep=clock.sleep) as on_step:
+    with emulate(profile, sleep=clock.sleep, rewind=clock.rewind if clock.virtual else None) as on_step:
         yield on_step
 
 

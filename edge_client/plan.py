@@ -349,8 +349,8 @@ def make_plan(
 
     First choice: the requested steps with the first candidate (in `candidates` order) that fits memory,
     upload and time. Failing that, the best-quality configuration that fits memory and upload and allows
-    nearly the most steps (within one step, or 10% when that is more). Failing that, an infeasible plan for the cheapest configuration, whose
-    ``reasons["feasible"]`` says what does not fit.
+    nearly the most steps (within one step, or 10% when that is more). Failing that, an infeasible plan for
+    the cheapest configuration, whose ``reasons["feasible"]`` says what does not fit.
     """
     for name in budget.targets:
         model.module_dims(name)  # unknown target: a clear error, not a KeyError deep in a cost model
@@ -452,15 +452,15 @@ def replan(plan: TrainingPlan, measured_step_s: list[float], elapsed_s: float, b
     ``measured_step_s``: seconds of each finished step (the first calibrate); ``elapsed_s``: seconds since
     the round started on the device (load included). The remaining steps are what fits in the deadline
     (with its margin) less the time still needed for the upload, at the median measured step time (the
-    first step is left out once there are three: it pays one-off warm-up). The new step count is never
+    first step, which pays one-off warm-up, is left out once there is a second; until then the prediction
+    stands, so a cold first step does not end the round). The new step count is never
     below the steps done, and never above the requested steps: a fast device gets back steps the plan
     had cut. Records ``calibration`` = measured / predicted step time.
     """
     if not measured_step_s:
         return plan
     done = len(measured_step_s)
-    timed = measured_step_s[1:] if done >= 3 else measured_step_s
-    step_s = statistics.median(timed)
+    step_s = statistics.median(measured_step_s[1:]) if done >= 2 else plan.predicted_step_s
     left = budget.deadline_s * (1 - budget.time_margin) - elapsed_s - plan.predicted_upload_s
     steps = min(plan.requested_steps, done + max(0, math.floor(left / step_s)))
     steps = max(done, steps)

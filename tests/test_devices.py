@@ -189,3 +189,18 @@ def test_emulate_throttles_and_enforces_the_cap_from_one_callback():
         assert slept == pytest.approx([4.0, 4.0])
     finally:
         torch.set_num_threads(before)
+
+
+def test_on_a_virtual_clock_a_busy_host_does_not_slow_the_emulated_device():
+    slept, rewound = [], []
+    throttle = Throttle(3.0, sleep=slept.append, rewind=rewound.append)
+    throttle(1, 1.0, 100, 1.0)  # 0.01 s per token: the fastest so far
+    throttle(2, 1.0, 100, 3.0)  # the host was busy: 2 s of it waited for a core
+    throttle(3, 1.0, 50, 0.25)  # faster still: 0.005 s per token
+    assert rewound == pytest.approx([2.0])  # the waiting comes off the device's clock
+    assert throttle.step_s == pytest.approx([3.0, 3.0, 0.75])  # 3 x the host compute, whatever the host's load
+    assert slept == pytest.approx([2.0, 2.0, 0.5])
+    wall = Throttle(3.0, sleep=slept.append)  # wall-clock emulation: time spent is spent
+    wall(1, 1.0, 100, 1.0)
+    wall(2, 1.0, 100, 3.0)
+    assert wall.step_s == pytest.approx([3.0, 9.0])

@@ -234,9 +234,13 @@ def test_replan_gives_back_cut_steps_when_fast_but_never_exceeds_the_request_or_
     assert replan(plan, [], elapsed_s=0.0, budget=budget) is plan
 
 
-def test_replan_leaves_out_the_warm_up_step_once_three_are_timed():
+def test_replan_leaves_out_the_warm_up_step_and_a_cold_first_step_does_not_end_the_round():
     plan, budget = _plan_for()
     assert replan(plan, [40.0, 5.0, 5.0], elapsed_s=50.0, budget=budget).calibration == pytest.approx(1.0)
+    assert replan(plan, [40.0, 5.0], elapsed_s=45.0, budget=budget).calibration == pytest.approx(1.0)
+    # One cold step (8x the prediction): the prediction stands until a warm step is timed.
+    first = replan(plan, [40.0], elapsed_s=40.0, budget=budget)
+    assert first.steps > 1 and first.calibration == pytest.approx(1.0)
 
 
 def test_replanner_stops_the_loop_at_the_replanned_step():
