@@ -168,8 +168,8 @@ def _add_round_args(p: argparse.ArgumentParser) -> None:
         "--codec",
         default=None,
         metavar="SPEC",
-        help="clients send their change encoded: int8, int4, topk:0.1+int4, ... or auto (each by its uplink); "
-        "default: the whole fp32 adapter",
+        help="clients send their change encoded: int8, int4, mix:0.9+int4:256 (under 1/8 of fp32), int3, "
+        "topk:0.1+int4, ... or auto / auto:CEILING (each by its uplink); default: the whole fp32 adapter",
     )
     p.add_argument(
         "--server-lr",
