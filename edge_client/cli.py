@@ -232,6 +232,13 @@ def _add_federation_commands(sub) -> None:
         "key=value text such as base=pi5-8gb,slowdown=2 (its speed, memory cap and link; see edge_client/devices.py)",
     )
     cstart.add_argument(
+        "--emulated-time",
+        choices=["wall", "virtual"],
+        default="wall",
+        help="with --device-profile: sleep the device's slowness and link time (wall), or count them on the "
+        "device's clock without sleeping (virtual: for several emulated devices on one machine)",
+    )
+    cstart.add_argument(
         "--no-worker",
         action="store_true",
         help="load the model in each round's ClientApp process instead of a warm worker",
@@ -437,6 +444,7 @@ def cmd_client_start(args) -> int:
         max_retries=args.max_retries,
         warm_worker=not args.no_worker,
         profile=args.device_profile,
+        emulated_time=args.emulated_time,
     )
     return start_client(opts, _say)
 

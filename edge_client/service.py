@@ -32,6 +32,9 @@ class ClientOptions:
     max_retries: int | None = None  # None: retry forever
     warm_worker: bool = True  # keep the model loaded between rounds in a worker process (see edge_client.worker)
     profile: str = ""  # an emulated device (edge_client.devices.load_profile spec); "": this machine as it is
+    # How an emulated device's slowness and link time pass: "wall" (slept) or "virtual" (counted on the device's
+    # clock, not slept; a busy host does not slow the device either). For one-machine demos and benchmarks.
+    emulated_time: str = "wall"
 
 
 def worker_command(opts: ClientOptions, state_dir: Path, port: int) -> list[str]:
@@ -72,6 +75,7 @@ def supernode_command(opts: ClientOptions, worker_port: int = 0) -> tuple[list[s
     }
     if profile:  # the ClientApp hands it to the warm worker with each round's work (edge_client.worker)
         node_config[wire.Node.PROFILE] = profile
+        node_config[wire.Node.EMULATED_TIME] = opts.emulated_time
     if opts.eval_data:
         ev = opts.eval_data
         node_config[wire.Node.EVAL_DATA] = str(Path(ev).resolve()) if Path(ev).exists() else ev

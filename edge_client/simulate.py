@@ -35,6 +35,7 @@ def node_config(pid: int, out: Path, cache: Path, threads: int, devices: list[st
     }
     if devices:
         config[wire.Node.PROFILE] = devices[pid % len(devices)]
+        config[wire.Node.EMULATED_TIME] = "virtual"  # virtual clients share this machine: count slowness, not sleep
     return config
 
 

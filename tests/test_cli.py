@@ -221,6 +221,10 @@ def test_device_profile_reaches_the_supernodes_node_config(tmp_path):
     cmd, _ = supernode_command(opts, worker_port=1234)
     node_config = parse_config_args([cmd[cmd.index("--node-config") + 1]])  # as the SuperNode parses it
     assert node_config[wire.Node.PROFILE] == "base=pi5-8gb,slowdown=2" and node_config[wire.Node.WORKER_PORT] == 1234
+    assert node_config[wire.Node.EMULATED_TIME] == "wall"  # a device of its own: its slowness is slept
+    opts = ClientOptions("127.0.0.1:9092", "demo:iot", state_dir=tmp_path, profile="pi4-2gb", emulated_time="virtual")
+    cmd, _ = supernode_command(opts, worker_port=1234)
+    assert parse_config_args([cmd[cmd.index("--node-config") + 1]])[wire.Node.EMULATED_TIME] == "virtual"
     cmd, _ = supernode_command(ClientOptions("127.0.0.1:9092", "demo:iot", state_dir=tmp_path))
     assert wire.Node.PROFILE not in parse_config_args([cmd[cmd.index("--node-config") + 1]])
 
