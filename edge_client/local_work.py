@@ -231,7 +231,7 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
         # strings: the ClientApp moves them to the CLIENT record
         wire.Client.ENERGY_METHOD: meter.result.method,
         wire.Client.CODEC: codec,
-        wire.Client.PLAN: (replanner.plan if replanner is not None else plan).to_json() if plan is not None else "",
+        wire.Client.PLAN: _ran(replanner.plan if replanner is not None else plan, result.steps),
         wire.Client.PROFILE: profile.name if profile is not None else "",
     }
     _save_update(work, arrays, metrics)  # before replying: a lost reply costs a resend, not the training
@@ -239,6 +239,12 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
         feedback.save(_residual_path(device, settings))
     _prune_work(work.parent)
     return arrays, {**metrics, wire.Metric.RESUMED: 0}
+
+
+def _ran(plan, steps: int) -> str:
+    """The plan as it ran, JSON ("" without one): its steps are the steps trained (a re-plan may have allowed more
+    than the loop had room for), so pinning it replays the round."""
+    return dataclasses.replace(plan, steps=steps).to_json() if plan is not None else ""
 
 
 class RoundDeclined(RuntimeError):
@@ -440,7 +446,12 @@ def do_evaluate(device: Device, settings: wire.RoundSettings, global_arrays: Arr
 
 
 def initial_adapter(cache_dir: Path, settings: wire.RoundSettings) -> Arrays:
-    """The federation's starting adapter: LoRA A seeded, B zero, so round 0 is the base model."""
+    """The federation's starting adapter: LoRA A seeded, B zero, so round 0 is the base model.
+
+    Always drawn afresh: a model this process keeps may hold an adapter that trained or was set since.
+    """
+    if _LOADED:
+        _LOADED[0].lora_key = None  # open_adapter then replaces the kept LoRA layers with seeded ones
     _, model = open_adapter(Device("server", "", None, Path("."), cache_dir, "fp32"), settings)
     return get_adapter(model)
 

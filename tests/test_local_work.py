@@ -59,6 +59,7 @@ def test_a_planned_round_on_an_emulated_small_device_trains_part_of_the_adapter(
     arrays, metrics = local_work.do_train(device, settings, initial, rnd=1)
     plan = json.loads(metrics[wire.Client.PLAN])
     assert plan["feasible"] and plan["lora_r"] <= 16 and metrics[wire.Client.PROFILE] == "pi4-2gb"
+    assert plan["steps"] == metrics[wire.Metric.STEPS]  # the plan as it ran: pinning it replays the round
     assert metrics[wire.Metric.UPLOAD_SECONDS] > 0  # the emulated link carried the update
     update, _ = hetero.from_reply(arrays, initial, settings.lora_alpha)
     assert {v.shape[1] for k, v in update.items() if "lora_B" in k} == {plan["lora_r"]}
@@ -134,3 +135,15 @@ def test_rows_are_planned_at_the_data_s_length_not_the_round_s(device, tiny_mode
     initial = local_work.initial_adapter(device.cache_dir, settings)
     _, metrics = local_work.do_train(device, settings, initial, rnd=1)
     assert json.loads(metrics[wire.Client.PLAN])["seq_len"] <= need
+
+
+def test_the_initial_adapter_is_the_seeded_one_whatever_the_kept_model_holds(device, tiny_model_dir):
+    # A benchmark scores each federation's adapter on the model it keeps, then starts the next federation: that
+    # one must start from the seeded adapter, not from the last one scored.
+    settings = _settings(tiny_model_dir)
+    first = local_work.initial_adapter(device.cache_dir, settings)
+    assert all(not v.any() for k, v in first.items() if "lora_B" in k)
+    local_work.do_train(device, settings, first, rnd=1)  # trains the kept model's adapter
+    local_work.set_adapter(local_work._LOADED[0].model, {k: v + 1.0 for k, v in first.items()})
+    again = local_work.initial_adapter(device.cache_dir, settings)
+    assert set(again) == set(first) and all(np.array_equal(again[k], first[k]) for k in first)
