@@ -24,7 +24,7 @@ Three federations, the same rounds and deadline:
 
 The global adapter after the last round is scored on ``--eval-per-domain`` held-out examples of each domain.
 
-    python benchmarks/heterogeneous.py [--rounds 3] [--deadline 120] [--eval-per-domain 30]
+    python benchmarks/heterogeneous.py [--rounds 6] [--deadline 120] [--eval-per-domain 50]
 
 Writes benchmarks/results/heterogeneous.json and the table in benchmarks/README.md.
 """
@@ -50,7 +50,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--devices", default=DEVICES)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--deadline", type=float, default=120.0, help="seconds per round on every device")
     p.add_argument("--codec", default="auto:mix:0.9+int4:256", help="the adaptive clients' update codec")
     p.add_argument("--server-lr", type=float, default=2.0)
