@@ -60,6 +60,8 @@ def main() -> None:
     )
     p.add_argument("--tag", default="", help="suffix for the results file (exploration runs)")
     args = p.parse_args()
+    if args.round_lr_min is not None and not 0 < args.round_lr_min <= args.lr:
+        raise SystemExit(f"--round-lr-min must be in (0, --lr], got {args.round_lr_min}")
 
     import numpy as np
     import torch
@@ -90,7 +92,10 @@ def main() -> None:
     def run_train(arrays, examples, steps: int, seed: int, lr: float | None = None) -> tuple[dict, float]:
         set_adapter(model, arrays)
         cfg = train_config(
-            wire.RoundSettings(model=args.model, lr=lr or args.lr, steps=steps, lora_freeze_a=not args.train_a), seed
+            wire.RoundSettings(
+                model=args.model, lr=args.lr if lr is None else lr, steps=steps, lora_freeze_a=not args.train_a
+            ),
+            seed,
         )
         cfg.checkpoint_every = 0
         result = train(model, epoch_maker(session.tokenizer, examples, cfg), cfg, session.device)

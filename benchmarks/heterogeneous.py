@@ -76,6 +76,8 @@ def main() -> None:
     scorer = Scorer(args.model, cache, DOMAINS[: len(devices)], args.eval_per_domain)
     results: dict = {}
     runs = [f for f in args.only.split(",") if f]
+    if unknown := sorted(set(runs) - set(FEDERATIONS)):
+        raise SystemExit(f"--only: unknown federation(s) {unknown}; expected some of {', '.join(FEDERATIONS)}")
     if "adaptive_uncompressed" in runs and "adaptive" not in runs:
         raise SystemExit("adaptive_uncompressed replays the adaptive federation's plans: run adaptive with it")
     pinned = None
@@ -161,8 +163,8 @@ def federate(
 ) -> dict:
     """Run the rounds; every device trains in turn (one at a time: the host's cores are not the devices').
 
-    ``pinned``: {(round, device index): plan JSON} to replay (a device without one plans as usual). The result's
-    ``plans`` holds the plans the devices ran, in that form.
+    ``pinned``: {(round, device index): plan JSON} to replay; the replay runs and merges exactly those (a device
+    without one sits the round out). The result's ``plans`` holds the plans of the merged replies, in that form.
     """
     import dataclasses
     import json
@@ -180,7 +182,10 @@ def federate(
         accepted, weights, steps, clients = [], [], [], []
         for i, dev in enumerate(fleet.devices):
             entry: dict = {"device": dev.profile}
-            sent = dataclasses.replace(settings, plan=pinned[rnd, i]) if (rnd, i) in (pinned or {}) else settings
+            if pinned is not None and (rnd, i) not in pinned:  # a replay: only what the adaptive run merged
+                clients.append({**entry, "failure": "not replayed"})
+                continue
+            sent = dataclasses.replace(settings, plan=pinned[rnd, i]) if pinned is not None else settings
             try:
                 done = call(dev, "train", sent.to_config(), global_arrays, rnd)
                 if done is None:
@@ -203,14 +208,15 @@ def federate(
                 "peak_rss_mb": metrics[wire.Metric.PEAK_RSS_MB],
             }
             if metrics.get(wire.Client.PLAN):
-                plans[rnd, i] = metrics[wire.Client.PLAN]
-                plan = json.loads(plans[rnd, i])
+                plan = json.loads(metrics[wire.Client.PLAN])
                 entry["plan"] = {k: plan[k] for k in ("precision", "lora_r", "top_layers", "seq_len", "micro_batch",
                                                       "grad_accum", "gradient_checkpointing", "steps")}  # fmt: skip
             entry["missed_deadline"] = entry["round_seconds"] > deadline
             clients.append(entry)
             print(f"  [{name} r{rnd}] {dev.profile}: {_describe(entry)}", flush=True)
-            if not entry["missed_deadline"] or pinned is not None:  # a replay is the codec's reference: all count
+            if not entry["missed_deadline"] or pinned is not None:  # a replay merges what the original merged
+                if metrics.get(wire.Client.PLAN):
+                    plans[rnd, i] = metrics[wire.Client.PLAN]
                 accepted.append(update)
                 weights.append(float(metrics[wire.Metric.EXAMPLES]))
                 steps.append(max(1, int(metrics[wire.Metric.STEPS])))
@@ -311,7 +317,9 @@ def _table(r: dict) -> str:
         rows += [
             "",
             f"Compression ({s['codec']}) costs **{loss['points']:.1f} points** of exact match against the same plans "
-            f"sent uncompressed ({loss['relative']:.1%} of the uncompressed result; target <= 2%).",
+            "sent uncompressed ("
+            + (f"{loss['relative']:.1%}" if loss["relative"] is not None else "n/a")
+            + " of the uncompressed result; target <= 2%).",
         ]
     rows += ["", "Plans in the last round of the adaptive federation:", ""]
     rows += ["| device | precision | rank | layers | seq | micro x accum | steps | seconds | codec |", "|---" * 9 + "|"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -232,9 +231,11 @@ class Throttle:
     times (measured x slowdown); ``slept_s`` the sleeps. ``sleep`` is injectable for tests.
 
     With ``rewind`` (a virtual device clock's), a step's host time is its tokens at the fastest seconds per token
-    seen in this run, when that is less than its wall time: other work on the host (other emulated devices, other
-    jobs) then does not slow the emulated device down, and the wall time beyond it goes to ``rewind``, which takes
-    it off the device's clock. (Process CPU time would not do: torch's threads spin while they wait for a core.)
+    seen in this run on a step no longer than it, when that is less than its wall time: other work on the host
+    (other emulated devices, other jobs) then does not slow the emulated device down, and the wall time beyond it
+    goes to ``rewind``, which takes it off the device's clock. Only steps no longer than it count, since a step's
+    fixed costs make short steps dearer per token: a long step's rate would undercount a short one. (Process CPU
+    time would not do: torch's threads spin while they wait for a core.)
     Without ``rewind`` (wall-clock emulation) time already spent cannot be undone: the step counts at its wall time.
     """
 
@@ -247,15 +248,16 @@ class Throttle:
         if not slowdown >= 1:
             raise ValueError(f"slowdown must be >= 1, got {slowdown}")
         self.slowdown, self.sleep, self.rewind = slowdown, sleep, rewind
-        self._best: float | None = None  # fastest seconds per token so far
+        self._rates: list[tuple[int, float]] = []  # (tokens, seconds per token) of each step so far
         self.step_s: list[float] = []
         self.slept_s: list[float] = []
 
     def __call__(self, step: int, loss: float, tokens: int, seconds: float) -> None:
         host = seconds
         if self.rewind is not None and tokens > 0:
-            self._best = min(seconds / tokens, self._best if self._best is not None else math.inf)
-            host = min(seconds, self._best * tokens)
+            self._rates.append((tokens, seconds / tokens))
+            best = min(rate for n, rate in self._rates if n <= tokens)
+            host = min(seconds, best * tokens)
             if seconds > host:
                 self.rewind(seconds - host)
         extra = (self.slowdown - 1) * host

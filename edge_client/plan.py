@@ -365,7 +365,7 @@ def make_plan(
     fitting = [(k, e, _max_steps(e, budget)) for k, e in scored if _violation(e, 0, caps, budget) is None]
     most = max((t[2] for t in fitting), default=0)
     # The best quality within a step of the most steps (10% for long rounds): one step is not worth a rank.
-    best = next((t for t in fitting if t[2] >= most - max(1, most // 10)), None)
+    best = next((t for t in fitting if t[2] >= max(1, most - max(1, most // 10))), None)
     if best is not None and best[2] >= 1:
         k, est, steps = best
         why = f"the requested {budget.steps} steps do not fit the deadline in any configuration"

@@ -176,9 +176,15 @@ class RoundSettings:
         from edge_client.plan import TrainingPlan
 
         try:
-            return TrainingPlan.from_dict(json.loads(self.plan))
+            plan = TrainingPlan.from_dict(json.loads(self.plan))
         except (ValueError, TypeError, KeyError) as err:
             raise ValueError(f"plan: expected a training plan as JSON (a reply's plan record), got {err}") from None
+        if not plan.feasible or plan.steps < 1:
+            raise ValueError(f"plan: a pinned plan must be feasible with steps >= 1, got steps {plan.steps}")
+        if plan.lora_r > self.lora_r or not set(plan.targets) <= set(self.targets):
+            raise ValueError(f"plan: rank {plan.lora_r} / targets {list(plan.targets)} exceed the round's "
+                             f"(lora_r {self.lora_r}, targets {list(self.targets)})")  # fmt: skip
+        return plan
 
     _KEYS: ClassVar[dict[str, str]] = {
         "model": Cfg.MODEL, "steps": Cfg.STEPS, "lr": Cfg.LR, "batch": Cfg.BATCH, "seq_len": Cfg.SEQ_LEN,

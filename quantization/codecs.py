@@ -216,7 +216,11 @@ def decode(encoded: Encoded, shapes: Mapping[str, tuple[int, ...]] | None = None
         raise ValueError("codec header: 'tensors' (and 'index' for topk) must be lists of the same length")
     if codec.mix is not None:
         kinds = {_BITS[codec.values]: codec.values, _BITS[_COARSER[codec.values]]: _COARSER[codec.values]}
-        if not isinstance(bits, list) or len(bits) != len(tensors) or any(b not in kinds for b in bits):
+        if (
+            not isinstance(bits, list)
+            or len(bits) != len(tensors)
+            or any(not isinstance(b, int) or b not in kinds for b in bits)
+        ):
             raise ValueError(f"codec header: 'bits' must give each tensor's bits, one of {sorted(kinds)}")
     reader = _Reader(encoded.arrays, codec)
     out: Arrays = {}

@@ -339,4 +339,5 @@ def test_mix_header_must_give_every_tensor_a_known_width() -> None:
             decode(forged)
     flipped = Encoded({**enc.header, "bits": [7 - b for b in enc.header["bits"]]}, enc.arrays)
     with pytest.raises(ValueError, match="payload truncated|unexpected extra"):
-        decode(flipped)  # the widths decide how much each tensor takes: a lie shows as a size mismatch
+        decode(flipped)  # widths that change the payload's total size show as a size mismatch (a swap between
+        # tensors of one size would not: the header is trusted as far as the sizes agree)

@@ -197,9 +197,11 @@ def test_on_a_virtual_clock_a_busy_host_does_not_slow_the_emulated_device():
     throttle(1, 1.0, 100, 1.0)  # 0.01 s per token: the fastest so far
     throttle(2, 1.0, 100, 3.0)  # the host was busy: 2 s of it waited for a core
     throttle(3, 1.0, 50, 0.25)  # faster still: 0.005 s per token
-    assert rewound == pytest.approx([2.0])  # the waiting comes off the device's clock
-    assert throttle.step_s == pytest.approx([3.0, 3.0, 0.75])  # 3 x the host compute, whatever the host's load
-    assert slept == pytest.approx([2.0, 2.0, 0.5])
+    throttle(4, 1.0, 100, 1.0)  # held to the fastest rate of a step no longer than it (0.005, step 3)
+    throttle(5, 1.0, 20, 0.5)  # shorter than any before: a longer step's rate would undercount it, so as timed
+    assert rewound == pytest.approx([2.0, 0.5])  # the waiting comes off the device's clock
+    assert throttle.step_s == pytest.approx([3.0, 3.0, 0.75, 1.5, 1.5])  # 3 x the host compute, whatever the load
+    assert slept == pytest.approx([2.0, 2.0, 0.5, 1.0, 1.0])
     wall = Throttle(3.0, sleep=slept.append)  # wall-clock emulation: time spent is spent
     wall(1, 1.0, 100, 1.0)
     wall(2, 1.0, 100, 3.0)

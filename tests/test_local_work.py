@@ -107,6 +107,9 @@ def test_a_pinned_plan_is_trained_as_pinned_without_re_planning(device, tiny_mod
     settings = _settings(tiny_model_dir, codec="none", deadline_s=60.0, lora_r=16, plan=json.dumps(pinned))
     arrays, metrics = local_work.do_train(replay, settings, initial, rnd=1)
     assert json.loads(metrics[wire.Client.PLAN]) == pinned and metrics[wire.Metric.STEPS] == 2
+    for bad, why in (({"steps": 0}, "steps >= 1"), ({"feasible": False}, "feasible"), ({"lora_r": 32}, "rank 32")):
+        with pytest.raises(ValueError, match=why):
+            _settings(tiny_model_dir, lora_r=16, plan=json.dumps({**pinned, **bad}))
     update, _ = hetero.from_reply(arrays, initial, settings.lora_alpha)
     assert {v.shape[1] for k, v in update.items() if "lora_B" in k} == {2}
 

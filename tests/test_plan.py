@@ -291,3 +291,12 @@ def test_a_plan_runs_end_to_end_on_the_tiny_model_and_the_replanner_cuts_it_shor
         result = train(model, make, cfg, torch.device("cpu"), on_step=chain(device_step, replanner))
     assert result.steps == replanner.plan.steps == 2  # 100 s x 0.85 allows 2 steps of 30 s
     assert len(slept) == 2 and replanner.plan.calibration > 1
+
+
+def test_a_device_with_room_for_one_step_gets_a_one_step_plan():
+    caps = _caps(gflops={p: 0.05 for p in LADDER})
+    for deadline in (3000, 1500, 800, 400):
+        plan = make_plan(caps, RoundBudget(deadline_s=deadline, steps=15))
+        if plan.feasible and plan.steps == 1:
+            break
+    assert plan.feasible and plan.steps == 1, plan.reasons["feasible"]
