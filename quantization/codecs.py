@@ -113,33 +113,34 @@ class Codec:
         return decode(encoded, shapes)
 
 
+# The stages that come before the value codec: (interval's opening bracket, example, lower bound, why first).
+_FIRST_STAGES = {
+    "mix": ("[", "mix:0.9+int4", 0.0, "it says how many values the value codec codes finer"),
+    "topk": ("(", "topk:0.1", 0.0, "it picks entries, the value codec encodes them"),
+}
+
+
 def parse_codec(spec: str) -> Codec:
     """``"topk:0.1+int8"`` -> Codec; ValueError naming the bad part of the spec."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"codec spec must be a non-empty string, got {spec!r}")
     stages = [s.strip() for s in spec.strip().lower().split("+")]
-    topk, mix, values, block = None, None, None, DEFAULT_BLOCK
+    fractions: dict[str, float] = {}  # the first stage's fraction, by its name (topk or mix)
+    values, block = None, DEFAULT_BLOCK
     for i, stage in enumerate(stages):
         name, _, arg = stage.partition(":")
         bad = f"codec spec {spec!r}: {stage!r}"
-        if name == "mix":
+        if name in _FIRST_STAGES:
+            fraction, example, low, why = _FIRST_STAGES[name]
             if i != 0:
-                raise ValueError(f"{bad}: mix must come first (it says how many values the value codec codes finer)")
+                raise ValueError(f"{bad}: {name} must come first ({why})")
             try:
-                mix = float(arg)
+                value = float(arg)
             except ValueError:
-                raise ValueError(f"{bad}: expected mix:FRACTION, e.g. mix:0.9+int4") from None
-            if not 0 <= mix <= 1:
-                raise ValueError(f"{bad}: the fraction must be in [0, 1], got {mix:g}")
-        elif name == "topk":
-            if i != 0:
-                raise ValueError(f"{bad}: topk must come first (it picks entries, the value codec encodes them)")
-            try:
-                topk = float(arg)
-            except ValueError:
-                raise ValueError(f"{bad}: expected topk:FRACTION, e.g. topk:0.1") from None
-            if not 0 < topk <= 1:
-                raise ValueError(f"{bad}: the fraction must be in (0, 1], got {topk:g}")
+                raise ValueError(f"{bad}: expected {name}:FRACTION, e.g. {example}") from None
+            if not (low <= value if fraction == "[" else low < value) or value > 1:
+                raise ValueError(f"{bad}: the fraction must be in {fraction}{low:g}, 1], got {value:g}")
+            fractions[name] = value
         elif name in VALUE_CODECS:
             if values is not None:
                 raise ValueError(f"{bad}: at most one value codec ({', '.join(VALUE_CODECS)}) per spec")
@@ -152,6 +153,7 @@ def parse_codec(spec: str) -> Codec:
                 block = int(arg)
         else:
             raise ValueError(f"{bad}: unknown codec; known: topk:F, mix:F, {', '.join(VALUE_CODECS)}")
+    mix, topk = fractions.get("mix"), fractions.get("topk")
     if mix is not None and values not in _COARSER:
         raise ValueError(f"codec spec {spec!r}: mix takes {' or '.join(_COARSER)} (the rest one bit fewer)")
     return Codec(values=values or "none", topk=topk, block=block, mix=mix)
