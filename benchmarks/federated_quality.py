@@ -49,6 +49,12 @@ def main() -> None:
     )
     p.add_argument("--server-opt", default="sgd", choices=["sgd", "momentum", "adam"], help="FedOpt server optimizer")
     p.add_argument("--server-tau", type=float, default=1e-3, help="FedAdam's adaptivity floor")
+    p.add_argument(
+        "--merge",
+        default="mean",
+        help="how the server merges the clients' changes: 'mean' (FedAvg) or 'ties[:KEEP]' (sign election, "
+        "each client's change trimmed to its KEEP fraction of largest entries; default 1)",
+    )
     p.add_argument("--train-a", action="store_true", help="train LoRA A too (default: A frozen, FFA-LoRA)")
     p.add_argument("--federated-only", action="store_true", help="skip the baselines (for trying FedAvg settings)")
     p.add_argument("--centralized-only", action="store_true", help="only the centralized baseline (e.g. at another lr)")
@@ -60,6 +66,7 @@ def main() -> None:
     )
     p.add_argument("--tag", default="", help="suffix for the results file (exploration runs)")
     args = p.parse_args()
+    merge_keep = _merge_keep(args.merge)
     if args.round_lr_min is not None and not 0 < args.round_lr_min <= args.lr:
         raise SystemExit(f"--round-lr-min must be in (0, --lr], got {args.round_lr_min}")
 
@@ -74,7 +81,7 @@ def main() -> None:
     from edge_client.models import default_cache_dir
     from edge_client.session import epoch_maker, eval_batches
     from edge_client.train import train
-    from server.aggregate import server_optimizer_step, weighted_average
+    from server.aggregate import server_optimizer_step, sign_merge, weighted_average
 
     torch.set_num_threads(torch.get_num_threads())
     n_clients = len(DOMAINS)
@@ -142,7 +149,11 @@ def main() -> None:
                 run_train(global_arrays, train_sets[d], steps_per_round, seed=rnd * 100 + i, lr=lr)[0]
                 for i, d in enumerate(DOMAINS)
             ]
-            average = weighted_average(updates, [len(train_sets[d]) for d in DOMAINS])
+            weights = [len(train_sets[d]) for d in DOMAINS]
+            if merge_keep is None:
+                average = weighted_average(updates, weights)
+            else:
+                average = sign_merge(global_arrays, updates, weights, merge_keep)
             global_arrays, moments = server_optimizer_step(
                 global_arrays, average, args.server_opt, server_lr, moments, tau=args.server_tau
             )
@@ -173,6 +184,7 @@ def main() -> None:
         "lora_freeze_a": settings.lora_freeze_a,
         "server_opt": args.server_opt,
         "round_lr_min": args.round_lr_min,
+        "merge": args.merge,
         "eval_per_domain": args.eval_per_domain,
     }
     server_lrs = [float(x) for x in args.server_lrs.split(",")]
@@ -218,6 +230,20 @@ def round_lr(peak: float, floor: float | None, rnd: int, rounds: int) -> float:
     if floor is None or rounds < 2:
         return peak
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * (rnd - 1) / (rounds - 1)))
+
+
+def _merge_keep(merge: str) -> float | None:
+    """None for 'mean'; the kept fraction for 'ties[:KEEP]'. SystemExit naming --merge otherwise."""
+    if merge == "mean":
+        return None
+    kind, _, keep = merge.partition(":")
+    try:
+        value = float(keep) if keep else 1.0
+    except ValueError:
+        value = -1.0
+    if kind != "ties" or not 0 < value <= 1:
+        raise SystemExit(f"--merge must be 'mean' or 'ties[:KEEP]' with KEEP in (0, 1], got {merge!r}")
+    return value
 
 
 def _reusable(setup: dict, name: str) -> dict:

@@ -65,6 +65,35 @@ def weighted_average(updates: Sequence[Arrays], weights: Sequence[float]) -> Arr
     return out
 
 
+def sign_merge(current: Arrays, updates: Sequence[Arrays], weights: Sequence[float], keep: float = 1.0) -> Arrays:
+    """Merge clients' changes by sign election (TIES-Merging, Yadav et al. 2023), not by plain averaging.
+
+    Per tensor, each client's change ``update - current`` is trimmed to its ``keep`` fraction of largest
+    magnitudes; each entry takes the sign of the weighted sum of the trimmed changes, and moves by the
+    weighted mean of the changes of only the clients that pushed it that way. With non-IID clients a weight
+    that only one client's data moves is therefore not divided by the number of clients (as FedAvg divides
+    it), while a change they all share is averaged as before. Returns absolute values like
+    :func:`weighted_average` (apply a server learning rate with :func:`server_step`).
+    """
+    if not updates or len(updates) != len(weights):
+        raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    w = np.asarray(weights, dtype=np.float64)[:, None]  # (clients, 1)
+    out = {}
+    for name, ref in current.items():
+        deltas = np.stack([u[name].astype(np.float64).ravel() - ref.ravel() for u in updates])  # (clients, n)
+        if keep < 1:
+            floor = np.quantile(np.abs(deltas), 1 - keep, axis=1, keepdims=True)  # per client
+            deltas = np.where(np.abs(deltas) >= floor, deltas, 0.0)
+        sign = np.sign((w * deltas).sum(axis=0))  # (n,) the elected direction
+        agree = (np.sign(deltas) == sign) & (deltas != 0)  # (clients, n)
+        mass = (w * agree).sum(axis=0)
+        merged = np.divide((w * agree * deltas).sum(axis=0), mass, out=np.zeros_like(mass), where=mass > 0)
+        out[name] = (ref.ravel() + merged).reshape(ref.shape).astype(ref.dtype)
+    return out
+
+
 def _few(names: list[str], n: int = 3) -> str:
     if not names:
         return "none"

@@ -118,3 +118,26 @@ def test_server_sgd_is_server_step_and_unknown_optimizers_are_refused():
     assert moments == {}
     with pytest.raises(ValueError, match="server optimizer must be one of"):
         aggregate.server_optimizer_step(current, average, "yogi", 1.0, {})
+
+
+def test_sign_merge_keeps_a_change_only_one_client_made_whole_and_averages_shared_ones():
+    current = {"b": np.zeros(3, dtype=np.float32)}
+    updates = [
+        {"b": np.array([1.0, 0.5, 0.0], dtype=np.float32)},  # only client 0 moves entry 0
+        {"b": np.array([0.0, 0.3, 0.2], dtype=np.float32)},
+        {"b": np.array([0.0, 0.1, -0.6], dtype=np.float32)},  # entry 2: the weighted sum elects minus
+    ]
+    merged = aggregate.sign_merge(current, updates, [1, 1, 1])["b"]
+    np.testing.assert_allclose(merged, [1.0, 0.3, -0.6], rtol=1e-6)  # FedAvg: [0.333, 0.3, -0.133]
+    assert merged.dtype == np.float32
+
+
+def test_sign_merge_trims_each_clients_small_entries_and_checks_its_arguments():
+    current = {"b": np.ones((2, 2), dtype=np.float32)}
+    update = {"b": np.array([[1.1, 3.0], [0.9, 1.0]], dtype=np.float32)}  # changes 0.1, 2, -0.1, 0
+    merged = aggregate.sign_merge(current, [update], [1], keep=0.25)["b"]
+    np.testing.assert_allclose(merged, [[1.0, 3.0], [1.0, 1.0]], rtol=1e-6)
+    with pytest.raises(ValueError, match="keep must be in"):
+        aggregate.sign_merge(current, [update], [1], keep=0)
+    with pytest.raises(ValueError, match="2 updates but 1 weights"):
+        aggregate.sign_merge(current, [update, update], [1])
