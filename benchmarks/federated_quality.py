@@ -55,6 +55,11 @@ def main() -> None:
         help="how the server merges the clients' changes: 'mean' (FedAvg) or 'ties[:KEEP]' (sign election, "
         "each client's change trimmed to its KEEP fraction of largest entries; default 1)",
     )
+    p.add_argument(
+        "--keep-client-optimizer",
+        action="store_true",
+        help="each client keeps its AdamW moments across rounds (default: a fresh optimizer every round)",
+    )
     p.add_argument("--train-a", action="store_true", help="train LoRA A too (default: A frozen, FFA-LoRA)")
     p.add_argument("--federated-only", action="store_true", help="skip the baselines (for trying FedAvg settings)")
     p.add_argument("--centralized-only", action="store_true", help="only the centralized baseline (e.g. at another lr)")
@@ -96,7 +101,9 @@ def main() -> None:
     initial = get_adapter(model)
     timings: dict[str, float] = {}
 
-    def run_train(arrays, examples, steps: int, seed: int, lr: float | None = None) -> tuple[dict, float]:
+    def run_train(
+        arrays, examples, steps: int, seed: int, lr: float | None = None, optimizer_state: dict | None = None
+    ) -> tuple[dict, float]:
         set_adapter(model, arrays)
         cfg = train_config(
             wire.RoundSettings(
@@ -105,7 +112,8 @@ def main() -> None:
             seed,
         )
         cfg.checkpoint_every = 0
-        result = train(model, epoch_maker(session.tokenizer, examples, cfg), cfg, session.device)
+        make_epoch = epoch_maker(session.tokenizer, examples, cfg)
+        result = train(model, make_epoch, cfg, session.device, optimizer_state=optimizer_state)
         return get_adapter(model), result.final_loss
 
     def score(arrays, domains=DOMAINS) -> dict:
@@ -143,10 +151,11 @@ def main() -> None:
 
     def federated(server_lr: float) -> dict:
         global_arrays, moments = initial, {}
+        client_optimizers: dict[str, dict | None] = {d: {} if args.keep_client_optimizer else None for d in DOMAINS}
         for rnd in range(1, args.rounds + 1):
             lr = round_lr(args.lr, args.round_lr_min, rnd, args.rounds)
             updates = [
-                run_train(global_arrays, train_sets[d], steps_per_round, seed=rnd * 100 + i, lr=lr)[0]
+                run_train(global_arrays, train_sets[d], steps_per_round, rnd * 100 + i, lr, client_optimizers[d])[0]
                 for i, d in enumerate(DOMAINS)
             ]
             weights = [len(train_sets[d]) for d in DOMAINS]
@@ -185,6 +194,7 @@ def main() -> None:
         "server_opt": args.server_opt,
         "round_lr_min": args.round_lr_min,
         "merge": args.merge,
+        "keep_client_optimizer": args.keep_client_optimizer,
         "eval_per_domain": args.eval_per_domain,
     }
     server_lrs = [float(x) for x in args.server_lrs.split(",")]

@@ -245,6 +245,7 @@ def train(
     state_dir: Path | None = None,
     on_step: StepCallback | None = None,
     run_id: str = "",
+    optimizer_state: dict | None = None,
 ) -> TrainResult:
     """Train the model's trainable (LoRA) parameters for ``cfg.steps`` optimizer steps.
 
@@ -253,6 +254,8 @@ def train(
     progress is saved there every ``cfg.checkpoint_every`` steps (atomically) and at the end.
     ``on_step`` runs after each optimizer step; if it returns ``True`` (exactly), training ends after that step (the
     result then counts the steps done, and the learning-rate schedule stays the one for ``cfg.steps``).
+    ``optimizer_state``, if given, carries AdamW's moments from one call to the next (a client that keeps them
+    across rounds): a non-empty dict is loaded before the first step, and the dict is refilled at the end.
     """
     torch.manual_seed(cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -268,6 +271,10 @@ def train(
     start_step, losses, tokens, seconds = 0, [], 0, 0.0
     if state_dir is not None:
         start_step, losses, tokens, seconds = _load_state(state_dir, _run_key(cfg, run_id), model, optimizer, scheduler)
+    if optimizer_state:
+        optimizer.load_state_dict(
+            {"state": optimizer_state["state"], "param_groups": optimizer.state_dict()["param_groups"]}
+        )
     stream = micro_batches(make_epoch)
     for _ in range(start_step * cfg.grad_accum):  # replay the data order up to the resumed step
         next(stream)
@@ -307,6 +314,9 @@ def train(
             )
         if stop:
             break
+    if optimizer_state is not None:
+        optimizer_state.clear()
+        optimizer_state["state"] = optimizer.state_dict()["state"]
     model.eval()
     return TrainResult(len(losses), tokens, seconds, losses, peak_rss_mb())
 

@@ -182,3 +182,27 @@ def test_on_step_returning_true_stops_training_after_that_step(fresh_session, tm
     assert calls == [1, 2, 3]
     assert stopped.steps == 3 and len(stopped.losses) == 3
     assert (tmp_path / "state" / STATE_FILE).is_file()  # the stopped run's progress is saved
+
+
+def test_optimizer_state_carries_adam_moments_from_one_call_to_the_next(fresh_session):
+    def go(state, steps):
+        cfg = TrainConfig(steps=steps, micro_batch=4, seq_len=128, lr=2e-2, warmup_steps=0, checkpoint_every=0)
+        return train(model, epoch_maker(fresh_session.tokenizer, load_examples("demo:iot")[:16], cfg), cfg, CPU,
+                     optimizer_state=state)  # fmt: skip
+
+    model = add_lora(fresh_session.model, LoraSettings(r=4, target_modules=("q_proj", "v_proj")))
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    kept: dict = {}
+    go(kept, 3)
+    assert {int(s["step"]) for s in kept["state"].values()} == {3}
+    after_first = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    warm = go(kept, 2)
+    assert {int(s["step"]) for s in kept["state"].values()} == {5}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(after_first[n])
+    cold = go(None, 2)
+    assert warm.losses[0] == pytest.approx(cold.losses[0])  # same weights, same first batch
+    assert warm.losses[1] != pytest.approx(cold.losses[1], rel=1e-4)  # but the kept moments moved them differently
+    assert any(not torch.equal(start[n], after_first[n]) for n in start)
