@@ -21,6 +21,7 @@ Writes benchmarks/results/federated_quality.json and the table in benchmarks/REA
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -38,6 +39,7 @@ def main() -> None:
     p.add_argument("--total-steps", type=int, default=240)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch", type=int, default=8, help="examples per optimizer step, for every model")
     p.add_argument("--eval-per-domain", type=int, default=50)
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--server-lrs", default="1,2,4", help="FedAvg variants to run: server learning rates")
@@ -90,11 +92,13 @@ def main() -> None:
 
     torch.set_num_threads(torch.get_num_threads())
     n_clients = len(DOMAINS)
-    if args.total_steps % (n_clients * args.rounds):
+    if args.total_steps % (n_clients * args.rounds) and not args.centralized_only:
         raise SystemExit(f"--total-steps must be a multiple of clients x rounds = {n_clients * args.rounds}")
     steps_per_round = args.total_steps // (n_clients * args.rounds)
     cache = args.cache_dir or default_cache_dir()
-    settings = wire.RoundSettings(model=args.model, lr=args.lr, steps=steps_per_round, lora_freeze_a=not args.train_a)
+    settings = wire.RoundSettings(
+        model=args.model, lr=args.lr, steps=max(1, steps_per_round), batch=args.batch, lora_freeze_a=not args.train_a
+    )
     session, model = open_adapter(Device("bench", "", None, Path("."), cache, "auto"), settings)
     train_sets = {d: load_examples(f"demo:{d}") for d in DOMAINS}
     test_sets = {d: _spread(load_examples(f"demo:{d}:test"), args.eval_per_domain) for d in DOMAINS}
@@ -105,12 +109,7 @@ def main() -> None:
         arrays, examples, steps: int, seed: int, lr: float | None = None, optimizer_state: dict | None = None
     ) -> tuple[dict, float]:
         set_adapter(model, arrays)
-        cfg = train_config(
-            wire.RoundSettings(
-                model=args.model, lr=args.lr if lr is None else lr, steps=steps, lora_freeze_a=not args.train_a
-            ),
-            seed,
-        )
+        cfg = train_config(dataclasses.replace(settings, lr=args.lr if lr is None else lr, steps=steps), seed)
         cfg.checkpoint_every = 0
         make_epoch = epoch_maker(session.tokenizer, examples, cfg)
         result = train(model, make_epoch, cfg, session.device, optimizer_state=optimizer_state)
