@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--total-steps", type=int, default=240)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0, help="seeds the adapter's init and every data order")
     p.add_argument("--batch", type=int, default=8, help="examples per optimizer step, for every model")
     p.add_argument("--eval-per-domain", type=int, default=50)
     p.add_argument("--cache-dir", type=Path, default=None)
@@ -97,7 +98,12 @@ def main() -> None:
     steps_per_round = args.total_steps // (n_clients * args.rounds)
     cache = args.cache_dir or default_cache_dir()
     settings = wire.RoundSettings(
-        model=args.model, lr=args.lr, steps=max(1, steps_per_round), batch=args.batch, lora_freeze_a=not args.train_a
+        model=args.model,
+        lr=args.lr,
+        steps=max(1, steps_per_round),
+        batch=args.batch,
+        lora_freeze_a=not args.train_a,
+        seed=args.seed,
     )
     session, model = open_adapter(Device("bench", "", None, Path("."), cache, "auto"), settings)
     train_sets = {d: load_examples(f"demo:{d}") for d in DOMAINS}
@@ -186,6 +192,7 @@ def main() -> None:
         "clients": n_clients,
         "steps_per_client_round": steps_per_round,
         "batch": settings.batch,
+        "seed": args.seed,
         "lr": args.lr,
         "lora_r": settings.lora_r,
         "lora_targets": settings.lora_targets,
