@@ -63,6 +63,11 @@ def main() -> None:
         action="store_true",
         help="each client keeps its AdamW moments across rounds (default: a fresh optimizer every round)",
     )
+    p.add_argument(
+        "--tail-averages",
+        default="",
+        help="also score the mean of the last K global adapters for each K listed (e.g. 2,3): iterate averaging",
+    )
     p.add_argument("--train-a", action="store_true", help="train LoRA A too (default: A frozen, FFA-LoRA)")
     p.add_argument("--federated-only", action="store_true", help="skip the baselines (for trying FedAvg settings)")
     p.add_argument("--centralized-only", action="store_true", help="only the centralized baseline (e.g. at another lr)")
@@ -75,6 +80,12 @@ def main() -> None:
     p.add_argument("--tag", default="", help="suffix for the results file (exploration runs)")
     args = p.parse_args()
     merge_keep = _merge_keep(args.merge)
+    try:
+        tail_averages = [int(k) for k in args.tail_averages.split(",") if k.strip()]
+    except ValueError:
+        raise SystemExit(f"--tail-averages must be integers separated by commas, got {args.tail_averages!r}") from None
+    if any(not 2 <= k <= args.rounds for k in tail_averages):
+        raise SystemExit(f"--tail-averages must each be in 2..--rounds ({args.rounds}), got {args.tail_averages!r}")
     if args.round_lr_min is not None and not 0 < args.round_lr_min <= args.lr:
         raise SystemExit(f"--round-lr-min must be in (0, --lr], got {args.round_lr_min}")
 
@@ -155,7 +166,7 @@ def main() -> None:
         return {**score(arrays), "train_loss": loss}
 
     def federated(server_lr: float) -> dict:
-        global_arrays, moments = initial, {}
+        global_arrays, moments, history = initial, {}, []
         client_optimizers: dict[str, dict | None] = {d: {} if args.keep_client_optimizer else None for d in DOMAINS}
         for rnd in range(1, args.rounds + 1):
             lr = round_lr(args.lr, args.round_lr_min, rnd, args.rounds)
@@ -171,7 +182,11 @@ def main() -> None:
             global_arrays, moments = server_optimizer_step(
                 global_arrays, average, args.server_opt, server_lr, moments, tau=args.server_tau
             )
-        return score(global_arrays)
+            history.append(global_arrays)
+        tails = {f"last_{k}": score(weighted_average(history[-k:], [1] * len(history[-k:]))) for k in tail_averages}
+        for name, t in tails.items():
+            print(f"  mean of the {name.replace('_', ' ')} global adapters: {t['exact_match']:.1%}", flush=True)
+        return {**score(global_arrays), **({"tail_averages": tails} if tails else {})}
 
     def local_only() -> dict:
         per_client = {}
