@@ -72,6 +72,9 @@ def main() -> None:
     p.add_argument("--federated-only", action="store_true", help="skip the baselines (for trying FedAvg settings)")
     p.add_argument("--centralized-only", action="store_true", help="only the centralized baseline (e.g. at another lr)")
     p.add_argument(
+        "--local-only", action="store_true", help="only the local-only baseline (each client --total-steps / 4 steps)"
+    )
+    p.add_argument(
         "--round-lr-min",
         type=float,
         default=None,
@@ -104,7 +107,7 @@ def main() -> None:
 
     torch.set_num_threads(torch.get_num_threads())
     n_clients = len(DOMAINS)
-    if args.total_steps % (n_clients * args.rounds) and not args.centralized_only:
+    if args.total_steps % (n_clients * args.rounds) and not (args.centralized_only or args.local_only):
         raise SystemExit(f"--total-steps must be a multiple of clients x rounds = {n_clients * args.rounds}")
     steps_per_round = args.total_steps // (n_clients * args.rounds)
     cache = args.cache_dir or default_cache_dir()
@@ -221,9 +224,9 @@ def main() -> None:
     server_lrs = [float(x) for x in args.server_lrs.split(",")]
     if args.server_lr not in server_lrs:
         raise SystemExit(f"--server-lr {args.server_lr} must be one of --server-lrs {server_lrs}")
-    if args.centralized_only:
-        only = {"centralized": timed("centralized", centralized), "setup": setup}
-        write_results(f"federated_quality{args.tag}", only)
+    if args.centralized_only or args.local_only:
+        part = ("centralized", centralized) if args.centralized_only else ("local_only_mean", local_only)
+        write_results(f"federated_quality{args.tag}", {part[0]: timed(*part), "setup": setup})
         return
     results = _reusable(setup, f"federated_quality{args.tag}") if args.reuse_baselines else {}
     if "base" not in results and not args.federated_only:  # the base model generates to the limit: slow
