@@ -15,7 +15,12 @@ match of greedy answers, and held-out loss). Local-only models are scored on all
 
     python benchmarks/federated_quality.py [--total-steps 240] [--rounds 6] [--eval-per-domain 50]
 
-Writes benchmarks/results/federated_quality.json and the table in benchmarks/README.md.
+Writes benchmarks/results/federated_quality.json and the table in benchmarks/README.md. Exploration runs
+(``--federated-only``, ``--centralized-only``, ``--local-only``, with ``--tag``) write their own result files and
+leave the table alone: client lr and batch, server lr and optimizer (``--server-opt``), the merge rule
+(``--merge ties:KEEP``), clients that keep their AdamW moments, iterate averaging (``--tail-averages``) and
+``--seed`` for the spread. ``--total-steps 960 --rounds 24`` is the step-equal reading: each client trains as
+many steps as the centralized run.
 """
 
 from __future__ import annotations
