@@ -19,8 +19,8 @@ Writes benchmarks/results/federated_quality.json and the table in benchmarks/REA
 (``--federated-only``, ``--centralized-only``, ``--local-only``, with ``--tag``) write their own result files and
 leave the table alone: client lr and batch, server lr and optimizer (``--server-opt``), the merge rule
 (``--merge ties:KEEP``), clients that keep their AdamW moments, iterate averaging (``--tail-averages``) and
-``--seed`` for the spread. ``--total-steps 960 --rounds 24`` is the step-equal reading: each client trains as
-many steps as the centralized run.
+``--seed`` for the spread. ``--federated-only --total-steps 960 --rounds 24`` (and ``--local-only --total-steps
+960``) is the step-equal reading: each client trains as many steps as the default 240-step centralized run.
 """
 
 from __future__ import annotations
@@ -74,9 +74,10 @@ def main() -> None:
         help="also score the mean of the last K global adapters for each K listed (e.g. 2,3): iterate averaging",
     )
     p.add_argument("--train-a", action="store_true", help="train LoRA A too (default: A frozen, FFA-LoRA)")
-    p.add_argument("--federated-only", action="store_true", help="skip the baselines (for trying FedAvg settings)")
-    p.add_argument("--centralized-only", action="store_true", help="only the centralized baseline (e.g. at another lr)")
-    p.add_argument(
+    only = p.add_mutually_exclusive_group()  # exploration runs: each needs --tag, the full run owns the table
+    only.add_argument("--federated-only", action="store_true", help="skip the baselines (for trying FedAvg settings)")
+    only.add_argument("--centralized-only", action="store_true", help="only the centralized baseline (e.g. other lr)")
+    only.add_argument(
         "--local-only", action="store_true", help="only the local-only baseline (each client --total-steps / 4 steps)"
     )
     p.add_argument(
@@ -87,6 +88,8 @@ def main() -> None:
     )
     p.add_argument("--tag", default="", help="suffix for the results file (exploration runs)")
     args = p.parse_args()
+    if (args.federated_only or args.centralized_only or args.local_only) and not args.tag:
+        raise SystemExit("--federated-only, --centralized-only and --local-only need a --tag (their own results file)")
     merge_keep = _merge_keep(args.merge)
     try:
         tail_averages = [int(k) for k in args.tail_averages.split(",") if k.strip()]
@@ -225,6 +228,7 @@ def main() -> None:
         "merge": args.merge,
         "keep_client_optimizer": args.keep_client_optimizer,
         "eval_per_domain": args.eval_per_domain,
+        "tail_averages": tail_averages,
     }
     server_lrs = [float(x) for x in args.server_lrs.split(",")]
     if args.server_lr not in server_lrs:

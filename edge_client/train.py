@@ -271,10 +271,8 @@ def train(
     start_step, losses, tokens, seconds = 0, [], 0, 0.0
     if state_dir is not None:
         start_step, losses, tokens, seconds = _load_state(state_dir, _run_key(cfg, run_id), model, optimizer, scheduler)
-    if optimizer_state:
-        optimizer.load_state_dict(
-            {"state": optimizer_state["state"], "param_groups": optimizer.state_dict()["param_groups"]}
-        )
+    if optimizer_state and start_step == 0:  # a resumed checkpoint's own moments are newer
+        _load_moments(optimizer, optimizer_state, params)
     stream = micro_batches(make_epoch)
     for _ in range(start_step * cfg.grad_accum):  # replay the data order up to the resumed step
         next(stream)
@@ -316,9 +314,20 @@ def train(
             break
     if optimizer_state is not None:
         optimizer_state.clear()
-        optimizer_state["state"] = optimizer.state_dict()["state"]
+        optimizer_state.update(state=optimizer.state_dict()["state"], shapes=[tuple(p.shape) for p in params])
     model.eval()
     return TrainResult(len(losses), tokens, seconds, losses, peak_rss_mb())
+
+
+def _load_moments(optimizer: torch.optim.Optimizer, kept: dict, params: list[torch.Tensor]) -> None:
+    """Load kept AdamW moments (keyed by parameter index) into ``optimizer``, this call's lr and schedule kept."""
+    shapes = [tuple(p.shape) for p in params]
+    if kept.get("shapes") != shapes:
+        raise ValueError(
+            f"optimizer_state is for {len(kept.get('shapes') or [])} trainable tensors of other shapes than "
+            f"these {len(shapes)}: the kept moments belong to another adapter"
+        )
+    optimizer.load_state_dict({"state": kept["state"], "param_groups": optimizer.state_dict()["param_groups"]})
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

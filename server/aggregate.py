@@ -69,14 +69,20 @@ def sign_merge(current: Arrays, updates: Sequence[Arrays], weights: Sequence[flo
     """Merge clients' changes by sign election (TIES-Merging, Yadav et al. 2023), not by plain averaging.
 
     Per tensor, each client's change ``update - current`` is trimmed to its ``keep`` fraction of largest
-    magnitudes; each entry takes the sign of the weighted sum of the trimmed changes, and moves by the
-    weighted mean of the changes of only the clients that pushed it that way. With non-IID clients a weight
-    that only one client's data moves is therefore not divided by the number of clients (as FedAvg divides
-    it), while a change they all share is averaged as before. Returns absolute values like
-    :func:`weighted_average` (apply a server learning rate with :func:`server_step`).
+    magnitudes (entries tied with the smallest kept magnitude are kept too); each entry takes the sign of the
+    weighted sum of the trimmed changes, and moves by the weighted mean of the changes of only the clients that
+    pushed it that way. With non-IID clients and trimming, a weight that only one client's data moves is
+    therefore not divided by the number of clients (as FedAvg divides it), while a change they all share is
+    averaged as before. Returns absolute values like :func:`weighted_average` (apply a server learning rate
+    with :func:`server_step`). Measured on the federated-quality benchmark: keep 0.3 matches FedAvg at server
+    lr 2, keep 1 loses 14 points (benchmarks/README.md).
     """
-    if not updates or len(updates) != len(weights):
+    if not updates:
+        raise ValueError("no updates to merge")
+    if len(updates) != len(weights):
         raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
+    if min(weights) < 0 or not sum(weights) > 0:
+        raise ValueError(f"weights must be >= 0 and sum to > 0, got {list(weights)}")
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     w = np.asarray(weights, dtype=np.float64)[:, None]  # (clients, 1)

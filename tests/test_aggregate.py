@@ -137,7 +137,25 @@ def test_sign_merge_trims_each_clients_small_entries_and_checks_its_arguments():
     update = {"b": np.array([[1.1, 3.0], [0.9, 1.0]], dtype=np.float32)}  # changes 0.1, 2, -0.1, 0
     merged = aggregate.sign_merge(current, [update], [1], keep=0.25)["b"]
     np.testing.assert_allclose(merged, [[1.0, 3.0], [1.0, 1.0]], rtol=1e-6)
+    # Trimming is per client: a client with small changes keeps its largest, however large the other's are.
+    big, small = np.array([[11.0, 6.0], [1.0, 1.0]]), np.array([[1.0, 1.0], [1.2, 1.1]])  # changes 10, 5 / 0.2, 0.1
+    two = [{"b": big.astype(np.float32)}, {"b": small.astype(np.float32)}]
+    merged = aggregate.sign_merge(current, two, [1, 1], keep=0.25)["b"]
+    np.testing.assert_allclose(merged, [[11.0, 1.0], [1.2, 1.0]], rtol=1e-6)
     with pytest.raises(ValueError, match="keep must be in"):
         aggregate.sign_merge(current, [update], [1], keep=0)
     with pytest.raises(ValueError, match="2 updates but 1 weights"):
         aggregate.sign_merge(current, [update, update], [1])
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        aggregate.sign_merge(current, [update, update], [1, -1])
+
+
+def test_sign_merge_elects_the_sign_by_weight_and_averages_by_weight():
+    current = {"b": np.zeros(2, dtype=np.float32)}
+    updates = [{"b": np.array([v, v], dtype=np.float32)} for v in (1.0, 2.0, -1.0)]
+    merged = aggregate.sign_merge(current, updates, [1, 1, 3])["b"]  # weighted sum 1 + 2 - 3 = 0: no move
+    np.testing.assert_allclose(merged, [0.0, 0.0])
+    merged = aggregate.sign_merge(current, updates, [1, 1, 4])["b"]  # minus wins; only the minus client counts
+    np.testing.assert_allclose(merged, [-1.0, -1.0])
+    merged = aggregate.sign_merge(current, updates, [3, 1, 4])["b"]  # plus wins: (3 * 1 + 1 * 2) / 4
+    np.testing.assert_allclose(merged, [1.25, 1.25])

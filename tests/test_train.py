@@ -206,3 +206,8 @@ def test_optimizer_state_carries_adam_moments_from_one_call_to_the_next(fresh_se
     assert warm.losses[0] == pytest.approx(cold.losses[0])  # same weights, same first batch
     assert warm.losses[1] != pytest.approx(cold.losses[1], rel=1e-4)  # but the kept moments moved them differently
     assert any(not torch.equal(start[n], after_first[n]) for n in start)
+    other = add_lora(fresh_session.model, LoraSettings(r=2, target_modules=("q_proj", "v_proj")))
+    cfg = TrainConfig(steps=1, micro_batch=4, seq_len=128, warmup_steps=0, checkpoint_every=0)
+    with pytest.raises(ValueError, match="belong to another adapter"):
+        train(other, epoch_maker(fresh_session.tokenizer, load_examples("demo:iot")[:16], cfg), cfg, CPU,
+              optimizer_state=kept)  # fmt: skip
