@@ -282,24 +282,22 @@ def _plan(device: Device, settings: wire.RoundSettings, profile, seq_len: int) -
     return plan, budget
 
 
-def _data_seq_len(device: Device, settings: wire.RoundSettings, examples, data_id: str = "") -> int:
+def _data_seq_len(device: Device, settings: wire.RoundSettings, examples, data_id: str) -> int:
     """The row length the round needs: the longest example in tokens (rounded up to 8), at most ``seq_len``.
 
     Batches are padded to their longest example, so rows of short data cost what they hold, not ``seq_len``:
     planning with the data's length keeps a slow device from cutting rows short (and answers off) to save
-    time it would not spend. With ``data_id`` (the data's fingerprint) the answer is kept for the next rounds.
+    time it would not spend. Worked out once per ``data_id`` (the data's fingerprint): tokenizing all the data
+    every round would count against the round's deadline.
     """
     from edge_client.session import encode_all
 
     key = (str(device.cache_dir), settings.model, settings.seq_len, data_id)
-    if data_id and key in _SEQ_LENS:
-        return _SEQ_LENS[key]
-    tokenizer = _tokenizer(device.cache_dir, settings.model)
-    longest = max((len(e.input_ids) for e in encode_all(tokenizer, examples, settings.seq_len)), default=1)
-    need = min(settings.seq_len, -(-longest // 8) * 8)
-    if data_id:
-        _SEQ_LENS[key] = need
-    return need
+    if key not in _SEQ_LENS:
+        tokenizer = _tokenizer(device.cache_dir, settings.model)
+        longest = max((len(e.input_ids) for e in encode_all(tokenizer, examples, settings.seq_len)), default=1)
+        _SEQ_LENS[key] = min(settings.seq_len, -(-longest // 8) * 8)
+    return _SEQ_LENS[key]
 
 
 _SEQ_LENS: dict[tuple, int] = {}  # _data_seq_len's answers, by (cache, model, seq_len, data fingerprint)

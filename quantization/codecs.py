@@ -131,15 +131,15 @@ def parse_codec(spec: str) -> Codec:
         name, _, arg = stage.partition(":")
         bad = f"codec spec {spec!r}: {stage!r}"
         if name in _FIRST_STAGES:
-            fraction, example, low, why = _FIRST_STAGES[name]
+            bracket, example, low, why = _FIRST_STAGES[name]
             if i != 0:
                 raise ValueError(f"{bad}: {name} must come first ({why})")
             try:
                 value = float(arg)
             except ValueError:
                 raise ValueError(f"{bad}: expected {name}:FRACTION, e.g. {example}") from None
-            if not (low <= value if fraction == "[" else low < value) or value > 1:
-                raise ValueError(f"{bad}: the fraction must be in {fraction}{low:g}, 1], got {value:g}")
+            if not (low <= value if bracket == "[" else low < value) or value > 1:
+                raise ValueError(f"{bad}: the fraction must be in {bracket}{low:g}, 1], got {value:g}")
             fractions[name] = value
         elif name in VALUE_CODECS:
             if values is not None:

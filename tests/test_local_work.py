@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from edge_client import local_work, wire
+from edge_client.data import fingerprint
 from edge_client.local_work import Device
 from quantization.codecs import HEADER_KEY
 from server import hetero
@@ -128,11 +129,12 @@ def test_rows_are_planned_at_the_data_s_length_not_the_round_s(device, tiny_mode
 
     settings = _settings(tiny_model_dir, seq_len=256)
     train_set, _ = local_work.local_data(device, settings.seed)
-    need = local_work._data_seq_len(device, settings, train_set)
+    data_id = fingerprint(train_set)
+    need = local_work._data_seq_len(device, settings, train_set, data_id)
     tok = local_work._tokenizer(device.cache_dir, settings.model)
     longest = max(len(e.input_ids) for e in encode_all(tok, train_set, 256))
     assert need % 8 == 0 and longest <= need < longest + 8 and need < 256
-    assert local_work._data_seq_len(device, _settings(tiny_model_dir, seq_len=16), train_set) == 16
+    assert local_work._data_seq_len(device, _settings(tiny_model_dir, seq_len=16), train_set, data_id) == 16
     device.profile = "base=pi4-2gb,slowdown=1.5"
     settings = _settings(tiny_model_dir, seq_len=256, deadline_s=60.0)
     initial = local_work.initial_adapter(device.cache_dir, settings)
