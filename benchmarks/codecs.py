@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import update_readme_section, write_results  # noqa: E402
-from quantization.codecs import LADDER, ErrorFeedback, decode, encode, measure  # noqa: E402
+from fedge.quantization.codecs import LADDER, ErrorFeedback, decode, encode, measure  # noqa: E402
 
 EXTRA = ("int4:32", "topk:0.25+int8", "topk:0.1+int4", "topk:0.5+int2")  # compositions off the ladder
 FULL_BYTES = "meta:full-adapter-bytes"  # stored with the real delta: fp32 bytes of the whole adapter (A and B)
@@ -36,15 +36,16 @@ EF_ROUNDS = 10
 
 def make_real_delta(cache: Path, path: Path) -> None:
     """Train two 10-step rounds (healthcare, then finance) and save the second round's change of the adapter."""
-    from edge_client import wire
-    from edge_client.data import load_examples
-    from edge_client.local_work import Device, get_adapter, open_adapter, set_adapter, train_config
-    from edge_client.session import epoch_maker
-    from edge_client.train import train
-    from quantization.codecs import make_delta
+    from fedge.common import wire
+    from fedge.common.modeling import ModelHolder, get_adapter, set_adapter
+    from fedge.edge_client.data import load_examples
+    from fedge.edge_client.local_work import open_adapter, train_config
+    from fedge.edge_client.session import epoch_maker
+    from fedge.edge_client.train import train
+    from fedge.quantization.codecs import make_delta
 
     settings = wire.RoundSettings(steps=10)
-    session, model = open_adapter(Device("bench", "", None, Path("."), cache, "auto"), settings)
+    session, model = open_adapter(ModelHolder(cache), settings)
     global_arrays = get_adapter(model)
     full = sum(a.nbytes for a in global_arrays.values())
     for rnd, domain in ((1, "healthcare"), (2, "finance")):
@@ -139,7 +140,7 @@ def main() -> None:
 
     data: dict[str, tuple[dict, int]] = {}
     if not args.synthetic:
-        from edge_client.models import default_cache_dir
+        from fedge.common.models import default_cache_dir
 
         path = (args.cache_dir or default_cache_dir()) / "bench" / "codecs-update.npz"
         if not path.is_file():

@@ -22,7 +22,7 @@ def run_worker(script: Path, args: list[str], timeout: float = 1800) -> dict:
 
 
 def write_results(name: str, data: dict) -> Path:
-    from edge_client.fsutil import atomic_write_text
+    from fedge.common.fsutil import atomic_write_text
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
@@ -32,7 +32,7 @@ def write_results(name: str, data: dict) -> Path:
 
 def update_readme_section(name: str, markdown: str) -> None:
     """Replace the section between ``<!-- name:start -->`` and ``<!-- name:end -->`` in benchmarks/README.md."""
-    from edge_client.fsutil import atomic_write_text
+    from fedge.common.fsutil import atomic_write_text
 
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = README.read_text() if README.exists() else "# Benchmarks\n"

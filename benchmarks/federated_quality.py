@@ -6,7 +6,7 @@ T optimizer steps in total (batch 8, LoRA r=16 on every projection, the same lea
 - **centralized** (the upper baseline): one adapter, T steps on the union of the four domains;
 - **federated**: R rounds of FedAvg; each round every client trains S = T / (4R) steps from the global
   adapter, and the server averages the four adapters weighted by examples. Client training and the
-  average are fedge's own code (``edge_client.flower_client`` helpers, ``server.aggregate``); only the
+  average are fedge's own code (``fedge.edge_client.flower_client`` helpers, ``fedge.server.aggregate``); only the
   transport is skipped, which does not change a number here;
 - **local-only** (the lower baseline): each client trains T / 4 steps on its own domain alone.
 
@@ -103,15 +103,16 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from edge_client import wire
-    from edge_client.data import load_examples
-    from edge_client.demo_data import DOMAINS
-    from edge_client.evaluate import evaluate
-    from edge_client.local_work import Device, get_adapter, open_adapter, set_adapter, train_config
-    from edge_client.models import default_cache_dir
-    from edge_client.session import epoch_maker, eval_batches
-    from edge_client.train import train
-    from server.aggregate import server_optimizer_step, sign_merge, weighted_average
+    from fedge.common import wire
+    from fedge.common.modeling import ModelHolder, get_adapter, set_adapter
+    from fedge.common.models import default_cache_dir
+    from fedge.edge_client.data import load_examples
+    from fedge.edge_client.demo_data import DOMAINS
+    from fedge.edge_client.evaluate import evaluate
+    from fedge.edge_client.local_work import open_adapter, train_config
+    from fedge.edge_client.session import epoch_maker, eval_batches
+    from fedge.edge_client.train import train
+    from fedge.server.aggregate import server_optimizer_step, sign_merge, weighted_average
 
     torch.set_num_threads(torch.get_num_threads())
     n_clients = len(DOMAINS)
@@ -127,7 +128,7 @@ def main() -> None:
         lora_freeze_a=not args.train_a,
         seed=args.seed,
     )
-    session, model = open_adapter(Device("bench", "", None, Path("."), cache, "auto"), settings)
+    session, model = open_adapter(ModelHolder(cache), settings)
     train_sets = {d: load_examples(f"demo:{d}") for d in DOMAINS}
     test_sets = {d: _spread(load_examples(f"demo:{d}:test"), args.eval_per_domain) for d in DOMAINS}
     initial = get_adapter(model)

@@ -2,11 +2,11 @@
 
 Four emulated devices (``--devices``, default pi4-2gb, pi5-8gb, jetson-orin-nano, laptop; see
 edge_client/devices.py) hold one demo domain each. Each device is its own warm-worker process
-(``edge_client.worker``, as ``fedge client start`` runs it), so its memory cap is enforced on its own RSS,
+(``fedge.edge_client.worker``, as ``fedge client start`` runs it), so its memory cap is enforced on its own RSS,
 and it trains with fedge's client code (``local_work.do_train``). Emulated slowness and link time run on the
 device's virtual clock (``emulated-time = virtual``): they count against the deadline without being slept,
 so the benchmark takes the host's compute time, not a Pi's. The server side is fedge's own: replies are
-decoded and checked by ``server.hetero.from_reply`` and merged by ``server.hetero.aggregate`` (mixed ranks,
+decoded and checked by ``fedge.server.hetero.from_reply`` and merged by ``fedge.server.hetero.aggregate`` (mixed ranks,
 FedNova weighting, server lr 2).
 
 Three federations, the same rounds and deadline:
@@ -14,7 +14,7 @@ Three federations, the same rounds and deadline:
 - **fixed**: every device trains the round settings as sent (r=16 on all layers, 15 steps of 8 x 256) and
   sends its whole adapter as fp32; a device that runs out of memory or misses the deadline contributes
   nothing that round;
-- **adaptive**: each device plans its round to the deadline and its memory (``edge_client.plan``),
+- **adaptive**: each device plans its round to the deadline and its memory (``fedge.edge_client.plan``),
   re-plans from its measured steps, and sends its change with ``--codec`` (default ``auto:mix:0.9+int4:256``:
   the least lossy codec at or below that one, 0.124 of fp32, whose upload fits the deadline on its link), with
   error feedback;
@@ -60,9 +60,9 @@ def main() -> None:
     p.add_argument("--cache-dir", type=Path, default=None)
     args = p.parse_args()
 
-    from edge_client import wire
-    from edge_client.demo_data import DOMAINS
-    from edge_client.models import default_cache_dir, pull_model
+    from fedge.common import wire
+    from fedge.common.models import default_cache_dir, pull_model
+    from fedge.edge_client.demo_data import DOMAINS
 
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     cache = args.cache_dir or default_cache_dir()
@@ -120,8 +120,8 @@ class Fleet:
     """One warm-worker process per emulated device, each with its own state directory, on loopback."""
 
     def __init__(self, devices: list[str], domains, cache: Path, work: Path, model: str) -> None:
-        from edge_client.local_work import Device
-        from edge_client.procs import free_port
+        from fedge.common.procs import free_port
+        from fedge.edge_client.local_work import Device
 
         self.model = model
         self.devices = []
@@ -138,12 +138,12 @@ class Fleet:
         import os
         import shutil
 
-        from edge_client.procs import spawn, wait_for_port
+        from fedge.common.procs import spawn, wait_for_port
 
         for dev in self.devices:
             shutil.rmtree(dev.state_dir, ignore_errors=True)
             dev.state_dir.mkdir(parents=True)
-            cmd = [sys.executable, "-m", "edge_client.worker", "--state", str(dev.state_dir)]
+            cmd = [sys.executable, "-m", "fedge.edge_client.worker", "--state", str(dev.state_dir)]
             cmd += ["--port", str(dev.worker_port), "--cache-dir", str(dev.cache_dir)]
             cmd += ["--model", self.model, "--precision", dev.precision]  # loaded up front, as the service does
             proc = spawn(cmd, dict(os.environ), dev.state_dir / "worker.log")
@@ -152,7 +152,7 @@ class Fleet:
         return self
 
     def __exit__(self, *exc) -> None:
-        from edge_client.procs import stop
+        from fedge.common.procs import stop
 
         for proc in self.procs:
             stop(proc)
@@ -171,12 +171,14 @@ def federate(
 
     import numpy as np
 
-    from edge_client import wire
-    from edge_client.local_work import initial_adapter
-    from edge_client.worker import call
-    from server import hetero
+    from fedge.common import wire
+    from fedge.common.modeling import ModelHolder
+    from fedge.edge_client.worker import call
+    from fedge.server import hetero
 
-    global_arrays = initial_adapter(fleet.devices[0].cache_dir, settings)
+    global_arrays = ModelHolder(fleet.devices[0].cache_dir, "fp32").initial_adapter(
+        settings.model, settings.lora(), settings.seed
+    )
     per_round, plans = [], {}
     for rnd in range(1, rounds + 1):
         accepted, weights, steps, clients = [], [], [], []
@@ -257,12 +259,13 @@ class Scorer:
     """Exact match and held-out loss of an adapter on each domain's held-out examples (the real model, bf16)."""
 
     def __init__(self, model: str, cache: Path, domains, per_domain: int) -> None:
-        from edge_client import wire
-        from edge_client.data import load_examples
-        from edge_client.local_work import Device, open_adapter
+        from fedge.common import wire
+        from fedge.common.modeling import ModelHolder
+        from fedge.edge_client.data import load_examples
+        from fedge.edge_client.local_work import open_adapter
 
         self.settings = wire.RoundSettings(model=model)
-        self.session, self.model = open_adapter(Device("bench", "", None, Path("."), cache, "auto"), self.settings)
+        self.session, self.model = open_adapter(ModelHolder(cache), self.settings)
         self.tests = {}
         for d in domains:
             examples = load_examples(f"demo:{d}:test")
@@ -271,9 +274,9 @@ class Scorer:
     def score(self, arrays: dict) -> dict:
         import numpy as np
 
-        from edge_client.evaluate import evaluate
-        from edge_client.local_work import set_adapter
-        from edge_client.session import eval_batches
+        from fedge.common.modeling import set_adapter
+        from fedge.edge_client.evaluate import evaluate
+        from fedge.edge_client.session import eval_batches
 
         set_adapter(self.model, arrays)
         tok = self.session.tokenizer

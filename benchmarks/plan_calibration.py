@@ -7,7 +7,7 @@ peak RSS (VmHWM, model load included) is its own. The step time is the median of
     python benchmarks/plan_calibration.py            # measure (~8 min on 2 cores), fit, write JSON + table
     python benchmarks/plan_calibration.py --table    # re-fit and re-render from the last JSON
 
-The fit (printed, and stored in the JSON) gives `edge_client.plan.HOST`'s constants; the table compares the
+The fit (printed, and stored in the JSON) gives `fedge.edge_client.plan.HOST`'s constants; the table compares the
 predictions of the constants in plan.py (the shipped model) with the measurements.
 """
 
@@ -65,15 +65,15 @@ def quiet_step_s(run: dict) -> float:
 
 
 def worker(spec: list, cache_dir: Path, threads: int) -> dict:
-    from edge_client.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
+    from fedge.edge_client.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
 
     name, precision, compute, seq_len, micro, ckpt, layers = spec
     import torch
 
-    from edge_client.data import encode_all, load_examples, packed_batches
-    from edge_client.plan import ALL_TARGETS, Knobs, loss_chunk_for
-    from edge_client.session import open_model
-    from edge_client.train import LoraSettings, TrainConfig, add_lora, train
+    from fedge.common.modeling import LoraSettings, add_lora, open_model
+    from fedge.edge_client.data import encode_all, load_examples, packed_batches
+    from fedge.edge_client.plan import ALL_TARGETS, Knobs, loss_chunk_for
+    from fedge.edge_client.train import TrainConfig, train
 
     torch.set_num_threads(threads)
     runtime_mb = current_rss_mb()  # imports done, nothing loaded
@@ -130,12 +130,12 @@ def plan_worker(device: str, cache_dir: Path) -> dict:
     this checks memory, not time). Returns the peak RSS (load included) and whether the cap tripped."""
     import torch
 
-    from edge_client.data import encode_all, load_examples, packed_batches
-    from edge_client.devices import PROFILES, EmulatedOutOfMemory, emulate
-    from edge_client.memory import peak_rss_mb
-    from edge_client.plan import RoundBudget, make_plan
-    from edge_client.session import open_model
-    from edge_client.train import LoraSettings, TrainConfig, add_lora, train
+    from fedge.common.modeling import LoraSettings, add_lora, open_model
+    from fedge.edge_client.data import encode_all, load_examples, packed_batches
+    from fedge.edge_client.devices import PROFILES, EmulatedOutOfMemory, emulate
+    from fedge.edge_client.memory import peak_rss_mb
+    from fedge.edge_client.plan import RoundBudget, make_plan
+    from fedge.edge_client.train import TrainConfig, train
 
     profile = PROFILES[device]
     plan = make_plan(profile.caps(), RoundBudget(**SAMPLE_ROUND))
@@ -157,7 +157,7 @@ def plan_worker(device: str, cache_dir: Path) -> dict:
 
 
 def knobs_of(spec: list):
-    from edge_client.plan import Knobs
+    from fedge.edge_client.plan import Knobs
 
     _, precision, compute, seq_len, micro, ckpt, layers = spec
     return Knobs(precision, ckpt, micro, 1, seq_len, layers, 16)
@@ -165,7 +165,7 @@ def knobs_of(spec: list):
 
 def predict(spec: list, label_fraction: float, host=None) -> tuple[float, float]:
     """(step seconds, peak bytes) the planner predicts for a calibration config on the reference machine."""
-    from edge_client.plan import HOST, RoundBudget, estimate
+    from fedge.edge_client.plan import HOST, RoundBudget, estimate
 
     host = host or HOST
     caps = predict_caps(spec, host)
@@ -175,7 +175,7 @@ def predict(spec: list, label_fraction: float, host=None) -> tuple[float, float]
 
 
 def _model():
-    from edge_client.plan import SMOLLM2_135M
+    from fedge.edge_client.plan import SMOLLM2_135M
 
     return SMOLLM2_135M
 
@@ -192,7 +192,7 @@ def fit(rows: list[dict]) -> dict:
     """
     import numpy as np
 
-    from edge_client.plan import HOST, RoundBudget, activation_bytes, estimate, step_flops, weight_bytes
+    from fedge.edge_client.plan import HOST, RoundBudget, activation_bytes, estimate, step_flops, weight_bytes
 
     by_path: dict[str, list[float]] = {}
     load_extra: dict[str, list[float]] = {}
@@ -231,7 +231,7 @@ def fit(rows: list[dict]) -> dict:
 
 def predict_caps(spec: list, host):
     """A reference-machine DeviceCaps that runs exactly this config's path."""
-    from edge_client.plan import DeviceCaps
+    from fedge.edge_client.plan import DeviceCaps
 
     key = spec[1] if spec[1] == spec[2] or spec[1] in ("fp32", "bf16") else f"{spec[1]}-fp32"
     return DeviceCaps("host", 2, 2**40, {spec[1]: host.train_gflops[key]}, bf16_native=spec[2] == "bf16")
@@ -240,7 +240,7 @@ def predict_caps(spec: list, host):
 def _unit_host(runtime_bytes: float):
     import dataclasses
 
-    from edge_client.plan import HOST
+    from fedge.edge_client.plan import HOST
 
     zero_load = {p: 0.0 for p in HOST.load_extra_bytes}
     return dataclasses.replace(
@@ -286,8 +286,8 @@ def table(results: dict) -> str:
 def plans_table(verified: dict | None = None) -> str:
     """The plan each emulated device gets for the sample round, with the shipped constants (and, if
     ``verified`` has them, the peak RSS measured running it under the device's memory cap)."""
-    from edge_client.devices import PROFILES
-    from edge_client.plan import GIB, RoundBudget, make_plan
+    from fedge.edge_client.devices import PROFILES
+    from fedge.edge_client.plan import GIB, RoundBudget, make_plan
 
     budget, verified = RoundBudget(**SAMPLE_ROUND), verified or {}
     deadline_s, steps, r_max = budget.deadline_s, budget.steps, budget.r_max
@@ -315,7 +315,7 @@ def plans_table(verified: dict | None = None) -> str:
 def _measured(run: dict | None, plan) -> str:
     if run is None:
         return "not run"
-    from edge_client.plan import TrainingPlan
+    from fedge.edge_client.plan import TrainingPlan
 
     if TrainingPlan.from_dict(run["plan"]) != plan:
         return "stale (plan changed)"
@@ -331,7 +331,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args()
-    from edge_client.models import default_cache_dir
+    from fedge.common.models import default_cache_dir
 
     cache = args.cache_dir or default_cache_dir()
     if args.worker and args.worker.startswith("plan:"):
@@ -358,7 +358,7 @@ def main() -> None:
         results = {"setup": setup, "runs": runs}
     results["fit"] = fit(results["runs"])
     if args.verify_plans:
-        from edge_client.devices import PROFILES
+        from fedge.edge_client.devices import PROFILES
 
         results["plans"] = {}
         for device in PROFILES:

@@ -37,7 +37,7 @@ PLANS = {
 
 
 def make_batches(tokenizer, steps: int):
-    from edge_client.data import encode_all, load_examples, packed_batches
+    from fedge.edge_client.data import encode_all, load_examples, packed_batches
 
     encoded = encode_all(tokenizer, load_examples("demo:all"), SEQ_LEN)
     batches = packed_batches(encoded, ROWS, SEQ_LEN, tokenizer.pad_token_id, seed=0)
@@ -54,7 +54,7 @@ def worker(plan: str, model_source: str, cache_dir: Path, steps: int, threads: i
         result = _naive(model_source, cache_dir, steps)
     else:
         result = _fedge(plan, model_source, cache_dir, steps)
-    from edge_client.memory import peak_rss_mb
+    from fedge.edge_client.memory import peak_rss_mb
 
     result.update(peak_rss_mb=peak_rss_mb(), wall_s=time.perf_counter() - t_load)
     return result
@@ -84,7 +84,7 @@ def _naive(model_source: str, cache_dir: Path, steps: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edge_client.models import pull_model
+    from fedge.common.models import pull_model
 
     path = pull_model(model_source, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -113,9 +113,9 @@ def _naive(model_source: str, cache_dir: Path, steps: int) -> dict:
 def _fedge(plan: str, model_source: str, cache_dir: Path, steps: int) -> dict:
     import torch
 
-    from edge_client.data import Batch
-    from edge_client.session import open_model
-    from edge_client.train import LoraSettings, TrainConfig, add_lora, train
+    from fedge.common.modeling import LoraSettings, add_lora, open_model
+    from fedge.edge_client.data import Batch
+    from fedge.edge_client.train import TrainConfig, train
 
     spec = PLANS[plan]
     dtype = getattr(torch, spec["compute_dtype"]) if "compute_dtype" in spec else None
@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args()
-    from edge_client.models import default_cache_dir
+    from fedge.common.models import default_cache_dir
 
     cache = args.cache_dir or default_cache_dir()
     if args.worker:

@@ -10,13 +10,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from edge_client import adapters
-from edge_client.data import Example, fingerprint, load_examples
-from edge_client.errors import FedgeError
-from edge_client.evaluate import EvalResult, evaluate
-from edge_client.memory import current_rss_mb
-from edge_client.session import epoch_maker, eval_batches, open_model, split_heldout
-from edge_client.train import LoraSettings, TrainConfig, add_lora, compile_available, train
+from fedge.common import adapters
+from fedge.common.errors import FedgeError
+from fedge.common.modeling import LoraSettings, add_lora, open_model
+from fedge.edge_client.data import Example, fingerprint, load_examples
+from fedge.edge_client.evaluate import EvalResult, evaluate
+from fedge.edge_client.memory import current_rss_mb
+from fedge.edge_client.session import epoch_maker, eval_batches, split_heldout
+from fedge.edge_client.train import TrainConfig, compile_available, train
 
 
 def run_train(args: argparse.Namespace, cache_dir: Path, console: Console) -> int:

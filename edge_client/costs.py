@@ -1,17 +1,14 @@
 """Cost models of LoRA training on a frozen (possibly quantized) base: FLOPs per step, resident bytes.
 
-Pure arithmetic on a model's shape, used by the training planner (`edge_client.plan`). The constants in
+Pure arithmetic on a model's shape, used by the training planner (`fedge.edge_client.plan`). The constants in
 ``HOST`` are measured on the reference machine (2 vCPU x86 AVX-512 + AMX-BF16) with the real model by
 ``benchmarks/plan_calibration.py``; its table in benchmarks/README.md shows predicted against measured.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from edge_client.plan import RoundBudget
 
 GIB = 2**30
 LADDER = ("fp32", "bf16", "int8", "int4")  # precisions the planner uses, best quality first
@@ -54,6 +51,70 @@ HOST = HostCalibration(
     load_extra_bytes={"fp32": 0.0, "bf16": 670e6, "int8": 683e6, "int4": 613e6},
     step_overhead_s=0.1,
 )
+
+
+@dataclass
+class RoundBudget:
+    """The round's limits and the federation's fixed settings, as the server sends them.
+
+    Seconds and bytes. ``deadline_s`` covers the whole round on the device: fixed overhead, download of
+    the global adapter, training, upload of the update. ``label_fraction`` is the share of tokens that
+    carry a loss label (reply tokens; it sizes the LM-head work). ``bytes_per_value`` is what one adapter
+    value costs on the wire (4: fp32; less with an update codec).
+    """
+
+    deadline_s: float
+    steps: int = 15
+    batch: int = 8
+    seq_len: int = 256
+    r_max: int = 16
+    targets: tuple[str, ...] = ALL_TARGETS
+    memory_cap_bytes: int | None = None
+    upload_budget_bytes: int | None = None
+    label_fraction: float = 0.5
+    bytes_per_value: float = 4.0
+    time_margin: float = 0.15  # plan for deadline x (1 - margin)
+    memory_margin: float = 0.10  # plan for memory cap x (1 - margin)
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        for name in ("steps", "batch", "seq_len", "r_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.deadline_s > 0:
+            raise ValueError(f"deadline_s must be > 0, got {self.deadline_s}")
+        if not self.targets:
+            raise ValueError("targets must name at least one module")
+        for name in ("time_margin", "memory_margin"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.label_fraction <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_round_settings(cls, settings: object, deadline_s: float, **limits: object) -> RoundBudget:
+        """From the federation's `fedge.common.wire.RoundSettings` (steps, batch, seq_len, LoRA rank and targets)
+        plus the round's limits (``memory_cap_bytes``, ``upload_budget_bytes``, margins ...)."""
+        return cls(
+            deadline_s=deadline_s,
+            steps=settings.steps,
+            batch=settings.batch,
+            seq_len=settings.seq_len,
+            r_max=settings.lora_r,
+            targets=settings.targets,
+            **limits,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RoundBudget:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown round budget field(s) {unknown}; expected some of {sorted(names)}")
+        return cls(**data)
 
 
 # --- the model being trained --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from edge_client.errors import DataError
+from fedge.common.errors import DataError
 
 IGNORE = -100  # label value that cross-entropy skips
 ROLES = ("system", "user", "assistant")
@@ -163,7 +163,7 @@ def _csv_examples(path: Path, text: str) -> list[Example]:
 
 
 def _demo_examples(source: str) -> list[Example]:
-    from edge_client import demo_data
+    from fedge.edge_client import demo_data
 
     parts = source.split(":")
     domains = demo_data.DOMAINS if parts[1] in ("all", "") else (parts[1],)

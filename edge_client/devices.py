@@ -27,8 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_client.errors import FedgeError
-from edge_client.plan import GIB, HOST, LADDER, DeviceCaps, HostCalibration
+from fedge.common.errors import FedgeError
+from fedge.edge_client.plan import GIB, HOST, LADDER, DeviceCaps, HostCalibration
 
 MB = 1_000_000
 
@@ -369,7 +369,7 @@ def emulate(
 ) -> Iterator[Callable[[int, float, int, float], bool]]:
     """Run the enclosed training as ``profile``: its threads, its speed, its memory cap.
 
-    Yields the ``on_step`` callback to pass to `edge_client.train.train` (chain it with a `Replanner` placed
+    Yields the ``on_step`` callback to pass to `fedge.edge_client.train.train` (chain it with a `Replanner` placed
     after it, so re-planning sees the stretched steps). Raises `EmulatedOutOfMemory` from the step that
     finds the cap exceeded, or on leaving the block. The cap covers the whole process RSS, so emulate one
     device per process (Flower runs each ClientApp in its own). ``rewind``: a virtual clock's, see `Throttle`.
@@ -419,7 +419,7 @@ def this_machine(name: str = "this-machine", host: HostCalibration = HOST) -> De
 
     import psutil
 
-    from quantization.backends import cpu_supports_bf16
+    from fedge.quantization.backends import cpu_supports_bf16
 
     bf16 = cpu_supports_bf16()
     keys = {"fp32": "fp32", "int8": "int8" if bf16 else "int8-fp32", "int4": "int4" if bf16 else "int4-fp32"}

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from edge_client.data import Batch, Example, prompt_text
-from edge_client.train import lean_loss
+from fedge.edge_client.data import Batch, Example, prompt_text
+from fedge.edge_client.train import lean_loss
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """The Flower ClientApp: train the global adapter on this device's data, evaluate it, reply with the update.
 
 In a deployment Flower starts a fresh ClientApp process per message, so this module stays light: it
-reads the message and hands the work to the device's warm worker (:mod:`edge_client.worker`), which keeps
+reads the message and hands the work to the device's warm worker (:mod:`fedge.edge_client.worker`), which keeps
 the model loaded between rounds; without a worker (simulation, or ``--no-worker``) it does the work itself
-(:mod:`edge_client.local_work`). Either way the reply carries the fixed costs it paid: process start to
+(:mod:`fedge.edge_client.local_work`). Either way the reply carries the fixed costs it paid: process start to
 handler (``startup-seconds``) and getting the model ready (``load-seconds``).
 """
 
@@ -16,8 +16,8 @@ import psutil
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from edge_client import wire
-from edge_client.local_work import Device
+from fedge.common import wire
+from fedge.edge_client.local_work import Device
 
 app = ClientApp()
 _PROCESS_START = psutil.Process().create_time()
@@ -58,18 +58,37 @@ def evaluate_round(msg: Message, context: Context) -> Message:
 def _work(device: Device, kind: str, config: dict, arrays: dict, rnd: int) -> tuple[dict, dict, int]:
     """(arrays, metrics, 1 if the warm worker did it else 0)."""
     if device.worker_port:
-        from edge_client.worker import call
+        from fedge.edge_client.worker import call
 
         done = call(device, kind, config, arrays, rnd)
         if done is not None:
             return done[0], done[1], 1
-    from edge_client import local_work
+    from fedge.edge_client import local_work
 
     settings = wire.RoundSettings.from_config(config)
+    holder = _holder(device)
     if kind == "train":
-        out, metrics = local_work.do_train(device, settings, arrays, rnd)
+        out, metrics = local_work.do_train(holder, device, settings, arrays, rnd)
         return out, metrics, 0
-    return {}, local_work.do_evaluate(device, settings, arrays), 0
+    return {}, local_work.do_evaluate(holder, device, settings, arrays), 0
+
+
+_HOLDERS: dict[tuple, object] = {}  # this process's model, when it does the work itself (see _holder)
+
+
+def _holder(device: Device):
+    """The model holder of this ClientApp process for ``device``.
+
+    A deployment starts a process per message, so it lives one round; the simulation engine runs many messages in
+    one process, where keeping it saves a model load per round.
+    """
+    from fedge.common.modeling import ModelHolder
+
+    key = (str(device.cache_dir), device.precision, device.threads)
+    if key not in _HOLDERS:
+        _HOLDERS.clear()  # a device has no memory for two models
+        _HOLDERS[key] = ModelHolder(device.cache_dir, device.precision, device.threads)
+    return _HOLDERS[key]
 
 
 def _client_info(device: Device, extra: dict | None = None) -> ConfigRecord:

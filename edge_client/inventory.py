@@ -14,7 +14,8 @@ from pathlib import Path
 
 import psutil
 
-from edge_client import energy, meters
+from fedge.edge_client import energy, meters
+from fedge.edge_client.meters import board_model
 
 # ISA features that matter for matmuls, as /proc/cpuinfo names them -> how people name them.
 _ISA = {
@@ -88,7 +89,7 @@ def isa_features(cpuinfo: str) -> list[str]:
 
 def cpu(root: Path = Path("/")) -> dict:
     """Model, cores, frequencies (MHz), ISA features and whether bf16 runs natively."""
-    from quantization.backends import cpu_supports_bf16
+    from fedge.quantization.backends import cpu_supports_bf16
 
     text = _text(root / "proc/cpuinfo") or ""
     fields = cpuinfo_fields(text)
@@ -110,16 +111,6 @@ def cpu(root: Path = Path("/")) -> dict:
         "load_avg_1m": round(psutil.getloadavg()[0], 2),
         "bf16_native": cpu_supports_bf16(text) if text else Missing("no /proc/cpuinfo"),
     }
-
-
-def board_model(root: Path = Path("/")) -> str | None:
-    """The device-tree model (Raspberry Pi, Jetson, other ARM boards) or DMI vendor + product (x86)."""
-    for rel in ("proc/device-tree/model", "sys/firmware/devicetree/base/model"):
-        model = _text(root / rel)
-        if model:
-            return model
-    vendor, product = _text(root / "sys/class/dmi/id/sys_vendor"), _text(root / "sys/class/dmi/id/product_name")
-    return " ".join(p for p in (vendor, product) if p) or None
 
 
 def board(root: Path = Path("/")) -> dict:
@@ -210,8 +201,8 @@ def software(root: Path = Path("/")) -> dict:
 
 
 def quantization_backends() -> dict:
-    """For each precision: "ok" or why not here (the real checks of quantization.backends), and what auto picks."""
-    from quantization.backends import PRECISIONS, BackendUnavailable, pick_device, resolve_precision
+    """For each precision: "ok" or why not here (the real checks of `fedge.quantization.backends`), and auto's pick."""
+    from fedge.quantization.backends import PRECISIONS, BackendUnavailable, pick_device, resolve_precision
 
     device = pick_device("auto")
     out: dict[str, object] = {"device": str(device), "auto": resolve_precision("auto", device)}

@@ -1,6 +1,6 @@
 """A client's work for one round, independent of how the message arrived: train or evaluate the global adapter.
 
-Used by the ClientApp in-process, by the warm worker (:mod:`edge_client.worker`) that keeps the model loaded
+Used by the ClientApp in-process, by the warm worker (:mod:`fedge.edge_client.worker`) that keeps the model loaded
 between rounds, by the simulation engine and by the benchmarks, so all of them train the same way.
 
 Local work is never lost to a restart: training checkpoints every few steps into a work directory named by
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import shutil
@@ -22,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client import wire
-from edge_client.fsutil import atomic_write_bytes, atomic_write_text
+from fedge.common import wire
+from fedge.common.fsutil import atomic_write_bytes, atomic_write_text
+from fedge.common.modeling import ModelHolder, get_adapter, set_adapter
 
 UPDATE_FILE, METRICS_FILE = "update.npz", "metrics.json"
 KEEP_WORK_DIRS = 3
@@ -42,14 +42,14 @@ class Device:
     precision: str = "auto"
     threads: int = 0  # 0: torch's default
     worker_port: int = 0  # 0: no warm worker, the ClientApp process does the work
-    profile: str = ""  # an emulated device (`edge_client.devices.load_profile`); "": this machine as it is
+    profile: str = ""  # an emulated device (`fedge.edge_client.devices.load_profile`); "": this machine as it is
     # How an emulated device's extra time passes: "wall" sleeps it (a real federation sees the slow device);
     # "virtual" adds it to the device's clock without sleeping (benchmarks: the deadline still binds).
     emulated_time: str = "wall"
 
     @classmethod
     def from_node_config(cls, config) -> Device:
-        from edge_client.models import default_cache_dir
+        from fedge.common.models import default_cache_dir
 
         if wire.Node.DATA not in config:
             raise ValueError(f"node config has no {wire.Node.DATA!r}: start the client with `fedge client start`")
@@ -67,80 +67,25 @@ class Device:
         )
 
 
-@dataclass
-class _Loaded:
-    """The process's model: a base model (kept) and the LoRA wrapper of the current round shape."""
-
-    base_key: tuple
-    session: object
-    lora_key: tuple | None = None
-    model: object = None
-
-
-_LOADED: list[_Loaded] = []  # at most one: a device has no memory for two models
-
-
-def load_base(device: Device, model: str, precision: str | None = None, compute_dtype: str | None = None) -> object:
-    """Load (once per process) the base model ``model`` at ``precision`` (default: the device's); the session."""
-    import torch
-
-    from edge_client.session import open_model
-
-    if device.threads > 0:
-        torch.set_num_threads(device.threads)
-    if (
-        precision is None
-        and _LOADED
-        and _LOADED[0].base_key[0] == model
-        and _LOADED[0].base_key[3] == str(device.cache_dir)
-    ):
-        return _LOADED[0].session  # no precision asked for (evaluation): the one a plan loaded serves
-    precision = precision or device.precision
-    key = (model, precision, compute_dtype, str(device.cache_dir))
-    if not _LOADED or _LOADED[0].base_key != key:
-        _LOADED.clear()
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(compute_dtype or "")
-        _LOADED.append(_Loaded(key, open_model(model, device.cache_dir, precision, compute_dtype=dtype)))
-    return _LOADED[0].session
-
-
-def open_adapter(device: Device, settings: wire.RoundSettings, plan=None) -> tuple:
+def open_adapter(holder: ModelHolder, settings: wire.RoundSettings, plan=None) -> tuple:
     """(session, peft model) with a LoRA adapter of the round's shape (or the plan's), reusing what is loaded."""
-    from edge_client.train import add_lora
-
-    if plan is None:
-        session = load_base(device, settings.model)
-    else:
-        session = load_base(device, settings.model, plan.precision, plan.compute_dtype)
-    loaded = _LOADED[0]
-    lora = lora_settings(settings, plan)
-    lora_key = (lora.r, lora.alpha, lora.target_modules, lora.top_layers, lora.freeze_a, settings.seed)
-    if loaded.lora_key != lora_key:
-        if loaded.model is not None:
-            session.model = loaded.model.unload()  # drop the old LoRA layers, keep the base weights
-        loaded.model, loaded.lora_key = add_lora(session.model, lora, seed=settings.seed), lora_key
-    return session, loaded.model
+    precision, compute = (plan.precision, plan.compute_dtype) if plan is not None else (None, None)
+    return holder.adapter(settings.model, lora_settings(settings, plan), settings.seed, precision, compute)
 
 
 def lora_settings(settings: wire.RoundSettings, plan=None):
     """The round's LoRA shape; a training plan may lower the rank and train fewer layers or targets.
 
     A lower-rank client keeps the federation's alpha, so its scale is ``alpha / r``: it starts from the global
-    adapter cut to its rank in that scale (`server.hetero.for_client`) and the server merges it back.
+    adapter cut to its rank in that scale (`fedge.common.lora.for_client`) and the server merges it back.
     """
-    from edge_client.train import LoraSettings
-
-    lora = LoraSettings(
-        r=settings.lora_r, alpha=settings.lora_alpha, target_modules=settings.targets, freeze_a=settings.lora_freeze_a
-    )
-    if plan is not None:
-        lora = dataclasses.replace(lora, **plan.lora_overrides())
-    return lora
+    lora = settings.lora()
+    return dataclasses.replace(lora, **plan.lora_overrides()) if plan is not None else lora
 
 
 def train_config(settings: wire.RoundSettings, rnd: int, plan=None):
     """Local training for round ``rnd``: the data order is seeded per round, so rounds see different batches."""
-    from edge_client.train import TrainConfig
+    from fedge.edge_client.train import TrainConfig
 
     cfg = TrainConfig(
         steps=settings.steps,
@@ -158,8 +103,8 @@ def train_config(settings: wire.RoundSettings, rnd: int, plan=None):
 
 def local_data(device: Device, seed: int) -> tuple[list, list]:
     """(train, held-out): ``eval-data`` if the node has it, else 10% of ``data`` held out."""
-    from edge_client.data import load_examples
-    from edge_client.session import split_heldout
+    from fedge.edge_client.data import load_examples
+    from fedge.edge_client.session import split_heldout
 
     examples = load_examples(device.data)
     if device.eval_data:
@@ -167,19 +112,21 @@ def local_data(device: Device, seed: int) -> tuple[list, list]:
     return split_heldout(examples, 0.1, seed)
 
 
-def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays, rnd: int) -> tuple[Arrays, dict]:
+def do_train(
+    holder: ModelHolder, device: Device, settings: wire.RoundSettings, global_arrays: Arrays, rnd: int
+) -> tuple[Arrays, dict]:
     """Train the global adapter for the round on local data: (the reply's arrays, metrics).
 
-    With ``settings.deadline_s`` the device first plans the round (`edge_client.plan`) and re-plans from its
+    With ``settings.deadline_s`` the device first plans the round (`fedge.edge_client.plan`) and re-plans from its
     measured steps; with ``settings.codec`` it replies with its encoded change instead of the whole adapter.
     An emulated device (``device.profile``) runs at its speed, under its memory cap, behind its link.
-    Raises `edge_client.devices.EmulatedOutOfMemory` past an emulated memory cap, and `RoundDeclined` when
+    Raises `fedge.edge_client.devices.EmulatedOutOfMemory` past an emulated memory cap, and `RoundDeclined` when
     no plan fits the round.
     """
-    from edge_client.data import fingerprint
-    from edge_client.energy import EnergySession
-    from edge_client.session import epoch_maker
-    from edge_client.train import train
+    from fedge.edge_client.data import fingerprint
+    from fedge.edge_client.energy import EnergySession
+    from fedge.edge_client.session import epoch_maker
+    from fedge.edge_client.train import train
 
     clock = _DeviceClock(virtual=device.emulated_time == "virtual")
     started = clock()
@@ -193,10 +140,10 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
     if settings.plan:
         plan, budget = settings.pinned_plan(), None  # trained as pinned: no re-planning
     elif settings.deadline_s > 0:
-        plan, budget = _plan(device, settings, profile, _data_seq_len(device, settings, train_set, data_id))
+        plan, budget = _plan(device, settings, profile, _data_seq_len(holder, settings, train_set, data_id))
     else:
         plan, budget = None, None
-    session, model = open_adapter(device, settings, plan)
+    session, model = open_adapter(holder, settings, plan)
     start = _start_arrays(global_arrays, settings, get_adapter(model))
     set_adapter(model, start)
     load_seconds = clock() - started
@@ -236,7 +183,7 @@ def do_train(device: Device, settings: wire.RoundSettings, global_arrays: Arrays
     }
     _save_update(work, arrays, metrics)  # before replying: a lost reply costs a resend, not the training
     if feedback is not None:  # after the update: a crash in between loses a residual, never sends it twice
-        feedback.save(_residual_path(device, settings))
+        atomic_write_bytes(_residual_path(device, settings), feedback.to_bytes())
     _prune_work(work.parent)
     return arrays, {**metrics, wire.Metric.RESUMED: 0}
 
@@ -255,7 +202,7 @@ def _profile(device: Device):
     """The emulated device, with no more threads than this client was given (several share one machine)."""
     if not device.profile:
         return None
-    from edge_client.devices import load_profile
+    from fedge.edge_client.devices import load_profile
 
     profile = load_profile(device.profile)
     if device.threads > 0 and device.threads < profile.threads:
@@ -266,12 +213,12 @@ def _profile(device: Device):
 def _plan(device: Device, settings: wire.RoundSettings, profile, seq_len: int) -> tuple:
     """(plan, budget) for this round on this device, at most ``seq_len`` tokens a row; RoundDeclined if nothing
     fits."""
-    from edge_client.plan import RoundBudget, make_plan
+    from fedge.edge_client.plan import RoundBudget, make_plan
 
     if profile is not None:
         caps = profile.caps()
     else:
-        from edge_client.devices import this_machine
+        from fedge.edge_client.devices import this_machine
 
         caps = this_machine(device.name)
     budget = RoundBudget.from_round_settings(settings, settings.deadline_s, label_fraction=0.15)
@@ -282,34 +229,22 @@ def _plan(device: Device, settings: wire.RoundSettings, profile, seq_len: int) -
     return plan, budget
 
 
-def _data_seq_len(device: Device, settings: wire.RoundSettings, examples, data_id: str) -> int:
+def _data_seq_len(holder: ModelHolder, settings: wire.RoundSettings, examples, data_id: str) -> int:
     """The row length the round needs: the longest example in tokens (rounded up to 8), at most ``seq_len``.
 
     Batches are padded to their longest example, so rows of short data cost what they hold, not ``seq_len``:
     planning with the data's length keeps a slow device from cutting rows short (and answers off) to save
-    time it would not spend. Worked out once per ``data_id`` (the data's fingerprint): tokenizing all the data
-    every round would count against the round's deadline.
+    time it would not spend. Worked out once per ``data_id`` (the data's fingerprint) and kept in the holder:
+    tokenizing all the data every round would count against the round's deadline.
     """
-    from edge_client.session import encode_all
+    from fedge.edge_client.session import encode_all
 
-    key = (str(device.cache_dir), settings.model, settings.seq_len, data_id)
-    if key not in _SEQ_LENS:
-        tokenizer = _tokenizer(device.cache_dir, settings.model)
+    key = (settings.model, settings.seq_len, data_id)
+    if key not in holder.seq_lens:
+        tokenizer = holder.tokenizer(settings.model)
         longest = max((len(e.input_ids) for e in encode_all(tokenizer, examples, settings.seq_len)), default=1)
-        _SEQ_LENS[key] = min(settings.seq_len, -(-longest // 8) * 8)
-    return _SEQ_LENS[key]
-
-
-_SEQ_LENS: dict[tuple, int] = {}  # _data_seq_len's answers, by (cache, model, seq_len, data fingerprint)
-
-
-@functools.lru_cache(maxsize=4)
-def _tokenizer(cache_dir: Path, model: str):
-    from transformers import AutoTokenizer
-
-    from edge_client.models import pull_model
-
-    return AutoTokenizer.from_pretrained(pull_model(model, cache_dir))
+        holder.seq_lens[key] = min(settings.seq_len, -(-longest // 8) * 8)
+    return holder.seq_lens[key]
 
 
 class _DeviceClock:
@@ -336,7 +271,7 @@ class _DeviceClock:
 def _replanner(plan, budget, started: float, clock: _DeviceClock):
     if plan is None or budget is None:  # no plan, or a pinned one
         return None
-    from edge_client.plan import Replanner
+    from fedge.edge_client.plan import Replanner
 
     replanner = Replanner(plan, budget, started=started, clock=clock)
     replanner.start()
@@ -348,7 +283,7 @@ def _chain(*callbacks):
     present = [c for c in callbacks if c is not None]
     if not present:
         return None
-    from edge_client.devices import chain
+    from fedge.edge_client.devices import chain
 
     return chain(*present)
 
@@ -359,7 +294,7 @@ def _emulated(profile, clock: _DeviceClock):
     if profile is None:
         yield None
         return
-    from edge_client.devices import emulate
+    from fedge.edge_client.devices import emulate
 
     with emulate(profile, sleep=clock.sleep, rewind=clock.rewind if clock.virtual else None) as on_step:
         yield on_step
@@ -367,7 +302,7 @@ def _emulated(profile, clock: _DeviceClock):
 
 def _start_arrays(global_arrays: Arrays, settings: wire.RoundSettings, local: Arrays) -> Arrays:
     """The global adapter as this client trains it: cut to its rank and to the tensors its plan trains."""
-    from server.hetero import client_rank, for_client
+    from fedge.common.lora import client_rank, for_client
 
     rank = client_rank(local)
     cut = for_client(global_arrays, rank, settings.lora_alpha) if rank != client_rank(global_arrays) else global_arrays
@@ -386,10 +321,10 @@ def _reply_arrays(
 
     ``"auto"`` picks the least lossy codec whose upload fits the deadline's remaining time on the device's
     link (an emulated profile's; on a real device without a link model, int8); ``"auto:C"`` starts the search
-    at codec ``C`` of `quantization.codecs.LADDER`. The residual of lossy codecs
+    at codec ``C`` of `fedge.quantization.codecs.LADDER`. The residual of lossy codecs
     stays on the device (``state_dir/residual.npz``) and is added to the next round's change.
     """
-    from quantization.codecs import LADDER, ErrorFeedback, make_delta, pick_codec
+    from fedge.quantization.codecs import LADDER, ErrorFeedback, make_delta, pick_codec
 
     if not settings.codec and set(trained) == set(start) and _same_shapes(trained, start):
         return trained, "", None
@@ -420,15 +355,15 @@ def _same_shapes(a: Arrays, b: Arrays) -> bool:
     return all(a[k].shape == b[k].shape for k in a)
 
 
-def do_evaluate(device: Device, settings: wire.RoundSettings, global_arrays: Arrays) -> dict:
+def do_evaluate(holder: ModelHolder, device: Device, settings: wire.RoundSettings, global_arrays: Arrays) -> dict:
     """Held-out loss and exact match of the global adapter on this device's held-out examples."""
-    from edge_client.evaluate import evaluate
-    from edge_client.session import eval_batches
+    from fedge.edge_client.evaluate import evaluate
+    from fedge.edge_client.session import eval_batches
 
     _, heldout = local_data(device, settings.seed)
     heldout = heldout[:: max(1, len(heldout) // settings.eval_examples)][: settings.eval_examples]
     t0 = time.time()
-    session, model = open_adapter(device, settings)
+    session, model = open_adapter(holder, settings)
     set_adapter(model, global_arrays)
     load_seconds = time.time() - t0
     # An exact match cannot be longer than the longest reference, so generation stops there (plus EOS):
@@ -450,37 +385,6 @@ def do_evaluate(device: Device, settings: wire.RoundSettings, global_arrays: Arr
     if result.exact_match is not None:
         metrics[wire.Metric.EXACT_MATCH] = result.exact_match
     return metrics
-
-
-def initial_adapter(cache_dir: Path, settings: wire.RoundSettings) -> Arrays:
-    """The federation's starting adapter: LoRA A seeded, B zero, so round 0 is the base model.
-
-    Always drawn afresh: a model this process keeps may hold an adapter that trained or was set since.
-    """
-    if _LOADED:
-        _LOADED[0].lora_key = None  # open_adapter then replaces the kept LoRA layers with seeded ones
-    _, model = open_adapter(Device("server", "", None, Path("."), cache_dir, "fp32"), settings)
-    return get_adapter(model)
-
-
-def set_adapter(model, arrays: Arrays) -> None:
-    import torch
-    from peft import set_peft_model_state_dict
-
-    result = set_peft_model_state_dict(model, {k: torch.from_numpy(v) for k, v in arrays.items()})
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"the global adapter does not fit this model: missing {missing[:3]}, "
-            f"unexpected {list(result.unexpected_keys)[:3]}"
-        )
-
-
-def get_adapter(model) -> Arrays:
-    """The adapter's tensors as float32 numpy copies (never views of the live parameters, which train on)."""
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().float().cpu().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def _work_key(global_arrays: Arrays, settings: wire.RoundSettings, data_id: str) -> str:

@@ -47,6 +47,26 @@ def run_command(argv: Sequence[str]) -> str:
     return done.stdout
 
 
+def board_model(root: Path = Path("/")) -> str | None:
+    """The device-tree model (Raspberry Pi, Jetson, other ARM boards) or DMI vendor + product (x86)."""
+    for rel in ("proc/device-tree/model", "sys/firmware/devicetree/base/model"):
+        model = _text_or_none(root / rel)
+        if model:
+            return model
+    vendor, product = (
+        _text_or_none(root / "sys/class/dmi/id/sys_vendor"),
+        _text_or_none(root / "sys/class/dmi/id/product_name"),
+    )
+    return " ".join(p for p in (vendor, product) if p) or None
+
+
+def _text_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace").strip().strip("\x00").strip()
+    except OSError:
+        return None
+
+
 def _read(path: Path) -> str:
     return path.read_text().strip().strip("\x00")
 

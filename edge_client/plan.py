@@ -10,7 +10,7 @@ with the reason, and the client declines the round instead of running out of mem
 ``replan`` corrects the step count once the first steps have been timed; ``Replanner`` does that from the
 training loop's per-step callback and stops the loop when the corrected step count is reached.
 
-The cost models (`edge_client.costs`) and their constants (``HOST``) are calibrated on the real model on the
+The cost models (`fedge.edge_client.costs`) and their constants (``HOST``) are calibrated on the real model on the
 reference machine (2 vCPU x86 AVX-512 + AMX): see ``benchmarks/plan_calibration.py`` and benchmarks/README.md.
 """
 
@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from edge_client.costs import (
+from fedge.common.wire import TrainingPlan
+from fedge.edge_client.costs import (
     ALL_TARGETS,
     GIB,
     HOST,
@@ -34,6 +34,7 @@ from edge_client.costs import (
     HostCalibration,
     Knobs,
     ModelShape,
+    RoundBudget,
     activation_bytes,
     compute_dtype,
     lora_params,
@@ -127,133 +128,7 @@ class DeviceCaps:
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
-@dataclass
-class RoundBudget:
-    """The round's limits and the federation's fixed settings, as the server sends them.
-
-    Seconds and bytes. ``deadline_s`` covers the whole round on the device: fixed overhead, download of
-    the global adapter, training, upload of the update. ``label_fraction`` is the share of tokens that
-    carry a loss label (reply tokens; it sizes the LM-head work). ``bytes_per_value`` is what one adapter
-    value costs on the wire (4: fp32; less with an update codec).
-    """
-
-    deadline_s: float
-    steps: int = 15
-    batch: int = 8
-    seq_len: int = 256
-    r_max: int = 16
-    targets: tuple[str, ...] = ALL_TARGETS
-    memory_cap_bytes: int | None = None
-    upload_budget_bytes: int | None = None
-    label_fraction: float = 0.5
-    bytes_per_value: float = 4.0
-    time_margin: float = 0.15  # plan for deadline x (1 - margin)
-    memory_margin: float = 0.10  # plan for memory cap x (1 - margin)
-
-    def __post_init__(self) -> None:
-        self.targets = tuple(self.targets)
-        for name in ("steps", "batch", "seq_len", "r_max"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.deadline_s > 0:
-            raise ValueError(f"deadline_s must be > 0, got {self.deadline_s}")
-        if not self.targets:
-            raise ValueError("targets must name at least one module")
-        for name in ("time_margin", "memory_margin"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 0 < self.label_fraction <= 1:
-            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_round_settings(cls, settings: object, deadline_s: float, **limits: object) -> RoundBudget:
-        """From the federation's `edge_client.wire.RoundSettings` (steps, batch, seq_len, LoRA rank and targets)
-        plus the round's limits (``memory_cap_bytes``, ``upload_budget_bytes``, margins ...)."""
-        return cls(
-            deadline_s=deadline_s,
-            steps=settings.steps,
-            batch=settings.batch,
-            seq_len=settings.seq_len,
-            r_max=settings.lora_r,
-            targets=settings.targets,
-            **limits,
-        )
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RoundBudget:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown round budget field(s) {unknown}; expected some of {sorted(names)}")
-        return cls(**data)
-
-
 # --- the plan ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingPlan:
-    """How to train this round, with the predictions and the reason for each choice. JSON-able.
-
-    ``top_layers`` is the number of last decoder layers that train (None: all). Seconds and bytes.
-    ``calibration`` is measured / predicted step time (1.0 until `replan` has measured steps).
-
-    In a federation the adapter's tensors are fixed (rank r_max on every layer): a plan with fewer layers or a
-    lower rank trains a part of them (the top layers; the first ``lora_r`` rows of A / columns of B) and leaves
-    the rest at the global values. The cost models count LoRA state and upload for the trained part only;
-    wrapping the full adapter and freezing the rest adds ~20 MB (SmolLM2, r=16, 7 targets) and few FLOPs.
-    """
-
-    feasible: bool
-    precision: str
-    compute_dtype: str
-    lora_r: int
-    targets: tuple[str, ...]
-    top_layers: int | None
-    seq_len: int
-    micro_batch: int
-    grad_accum: int
-    gradient_checkpointing: bool
-    loss_chunk: int
-    steps: int
-    requested_steps: int
-    predicted_step_s: float
-    predicted_s: float
-    predicted_peak_bytes: int
-    predicted_upload_bytes: int
-    predicted_upload_s: float
-    calibration: float = 1.0
-    reasons: dict[str, str] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainingPlan:
-        data = dict(data)
-        data["targets"] = tuple(data["targets"])
-        return cls(**data)
-
-    def train_overrides(self) -> dict:
-        """TrainConfig fields this plan sets (apply with ``dataclasses.replace``; LoRA fields: `lora_overrides`)."""
-        return {
-            "steps": self.steps,
-            "micro_batch": self.micro_batch,
-            "grad_accum": self.grad_accum,
-            "seq_len": self.seq_len,
-            "gradient_checkpointing": self.gradient_checkpointing,
-            "loss_chunk": self.loss_chunk,
-        }
-
-    def lora_overrides(self) -> dict:
-        """LoraSettings fields this plan sets."""
-        return {"r": self.lora_r, "target_modules": self.targets, "top_layers": self.top_layers}
 
 
 @dataclass(frozen=True)

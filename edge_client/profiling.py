@@ -15,12 +15,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from fedge.common.errors import FedgeError
+from fedge.edge_client import energy, inventory
+from fedge.edge_client.inventory import Missing
 
-from edge_client import energy, inventory
-from edge_client.errors import FedgeError
-from edge_client.inventory import Missing
+if TYPE_CHECKING:
+    import torch  # imported where it is used: `fedge --help` builds this module's options without torch
 
 Say = Callable[[str], None]
 
@@ -74,6 +76,8 @@ def matmul_gflops(dtype: torch.dtype, budget_s: float = 1.0, max_n: int = 2048) 
     A 512 probe sizes the matrix so one matmul takes about budget/20 (at most ``max_n``); then repetitions
     run until ``budget_s`` is spent. A dtype the CPU cannot multiply is a Missing with torch's error.
     """
+    import torch
+
     try:
         a, b = torch.randn(512, 512).to(dtype), torch.randn(512, 512).to(dtype)
         torch.mm(a, b)  # the first call starts thread pools and picks kernels: not timed
@@ -99,8 +103,9 @@ def matmul_gflops(dtype: torch.dtype, budget_s: float = 1.0, max_n: int = 2048) 
 
 def _train_config(plan: ProfilePlan, steps: int):
     """The rounds' training setup (LoRA shape, learning rate) on packed rows; no checkpoints."""
-    from edge_client.train import LoraSettings, TrainConfig
-    from edge_client.wire import RoundSettings
+    from fedge.common.modeling import LoraSettings
+    from fedge.common.wire import RoundSettings
+    from fedge.edge_client.train import TrainConfig
 
     rounds = RoundSettings()
     return TrainConfig(
@@ -136,10 +141,11 @@ def profile_training(
     Warm-up steps run first; the last one's time sizes the timed steps to what is left of ``budget_s``
     (at least one).
     """
-    from edge_client.data import load_examples
-    from edge_client.memory import peak_rss_mb, reset_peak_rss
-    from edge_client.session import epoch_maker
-    from edge_client.train import add_lora, train
+    from fedge.common.modeling import add_lora
+    from fedge.edge_client.data import load_examples
+    from fedge.edge_client.memory import peak_rss_mb, reset_peak_rss
+    from fedge.edge_client.session import epoch_maker
+    from fedge.edge_client.train import train
 
     cfg = _train_config(plan, plan.steps)
     make_epoch = epoch_maker(session.tokenizer, load_examples("demo:all"), cfg)
@@ -181,7 +187,6 @@ def profile_training(
     }
 
 
-@torch.no_grad()
 def profile_generation(
     model,
     tokenizer,
@@ -194,8 +199,8 @@ def profile_generation(
 
     A 4-token warm-up sizes the run to ``budget_s``: fewer repetitions, then fewer tokens (at least 8).
     """
-    from edge_client.data import load_examples, prompt_text
-    from edge_client.memory import peak_rss_mb, reset_peak_rss
+    from fedge.edge_client.data import load_examples, prompt_text
+    from fedge.edge_client.memory import peak_rss_mb, reset_peak_rss
 
     example = next(ex for ex in load_examples("demo:all:test") if ex.messages)
     enc = tokenizer(prompt_text(tokenizer, example.prompt), return_tensors="pt", add_special_tokens=False).to(device)
@@ -242,7 +247,7 @@ def _energy_figures(phase: energy.Phase, tokens: int) -> dict:
 
 def resolve_model(requested: str | None, cache_dir: Path) -> tuple[str | None, str | None]:
     """(model to profile, or None and why not). Without ``--model``: the default model if it is cached."""
-    from edge_client.models import DEFAULT_MODEL, list_models
+    from fedge.common.models import DEFAULT_MODEL, list_models
 
     if requested == "none":
         return None, "skipped (--model none)"
@@ -275,7 +280,9 @@ def run_profile(plan: ProfilePlan, cache_dir: Path, say: Say, plot: Path | None 
     Input mistakes (a model that does not exist, a plot path that cannot be written) raise FedgeError
     before anything is measured.
     """
-    from edge_client.models import pull_model
+    import torch
+
+    from fedge.common.models import pull_model
 
     check_plot_path(plot)
     model_name, no_model = resolve_model(plan.model, cache_dir)
@@ -310,7 +317,7 @@ def _profile_model(
     name: str, plan: ProfilePlan, cache_dir: Path, meter: energy.EnergySession, say: Say, deadline: float | None
 ) -> dict:
     """Load the model, then training and generation; what is left of the budget goes 2/3 to training."""
-    from edge_client.session import open_model
+    from fedge.common.modeling import open_model
 
     def left() -> float | None:
         return None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -360,7 +367,7 @@ def plot_timeline(result: energy.EnergyResult, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edge_client.fsutil import atomic_write_bytes
+    from fedge.common.fsutil import atomic_write_bytes
 
     rows = result.timeline
     t = [r["t_s"] for r in rows]

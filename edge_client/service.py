@@ -1,7 +1,7 @@
 """``fedge client start``: this device's SuperNode, running fedge's ClientApp on local data.
 
 The SuperNode keeps a connection to the server's SuperLink and retries with backoff (forever by default)
-when the server goes away; each message it receives runs the ClientApp (:mod:`edge_client.flower_client`)
+when the server goes away; each message it receives runs the ClientApp (:mod:`fedge.edge_client.flower_client`)
 with this device's settings, passed as the SuperNode's node config.
 """
 
@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_client import wire
-from edge_client.errors import FedgeError
-from edge_client.procs import flwr_env, free_port, parse_address
+from fedge.common import wire
+from fedge.common.errors import FedgeError
+from fedge.common.procs import flwr_env, free_port, parse_address
 
 
 @dataclass
@@ -30,8 +30,8 @@ class ClientOptions:
     root_certificates: Path | None = None  # the server's CA: TLS on; without it the link is plaintext
     auth_key: Path | None = None  # this SuperNode's private key (OpenSSH ECDSA) when the server authenticates nodes
     max_retries: int | None = None  # None: retry forever
-    warm_worker: bool = True  # keep the model loaded between rounds in a worker process (see edge_client.worker)
-    profile: str = ""  # an emulated device (edge_client.devices.load_profile spec); "": this machine as it is
+    warm_worker: bool = True  # keep the model loaded between rounds in a worker process (see fedge.edge_client.worker)
+    profile: str = ""  # an emulated device (fedge.edge_client.devices.load_profile spec); "": this machine as it is
     # How an emulated device's slowness and link time pass: "wall" (slept) or "virtual" (counted on the device's
     # clock, not slept; a busy host does not slow the device either). For one-machine demos and benchmarks.
     emulated_time: str = "wall"
@@ -40,9 +40,9 @@ class ClientOptions:
 def worker_command(opts: ClientOptions, state_dir: Path, port: int) -> list[str]:
     import sys
 
-    from edge_client.models import default_cache_dir
+    from fedge.common.models import default_cache_dir
 
-    cmd = [sys.executable, "-m", "edge_client.worker", "--state", str(state_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "fedge.edge_client.worker", "--state", str(state_dir), "--port", str(port),
            "--cache-dir", str((opts.cache_dir or default_cache_dir()).resolve()), "--precision", opts.precision,
            "--threads", str(opts.threads)]  # fmt: skip
     return cmd + (["--model", opts.model] if opts.model else [])
@@ -50,8 +50,8 @@ def worker_command(opts: ClientOptions, state_dir: Path, port: int) -> list[str]
 
 def supernode_command(opts: ClientOptions, worker_port: int = 0) -> tuple[list[str], dict[str, str]]:
     """Check the options and the data, and build the ``flower-supernode`` command and its environment."""
-    from edge_client.data import load_examples
-    from edge_client.models import default_cache_dir
+    from fedge.common.models import default_cache_dir
+    from fedge.edge_client.data import load_examples
 
     parse_address(opts.server, "--server")
     load_examples(opts.data)  # a bad data file fails here, with its line, not in round 1
@@ -73,7 +73,7 @@ def supernode_command(opts: ClientOptions, worker_port: int = 0) -> tuple[list[s
         wire.Node.THREADS: opts.threads,
         wire.Node.WORKER_PORT: worker_port,
     }
-    if profile:  # the ClientApp hands it to the warm worker with each round's work (edge_client.worker)
+    if profile:  # the ClientApp hands it to the warm worker with each round's work (fedge.edge_client.worker)
         node_config[wire.Node.PROFILE] = profile
         node_config[wire.Node.EMULATED_TIME] = opts.emulated_time
     if opts.eval_data:
@@ -112,7 +112,7 @@ def _profile_spec(spec: str) -> str:
     """
     if not spec:
         return ""
-    from edge_client.devices import load_profile
+    from fedge.edge_client.devices import load_profile
 
     load_profile(spec)
     path = Path(spec)
@@ -129,8 +129,8 @@ def start_client(opts: ClientOptions, say, log_path: Path | None = None) -> int:
     import signal
     import time
 
-    from edge_client.models import default_cache_dir, pull_model
-    from edge_client.procs import spawn, stop
+    from fedge.common.models import default_cache_dir, pull_model
+    from fedge.common.procs import spawn, stop
 
     worker_port = free_port() if opts.warm_worker else 0
     cmd, env = supernode_command(opts, worker_port)

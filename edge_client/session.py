@@ -1,73 +1,16 @@
-"""The library's front door: open a model for training, turn examples into epochs, train, evaluate, save.
+"""Examples into what training and evaluation consume: epochs of micro-batches, held-out batches, a held-out split.
 
-The CLI, the Flower client and the benchmarks all go through these functions, so a model is loaded,
-quantized and wrapped with LoRA the same way everywhere.
+The model itself is opened by `fedge.common.modeling` (``open_model``, ``ModelHolder``), the same way on every path.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-
-from edge_client.data import Batch, Encoded, Example, encode_all, packed_batches, padded_batches
-from edge_client.errors import FedgeError, ModelError
-from edge_client.models import model_info, pull_model
-from edge_client.train import TrainConfig
-
-
-@dataclass
-class ModelSession:
-    """A loaded base model (possibly quantized), its tokenizer, and where they came from."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    model_dir: Path
-    source: str
-    precision: str
-    device: torch.device
-
-    def describe(self) -> dict:
-        return {
-            **model_info(self.model_dir),
-            "source": self.source,
-            "precision": self.precision,
-            "device": str(self.device),
-        }
-
-
-def open_model(
-    source: str,
-    cache_dir: Path,
-    precision: str = "auto",
-    device: str = "auto",
-    say: Callable[[str], None] = lambda _: None,
-    compute_dtype: torch.dtype | None = None,
-) -> ModelSession:
-    """Pull (once) and load a base model with frozen, possibly quantized weights, and its tokenizer."""
-    from transformers import AutoTokenizer
-
-    from quantization.backends import BackendUnavailable, load_base_model, pick_device
-
-    model_dir = pull_model(source, cache_dir, say)
-    try:
-        dev = pick_device(device)
-    except ValueError as err:
-        raise FedgeError(f"--device {device}: {err}") from None
-    say(f"loading {source} ({precision}) on {dev}")
-    try:
-        loaded = load_base_model(model_dir, precision, dev, compute_dtype=compute_dtype)
-    except BackendUnavailable as err:
-        raise FedgeError(str(err)) from None
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{model_dir}: cannot load the model ({err})") from None
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return ModelSession(loaded.model, tokenizer, model_dir, source, loaded.precision, dev)
+from fedge.common.errors import FedgeError
+from fedge.edge_client.data import Batch, Encoded, Example, encode_all, packed_batches, padded_batches
+from fedge.edge_client.train import TrainConfig
 
 
 def epoch_maker(tokenizer, examples: Sequence[Example], cfg: TrainConfig) -> Callable[[int], list[Batch]]:

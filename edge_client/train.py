@@ -20,34 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from edge_client.data import IGNORE, Batch
-from edge_client.fsutil import atomic_write_bytes
-from edge_client.memory import peak_rss_mb
+from fedge.common.fsutil import atomic_write_bytes
+from fedge.common.modeling import LoraSettings
+from fedge.edge_client.data import IGNORE, Batch
+from fedge.edge_client.memory import peak_rss_mb
 
 STATE_FILE = "train-state.pt"
-
-
-@dataclass
-class LoraSettings:
-    """Which LoRA adapter to train. ``top_layers`` trains only the last N decoder layers (None: all)."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    top_layers: int | None = None
-    freeze_a: bool = False  # train B only; A stays at its seeded init (FFA-LoRA: makes FedAvg of adapters exact)
-
-    def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
-        if self.r < 1:
-            raise ValueError(f"lora.r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ValueError("lora.target_modules must name at least one module, e.g. q_proj")
-        if self.top_layers is not None and self.top_layers < 1:
-            raise ValueError(f"lora.top_layers must be >= 1 or None, got {self.top_layers}")
 
 
 @dataclass
@@ -113,37 +91,6 @@ class TrainResult:
         """Mean loss of the last 10% of steps (at least one): less noisy than the last step alone."""
         tail = self.losses[-max(1, len(self.losses) // 10) :]
         return sum(tail) / len(tail)
-
-
-def add_lora(model: torch.nn.Module, lora: LoraSettings, seed: int = 0) -> torch.nn.Module:
-    """Wrap a frozen base model with a fresh LoRA adapter (peft), adapter weights in fp32.
-
-    The adapter's random init (lora_A) is drawn from ``seed``, so the same seed gives the same run.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    layers = None
-    if lora.top_layers is not None:
-        n = model.config.num_hidden_layers
-        layers = list(range(max(0, n - lora.top_layers), n))
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        layers_to_transform=layers,
-        task_type="CAUSAL_LM",
-    )
-    torch.manual_seed(seed)
-    try:
-        peft_model = get_peft_model(model, config)
-    except ValueError as err:
-        raise ValueError(f"lora.target_modules {list(lora.target_modules)} do not fit this model: {err}") from None
-    if lora.freeze_a:
-        for name, param in peft_model.named_parameters():
-            if "lora_A" in name:
-                param.requires_grad_(False)
-    return peft_model
 
 
 def compile_available(device: torch.device) -> bool:

@@ -6,7 +6,7 @@ a short round). ``fedge client start`` therefore also starts this worker; the Cl
 (Flower and numpy) and hands the round's work to it over an authenticated loopback connection. If the
 worker is not there, the ClientApp does the work itself, so a round never depends on it.
 
-    python -m edge_client.worker --state DIR --port N [--model M] [--precision P] [--threads T]
+    python -m fedge.edge_client.worker --state DIR --port N [--model M] [--precision P] [--threads T]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
-from edge_client import wire
+from fedge.common import wire
 
 KEY_FILE = "worker.key"
 log = logging.getLogger("fedge.worker")
@@ -30,7 +30,7 @@ def auth_key(state_dir: Path) -> bytes:
     """The worker's shared secret (created once, readable by this user only)."""
     path = state_dir / KEY_FILE
     if not path.is_file():
-        from edge_client.fsutil import atomic_write_bytes
+        from fedge.common.fsutil import atomic_write_bytes
 
         state_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, secrets.token_hex(32).encode())
@@ -71,14 +71,14 @@ def _node_dict(device) -> dict:
 
 def serve(state_dir: Path, port: int, model: str | None, precision: str, threads: int, cache_dir: Path) -> None:
     """Answer work requests one at a time, forever; the model loads once, up front when ``model`` is given."""
-    from edge_client import local_work
+    from fedge.common.modeling import ModelHolder
 
     listener = Listener(("127.0.0.1", port), authkey=auth_key(state_dir))
     log.info("worker listening on 127.0.0.1:%d", port)
+    holder = ModelHolder(cache_dir, precision, threads)  # the model this worker keeps between rounds
     if model:
         t0 = time.time()
-        device = local_work.Device("worker", "", None, state_dir, cache_dir, precision, threads)
-        local_work.load_base(device, model)
+        holder.base(model)
         log.info("%s loaded in %.1f s", model, time.time() - t0)
     while True:
         try:
@@ -88,21 +88,21 @@ def serve(state_dir: Path, port: int, model: str | None, precision: str, threads
         with conn:
             try:
                 request = conn.recv()
-                conn.send(_handle(request))
+                conn.send(_handle(holder, request))
             except (EOFError, OSError):
                 continue  # the ClientApp went away mid-request (its process was killed)
 
 
-def _handle(request: dict) -> dict:
-    from edge_client import local_work
+def _handle(holder, request: dict) -> dict:
+    from fedge.edge_client import local_work
 
     try:
         device = local_work.Device.from_node_config(request["node"])
         settings = wire.RoundSettings.from_config(request["config"])
         if request["kind"] == "train":
-            arrays, metrics = local_work.do_train(device, settings, request["arrays"], request["round"])
+            arrays, metrics = local_work.do_train(holder, device, settings, request["arrays"], request["round"])
             return {"arrays": arrays, "metrics": metrics}
-        return {"arrays": {}, "metrics": local_work.do_evaluate(device, settings, request["arrays"])}
+        return {"arrays": {}, "metrics": local_work.do_evaluate(holder, device, settings, request["arrays"])}
     except Exception:  # noqa: BLE001 (sent back to the ClientApp, which reports it to the server)
         return {"error": traceback.format_exc(limit=8)}
 

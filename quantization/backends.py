@@ -2,7 +2,7 @@
 
 Precisions (`PRECISIONS`):
   fp32, bf16, fp16   plain weights in that dtype.
-  int8, int4         the portable torch-only path (`quantization.portable`): runs wherever torch runs.
+  int8, int4         the portable torch-only path (`fedge.quantization.portable`): runs wherever torch runs.
   bnb-int8, bnb-nf4  bitsandbytes (`pip install 'fedge[bnb]'`); may be missing or broken on ARM boards.
   auto               bf16 where bf16 matmuls are fast (see `compute_dtype_for`), else fp32.
 
@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from quantization.portable import quantize_linears_
+from fedge.quantization import PRECISIONS
+from fedge.quantization.portable import quantize_linears_
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -43,7 +44,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8", "int4", "bnb-int8", "bnb-nf4")
+
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _BNB_INSTALL_HINT = "install it with `pip install 'fedge[bnb]'`, or use the portable precision 'int4' or 'int8'"
 

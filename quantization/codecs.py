@@ -280,17 +280,15 @@ class ErrorFeedback:
         """L2 norm of the residual over all tensors."""
         return float(np.sqrt(sum(float(np.sum(r.astype(np.float64) ** 2)) for r in self.residual.values())))
 
-    def save(self, path: Path) -> None:
-        """Write the residual (and the codec spec) to ``path`` (.npz) atomically: a crash leaves old or new."""
-        from edge_client.fsutil import atomic_write_bytes
-
+    def to_bytes(self) -> bytes:
+        """The residual and the codec spec as .npz bytes, for :meth:`load` (write them atomically)."""
         buf = io.BytesIO()
         np.savez(buf, **{f"r/{k}": v for k, v in self.residual.items()}, codec=np.array(self.codec.spec))
-        atomic_write_bytes(Path(path), buf.getvalue())
+        return buf.getvalue()
 
     @classmethod
     def load(cls, path: Path, codec: str | Codec | None = None) -> ErrorFeedback:
-        """Read a residual saved by :meth:`save`; ``codec`` overrides the saved spec (the residual stays valid).
+        """Read a residual written from :meth:`to_bytes`; ``codec`` overrides the saved spec (the residual stays valid).
 
         A missing file gives an empty residual; an unreadable one raises ValueError naming the file.
         """

@@ -13,9 +13,9 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from edge_client import wire
-from server.state import ServerState
-from server.strategy import FedgeAvg, RoundPolicy
+from fedge.common import wire
+from fedge.server.state import ServerState
+from fedge.server.strategy import FedgeAvg, RoundPolicy
 
 app = ServerApp()
 log = logging.getLogger("fedge.server")
@@ -23,7 +23,7 @@ FINAL_ADAPTER = "final-adapter"
 
 
 class RunKeys:
-    """Run-config keys (beyond :class:`edge_client.wire.RoundSettings`'s, which travel unchanged)."""
+    """Run-config keys (beyond :class:`fedge.common.wire.RoundSettings`'s, which travel unchanged)."""
 
     ROUNDS = "num-server-rounds"
     STATE_DIR = "state-dir"
@@ -70,18 +70,19 @@ def run_federation(grid: Grid, cfg) -> None:
 
 
 def _initial_adapter(settings: wire.RoundSettings, cfg) -> dict:
-    from edge_client.local_work import initial_adapter
+    from fedge.common.modeling import ModelHolder
 
-    return initial_adapter(Path(str(cfg[RunKeys.CACHE_DIR])), settings)
+    holder = ModelHolder(Path(str(cfg[RunKeys.CACHE_DIR])), precision="fp32")
+    return holder.initial_adapter(settings.model, settings.lora(), settings.seed)
 
 
 def _write_final_adapter(state: ServerState, settings: wire.RoundSettings, cfg, out: Path) -> None:
     """The global adapter as a PEFT directory (loadable by ``fedge eval --adapter``), with its round records."""
-    from edge_client import adapters
-    from edge_client.local_work import Device, open_adapter, set_adapter
+    from fedge.common import adapters
+    from fedge.common.modeling import ModelHolder, set_adapter
 
-    device = Device("server", "", None, Path("."), Path(str(cfg[RunKeys.CACHE_DIR])), "fp32")
-    session, model = open_adapter(device, settings)
+    holder = ModelHolder(Path(str(cfg[RunKeys.CACHE_DIR])), precision="fp32")
+    session, model = holder.adapter(settings.model, settings.lora(), settings.seed)
     set_adapter(model, state.arrays)
     meta = {
         "model": session.describe(),

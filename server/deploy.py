@@ -1,7 +1,7 @@
 """``fedge server start``: a SuperLink plus one federation run on it, resumable from its state directory.
 
 fedge writes a small Flower app (a ``pyproject.toml`` whose components point at the installed
-``server.app`` and ``edge_client.flower_client``, and whose run config holds this federation's settings)
+``fedge.server.app`` and ``fedge.edge_client.flower_client``, and whose run config holds this federation's settings)
 into ``STATE/flwr/fedge-app``, starts ``flower-superlink`` and submits the app with ``flwr run``. Flower
 does the rest: the ServerApp runs under the SuperLink, and each SuperNode runs the ClientApp per message.
 Started again on the same ``--state`` after a crash, it resumes after the last completed round.
@@ -15,12 +15,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from edge_client import wire
-from edge_client.errors import FedgeError
-from edge_client.procs import flwr_env, parse_address, spawn, stop, tail, wait_for_port
-from server.app import FINAL_ADAPTER, RunKeys
-from server.state import ServerState, StateError
-from server.strategy import stage_deadline
+from fedge.common import wire
+from fedge.common.errors import FedgeError
+from fedge.common.procs import flwr_env, parse_address, spawn, stop, tail, wait_for_port
+from fedge.server.app import FINAL_ADAPTER, RunKeys
+from fedge.server.state import ServerState, StateError
+from fedge.server.strategy import stage_deadline
 
 APP_NAME = "fedge-federation"
 CONNECTION = "fedge"
@@ -46,14 +46,16 @@ class ServerOptions:
     address: str = "0.0.0.0:9092"
     rounds: int = 3
     min_clients: int = 2
-    stage_deadline_s: float | None = None  # None: the round deadline plus Flower's overhead (server.strategy)
+    stage_deadline_s: float | None = None  # None: the round deadline plus Flower's overhead (fedge.server.strategy)
     norm_factor: float = 10.0
     server_lr: float = 1.0
     cache_dir: Path | None = None
     settings: wire.RoundSettings = field(default_factory=wire.RoundSettings)
     tls: Tls | None = None
     auth_keys: list[Path] = field(default_factory=list)  # SuperNode public keys (OpenSSH format)
-    clientapp: str = "edge_client.flower_client:app"  # MODULE:ATTR, e.g. fedge's ClientApp wrapped in your own mods
+    clientapp: str = (
+        "fedge.edge_client.flower_client:app"  # MODULE:ATTR, e.g. fedge's ClientApp wrapped in your own mods
+    )
 
 
 def start_server(opts: ServerOptions, console: Console) -> int:
@@ -120,8 +122,8 @@ def _write_app(home: Path, state_dir: Path, opts: ServerOptions) -> Path:
     """The Flower app directory submitted by ``flwr run``; its run config carries every setting."""
     import tomli_w
 
-    from edge_client.fsutil import atomic_write_text
-    from edge_client.models import default_cache_dir
+    from fedge.common.fsutil import atomic_write_text
+    from fedge.common.models import default_cache_dir
 
     run_config = {
         **opts.settings.to_config(),
@@ -141,7 +143,7 @@ def _write_app(home: Path, state_dir: Path, opts: ServerOptions) -> Path:
             "flwr": {
                 "app": {
                     "publisher": "fedge",
-                    "components": {"serverapp": "server.app:app", "clientapp": opts.clientapp},
+                    "components": {"serverapp": "fedge.server.app:app", "clientapp": opts.clientapp},
                     "config": run_config,
                 }
             },
@@ -157,7 +159,7 @@ def _write_connection(home: Path, port: int, tls: Tls | None) -> None:
     """FLWR_HOME/config.toml: how ``flwr run`` reaches this SuperLink's Control API (same port, loopback)."""
     import tomli_w
 
-    from edge_client.fsutil import atomic_write_text
+    from fedge.common.fsutil import atomic_write_text
 
     conn: dict = {"address": f"127.0.0.1:{port}"}
     if tls:
@@ -181,7 +183,7 @@ def _register_node_key(key: Path, env: dict, log_path: Path) -> None:
 
 def _follow(runner, superlink, state_dir: Path, rounds: int, console: Console, logs: Path) -> None:
     """Print each round as its record lands, until the run process ends."""
-    from server.report import new_records, round_header, round_line
+    from fedge.server.report import new_records, round_header, round_line
 
     shown: set[int] = set()
     if done := new_records(state_dir, shown):

@@ -26,29 +26,26 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from fedge.common.lora import (
+    A_SUFFIX as _A,
+)
+from fedge.common.lora import (
+    B_SUFFIX as _B,
+)
+from fedge.common.lora import (
+    METHODS,
+    check_method,
+    client_rank,
+    factor,
+    for_client,
+    lora_modules,
+    lora_scale,
+    svd_form,
+)
+
 Arrays = dict[str, np.ndarray]
-METHODS = ("zero-pad", "svd")
-_A, _B = ".lora_A.weight", ".lora_B.weight"
-
-
-def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
-    """PEFT's scaling of ``B @ A``: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
-    return alpha / math.sqrt(r) if rslora else alpha / r
-
-
-def lora_modules(arrays: Mapping[str, np.ndarray]) -> list[str]:
-    """The LoRA module prefixes in ``arrays`` (a key ``M.lora_A.weight`` or ``M.lora_B.weight`` gives ``M``)."""
-    mods = {k[: -len(_A)] for k in arrays if k.endswith(_A)} | {k[: -len(_B)] for k in arrays if k.endswith(_B)}
-    return sorted(mods)
-
-
-def client_rank(arrays: Mapping[str, np.ndarray]) -> int:
-    """The LoRA rank of an adapter (A's rows, B's columns); ValueError if its modules disagree or it has none."""
-    ranks = {a.shape[0] for k, a in arrays.items() if k.endswith(_A)}
-    ranks |= {a.shape[1] for k, a in arrays.items() if k.endswith(_B)}
-    if len(ranks) != 1:
-        raise ValueError(f"adapter has LoRA ranks {sorted(ranks)}: expected exactly one")
-    return ranks.pop()
+__all__ = ["METHODS", "aggregate", "client_rank", "fednova", "fednova_coefficients", "for_client", "from_reply",
+           "lora_modules", "lora_scale", "svd_form"]  # fmt: skip
 
 
 def fednova_coefficients(weights: Sequence[float], steps: Sequence[int]) -> list[float]:
@@ -80,32 +77,6 @@ def fednova(deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
     }
 
 
-def for_client(
-    global_arrays: Mapping[str, np.ndarray], rank: int, alpha: float, method: str = "zero-pad", rslora: bool = False
-) -> Arrays:
-    """The global adapter (rank r_max) cut to a client's ``rank``, in the client's scale ``s(rank)``.
-
-    ``"zero-pad"``: the first ``rank`` columns of B / rows of A. ``"svd"``: the best rank-``rank`` approximation of
-    each module's product (Eckart-Young). That is a slice too when the module is already in the balanced SVD form
-    that ``aggregate(method="svd")`` returns (checked on r x r Gram matrices), or when its product is zero (round 0:
-    B = 0, so the client keeps the shared A of the seeded init); otherwise it costs two QRs per module.
-    """
-    _check_method(method)
-    out = {k: np.array(v, copy=True) for k, v in global_arrays.items() if not k.endswith((_A, _B))}
-    for mod in lora_modules(global_arrays):
-        a, b = global_arrays[mod + _A], global_arrays[mod + _B]  # (r_max, in), (out, r_max)
-        r_max = a.shape[0]
-        if not 1 <= rank <= r_max:
-            raise ValueError(f"{mod}: client rank {rank} outside 1..{r_max}")
-        s_max, s_r = lora_scale(alpha, r_max, rslora), lora_scale(alpha, rank, rslora)
-        if method == "svd" and rank < r_max and np.any(b) and not _svd_form(a, b):
-            b_r, a_r = _factor([b * s_max], [a], rank, s_r, fill=a)
-        else:
-            b_r, a_r = b[:, :rank] * (s_max / s_r), a[:rank]
-        out[mod + _A], out[mod + _B] = a_r.astype(a.dtype), b_r.astype(b.dtype)
-    return out
-
-
 def aggregate(
     global_arrays: Mapping[str, np.ndarray],
     clients: Sequence[Mapping[str, np.ndarray]],
@@ -125,7 +96,7 @@ def aggregate(
     ``steps``). Tensors nobody sent keep their global value. ValueError naming the client and tensor for unknown
     tensors, ranks above r_max and shape mismatches.
     """
-    _check_method(method)
+    check_method(method)
     if len(clients) != len(weights) or (steps is not None and len(steps) != len(clients)):
         raise ValueError(f"{len(clients)} clients, {len(weights)} weights, {len(steps or clients)} step counts")
     ranks = [_validate(global_arrays, c, i) for i, c in enumerate(clients)]
@@ -154,11 +125,6 @@ def aggregate(
 
 
 # --- internals ------------------------------------------------------------------------------------------------
-
-
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown heterogeneous aggregation method {method!r}; known: {', '.join(METHODS)}")
 
 
 def _coefficients(senders: list[int], weights: Sequence[float], steps: Sequence[int] | None) -> list[float]:
@@ -197,17 +163,6 @@ def _validate(global_arrays: Mapping[str, np.ndarray], client: Mapping[str, np.n
     return rank
 
 
-def _svd_form(a: np.ndarray, b: np.ndarray, tol: float = 1e-5) -> bool:
-    """Whether ``B @ A`` is factored as ``U sqrt(S), sqrt(S) V^T`` (S descending): then slicing is SVD truncation."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    g_a, g_b = a @ a.T, b.T @ b  # (r, r): both diag(S) / scale in that form
-    d = np.diag(g_b)
-    scale = max(float(d.max(initial=0.0)), 1e-30)
-    off = np.abs(g_b - np.diag(d)).max(initial=0.0) + np.abs(g_a - np.diag(np.diag(g_a))).max(initial=0.0)
-    balanced = np.abs(np.diag(g_a) - d).max(initial=0.0)
-    return bool(off <= tol * scale and balanced <= tol * scale and np.all(np.diff(d) <= tol * scale))
-
-
 def _client_factors(client: Mapping, start: Mapping, mod: str) -> tuple[np.ndarray, np.ndarray]:
     """(A, B) the client ended with: what it sent, else what it started from (frozen A)."""
     return np.asarray(client.get(mod + _A, start[mod + _A])), np.asarray(client.get(mod + _B, start[mod + _B]))
@@ -234,30 +189,7 @@ def _merge_svd(global_arrays, mod, clients, starts, ranks, coef, alpha, server_l
         s = server_lr * c * lora_scale(alpha, r, rslora)
         lefts += [s * b, -s * start[mod + _B]]
         rights += [a, start[mod + _A]]
-    return _factor(lefts, rights, r_max, lora_scale(alpha, r_max, rslora), fill=a_g)[::-1]
-
-
-def _factor(lefts: list, rights: list, r: int, scale: float, fill: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(B (out, r), A (r, in)) with ``scale * B @ A`` the best rank-r approximation of ``sum_k L_k @ R_k``.
-
-    Two QRs and an SVD of a K x K matrix (K = total inner dimension), never the dense (out, in) product. If the
-    product's rank is below r, the spare rows of A come from ``fill`` (their B columns are zero, so the product
-    is unchanged, and a client training only B still has live directions).
-    """
-    left = np.hstack([np.asarray(x, np.float64) for x in lefts])  # (out, K)
-    right = np.vstack([np.asarray(x, np.float64) for x in rights])  # (K, in)
-    q_l, r_l = np.linalg.qr(left)  # (out, k1), (k1, K)
-    q_r, r_r = np.linalg.qr(right.T)  # (in, k2), (k2, K)
-    u, s, vt = np.linalg.svd(r_l @ r_r.T)  # (k1, k1), (min,), (k2, k2)
-    keep = min(r, s.size)
-    root = np.sqrt(s[:keep] / scale)
-    b = np.zeros((left.shape[0], r))
-    a = np.array(fill[:r], dtype=np.float64, copy=True)  # (r, in)
-    b[:, :keep] = (q_l @ u[:, :keep]) * root  # (out, keep)
-    a[:keep] = root[:, None] * (vt[:keep] @ q_r.T)  # (keep, in)
-    live = int(np.count_nonzero(s[:keep] > (s[0] * 1e-10 if s.size else 0.0)))
-    a[live:keep], b[:, live:keep] = fill[live:keep], 0.0  # numerically-zero directions: keep the old A rows
-    return b, a
+    return factor(lefts, rights, r_max, lora_scale(alpha, r_max, rslora), fill=a_g)[::-1]
 
 
 def from_reply(arrays: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray], alpha: float) -> tuple:
@@ -267,11 +199,11 @@ def from_reply(arrays: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.
     a few layers) and clients that train all of it are comparable for the norm-outlier check.
 
     A reply is either the whole adapter at the global's shapes (fp32) or an encoded change
-    (`quantization.codecs`) of the tensors the client trained, at its rank, relative to
+    (`fedge.quantization.codecs`) of the tensors the client trained, at its rank, relative to
     ``for_client(global, rank, alpha)``. Checks names, shapes and finite values.
     """
-    from quantization.codecs import HEADER_KEY, Encoded, decode
-    from server.aggregate import check_update, delta_norm
+    from fedge.quantization.codecs import HEADER_KEY, Encoded, decode
+    from fedge.server.aggregate import check_update, delta_norm
 
     if HEADER_KEY not in arrays:
         reason = check_update(dict(arrays), dict(global_arrays))

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from edge_client.fsutil import atomic_write_text
+from fedge.common.fsutil import atomic_write_text
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _COLUMNS = (
     ("round", 6),
@@ -99,11 +103,28 @@ def _last_line(text, width: int = 100) -> str:
 
 def new_records(state_dir: Path, shown: set[int]) -> list[dict]:
     """Round records in ``state_dir`` whose round is not in ``shown`` yet; their rounds are added to it."""
-    from server.state import read_records
+    from fedge.server.state import read_records
 
     fresh = [r for r in read_records(state_dir) if r["round"] not in shown]
     shown.update(r["round"] for r in fresh)
     return fresh
+
+
+def watch_records(finished, state_dir: Path, rounds: int, console: Console) -> None:
+    """Print each round record as it lands, until ``finished()``."""
+    import time
+
+    shown: set[int] = set()
+    console.print(round_header(), highlight=False, soft_wrap=True)
+    with console.status("round 0: every client evaluates the base model") as status:
+        while True:
+            done = finished()
+            for record in new_records(state_dir, shown):
+                console.print(round_line(record, rounds), highlight=False, soft_wrap=True)
+                status.update(f"round {record['round'] + 1}: clients train, then evaluate the new global adapter")
+            if done:
+                return
+            time.sleep(1.0)
 
 
 def build_report(records: list[dict], meta: dict) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.fsutil import atomic_write_bytes, atomic_write_text
+from fedge.common.fsutil import atomic_write_bytes, atomic_write_text
 
 STATE_FILE = "state.json"
 RECORDS_JSON = "rounds.json"

@@ -3,7 +3,7 @@
 Flower's ``FedAvg`` samples clients and builds the messages; this subclass changes what Flower does not
 have: every update is checked before it is averaged (names, shapes, dtypes, finite values, norm against the
 cohort), a round closes at its deadline with whoever replied, and the loop starts from a saved
-:class:`~server.state.ServerState` and saves one after every round.
+:class:`~fedge.server.state.ServerState` and saves one after every round.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from edge_client import wire
-from server import aggregate, hetero
-from server.state import ServerState
+from fedge.common import wire
+from fedge.server import aggregate, hetero
+from fedge.server.state import ServerState
 
 log = logging.getLogger("fedge.server")
 

@@ -18,7 +18,7 @@ def _name(cn: str) -> x509.Name:
 
 def make_tls(out: Path) -> tuple[Path, Path, Path]:
     """(ca.crt, server.pem, server.key): a CA and a server certificate for 127.0.0.1 and localhost."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder()

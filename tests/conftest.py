@@ -23,7 +23,7 @@ def build_tiny_model_dir(path: Path, layers: int = 2, hidden: int = 64) -> Path:
     from tokenizers import decoders as tk_decoders
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from edge_client import demo_data
+    from fedge.edge_client import demo_data
 
     corpus = [
         f"{r['instruction']}\n\n{r['input']} {r['output']}" for d in demo_data.DOMAINS for r in demo_data.generate(d)
@@ -67,13 +67,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_session(tiny_model_dir, tmp_path_factory):
     """A ModelSession on the tiny model, fp32 on CPU. Tests must not keep LoRA wrappers on it: use a fresh one."""
-    from edge_client.session import open_model
+    from fedge.common.modeling import open_model
 
     return open_model(str(tiny_model_dir), tmp_path_factory.mktemp("cache"), precision="fp32", device="cpu")
 
 
 @pytest.fixture()
 def fresh_session(tiny_model_dir, tmp_path):
-    from edge_client.session import open_model
+    from fedge.common.modeling import open_model
 
     return open_model(str(tiny_model_dir), tmp_path / "cache", precision="fp32", device="cpu")

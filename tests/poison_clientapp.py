@@ -10,8 +10,8 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from edge_client import wire
-from edge_client.flower_client import evaluate_round, train_round
+from fedge.common import wire
+from fedge.edge_client.flower_client import evaluate_round, train_round
 
 
 def poison(msg: Message, context: Context, call_next) -> Message:

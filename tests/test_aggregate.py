@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from server import aggregate
+from fedge.server import aggregate
 
 
 def _ref() -> dict[str, np.ndarray]:
@@ -66,7 +66,9 @@ def test_delta_norm():
 
 
 def test_server_imports_without_torch():
-    code = "import sys, server.aggregate, server.state, server.strategy, server.report; print('torch' in sys.modules)"
+    names = ("aggregate", "app", "deploy", "hetero", "report", "state", "strategy")
+    modules = ", ".join(f"fedge.server.{m}" for m in names)
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

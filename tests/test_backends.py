@@ -1,4 +1,4 @@
-"""Unit tests for quantization.backends: hardware probes, precision resolution, loading per precision."""
+"""Unit tests for fedge.quantization.backends: hardware probes, precision resolution, loading per precision."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from quantization import backends
-from quantization.backends import (
+from fedge.quantization import backends
+from fedge.quantization.backends import (
     PRECISIONS,
     BackendUnavailable,
     compute_dtype_for,
@@ -19,7 +19,7 @@ from quantization.backends import (
     pick_device,
     resolve_precision,
 )
-from quantization.portable import Int4Linear, Int8Linear
+from fedge.quantization.portable import Int4Linear, Int8Linear
 
 CPU = torch.device("cpu")
 
@@ -131,7 +131,7 @@ def test_resolve_bnb_without_working_bitsandbytes_says_what_to_do(
 
 # --- load_base_model ------------------------------------------------------------------------------
 
-_BNB_REASON = "bitsandbytes does not work on this machine (see quantization.backends.is_bitsandbytes_available)"
+_BNB_REASON = "bitsandbytes does not work on this machine (see fedge.quantization.backends.is_bitsandbytes_available)"
 _needs_bnb = pytest.mark.skipif(not is_bitsandbytes_available(), reason=_BNB_REASON)
 
 

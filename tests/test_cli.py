@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from edge_client.adapters import META_FILE, read_meta
-from edge_client.cli import main
+from fedge.cli import main
+from fedge.common.adapters import META_FILE, read_meta
 
 
 def _jsonl(path, records):
@@ -19,7 +19,7 @@ def _jsonl(path, records):
 
 @pytest.fixture()
 def user_data(tmp_path):
-    from edge_client.demo_data import generate
+    from fedge.edge_client.demo_data import generate
 
     return _jsonl(tmp_path / "my.jsonl", generate("finance", "train", n=120))
 
@@ -156,11 +156,31 @@ def test_eval_rejects_a_directory_that_is_not_an_adapter(tmp_path, user_data, ca
 
 def test_console_script_runs_without_traceback(tmp_path):
     done = subprocess.run(
-        [sys.executable, "-m", "edge_client.cli", "train", "--data", str(tmp_path / "x.jsonl")],
+        [sys.executable, "-m", "fedge", "train", "--data", str(tmp_path / "x.jsonl")],
         capture_output=True,
         text=True,
     )
     assert done.returncode == 2 and "no such file" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["client", "start", "--help"], ["server", "start", "--help"], ["--version"]]
+)
+def test_help_and_version_do_not_import_torch(argv):
+    # `fedge --help` on a Raspberry Pi should answer at once: torch alone takes seconds to import there.
+    code = (
+        f"import sys\nfrom fedge.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'flwr') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_version_is_the_packages():
+    import fedge
+
+    done = subprocess.run([sys.executable, "-m", "fedge", "--version"], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == f"fedge {fedge.__version__}" and fedge.__version__.count(".") == 2
 
 
 def test_meta_file_name_is_stable():
@@ -198,10 +218,10 @@ def test_device_and_round_options_are_checked_up_front(argv, expected, tmp_path,
 
 
 def test_demo_with_devices_becomes_adaptive_unless_told_otherwise(monkeypatch, tmp_path):
-    import edge_client.demo
+    import fedge.demo
 
     seen = []
-    monkeypatch.setattr(edge_client.demo, "run_demo", lambda opts, console: seen.append(opts) or 0)
+    monkeypatch.setattr(fedge.demo, "run_demo", lambda opts, console: seen.append(opts) or 0)
     assert main(["demo", "--devices", "pi4-2gb,laptop", "--devices", "base=pi5-8gb,slowdown=2"]) == 0
     assert seen[-1].devices == ["pi4-2gb", "laptop", "base=pi5-8gb,slowdown=2"] and seen[-1].clients == 3
     assert seen[-1].settings.deadline_s == 240 and seen[-1].settings.codec == "auto"
@@ -214,8 +234,8 @@ def test_demo_with_devices_becomes_adaptive_unless_told_otherwise(monkeypatch, t
 def test_device_profile_reaches_the_supernodes_node_config(tmp_path):
     from flwr.common.config import parse_config_args
 
-    from edge_client import wire
-    from edge_client.service import ClientOptions, supernode_command
+    from fedge.common import wire
+    from fedge.edge_client.service import ClientOptions, supernode_command
 
     opts = ClientOptions("127.0.0.1:9092", "demo:iot", state_dir=tmp_path, profile="base=pi5-8gb,slowdown=2")
     cmd, _ = supernode_command(opts, worker_port=1234)
@@ -232,10 +252,10 @@ def test_device_profile_reaches_the_supernodes_node_config(tmp_path):
 def test_stage_deadline_follows_the_round_deadline(tmp_path):
     import tomllib
 
-    from edge_client.wire import RoundSettings
-    from server.app import RunKeys
-    from server.deploy import ServerOptions, _write_app
-    from server.strategy import DEFAULT_STAGE_DEADLINE_S, STAGE_SLACK_S, stage_deadline
+    from fedge.common.wire import RoundSettings
+    from fedge.server.app import RunKeys
+    from fedge.server.deploy import ServerOptions, _write_app
+    from fedge.server.strategy import DEFAULT_STAGE_DEADLINE_S, STAGE_SLACK_S, stage_deadline
 
     assert stage_deadline(0) == DEFAULT_STAGE_DEADLINE_S and stage_deadline(0, 99.0) == 99.0
     assert stage_deadline(240) == 240 + STAGE_SLACK_S and stage_deadline(240, 500.0) == 500.0
@@ -247,8 +267,8 @@ def test_stage_deadline_follows_the_round_deadline(tmp_path):
 
 
 def test_simulated_clients_get_the_devices_in_turn(tmp_path):
-    from edge_client import wire
-    from edge_client.simulate import node_config
+    from fedge.common import wire
+    from fedge.simulate import node_config
 
     configs = [node_config(pid, tmp_path, tmp_path / "cache", 1, ["pi4-2gb", "laptop"]) for pid in range(3)]
     assert [c[wire.Node.PROFILE] for c in configs] == ["pi4-2gb", "laptop", "pi4-2gb"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantization.codecs import (
+from fedge.quantization.codecs import (
     LADDER,
     Codec,
     Encoded,
@@ -247,7 +247,7 @@ def test_error_feedback_save_load(tmp_path) -> None:
     ef = ErrorFeedback("topk:0.1+int8")
     ef.encode(gaussian())
     path = tmp_path / "residual.npz"
-    ef.save(path)
+    path.write_bytes(ef.to_bytes())
     again = ErrorFeedback.load(path)
     assert again.codec == ef.codec
     assert again.residual.keys() == ef.residual.keys()
@@ -304,7 +304,7 @@ def test_delta_helpers() -> None:
 def test_travels_in_an_array_record() -> None:
     """Through Flower's ArrayRecord (wire.to_record / from_record) and back, validated against the adapter shapes."""
     pytest.importorskip("flwr")
-    from edge_client import wire
+    from fedge.common import wire
 
     x = gaussian()
     enc = encode(x, "topk:0.1+int4")

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from edge_client.data import (
+from fedge.common.errors import DataError
+from fedge.edge_client.data import (
     IGNORE,
     Example,
     encode,
@@ -17,7 +18,6 @@ from edge_client.data import (
     packed_batches,
     padded_batches,
 )
-from edge_client.errors import DataError
 
 
 def write(path, text: str | bytes):

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from edge_client.devices import (
+from fedge.common.errors import FedgeError
+from fedge.edge_client.devices import (
     PROFILES,
     EmulatedOutOfMemory,
     Link,
@@ -18,8 +19,7 @@ from edge_client.devices import (
     emulate,
     load_profile,
 )
-from edge_client.errors import FedgeError
-from edge_client.plan import GIB, HOST
+from fedge.edge_client.plan import GIB, HOST
 
 
 @pytest.mark.parametrize("name", ["pi4-2gb", "pi5-8gb", "jetson-orin-nano", "laptop"])

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from edge_client import energy
-from edge_client.energy import EnergySession
-from edge_client.meters import Meter, RaplMeter
+from fedge.edge_client import energy
+from fedge.edge_client.energy import EnergySession
+from fedge.edge_client.meters import Meter, RaplMeter
 from tests.test_meters import rapl_tree
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_client.procs import free_port
-from server.state import ServerState, read_records
+from fedge.common.procs import free_port
+from fedge.server.state import ServerState, read_records
 
 pytestmark = pytest.mark.federation
 TESTS = Path(__file__).parent
@@ -26,8 +26,11 @@ TESTS = Path(__file__).parent
 class Federation:
     """Processes of one test federation, all killed at the end."""
 
-    def __init__(self, tmp: Path, model_dir: Path, rounds: int, steps: int, min_clients: int = 2, **server_args):
-        self.tmp, self.model, self.rounds, self.port = tmp, model_dir, rounds, free_port()
+    def __init__(
+        self, tmp: Path, model_dir: Path, rounds: int, steps: int, min_clients: int = 2, cwd: Path | None = None,
+        **server_args,
+    ):  # fmt: skip
+        self.tmp, self.model, self.rounds, self.port, self.cwd = tmp, model_dir, rounds, free_port(), cwd
         self.env = {
             **os.environ,
             "PYTHONPATH": f"{TESTS.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
@@ -58,7 +61,7 @@ class Federation:
     def _fedge(self, log: str, *args: str) -> subprocess.Popen:
         out = open(self.tmp / f"{log}.log", "ab")  # noqa: SIM115 (closed with the process)
         return subprocess.Popen(
-            [sys.executable, "-m", "edge_client.cli", *args], env=self.env, stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "fedge", *args], env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=self.cwd
         )
 
     def start_server(self) -> None:
@@ -132,6 +135,25 @@ def federation(tmp_path, tiny_model_dir):
         f.close()
 
 
+def test_a_round_runs_from_a_directory_whose_files_are_named_like_fedges_folders(federation, tmp_path):
+    # `python -m fedge` puts the working directory first on sys.path: a user's own server.py (or quantization.py,
+    # edge_client.py) must not stand in for fedge's packages, in the CLI, the ServerApp, the ClientApp or the worker.
+    cwd = tmp_path / "users-project"
+    cwd.mkdir()
+    for name in ("server", "quantization", "edge_client"):
+        (cwd / f"{name}.py").write_text(f"raise SystemExit('the user\\'s {name}.py was imported')\n")
+    fed = federation(rounds=1, steps=2, cwd=cwd)
+    fed.start_server()
+    fed.start_client("a", "healthcare")
+    fed.start_client("b", "iot")
+    assert fed.wait_server() == 0, fed.log("server")
+    last = fed.records()[-1]
+    assert last["round"] == 1 and last["clients_accepted"] == 2, last
+    assert all(c.get("warm") == 1 for c in last["clients"]), "the warm worker did not do the round's work"
+    for log in (tmp_path / "clients").rglob("*.log"):
+        assert "was imported" not in log.read_text(errors="replace"), log
+
+
 def test_rounds_go_on_past_a_killed_client_and_poisoned_updates(federation):
     fed = federation(rounds=3, steps=30, min_clients=2, clientapp="tests.poison_clientapp:app")
     fed.start_server()
@@ -196,7 +218,7 @@ def test_bad_client_input_fails_fast_with_a_clear_message(tmp_path):
         [
             sys.executable,
             "-m",
-            "edge_client.cli",
+            "fedge",
             "client",
             "start",
             "--server",
@@ -215,7 +237,7 @@ def test_bad_client_input_fails_fast_with_a_clear_message(tmp_path):
         [
             sys.executable,
             "-m",
-            "edge_client.cli",
+            "fedge",
             "client",
             "start",
             "--server",
@@ -241,7 +263,7 @@ def test_server_refuses_a_state_dir_of_another_federation(tmp_path):
         [
             sys.executable,
             "-m",
-            "edge_client.cli",
+            "fedge",
             "server",
             "start",
             "--state",
@@ -324,7 +346,7 @@ def test_simulation_engine_runs_the_same_apps(tmp_path, tiny_model_dir):
         [
             sys.executable,
             "-m",
-            "edge_client.cli",
+            "fedge",
             "--cache-dir",
             str(tmp_path / "cache"),
             "demo",
@@ -361,7 +383,7 @@ def test_demo_with_emulated_devices_plans_and_encodes_each_clients_round(tmp_pat
     is the wiring: profiles reach the clients, plans and codecs come back, encoded updates merge.
     """
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "edge_client.cli", "--cache-dir", str(tmp_path / "cache"), "demo",
+    cmd = [sys.executable, "-m", "fedge", "--cache-dir", str(tmp_path / "cache"), "demo",
            "--devices", "base=laptop", "--devices", "base=pi5-8gb,slowdown=2", "--deadline", "120", "--codec", "auto",
            "--rounds", "2", "--steps", "4", "--eval-examples", "4", "--rank", "4", "--model", str(tiny_model_dir),
            "--out", str(out)]  # fmt: skip

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.hetero import aggregate, client_rank, fednova, fednova_coefficients, for_client, lora_modules, lora_scale
+from fedge.server.hetero import (
+    aggregate,
+    client_rank,
+    fednova,
+    fednova_coefficients,
+    for_client,
+    lora_modules,
+    lora_scale,
+)
 
 ALPHA = 16.0
 OUT, IN = 12, 10  # (out, in) of every toy module
@@ -196,7 +204,7 @@ def test_errors_name_the_client_and_tensor() -> None:
 
 def test_svd_global_is_in_svd_form_so_clients_get_slices() -> None:
     """After an svd round the global's top-r slice is its best rank-r approximation (no recomputation needed)."""
-    from server.hetero import _svd_form
+    from fedge.common.lora import svd_form as _svd_form
 
     g = adapter(8, 0)
     new = aggregate(g, [train_ab(g, 1), train_ab(g, 2)], [1, 1], ALPHA, method="svd")
@@ -208,8 +216,8 @@ def test_svd_global_is_in_svd_form_so_clients_get_slices() -> None:
 
 
 def test_from_reply_takes_a_lower_rank_encoded_change_and_refuses_bad_headers():
-    from quantization.codecs import Encoded, encode
-    from server.hetero import from_reply
+    from fedge.quantization.codecs import Encoded, encode
+    from fedge.server.hetero import from_reply
 
     global_arrays = adapter(rank=4, seed=0)
     start = for_client(global_arrays, 2, alpha=8.0)

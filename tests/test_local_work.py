@@ -1,4 +1,4 @@
-"""A client's round in-process (edge_client.local_work) on the tiny model, checked against the server's side."""
+"""A client's round in-process (fedge.edge_client.local_work) on the tiny model, checked against the server's side."""
 
 from __future__ import annotations
 
@@ -7,11 +7,18 @@ import json
 import numpy as np
 import pytest
 
-from edge_client import local_work, wire
-from edge_client.data import fingerprint
-from edge_client.local_work import Device
-from quantization.codecs import HEADER_KEY
-from server import hetero
+from fedge.common import wire
+from fedge.common.modeling import ModelHolder, get_adapter, set_adapter
+from fedge.edge_client import local_work
+from fedge.edge_client.data import fingerprint
+from fedge.edge_client.local_work import Device
+from fedge.quantization.codecs import HEADER_KEY
+from fedge.server import hetero
+
+
+@pytest.fixture()
+def holder(device) -> ModelHolder:
+    return ModelHolder(device.cache_dir, device.precision)
 
 
 @pytest.fixture()
@@ -24,20 +31,20 @@ def _settings(model_dir, **kw) -> wire.RoundSettings:
     return wire.RoundSettings(model=str(model_dir), **{**base, **kw})
 
 
-def test_whole_adapter_reply_by_default(device, tiny_model_dir):
+def test_whole_adapter_reply_by_default(holder, device, tiny_model_dir):
     settings = _settings(tiny_model_dir)
-    initial = local_work.initial_adapter(device.cache_dir, settings)
-    arrays, metrics = local_work.do_train(device, settings, initial, rnd=1)
+    initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+    arrays, metrics = local_work.do_train(holder, device, settings, initial, rnd=1)
     assert set(arrays) == set(initial) and HEADER_KEY not in arrays
     assert metrics[wire.Metric.UPLOAD_BYTES] == sum(a.nbytes for a in initial.values())
     update, norm = hetero.from_reply(arrays, initial, settings.lora_alpha)
     assert norm > 0 and set(update) == set(initial)
 
 
-def test_encoded_change_with_error_feedback_decodes_to_the_trained_adapter(device, tiny_model_dir):
+def test_encoded_change_with_error_feedback_decodes_to_the_trained_adapter(holder, device, tiny_model_dir):
     settings = _settings(tiny_model_dir, codec="int8")
-    initial = local_work.initial_adapter(device.cache_dir, settings)
-    arrays, metrics = local_work.do_train(device, settings, initial, rnd=1)
+    initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+    arrays, metrics = local_work.do_train(holder, device, settings, initial, rnd=1)
     assert HEADER_KEY in arrays and metrics[wire.Client.CODEC] == "int8"
     fp32 = sum(a.nbytes for k, a in initial.items() if "lora_B" in k)  # A is frozen: only B changes
     assert metrics[wire.Metric.UPLOAD_BYTES] < 0.3 * fp32
@@ -46,18 +53,18 @@ def test_encoded_change_with_error_feedback_decodes_to_the_trained_adapter(devic
     residual = local_work._residual_path(device, settings)
     assert residual.is_file()  # what int8 dropped waits on the device for the next round
     # The server's view equals the client's trained B up to int8 rounding.
-    trained = local_work.get_adapter(local_work._LOADED[0].model)
+    trained = get_adapter(holder.model)
     for k, v in update.items():
         assert np.abs(v - trained[k]).max() <= 0.02 * np.abs(trained[k] - initial[k]).max() + 1e-8
 
 
 @pytest.mark.parametrize("codec", ["auto", ""])  # "": a partial plan still sends its change (as fp32)
-def test_a_planned_round_on_an_emulated_small_device_trains_part_of_the_adapter(device, tiny_model_dir, codec):
+def test_a_planned_round_on_an_emulated_small_device_trains_part_of_the_adapter(holder, device, tiny_model_dir, codec):
     # A Pi 4 with a tight deadline: the plan lowers the rank and trains fewer layers; the server merges it back.
     device.profile = "base=pi4-2gb,slowdown=1.5"
     settings = _settings(tiny_model_dir, codec=codec, deadline_s=60.0, lora_r=16)
-    initial = local_work.initial_adapter(device.cache_dir, settings)
-    arrays, metrics = local_work.do_train(device, settings, initial, rnd=1)
+    initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+    arrays, metrics = local_work.do_train(holder, device, settings, initial, rnd=1)
     plan = json.loads(metrics[wire.Client.PLAN])
     assert plan["feasible"] and plan["lora_r"] <= 16 and metrics[wire.Client.PROFILE] == "pi4-2gb"
     assert plan["steps"] == metrics[wire.Metric.STEPS]  # the plan as it ran: pinning it replays the round
@@ -71,22 +78,22 @@ def test_a_planned_round_on_an_emulated_small_device_trains_part_of_the_adapter(
         assert len({k.split(".layers.")[1].split(".")[0] for k in changed}) <= plan["top_layers"]
 
 
-def test_a_resent_round_replies_with_the_saved_encoded_update(device, tiny_model_dir):
+def test_a_resent_round_replies_with_the_saved_encoded_update(holder, device, tiny_model_dir):
     settings = _settings(tiny_model_dir, codec="int4")
-    initial = local_work.initial_adapter(device.cache_dir, settings)
-    first, _ = local_work.do_train(device, settings, initial, rnd=1)
+    initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+    first, _ = local_work.do_train(holder, device, settings, initial, rnd=1)
     residual = local_work._residual_path(device, settings).read_bytes()
-    again, metrics = local_work.do_train(device, settings, initial, rnd=1)
+    again, metrics = local_work.do_train(holder, device, settings, initial, rnd=1)
     assert metrics[wire.Metric.RESUMED] == 1
     assert all(np.array_equal(first[k], again[k]) for k in first)
     assert local_work._residual_path(device, settings).read_bytes() == residual  # not encoded twice
 
 
-def test_auto_without_a_link_model_takes_int8_or_its_ceiling(device, tiny_model_dir):
+def test_auto_without_a_link_model_takes_int8_or_its_ceiling(holder, device, tiny_model_dir):
     for codec, expected in (("auto", "int8"), ("auto:int3", "int3"), ("auto:fp16", "int8")):
         settings = _settings(tiny_model_dir, codec=codec)
-        initial = local_work.initial_adapter(device.cache_dir, settings)
-        _, metrics = local_work.do_train(device, settings, initial, rnd=1)
+        initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+        _, metrics = local_work.do_train(holder, device, settings, initial, rnd=1)
         assert metrics[wire.Client.CODEC] == expected
 
 
@@ -95,18 +102,18 @@ def test_a_bad_codec_is_refused_with_its_name():
         wire.RoundSettings(codec="int5")
 
 
-def test_a_pinned_plan_is_trained_as_pinned_without_re_planning(device, tiny_model_dir, tmp_path):
+def test_a_pinned_plan_is_trained_as_pinned_without_re_planning(holder, device, tiny_model_dir, tmp_path):
     # Replaying a recorded round with another codec: the same plan, steps included, whatever the clock says.
     device.profile = "base=pi4-2gb,slowdown=1.5"
     settings = _settings(tiny_model_dir, codec="int4", deadline_s=60.0, lora_r=16)
-    initial = local_work.initial_adapter(device.cache_dir, settings)
-    _, metrics = local_work.do_train(device, settings, initial, rnd=1)
+    initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+    _, metrics = local_work.do_train(holder, device, settings, initial, rnd=1)
     recorded = json.loads(metrics[wire.Client.PLAN])
     pinned = {**recorded, "steps": 2, "lora_r": 2}  # not what the planner would choose
     replay = Device("replay", device.data, device.eval_data, tmp_path / "replay", device.cache_dir, "fp32", 0, 0,
                     device.profile)  # fmt: skip
     settings = _settings(tiny_model_dir, codec="none", deadline_s=60.0, lora_r=16, plan=json.dumps(pinned))
-    arrays, metrics = local_work.do_train(replay, settings, initial, rnd=1)
+    arrays, metrics = local_work.do_train(holder, replay, settings, initial, rnd=1)
     assert json.loads(metrics[wire.Client.PLAN]) == pinned and metrics[wire.Metric.STEPS] == 2
     for bad, why in (({"steps": 0}, "steps >= 1"), ({"feasible": False}, "feasible"), ({"lora_r": 32}, "rank 32")):
         with pytest.raises(ValueError, match=why):
@@ -122,33 +129,33 @@ def test_a_pinned_plan_that_is_not_a_plan_is_refused_naming_the_field():
         wire.RoundSettings(plan="not json")
 
 
-def test_rows_are_planned_at_the_data_s_length_not_the_round_s(device, tiny_model_dir):
+def test_rows_are_planned_at_the_data_s_length_not_the_round_s(holder, device, tiny_model_dir):
     # Batches pad to their longest example: a plan for 256-token rows would overprice short data and, on a slow
     # device, cut rows (and the answers at their end) to lengths the data never needed.
-    from edge_client.session import encode_all
+    from fedge.edge_client.session import encode_all
 
     settings = _settings(tiny_model_dir, seq_len=256)
     train_set, _ = local_work.local_data(device, settings.seed)
     data_id = fingerprint(train_set)
-    need = local_work._data_seq_len(device, settings, train_set, data_id)
-    tok = local_work._tokenizer(device.cache_dir, settings.model)
+    need = local_work._data_seq_len(holder, settings, train_set, data_id)
+    tok = holder.tokenizer(settings.model)
     longest = max(len(e.input_ids) for e in encode_all(tok, train_set, 256))
     assert need % 8 == 0 and longest <= need < longest + 8 and need < 256
-    assert local_work._data_seq_len(device, _settings(tiny_model_dir, seq_len=16), train_set, data_id) == 16
+    assert local_work._data_seq_len(holder, _settings(tiny_model_dir, seq_len=16), train_set, data_id) == 16
     device.profile = "base=pi4-2gb,slowdown=1.5"
     settings = _settings(tiny_model_dir, seq_len=256, deadline_s=60.0)
-    initial = local_work.initial_adapter(device.cache_dir, settings)
-    _, metrics = local_work.do_train(device, settings, initial, rnd=1)
+    initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+    _, metrics = local_work.do_train(holder, device, settings, initial, rnd=1)
     assert json.loads(metrics[wire.Client.PLAN])["seq_len"] <= need
 
 
-def test_the_initial_adapter_is_the_seeded_one_whatever_the_kept_model_holds(device, tiny_model_dir):
+def test_the_initial_adapter_is_the_seeded_one_whatever_the_kept_model_holds(holder, device, tiny_model_dir):
     # A benchmark scores each federation's adapter on the model it keeps, then starts the next federation: that
     # one must start from the seeded adapter, not from the last one scored.
     settings = _settings(tiny_model_dir)
-    first = local_work.initial_adapter(device.cache_dir, settings)
+    first = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
     assert all(not v.any() for k, v in first.items() if "lora_B" in k)
-    local_work.do_train(device, settings, first, rnd=1)  # trains the kept model's adapter
-    local_work.set_adapter(local_work._LOADED[0].model, {k: v + 1.0 for k, v in first.items()})
-    again = local_work.initial_adapter(device.cache_dir, settings)
+    local_work.do_train(holder, device, settings, first, rnd=1)  # trains the kept model's adapter
+    set_adapter(holder.model, {k: v + 1.0 for k, v in first.items()})
+    again = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
     assert set(again) == set(first) and all(np.array_equal(again[k], first[k]) for k in first)

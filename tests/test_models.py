@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from edge_client.errors import ModelError
-from edge_client.models import MARKER, _entry_ready, default_cache_dir, list_models, pull_model
+from fedge.common.errors import ModelError
+from fedge.common.models import MARKER, _entry_ready, default_cache_dir, list_models, pull_model
 
 
 def test_a_model_directory_is_used_in_place(tiny_model_dir, tmp_path):

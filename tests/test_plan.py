@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from edge_client.devices import PROFILES
-from edge_client.plan import (
+from fedge.edge_client.devices import PROFILES
+from fedge.edge_client.plan import (
     GIB,
     HOST,
     LADDER,
@@ -169,7 +169,7 @@ def test_device_without_bf16_computes_quantized_weights_in_fp32():
 
 
 def test_plan_is_json_and_sets_a_valid_train_config():
-    from edge_client.train import TrainConfig
+    from fedge.edge_client.train import TrainConfig
 
     plan = make_plan(PROFILES["pi4-2gb"].caps(), RoundBudget(deadline_s=120))
     back = TrainingPlan.from_dict(json.loads(plan.to_json()))
@@ -191,7 +191,7 @@ def test_unknown_target_and_bad_budget_are_named():
 
 
 def test_budget_from_the_federations_round_settings():
-    from edge_client.wire import RoundSettings
+    from fedge.common.wire import RoundSettings
 
     settings = RoundSettings(steps=10, batch=4, seq_len=128, lora_r=8, lora_targets="q_proj, v_proj")
     budget = RoundBudget.from_round_settings(settings, 90.0, memory_cap_bytes=GIB)
@@ -262,10 +262,11 @@ def test_a_plan_runs_end_to_end_on_the_tiny_model_and_the_replanner_cuts_it_shor
     """Plan -> TrainConfig -> train() with an emulated device's callback and a Replanner that stops early."""
     import torch
 
-    from edge_client.data import load_examples
-    from edge_client.devices import chain, emulate, load_profile
-    from edge_client.session import epoch_maker
-    from edge_client.train import LoraSettings, TrainConfig, add_lora, train
+    from fedge.common.modeling import LoraSettings, add_lora
+    from fedge.edge_client.data import load_examples
+    from fedge.edge_client.devices import chain, emulate, load_profile
+    from fedge.edge_client.session import epoch_maker
+    from fedge.edge_client.train import TrainConfig, train
 
     budget = RoundBudget(deadline_s=100, steps=6, batch=4, seq_len=64, r_max=4, targets=("q_proj", "v_proj"))
     caps = _caps(gflops={p: 1e4 for p in LADDER}, uplink_bytes_per_s=1e9, latency_s=0.0)

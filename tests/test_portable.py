@@ -1,4 +1,4 @@
-"""Unit tests for quantization.portable: error bounds, autograd memory, peft LoRA on quantized layers."""
+"""Unit tests for fedge.quantization.portable: error bounds, autograd memory, peft LoRA on quantized layers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantization.portable import (
+from fedge.quantization.portable import (
     Int4Linear,
     Int8Linear,
     dequantize_int4,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from server.report import client_line, round_header, round_line, write_report
+from fedge.server.report import client_line, round_header, round_line, write_report
 
 
 def _plan(precision: str, rank: int, top_layers: int | None, steps: int) -> dict:
@@ -65,6 +65,6 @@ def test_report_module_imports_without_torch():
     import subprocess
     import sys
 
-    code = "import sys, server.report, server.deploy; print('torch' in sys.modules)"
+    code = "import sys, fedge.server.report, fedge.server.deploy; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"

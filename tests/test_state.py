@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from server.report import build_report, round_line, write_report
-from server.state import ServerState, StateError, read_records
+from fedge.server.report import build_report, round_line, write_report
+from fedge.server.state import ServerState, StateError, read_records
 
 
 def _state(rnd: int) -> ServerState:

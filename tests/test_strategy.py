@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from edge_client import wire
-from server.strategy import FedgeAvg, RoundPolicy
+from fedge.common import wire
+from fedge.server.strategy import FedgeAvg, RoundPolicy
 
 
 class FakeGrid:

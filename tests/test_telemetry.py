@@ -6,22 +6,23 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from edge_client import wire
+from fedge.common import wire
 
 
 def test_a_training_reply_carries_energy_and_the_round_record_keeps_it(tiny_model_dir, tmp_path, monkeypatch):
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from edge_client import flower_client, local_work
-    from server.strategy import _client_entry
+    from fedge.common.modeling import ModelHolder
+    from fedge.edge_client import flower_client
+    from fedge.server.strategy import _client_entry
 
     settings = wire.RoundSettings(
         model=str(tiny_model_dir), steps=2, batch=2, seq_len=32, lora_r=4, lora_alpha=8, lora_targets="q_proj,v_proj"
     )
     node = {wire.Node.NAME: "pi-kitchen", wire.Node.DATA: "demo:finance", wire.Node.STATE_DIR: str(tmp_path / "s"),
             wire.Node.CACHE_DIR: str(tmp_path / "cache"), wire.Node.PRECISION: "fp32"}  # fmt: skip
-    arrays = local_work.initial_adapter(tmp_path / "cache", settings)
+    arrays = ModelHolder(tmp_path / "cache", "fp32").initial_adapter(settings.model, settings.lora(), settings.seed)
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what a SuperNode's process sets
         monkeypatch.setattr(TaskIdentity, name, value)
     msg = Message(
@@ -43,7 +44,7 @@ def test_a_training_reply_carries_energy_and_the_round_record_keeps_it(tiny_mode
 
 
 def test_the_report_plots_energy_per_client_per_round(tmp_path):
-    from server.report import write_report
+    from fedge.server.report import write_report
 
     def rnd(n: int) -> dict:
         clients = [

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from edge_client.data import load_examples
-from edge_client.session import epoch_maker
-from edge_client.train import STATE_FILE, LoraSettings, TrainConfig, add_lora, lean_loss, train
+from fedge.common.modeling import LoraSettings, add_lora
+from fedge.edge_client.data import load_examples
+from fedge.edge_client.session import epoch_maker
+from fedge.edge_client.train import STATE_FILE, TrainConfig, lean_loss, train
 
 CPU = torch.device("cpu")
 
@@ -77,7 +78,7 @@ def test_golden_loss_with_fixed_seed(fresh_session):
 
 
 def test_resume_after_interruption_continues_identically(tiny_model_dir, tmp_path):
-    from edge_client.session import open_model
+    from fedge.common.modeling import open_model
 
     fresh = lambda: open_model(str(tiny_model_dir), tmp_path / "c", precision="fp32", device="cpu")  # noqa: E731
     _, straight = _run(fresh(), steps=7)
@@ -153,7 +154,7 @@ def test_freeze_a_trains_b_only_and_keeps_a_at_its_seeded_init(fresh_session):
 def test_adapter_arrays_are_copies_not_views_of_live_parameters(fresh_session):
     """Regression: numpy views of fp32 parameters changed under earlier clients' updates when one process
     trained several clients in turn (simulation, benchmarks)."""
-    from edge_client.local_work import get_adapter
+    from fedge.common.modeling import get_adapter
 
     model = add_lora(fresh_session.model, LoraSettings(r=2))
     snapshot = get_adapter(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_client import wire
+from fedge.common import wire
 
 
 def test_arrays_round_trip_through_a_record():

@@ -16,9 +16,9 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from rich.console import Console
 
-from edge_client import wire
-from edge_client.demo_data import DOMAINS
-from edge_client.errors import FedgeError
+from fedge.common import wire
+from fedge.common.errors import FedgeError
+from fedge.edge_client.demo_data import DOMAINS
 
 
 def node_config(pid: int, out: Path, cache: Path, threads: int, devices: list[str] | None = None) -> dict:
@@ -41,7 +41,7 @@ def node_config(pid: int, out: Path, cache: Path, threads: int, devices: list[st
 
 def client_app(out: Path, cache: Path, threads: int, devices: list[str] | None = None) -> ClientApp:
     """fedge's ClientApp behind a mod that gives each virtual node the node config ``fedge client start`` would."""
-    from edge_client.flower_client import evaluate_round, train_round
+    from fedge.edge_client.flower_client import evaluate_round, train_round
 
     def with_node_config(msg: Message, context: Context, call_next) -> Message:
         pid = int(context.node_config.get("partition-id", 0))
@@ -61,8 +61,8 @@ def run_simulation(opts, out: Path, cache: Path, console: Console) -> Path:
         from flwr.simulation import run_simulation as flwr_run_simulation
     except ImportError:
         raise FedgeError("--simulation needs Flower's simulation engine: pip install 'fedge[simulation]'") from None
-    from server.app import RunKeys, simulation_app
-    from server.strategy import stage_deadline
+    from fedge.server.app import RunKeys, simulation_app
+    from fedge.server.strategy import stage_deadline
 
     state_dir = out / "server"
     cores = os.cpu_count() or 1
@@ -83,9 +83,9 @@ def run_simulation(opts, out: Path, cache: Path, console: Console) -> Path:
     done = threading.Event()
 
     def watch() -> None:
-        from edge_client.demo import _watch_records
+        from fedge.server.report import watch_records
 
-        _watch_records(done.is_set, state_dir, opts.rounds, console)
+        watch_records(done.is_set, state_dir, opts.rounds, console)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_client.errors import ModelError
-from edge_client.fsutil import atomic_write_text, fsync_dir
+from fedge.common.errors import ModelError
+from fedge.common.fsutil import atomic_write_text, fsync_dir
 
 MARKER = "fedge-model.json"
 DEFAULT_MODEL = "smollm2-135m"

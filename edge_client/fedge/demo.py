@@ -20,10 +20,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from edge_client import wire
-from edge_client.demo_data import DOMAINS
-from edge_client.errors import FedgeError
-from edge_client.procs import free_port, stop, tail
+from fedge.common import wire
+from fedge.common.errors import FedgeError
+from fedge.common.procs import free_port, stop, tail
+from fedge.edge_client.demo_data import DOMAINS
 
 
 @dataclass
@@ -39,7 +39,7 @@ class DemoOptions:
 
 
 def run_demo(opts: DemoOptions, console: Console) -> int:
-    from edge_client.models import default_cache_dir, pull_model
+    from fedge.common.models import default_cache_dir, pull_model
 
     out = (opts.out or Path(f"fedge-demo-{datetime.now():%Y%m%d-%H%M%S}")).resolve()
     if out.exists() and any(out.iterdir()):
@@ -64,7 +64,7 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
         pull_model(opts.settings.model, cache, lambda m: console.print(f"[dim]{m}[/]"))
     t0 = time.monotonic()
     if opts.simulation:
-        from edge_client.simulate import run_simulation
+        from fedge.simulate import run_simulation
 
         state_dir = run_simulation(opts, out, cache, console)
     else:
@@ -73,7 +73,7 @@ def run_demo(opts: DemoOptions, console: Console) -> int:
 
 
 def _fedge(cache: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "edge_client.cli", "--cache-dir", str(cache), *args]
+    return [sys.executable, "-m", "fedge", "--cache-dir", str(cache), *args]
 
 
 def _round_args(s: wire.RoundSettings, rounds: int) -> list[str]:
@@ -108,7 +108,7 @@ def _round_args(s: wire.RoundSettings, rounds: int) -> list[str]:
 def _run_processes(opts: DemoOptions, out: Path, cache: Path, console: Console) -> Path:
     import os
 
-    from edge_client.procs import spawn
+    from fedge.common.procs import spawn
 
     port, logs, state_dir = free_port(), out / "logs", out / "server"
     env = dict(os.environ)
@@ -176,30 +176,15 @@ def _run_processes(opts: DemoOptions, out: Path, cache: Path, console: Console) 
 
 def _watch(server, state_dir: Path, rounds: int, console: Console) -> None:
     """Print each round as it lands, while the server runs."""
-    _watch_records(lambda: server.poll() is not None, state_dir, rounds, console)
+    from fedge.server.report import watch_records
 
-
-def _watch_records(finished, state_dir: Path, rounds: int, console: Console) -> None:
-    """Print each round record as it lands, until ``finished()``."""
-    from server.report import new_records, round_header, round_line
-
-    shown: set[int] = set()
-    console.print(round_header(), highlight=False, soft_wrap=True)
-    with console.status("round 0: every client evaluates the base model") as status:
-        while True:
-            done = finished()
-            for record in new_records(state_dir, shown):
-                console.print(round_line(record, rounds), highlight=False, soft_wrap=True)
-                status.update(f"round {record['round'] + 1}: clients train, then evaluate the new global adapter")
-            if done:
-                return
-            time.sleep(1.0)
+    watch_records(lambda: server.poll() is not None, state_dir, rounds, console)
 
 
 def _finish(opts: DemoOptions, out: Path, state_dir: Path, seconds: float, console: Console) -> int:
-    from server.app import FINAL_ADAPTER
-    from server.report import write_report
-    from server.state import read_records
+    from fedge.server.app import FINAL_ADAPTER
+    from fedge.server.report import write_report
+    from fedge.server.state import read_records
 
     records = read_records(state_dir)
     meta = {

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from edge_client.errors import FedgeError
+from fedge.common.errors import FedgeError
 
 
 def flwr_env(flwr_home: Path, **extra: str) -> dict[str, str]:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from edge_client.errors import FedgeError
-from edge_client.fsutil import fsync_dir
+from fedge.common.errors import FedgeError
+from fedge.common.fsutil import fsync_dir
 
 META_FILE = "fedge_adapter.json"
 

@@ -7,14 +7,18 @@ tensors travel as float32 numpy arrays keyed by their PEFT state-dict name
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
+
+    from fedge.common.modeling import LoraSettings
 
 # RecordDict entries
 ADAPTER = "adapter"  # ArrayRecord: the global adapter (server -> client) or the trained one (reply)
@@ -39,7 +43,9 @@ class Cfg:
     EVAL_EXAMPLES = "eval-examples"  # at most this many held-out examples for exact match
     LORA_FREEZE_A = "lora-freeze-a"
     DEADLINE_S = "deadline-s"  # > 0: each client plans its round to finish within it (0: train as sent)
-    CODEC = "codec"  # how updates travel: "" the whole adapter, else a codec spec or "auto" (see quantization.codecs)
+    CODEC = (
+        "codec"  # how updates travel: "" the whole adapter, else a codec spec or "auto" (see fedge.quantization.codecs)
+    )
     PLAN = "plan"  # a pinned training plan (JSON, as a reply's plan): trained as it is, no planning or re-planning
 
 
@@ -89,7 +95,7 @@ class Node:
     PRECISION = "precision"
     THREADS = "threads"
     WORKER_PORT = "worker-port"  # the device's warm worker on loopback (0: none)
-    PROFILE = "device-profile"  # an emulated device (edge_client.devices): name, file or key=value text
+    PROFILE = "device-profile"  # an emulated device (fedge.edge_client.devices): name, file or key=value text
     EMULATED_TIME = "emulated-time"  # "wall" (sleep the emulated slowness) or "virtual" (count it, don't sleep)
 
 
@@ -121,6 +127,68 @@ def fingerprint(arrays: dict[str, np.ndarray]) -> str:
 
 
 @dataclass
+class TrainingPlan:
+    """How to train this round, with the predictions and the reason for each choice. JSON-able.
+
+    ``top_layers`` is the number of last decoder layers that train (None: all). Seconds and bytes.
+    ``calibration`` is measured / predicted step time (1.0 until `replan` has measured steps).
+
+    In a federation the adapter's tensors are fixed (rank r_max on every layer): a plan with fewer layers or a
+    lower rank trains a part of them (the top layers; the first ``lora_r`` rows of A / columns of B) and leaves
+    the rest at the global values. The cost models count LoRA state and upload for the trained part only;
+    wrapping the full adapter and freezing the rest adds ~20 MB (SmolLM2, r=16, 7 targets) and few FLOPs.
+    """
+
+    feasible: bool
+    precision: str
+    compute_dtype: str
+    lora_r: int
+    targets: tuple[str, ...]
+    top_layers: int | None
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    loss_chunk: int
+    steps: int
+    requested_steps: int
+    predicted_step_s: float
+    predicted_s: float
+    predicted_peak_bytes: int
+    predicted_upload_bytes: int
+    predicted_upload_s: float
+    calibration: float = 1.0
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainingPlan:
+        data = dict(data)
+        data["targets"] = tuple(data["targets"])
+        return cls(**data)
+
+    def train_overrides(self) -> dict:
+        """TrainConfig fields this plan sets (apply with ``dataclasses.replace``; LoRA fields: `lora_overrides`)."""
+        return {
+            "steps": self.steps,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+            "seq_len": self.seq_len,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "loss_chunk": self.loss_chunk,
+        }
+
+    def lora_overrides(self) -> dict:
+        """LoraSettings fields this plan sets."""
+        return {"r": self.lora_r, "target_modules": self.targets, "top_layers": self.top_layers}
+
+
+@dataclass
 class RoundSettings:
     """What every client does in a round, sent in the train/evaluate ConfigRecord."""
 
@@ -138,9 +206,9 @@ class RoundSettings:
     # average of B_i @ A is then exactly the average of the clients' weight changes, where averaging A and B
     # separately multiplies each client's own change by 1/clients^2 plus cross terms.
     lora_freeze_a: bool = True
-    deadline_s: float = 0.0  # > 0: adaptive clients (edge_client.plan) fit their work into it
-    # "": the whole adapter as fp32; a codec spec (quantization.codecs); "auto": the least lossy codec whose upload
-    # fits the deadline on the device's link; "auto:int3": the same, never less compressed than int3.
+    deadline_s: float = 0.0  # > 0: adaptive clients (fedge.edge_client.plan) fit their work into it
+    # "": the whole adapter as fp32; a codec spec (fedge.quantization.codecs); "auto": the least lossy codec whose
+    # upload fits the deadline on the device's link; "auto:int3": the same, never less compressed than int3.
     codec: str = ""
     # A pinned training plan (the JSON a reply's plan record holds): the client trains exactly it, without
     # planning or re-planning, e.g. to replay a recorded round with another codec.
@@ -155,7 +223,7 @@ class RoundSettings:
         if self.deadline_s < 0:
             raise ValueError(f"deadline_s must be >= 0, got {self.deadline_s}")
         if self.codec:
-            from quantization.codecs import LADDER, parse_codec
+            from fedge.quantization.codecs import LADDER, parse_codec
 
             auto, _, ceiling = self.codec.partition(":") if self.codec.startswith("auto") else ("", "", "")
             if auto and auto != "auto":
@@ -168,13 +236,9 @@ class RoundSettings:
             self.pinned_plan()  # ValueError naming what is wrong
 
     def pinned_plan(self):
-        """The pinned `edge_client.plan.TrainingPlan` (None if there is none); ValueError if ``plan`` is not one."""
+        """The pinned `TrainingPlan` (None if there is none); ValueError if ``plan`` is not one."""
         if not self.plan:
             return None
-        import json
-
-        from edge_client.plan import TrainingPlan
-
         try:
             plan = TrainingPlan.from_dict(json.loads(self.plan))
         except (ValueError, TypeError, KeyError) as err:
@@ -192,6 +256,14 @@ class RoundSettings:
         "eval_examples": Cfg.EVAL_EXAMPLES, "lora_freeze_a": Cfg.LORA_FREEZE_A, "deadline_s": Cfg.DEADLINE_S,
         "codec": Cfg.CODEC, "plan": Cfg.PLAN,
     }  # fmt: skip
+
+    def lora(self) -> LoraSettings:
+        """The federation's LoRA adapter (a device's plan may train a part of it: `fedge.edge_client.plan`)."""
+        from fedge.common.modeling import LoraSettings
+
+        return LoraSettings(
+            r=self.lora_r, alpha=self.lora_alpha, target_modules=self.targets, freeze_a=self.lora_freeze_a
+        )
 
     @property
     def targets(self) -> tuple[str, ...]:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from edge_client.errors import FedgeError
+from fedge import __version__
+from fedge.common.errors import FedgeError
 
 console = Console(stderr=True)
 EXIT_USAGE = 2
@@ -43,9 +44,10 @@ def _interrupt(_signum, _frame) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edge_client.models import DEFAULT_MODEL, default_cache_dir
+    from fedge.common.models import DEFAULT_MODEL, default_cache_dir
 
     parser = argparse.ArgumentParser(prog="fedge", description="Federated fine-tuning of small LLMs on edge devices")
+    parser.add_argument("--version", action="version", version=f"fedge {__version__}")
     parser.add_argument(
         "--cache-dir",
         type=Path,
@@ -116,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_profile_command(sub) -> None:
-    from edge_client.profiling import ProfilePlan
+    from fedge.edge_client.profiling import ProfilePlan
 
     d = ProfilePlan()
     prof = sub.add_parser("profile", help="what this device can do: matmuls, training and generation speed, energy")
@@ -143,7 +145,7 @@ def _add_profile_command(sub) -> None:
 
 def _add_round_args(p: argparse.ArgumentParser) -> None:
     """What each client does per round (sent by the server to every client)."""
-    from edge_client.wire import RoundSettings
+    from fedge.common.wire import RoundSettings
 
     d = RoundSettings()
     p.add_argument("--model", default=d.model, help=f"base model every client trains on (default: {d.model})")
@@ -206,7 +208,7 @@ def _add_federation_commands(sub) -> None:
     )
     start.add_argument(
         "--clientapp",
-        default="edge_client.flower_client:app",
+        default="fedge.edge_client.flower_client:app",
         help="the ClientApp the clients run, MODULE:ATTR (e.g. fedge's wrapped in your own mods)",
     )
     start.set_defaults(run=cmd_server_start)
@@ -269,14 +271,14 @@ def _add_federation_commands(sub) -> None:
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
-    from quantization.backends import PRECISIONS
+    from fedge.quantization import PRECISIONS
 
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="base weights (default: auto)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
 
 def _cache(args) -> Path:
-    from edge_client.models import default_cache_dir
+    from fedge.common.models import default_cache_dir
 
     return args.cache_dir or default_cache_dir()
 
@@ -286,7 +288,7 @@ def _say(msg: str) -> None:
 
 
 def cmd_model_pull(args) -> int:
-    from edge_client.models import pull_model
+    from fedge.common.models import pull_model
 
     with console.status(f"pulling {args.source}"):
         path = pull_model(args.source, _cache(args), _say)
@@ -298,7 +300,7 @@ def cmd_model_pull(args) -> int:
 def cmd_model_list(args) -> int:
     from rich.table import Table
 
-    from edge_client.models import list_models
+    from fedge.common.models import list_models
 
     table = Table("name", "size (MB)", "source", "path")
     for m in list_models(_cache(args)):
@@ -308,7 +310,7 @@ def cmd_model_list(args) -> int:
 
 
 def _demo_records(domain: str, split: str, n: int | None = None) -> list[dict]:
-    from edge_client import demo_data
+    from fedge.edge_client import demo_data
 
     try:
         return demo_data.generate(domain, split, n=n)
@@ -323,7 +325,7 @@ def cmd_data_sample(args) -> int:
 
 
 def cmd_data_export(args) -> int:
-    from edge_client.fsutil import atomic_write_text
+    from fedge.common.fsutil import atomic_write_text
 
     records = _demo_records(args.domain, args.split)
     try:
@@ -336,20 +338,20 @@ def cmd_data_export(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from edge_client.commands import run_train
+    from fedge.edge_client.commands import run_train
 
     return run_train(args, _cache(args), console)
 
 
 def cmd_eval(args) -> int:
-    from edge_client.commands import run_eval
+    from fedge.edge_client.commands import run_eval
 
     return run_eval(args, _cache(args), console)
 
 
 def cmd_profile(args) -> int:
-    from edge_client.inventory import split_missing
-    from edge_client.profiling import ProfilePlan, render_table, run_profile
+    from fedge.edge_client.inventory import split_missing
+    from fedge.edge_client.profiling import ProfilePlan, render_table, run_profile
 
     try:
         plan = ProfilePlan(
@@ -379,7 +381,7 @@ def cmd_profile(args) -> int:
 
 
 def _round_settings(args):
-    from edge_client.wire import RoundSettings
+    from fedge.common.wire import RoundSettings
 
     try:
         return RoundSettings(
@@ -401,7 +403,7 @@ def _round_settings(args):
 
 
 def cmd_server_start(args) -> int:
-    from server.deploy import ServerOptions, Tls, start_server
+    from fedge.server.deploy import ServerOptions, Tls, start_server
 
     tls_files = (args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile)
     if any(tls_files) and not all(tls_files):
@@ -427,7 +429,7 @@ def cmd_server_start(args) -> int:
 
 
 def cmd_client_start(args) -> int:
-    from edge_client.service import ClientOptions, start_client
+    from fedge.edge_client.service import ClientOptions, start_client
 
     opts = ClientOptions(
         server=args.server,
@@ -450,7 +452,7 @@ def cmd_client_start(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from edge_client.demo import DemoOptions, run_demo
+    from fedge.demo import DemoOptions, run_demo
 
     devices = _device_list(args.devices)
     if devices:
@@ -480,7 +482,7 @@ def _device_list(values: list[str] | None) -> list[str]:
     A value without ``=`` is a comma-separated list of names or files; one with ``=`` is a single key=value
     profile (its commas separate fields).
     """
-    from edge_client.devices import load_profile
+    from fedge.edge_client.devices import load_profile
 
     specs = []
     for value in values or []:

@@ -1,0 +1,7 @@
+"""``python -m fedge``: the ``fedge`` command."""
+
+import sys
+
+from fedge.cli import main
+
+sys.exit(main())
