@@ -149,15 +149,7 @@ def main() -> None:
         per = {}
         for d in domains:
             ex = test_sets[d]
-            longest = max(len(session.tokenizer(e.answer)["input_ids"]) for e in ex)
-            r = evaluate(
-                model,
-                session.tokenizer,
-                eval_batches(session.tokenizer, ex, 256),
-                ex,
-                session.device,
-                max_new_tokens=longest + 2,
-            )
+            r = evaluate(model, session.tokenizer, eval_batches(session.tokenizer, ex, 256), ex, session.device)
             per[d] = {"exact_match": r.exact_match, "heldout_loss": r.loss}
         return {
             "exact_match": float(np.mean([v["exact_match"] for v in per.values()])),

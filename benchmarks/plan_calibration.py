@@ -134,11 +134,11 @@ def plan_worker(device: str, cache_dir: Path) -> dict:
     from fedge.edge_client.data import encode_all, load_examples, packed_batches
     from fedge.edge_client.devices import PROFILES, EmulatedOutOfMemory, emulate
     from fedge.edge_client.memory import peak_rss_mb
-    from fedge.edge_client.plan import RoundBudget, make_plan
+    from fedge.edge_client.plan import SMOLLM2_135M, RoundBudget, make_plan
     from fedge.edge_client.train import TrainConfig, train
 
     profile = PROFILES[device]
-    plan = make_plan(profile.caps(), RoundBudget(**SAMPLE_ROUND))
+    plan = make_plan(profile.caps(), RoundBudget(**SAMPLE_ROUND), SMOLLM2_135M)
     oom = None
     with emulate(profile, sleep=lambda seconds: None) as on_step:
         try:
@@ -287,7 +287,7 @@ def plans_table(verified: dict | None = None) -> str:
     """The plan each emulated device gets for the sample round, with the shipped constants (and, if
     ``verified`` has them, the peak RSS measured running it under the device's memory cap)."""
     from fedge.edge_client.devices import PROFILES
-    from fedge.edge_client.plan import GIB, RoundBudget, make_plan
+    from fedge.edge_client.plan import GIB, SMOLLM2_135M, RoundBudget, make_plan
 
     budget, verified = RoundBudget(**SAMPLE_ROUND), verified or {}
     deadline_s, steps, r_max = budget.deadline_s, budget.steps, budget.r_max
@@ -302,7 +302,7 @@ def plans_table(verified: dict | None = None) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, profile in PROFILES.items():
-        p = make_plan(profile.caps(), budget)
+        p = make_plan(profile.caps(), budget, SMOLLM2_135M)
         lines.append(
             f"| {name} | {p.precision} ({p.compute_dtype}) | {p.lora_r} | {p.top_layers or 'all'} | {p.seq_len} "
             f"| {p.micro_batch} x {p.grad_accum} | {'on' if p.gradient_checkpointing else 'off'} | {p.steps} "

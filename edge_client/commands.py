@@ -122,6 +122,7 @@ def run_eval(args: argparse.Namespace, cache_dir: Path, console: Console) -> int
             eval_batches(session.tokenizer, examples, seq_len),
             examples,
             session.device,
+            max_new_tokens=args.max_new_tokens,
         )
     if args.json:
         import json

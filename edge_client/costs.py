@@ -122,7 +122,11 @@ class RoundBudget:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The decoder's dimensions: all the cost models need to know about the model."""
+    """The decoder's dimensions: all the cost models need to know about the model (defaults: SmolLM2-135M).
+
+    ``head_dim`` is the width of one attention head (0: ``hidden // heads``, as in Llama; Gemma and Qwen3 set
+    their own). ``tied``: the LM head shares the token embeddings (else it is a second vocab x hidden matrix).
+    """
 
     layers: int = 30
     hidden: int = 576
@@ -130,23 +134,41 @@ class ModelShape:
     vocab: int = 49152
     heads: int = 9
     kv_heads: int = 3
+    head_dim: int = 0
+    tied: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "hidden", "intermediate", "vocab", "heads", "kv_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model shape: {name} must be >= 1, got {getattr(self, name)}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"model shape: {self.heads} heads do not share {self.kv_heads} KV heads evenly")
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
 
     @classmethod
     def from_hf_config(cls, config: object) -> ModelShape:
-        """From a transformers LlamaConfig-like object."""
+        """From a transformers config of a decoder-only LM (Llama, Qwen2/3, Gemma, Mistral, Phi-3 style).
+
+        A multimodal config's ``text_config`` is used when there is one. AttributeError names a missing field.
+        """
+        config = getattr(config, "text_config", None) or config
+        heads = config.num_attention_heads
         return cls(
             layers=config.num_hidden_layers,
             hidden=config.hidden_size,
             intermediate=config.intermediate_size,
             vocab=config.vocab_size,
-            heads=config.num_attention_heads,
-            kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or 0,
+            tied=bool(getattr(config, "tie_word_embeddings", True)),
         )
 
     def module_dims(self, name: str) -> tuple[int, int]:
         """(in_features, out_features) of a projection in one decoder layer."""
-        h, i, kv = self.hidden, self.intermediate, self.hidden * self.kv_heads // self.heads
-        dims = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h)}
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
         dims.update({"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)})
         if name not in dims:
             raise ValueError(f"unknown target module {name!r}; expected some of {sorted(dims)}")
@@ -159,8 +181,8 @@ class ModelShape:
 
     @property
     def embed_params(self) -> int:
-        """Token embeddings (tied with the LM head); they stay in the compute dtype when quantizing."""
-        return self.vocab * self.hidden
+        """Token embeddings and, if untied, the LM head: they stay in the compute dtype when quantizing."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
 
 
 SMOLLM2_135M = ModelShape()

@@ -47,10 +47,11 @@ def generate_answers(
     tokenizer,
     examples: Sequence[Example],
     device: torch.device,
+    max_new_tokens: int,
     batch_size: int = 16,
-    max_new_tokens: int = 16,
 ) -> list[str]:
-    """Greedy replies to each example's prompt, in batches (left-padded so generation is aligned)."""
+    """Greedy replies to each example's prompt, at most ``max_new_tokens`` each, in batches (left-padded so
+    generation is aligned)."""
     model.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
@@ -74,6 +75,22 @@ def generate_answers(
     return answers
 
 
+# Tokens past the longest reference that greedy decoding may still need: its end token, and two for a model that
+# splits the same text into more tokens than the reference's own tokenization.
+ANSWER_SLACK_TOKENS = 3
+
+
+def answer_token_limit(tokenizer, examples: Sequence[Example]) -> int:
+    """New tokens exact match needs: the longest reference reply of the chat ``examples`` in tokens, plus slack.
+
+    An exact match cannot be longer than its reference, so generation can stop there, and a rambling model costs
+    no more than a trained one; a fixed cap instead scores every longer answer as a miss, however well learned.
+    """
+    replies = [ex.answer for ex in examples if ex.messages]
+    longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in replies), default=0)
+    return longest + ANSWER_SLACK_TOKENS
+
+
 def exact_match(predictions: Sequence[str], examples: Sequence[Example]) -> float:
     """Fraction of predictions equal to the reference reply after :func:`normalize_answer`."""
     if not examples:
@@ -88,16 +105,20 @@ def evaluate(
     loss_batches: Sequence[Batch],
     gen_examples: Sequence[Example],
     device: torch.device,
-    max_new_tokens: int = 16,
+    max_new_tokens: int | None = None,
 ) -> EvalResult:
-    """Held-out loss on ``loss_batches`` and exact match on the chat examples in ``gen_examples``."""
+    """Held-out loss on ``loss_batches`` and exact match on the chat examples in ``gen_examples``.
+
+    ``max_new_tokens``: the generation limit for exact match (None: `answer_token_limit` of the references).
+    """
     result = EvalResult()
     if loss_batches:
         result.loss, result.n_loss = heldout_loss(model, loss_batches, device)
         result.perplexity = math.exp(min(result.loss, 50.0))
     chats = [ex for ex in gen_examples if ex.text is None]
     if chats:
-        predictions = generate_answers(model, tokenizer, chats, device, max_new_tokens=max_new_tokens)
+        limit = max_new_tokens or answer_token_limit(tokenizer, chats)
+        predictions = generate_answers(model, tokenizer, chats, device, max_new_tokens=limit)
         result.exact_match = exact_match(predictions, chats)
         result.n_generated = len(chats)
     return result

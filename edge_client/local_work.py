@@ -213,20 +213,40 @@ def _profile(device: Device):
 def _plan(device: Device, settings: wire.RoundSettings, profile, seq_len: int) -> tuple:
     """(plan, budget) for this round on this device, at most ``seq_len`` tokens a row; RoundDeclined if nothing
     fits."""
-    from fedge.edge_client.plan import RoundBudget, make_plan
+    from fedge.edge_client.plan import make_plan
 
-    if profile is not None:
-        caps = profile.caps()
-    else:
-        from fedge.edge_client.devices import this_machine
-
-        caps = this_machine(device.name)
-    budget = RoundBudget.from_round_settings(settings, settings.deadline_s, label_fraction=0.15)
-    budget = dataclasses.replace(budget, seq_len=seq_len)
-    plan = make_plan(caps, budget)
+    budget = round_budget(settings, seq_len)
+    plan = make_plan(device_caps(device, profile), budget, model_shape(device.cache_dir, settings.model))
     if not plan.feasible:
         raise RoundDeclined(f"{device.name}: no training plan fits this round ({plan.reasons.get('feasible', '')})")
     return plan, budget
+
+
+def device_caps(device: Device, profile=None):
+    """The planner's view of this device: an emulated profile's, else this machine's (reference calibration)."""
+    if profile is not None:
+        return profile.caps()
+    from fedge.edge_client.devices import this_machine
+
+    return this_machine(device.name)
+
+
+def round_budget(settings: wire.RoundSettings, seq_len: int):
+    """The round's `RoundBudget` as the server set it, with rows of ``seq_len`` (the data's length)."""
+    from fedge.edge_client.plan import RoundBudget
+
+    budget = RoundBudget.from_round_settings(settings, settings.deadline_s, label_fraction=0.15)
+    return dataclasses.replace(budget, seq_len=seq_len)
+
+
+def model_shape(cache_dir: Path, model: str):
+    """The planner's `ModelShape` of ``model``, read from its config (no weights are loaded)."""
+    from transformers import AutoConfig
+
+    from fedge.common.models import pull_model
+    from fedge.edge_client.costs import ModelShape
+
+    return ModelShape.from_hf_config(AutoConfig.from_pretrained(pull_model(model, cache_dir)))
 
 
 def _data_seq_len(holder: ModelHolder, settings: wire.RoundSettings, examples, data_id: str) -> int:
@@ -366,16 +386,12 @@ def do_evaluate(holder: ModelHolder, device: Device, settings: wire.RoundSetting
     session, model = open_adapter(holder, settings)
     set_adapter(model, global_arrays)
     load_seconds = time.time() - t0
-    # An exact match cannot be longer than the longest reference, so generation stops there (plus EOS):
-    # a rambling base model costs no more than a trained one.
-    longest = max((len(session.tokenizer(ex.answer)["input_ids"]) for ex in heldout if ex.messages), default=16)
     result = evaluate(
         model,
         session.tokenizer,
         eval_batches(session.tokenizer, heldout, settings.seq_len),
         heldout,
         session.device,
-        max_new_tokens=longest + 2,
     )
     metrics = {
         wire.Metric.EVAL_EXAMPLES: len(heldout),

@@ -217,10 +217,11 @@ def _max_steps(est: Estimate, budget: RoundBudget) -> int:
     return max(0, min(budget.steps, math.floor(allowed / est.step_s)))
 
 
-def make_plan(
-    caps: DeviceCaps, budget: RoundBudget, model: ModelShape = SMOLLM2_135M, host: HostCalibration = HOST
-) -> TrainingPlan:
+def make_plan(caps: DeviceCaps, budget: RoundBudget, model: ModelShape, host: HostCalibration = HOST) -> TrainingPlan:
     """The best-quality configuration that fits the device and the round (see the module docstring).
+
+    ``model`` is the shape of the model being trained (`ModelShape.from_hf_config` of its config): its layers,
+    widths and vocabulary set every memory and time prediction.
 
     First choice: the requested steps with the first candidate (in `candidates` order) that fits memory,
     upload and time. Failing that, the best-quality configuration that fits memory and upload and allows

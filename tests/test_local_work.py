@@ -159,3 +159,21 @@ def test_the_initial_adapter_is_the_seeded_one_whatever_the_kept_model_holds(hol
     set_adapter(holder.model, {k: v + 1.0 for k, v in first.items()})
     again = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
     assert set(again) == set(first) and all(np.array_equal(again[k], first[k]) for k in first)
+
+
+def test_a_planned_round_is_planned_for_the_model_it_trains(holder, device, tiny_model_dir):
+    # The tiny model is ~1000x smaller than SmolLM2-135M: its plan must predict its own memory and step time.
+    from fedge.edge_client.costs import SMOLLM2_135M
+    from fedge.edge_client.plan import make_plan
+
+    settings = _settings(tiny_model_dir, deadline_s=600.0)
+    shape = local_work.model_shape(device.cache_dir, settings.model)
+    assert shape != SMOLLM2_135M and shape.layers == 2 and shape.hidden == 64
+    initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+    _, metrics = local_work.do_train(holder, device, settings, initial, rnd=1)
+    plan = json.loads(metrics[wire.Client.PLAN])
+    caps = local_work.device_caps(device)
+    budget = local_work.round_budget(settings, plan["seq_len"])
+    as_smollm2 = make_plan(caps, budget, SMOLLM2_135M)
+    assert plan["predicted_peak_bytes"] < as_smollm2.predicted_peak_bytes
+    assert plan["predicted_step_s"] < as_smollm2.predicted_step_s / 10

@@ -62,7 +62,7 @@ def _level(plan: TrainingPlan, caps: DeviceCaps, budget: RoundBudget) -> tuple:
 def test_plan_respects_memory_cap_and_deadline_on_every_emulated_device(device, deadline, memory_cap):
     caps = PROFILES[device].caps()
     budget = RoundBudget(deadline_s=deadline, steps=15, r_max=16, memory_cap_bytes=memory_cap)
-    plan = make_plan(caps, budget)
+    plan = make_plan(caps, budget, SMOLLM2_135M)
     assert plan.feasible, plan.reasons
     _fits(plan, caps, budget)
     assert 1 <= plan.steps <= 15 and plan.lora_r <= 16
@@ -71,7 +71,7 @@ def test_plan_respects_memory_cap_and_deadline_on_every_emulated_device(device, 
 
 def test_unconstrained_device_keeps_every_requested_setting():
     budget = RoundBudget(deadline_s=1e6, steps=15, batch=8, seq_len=256, r_max=16)
-    plan = make_plan(_caps(), budget)
+    plan = make_plan(_caps(), budget, SMOLLM2_135M)
     assert (plan.precision, plan.lora_r, plan.top_layers, plan.seq_len) == ("fp32", 16, None, 256)
     assert (plan.micro_batch, plan.grad_accum, plan.gradient_checkpointing, plan.steps) == (8, 1, False, 15)
     assert plan.reasons["feasible"] == "fits with the requested steps"
@@ -90,9 +90,11 @@ TEST_HOST = dataclasses.replace(
 
 def test_memory_pressure_gives_up_precision_then_checkpointing_then_micro_batch():
     budget = RoundBudget(deadline_s=1e6, memory_margin=0.0)
-    top = make_plan(_caps(), budget, host=TEST_HOST)
+    top = make_plan(_caps(), budget, SMOLLM2_135M, host=TEST_HOST)
     fractions = [1 - i / 40 for i in range(1, 38)]
-    plans = [make_plan(_caps(memory=top.predicted_peak_bytes * f), budget, host=TEST_HOST) for f in fractions]
+    plans = [
+        make_plan(_caps(memory=top.predicted_peak_bytes * f), budget, SMOLLM2_135M, host=TEST_HOST) for f in fractions
+    ]
     plans = [p for p in plans if p.feasible and p.seq_len == 256]
     assert plans[0].precision == "bf16" and not plans[0].gradient_checkpointing  # precision goes first
     assert plans[0].reasons["precision"].startswith("bf16: fp32 would not fit (memory")
@@ -112,7 +114,7 @@ def test_tighter_deadlines_never_give_up_a_more_important_knob_first():
     levels = []
     for deadline in (20000, 5000, 2000, 800, 300, 120, 60, 30):
         budget = RoundBudget(deadline_s=deadline)
-        levels.append(_level(make_plan(caps, budget), caps, budget))
+        levels.append(_level(make_plan(caps, budget, SMOLLM2_135M), caps, budget))
     assert levels == sorted(levels)  # lexicographically: steps ... precision, the last given up first
     assert levels[0] == (0, -16, -30, -256, -8, 1, False, 0)
 
@@ -120,7 +122,7 @@ def test_tighter_deadlines_never_give_up_a_more_important_knob_first():
 def test_steps_are_cut_only_when_nothing_else_fits_and_no_knob_is_given_up_for_one_step():
     caps = _caps(gflops={p: 0.05 for p in LADDER})  # very slow
     budget = RoundBudget(deadline_s=3000, steps=15)
-    plan = make_plan(caps, budget)
+    plan = make_plan(caps, budget, SMOLLM2_135M)
     assert plan.feasible and 1 <= plan.steps < 15
     assert plan.reasons["feasible"].startswith("the requested 15 steps do not fit")
     _fits(plan, caps, budget)
@@ -136,19 +138,19 @@ def test_steps_are_cut_only_when_nothing_else_fits_and_no_knob_is_given_up_for_o
 
 
 def test_infeasible_when_memory_is_too_small_with_reason():
-    plan = make_plan(_caps(memory=300e6), RoundBudget(deadline_s=600))
+    plan = make_plan(_caps(memory=300e6), RoundBudget(deadline_s=600), SMOLLM2_135M)
     assert not plan.feasible and plan.steps == 0
     assert "memory" in plan.reasons["feasible"]
 
 
 def test_infeasible_when_one_step_misses_the_deadline_with_reason():
-    plan = make_plan(_caps(gflops={p: 1e-3 for p in LADDER}), RoundBudget(deadline_s=60))
+    plan = make_plan(_caps(gflops={p: 1e-3 for p in LADDER}), RoundBudget(deadline_s=60), SMOLLM2_135M)
     assert not plan.feasible and "time" in plan.reasons["feasible"]
 
 
 def test_upload_budget_shrinks_the_adapter():
     budget = RoundBudget(deadline_s=1e6, upload_budget_bytes=2_000_000)
-    plan = make_plan(_caps(), budget)
+    plan = make_plan(_caps(), budget, SMOLLM2_135M)
     assert plan.feasible and plan.predicted_upload_bytes <= 2_000_000
     assert plan.lora_r < 16 or plan.top_layers is not None
 
@@ -156,22 +158,22 @@ def test_upload_budget_shrinks_the_adapter():
 def test_slow_link_counts_in_the_deadline():
     fast, slow = _caps(uplink_bytes_per_s=100e6), _caps(uplink_bytes_per_s=50_000)
     budget = RoundBudget(deadline_s=300)
-    assert make_plan(fast, budget).predicted_upload_s < 1
-    plan = make_plan(slow, budget)
+    assert make_plan(fast, budget, SMOLLM2_135M).predicted_upload_s < 1
+    plan = make_plan(slow, budget, SMOLLM2_135M)
     assert plan.predicted_upload_s > 10 and plan.predicted_upload_bytes / 50_000 < 300 * 0.85
 
 
 def test_device_without_bf16_computes_quantized_weights_in_fp32():
     caps = PROFILES["pi4-2gb"].caps()
     assert "bf16" not in caps.precisions
-    plan = make_plan(caps, RoundBudget(deadline_s=120, memory_cap_bytes=int(0.5 * GIB)), host=TEST_HOST)
+    plan = make_plan(caps, RoundBudget(deadline_s=120, memory_cap_bytes=int(0.5 * GIB)), SMOLLM2_135M, host=TEST_HOST)
     assert plan.feasible and plan.precision in ("int8", "int4") and plan.compute_dtype == "fp32"
 
 
 def test_plan_is_json_and_sets_a_valid_train_config():
     from fedge.edge_client.train import TrainConfig
 
-    plan = make_plan(PROFILES["pi4-2gb"].caps(), RoundBudget(deadline_s=120))
+    plan = make_plan(PROFILES["pi4-2gb"].caps(), RoundBudget(deadline_s=120), SMOLLM2_135M)
     back = TrainingPlan.from_dict(json.loads(plan.to_json()))
     assert back == plan
     base = TrainConfig()
@@ -183,7 +185,7 @@ def test_plan_is_json_and_sets_a_valid_train_config():
 
 def test_unknown_target_and_bad_budget_are_named():
     with pytest.raises(ValueError, match="lm_head"):
-        make_plan(_caps(), RoundBudget(deadline_s=60, targets=("q_proj", "lm_head")))
+        make_plan(_caps(), RoundBudget(deadline_s=60, targets=("q_proj", "lm_head")), SMOLLM2_135M)
     with pytest.raises(ValueError, match="deadline_s"):
         RoundBudget(deadline_s=0)
     with pytest.raises(ValueError, match="bogus"):
@@ -216,7 +218,9 @@ def test_caps_from_a_profiler_report():
 def _plan_for(steps=15, deadline=100.0):
     caps = _caps(gflops={p: 1.0 for p in LADDER}, uplink_bytes_per_s=1e9, latency_s=0.0)
     budget = RoundBudget(deadline_s=deadline, steps=steps, time_margin=0.0)
-    return dataclasses.replace(make_plan(caps, budget), steps=10, predicted_step_s=5.0, predicted_upload_s=0.0), budget
+    return dataclasses.replace(
+        make_plan(caps, budget, SMOLLM2_135M), steps=10, predicted_step_s=5.0, predicted_upload_s=0.0
+    ), budget
 
 
 def test_replan_cuts_steps_when_the_first_steps_are_slow():
@@ -297,7 +301,36 @@ def test_a_plan_runs_end_to_end_on_the_tiny_model_and_the_replanner_cuts_it_shor
 def test_a_device_with_room_for_one_step_gets_a_one_step_plan():
     caps = _caps(gflops={p: 0.05 for p in LADDER})
     for deadline in (3000, 1500, 800, 400):
-        plan = make_plan(caps, RoundBudget(deadline_s=deadline, steps=15))
+        plan = make_plan(caps, RoundBudget(deadline_s=deadline, steps=15), SMOLLM2_135M)
         if plan.feasible and plan.steps == 1:
             break
     assert plan.feasible and plan.steps == 1, plan.reasons["feasible"]
+
+
+def test_the_plan_follows_the_shape_of_the_model_it_trains():
+    # The planner reads the model's config: a SmolLM2-like Llama, a Qwen2-style model (wider, 151k vocabulary)
+    # and a Gemma-3-style one (head_dim 256 != hidden / heads, 262k vocabulary) cost differently on one device.
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    configs = {
+        "llama": LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+        "qwen2": Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                             num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+        "gemma3": Gemma3TextConfig(hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+                                   num_key_value_heads=1, head_dim=256, vocab_size=262144),
+    }  # fmt: skip
+    shapes = {name: ModelShape.from_hf_config(c) for name, c in configs.items()}
+    assert shapes["llama"] == SMOLLM2_135M
+    assert shapes["gemma3"].module_dims("q_proj") == (640, 1024) and shapes["gemma3"].module_dims("o_proj") == (
+        1024,
+        640,
+    )
+    caps, budget = _caps(memory=16 * GIB), RoundBudget(deadline_s=3600, steps=15)
+    plans = {name: make_plan(caps, budget, shape) for name, shape in shapes.items()}
+    memory = {name: p.predicted_peak_bytes for name, p in plans.items()}
+    step_s = {name: p.predicted_step_s for name, p in plans.items()}
+    assert memory["llama"] < memory["gemma3"] < memory["qwen2"], memory
+    assert step_s["llama"] < step_s["qwen2"] and len(set(step_s.values())) == 3, step_s
+    untied = ModelShape.from_hf_config(Qwen2Config(tie_word_embeddings=False))
+    assert untied.embed_params == 2 * untied.vocab * untied.hidden

@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", type=Path, default=None)
     ev.add_argument("--model", default=None, help=f"base model (default: the adapter's, else {DEFAULT_MODEL})")
     ev.add_argument("--limit", type=int, default=None, help="evaluate at most N examples")
+    ev.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generation limit for exact match (default: the longest reference reply in tokens, plus slack)",
+    )
     ev.add_argument("--json", action="store_true", help="print JSON to stdout")
     _add_runtime_args(ev)
     ev.set_defaults(run=cmd_eval)

@@ -1,0 +1,42 @@
+"""Exact match scores answers of any length: the generation limit comes from the references, not a constant."""
+
+from __future__ import annotations
+
+import torch
+
+from fedge.common.modeling import LoraSettings, add_lora
+from fedge.edge_client.data import Example
+from fedge.edge_client.evaluate import answer_token_limit, evaluate
+from fedge.edge_client.session import epoch_maker
+from fedge.edge_client.train import TrainConfig, train
+
+# Replies of 21-27 tokens in the tiny tokenizer: longer than any fixed cap of 16 new tokens.
+LONG = [
+    Example(
+        messages=(
+            ("user", f"Code for ledger line {i}?"),
+            ("assistant", f"FUEL-520 TRAVEL-{i}10 GROCERY-31{i} RENT-9{i}0"),
+        )
+    )
+    for i in range(4)
+]
+
+
+def test_the_limit_covers_the_longest_reference(tiny_session):
+    tok = tiny_session.tokenizer
+    longest = max(len(tok(ex.answer, add_special_tokens=False)["input_ids"]) for ex in LONG)
+    assert longest > 16
+    assert answer_token_limit(tok, LONG) > longest
+    assert answer_token_limit(tok, [Example(text="plain text has no reference reply")]) > 0
+
+
+def test_a_model_that_learned_long_answers_scores_them(fresh_session):
+    # Memorize four long replies, then score them: every greedy answer must come out whole.
+    lora = LoraSettings(r=16, alpha=32, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"))
+    cfg = TrainConfig(steps=80, micro_batch=4, lr=1e-2, warmup_steps=0, lr_schedule="constant", seq_len=64, lora=lora)
+    model = add_lora(fresh_session.model, cfg.lora, seed=0)
+    train(model, epoch_maker(fresh_session.tokenizer, LONG, cfg), cfg, torch.device("cpu"))
+    result = evaluate(model, fresh_session.tokenizer, [], LONG, torch.device("cpu"))
+    assert result.exact_match == 1.0
+    capped = evaluate(model, fresh_session.tokenizer, [], LONG, torch.device("cpu"), max_new_tokens=16)
+    assert capped.exact_match == 0.0  # what a fixed 16-token cap scored
