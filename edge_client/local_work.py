@@ -24,6 +24,8 @@ import numpy as np
 from fedge.common import wire
 from fedge.common.fsutil import atomic_write_bytes, atomic_write_text
 from fedge.common.modeling import ModelHolder, get_adapter, set_adapter
+from fedge.common.settings import from_config, setting, to_config
+from fedge.quantization import PRECISIONS
 
 UPDATE_FILE, METRICS_FILE = "update.npz", "metrics.json"
 KEEP_WORK_DIRS = 3
@@ -32,39 +34,56 @@ Arrays = dict[str, np.ndarray]
 
 @dataclass
 class Device:
-    """This device's side of the federation, from the SuperNode's ``--node-config`` (see ``fedge client start``)."""
+    """This device's side of the federation: ``fedge client start``'s device flags, a config file's ``[device]``
+    table, and the SuperNode's node config the ClientApp reads (`fedge.common.settings`)."""
 
-    name: str
-    data: str
-    eval_data: str | None
-    state_dir: Path
-    cache_dir: Path
-    precision: str = "auto"
-    threads: int = 0  # 0: torch's default
-    worker_port: int = 0  # 0: no warm worker, the ClientApp process does the work
-    profile: str = ""  # an emulated device (`fedge.edge_client.devices.load_profile`); "": this machine as it is
+    name: str = setting("", "how the server's records name this client (default: from --data)")
+    data: str = setting("", "this device's training data: a JSONL/CSV/TXT file or demo:DOMAIN")
+    eval_data: str | None = setting(None, "held-out data (default: 10%% of --data)")
+    state_dir: Path | None = setting(
+        None, "local work and checkpoints (default: ~/.fedge/clients/NAME)", flag="--state"
+    )
+    cache_dir: Path | None = setting(None, "the model cache (default: fedge's; `fedge --cache-dir`)")
+    precision: str = setting("auto", "base weights", choices=PRECISIONS)
+    threads: int = setting(0, "torch threads (0: all cores)")
+    worker_port: int = setting(0, "the warm worker's loopback port (0: the ClientApp process does the work)")
+    profile: str = setting(
+        "", "run as an emulated device: pi4-2gb, pi5-8gb, jetson-orin-nano, laptop, a .json/.toml file, or key=value "
+        "text such as base=pi5-8gb,slowdown=2 (its speed, memory cap and link; see edge_client/devices.py)",
+        flag="--device-profile", metavar="SPEC",
+    )  # fmt: skip
     # How an emulated device's extra time passes: "wall" sleeps it (a real federation sees the slow device);
     # "virtual" adds it to the device's clock without sleeping (benchmarks: the deadline still binds).
-    emulated_time: str = "wall"
+    emulated_time: str = setting(
+        "wall", "with --device-profile: sleep the device's slowness and link time (wall), or count them on its "
+        "clock without sleeping (virtual: several emulated devices on one machine)", choices=("wall", "virtual"),
+    )  # fmt: skip
+
+    def __post_init__(self) -> None:
+        from fedge.common.models import default_cache_dir
+
+        self.name = self.name or Path(self.data).stem.replace("demo:", "") or "client"
+        self.state_dir = Path(self.state_dir or Path.home() / ".fedge" / "clients" / self.name)
+        self.cache_dir = Path(self.cache_dir or default_cache_dir())
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if not 0 <= self.worker_port < 65536:
+            raise ValueError(f"worker_port must be in 0..65535, got {self.worker_port}")
+        if self.emulated_time not in ("wall", "virtual"):
+            raise ValueError(f"emulated_time must be wall or virtual, got {self.emulated_time!r}")
 
     @classmethod
     def from_node_config(cls, config) -> Device:
-        from fedge.common.models import default_cache_dir
+        """From the SuperNode's node config (Flower adds keys of its own, which are left alone)."""
+        device = from_config(cls, config)
+        if not device.data:
+            raise ValueError("the node config has no 'data': start the client with `fedge client start`")
+        return device
 
-        if wire.Node.DATA not in config:
-            raise ValueError(f"node config has no {wire.Node.DATA!r}: start the client with `fedge client start`")
-        return cls(
-            name=str(config.get(wire.Node.NAME, "client")),
-            data=str(config[wire.Node.DATA]),
-            eval_data=str(config[wire.Node.EVAL_DATA]) if config.get(wire.Node.EVAL_DATA) else None,
-            state_dir=Path(str(config.get(wire.Node.STATE_DIR, Path.home() / ".fedge" / "client"))),
-            cache_dir=Path(str(config.get(wire.Node.CACHE_DIR) or default_cache_dir())),
-            precision=str(config.get(wire.Node.PRECISION, "auto")),
-            threads=int(config.get(wire.Node.THREADS, 0)),
-            worker_port=int(config.get(wire.Node.WORKER_PORT, 0)),
-            profile=str(config.get(wire.Node.PROFILE, "")),
-            emulated_time=str(config.get(wire.Node.EMULATED_TIME, "wall")),
-        )
+    def to_node_config(self) -> dict:
+        return to_config(self)
 
 
 def open_adapter(holder: ModelHolder, settings: wire.RoundSettings, plan=None) -> tuple:

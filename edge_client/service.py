@@ -7,102 +7,98 @@ with this device's settings, passed as the SuperNode's node config.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedge.common import wire
 from fedge.common.errors import FedgeError
+from fedge.common.fsutil import atomic_write_text
 from fedge.common.procs import flwr_env, free_port, parse_address
+from fedge.common.settings import setting
+from fedge.edge_client.local_work import Device
 
 
 @dataclass
-class ClientOptions:
-    server: str
-    data: str
-    eval_data: str | None = None
-    name: str | None = None
-    state_dir: Path | None = None
-    cache_dir: Path | None = None
-    model: str | None = "smollm2-135m"  # pulled before joining so the first round does not pay for it
-    precision: str = "auto"
-    threads: int = 0
-    root_certificates: Path | None = None  # the server's CA: TLS on; without it the link is plaintext
-    auth_key: Path | None = None  # this SuperNode's private key (OpenSSH ECDSA) when the server authenticates nodes
-    max_retries: int | None = None  # None: retry forever
-    warm_worker: bool = True  # keep the model loaded between rounds in a worker process (see fedge.edge_client.worker)
-    profile: str = ""  # an emulated device (fedge.edge_client.devices.load_profile spec); "": this machine as it is
-    # How an emulated device's slowness and link time pass: "wall" (slept) or "virtual" (counted on the device's
-    # clock, not slept; a busy host does not slow the device either). For one-machine demos and benchmarks.
-    emulated_time: str = "wall"
+class ClientSettings:
+    """How this device joins a federation: ``fedge client start``'s flags and a config file's ``[client]`` table.
+    What the device is and holds (data, name, state, precision, ...) is its `Device` (``[device]``)."""
+
+    server: str = setting("", "the server's HOST:PORT")
+    model: str = setting("smollm2-135m", "model to pull before joining, so round 1 does not pay for it (none: skip)")
+    root_certificates: Path | None = setting(None, "the server's CA certificate: enables TLS")
+    auth_key: Path | None = setting(None, "this device's private key for SuperNode authentication (needs TLS)")
+    max_retries: int | None = setting(None, "give up after N reconnects (default: never)")
+    worker: bool = setting(True, "keep the model loaded between rounds in a warm worker process")
+
+    def __post_init__(self) -> None:
+        if self.max_retries is not None and self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.auth_key is not None and self.root_certificates is None:
+            raise ValueError("auth_key needs root_certificates: SuperNode authentication runs over TLS only")
 
 
-def worker_command(opts: ClientOptions, state_dir: Path, port: int) -> list[str]:
+def worker_command(client: ClientSettings, device: Device, port: int) -> list[str]:
     import sys
 
-    from fedge.common.models import default_cache_dir
-
-    cmd = [sys.executable, "-m", "fedge.edge_client.worker", "--state", str(state_dir), "--port", str(port),
-           "--cache-dir", str((opts.cache_dir or default_cache_dir()).resolve()), "--precision", opts.precision,
-           "--threads", str(opts.threads)]  # fmt: skip
-    return cmd + (["--model", opts.model] if opts.model else [])
+    cmd = [sys.executable, "-m", "fedge.edge_client.worker", "--state", str(device.state_dir), "--port", str(port),
+           "--cache-dir", str(device.cache_dir), "--precision", device.precision,
+           "--threads", str(device.threads)]  # fmt: skip
+    return cmd + (["--model", client.model] if client.model and client.model != "none" else [])
 
 
-def supernode_command(opts: ClientOptions, worker_port: int = 0) -> tuple[list[str], dict[str, str]]:
-    """Check the options and the data, and build the ``flower-supernode`` command and its environment."""
-    from fedge.common.models import default_cache_dir
+def prepare_device(device: Device) -> Device:
+    """Check the device's data and profile now (FedgeError naming the bad part), and make its paths absolute and
+    its state directory exist: the ClientApp and the warm worker read them from other working directories."""
     from fedge.edge_client.data import load_examples
 
-    parse_address(opts.server, "--server")
-    load_examples(opts.data)  # a bad data file fails here, with its line, not in round 1
-    if opts.eval_data:
-        load_examples(opts.eval_data)
-    profile = _profile_spec(opts.profile)
-    name = opts.name or Path(opts.data).stem.replace("demo:", "")
-    state_dir = (opts.state_dir or Path.home() / ".fedge" / "clients" / name).resolve()
+    if not device.data:
+        raise FedgeError("--data is required: a JSONL/CSV/TXT file or demo:DOMAIN")
+    load_examples(device.data)  # a bad data file fails here, with its line, not in round 1
+    if device.eval_data:
+        load_examples(device.eval_data)
+    profile = _profile_spec(device.profile)
+    state_dir = device.state_dir.resolve()
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise FedgeError(f"--state {state_dir}: cannot create ({err.strerror})") from None
-    node_config = {
-        wire.Node.NAME: name,
-        wire.Node.DATA: str(Path(opts.data).resolve()) if Path(opts.data).exists() else opts.data,
-        wire.Node.STATE_DIR: str(state_dir),
-        wire.Node.CACHE_DIR: str((opts.cache_dir or default_cache_dir()).resolve()),
-        wire.Node.PRECISION: opts.precision,
-        wire.Node.THREADS: opts.threads,
-        wire.Node.WORKER_PORT: worker_port,
-    }
-    if profile:  # the ClientApp hands it to the warm worker with each round's work (fedge.edge_client.worker)
-        node_config[wire.Node.PROFILE] = profile
-        node_config[wire.Node.EMULATED_TIME] = opts.emulated_time
-    if opts.eval_data:
-        ev = opts.eval_data
-        node_config[wire.Node.EVAL_DATA] = str(Path(ev).resolve()) if Path(ev).exists() else ev
-    cmd = [
-        "flower-supernode",
-        "--superlink",
-        opts.server,
-        "--port",
-        str(free_port()),
-        "--node-config",
-        " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items()),
-    ]
-    if opts.root_certificates:
-        if not opts.root_certificates.is_file():
-            raise FedgeError(f"--root-certificates {opts.root_certificates}: no such file")
-        cmd += ["--root-certificates", str(opts.root_certificates)]
+    return dataclasses.replace(
+        device,
+        data=_absolute(device.data),
+        eval_data=_absolute(device.eval_data) if device.eval_data else None,
+        state_dir=state_dir,
+        cache_dir=device.cache_dir.resolve(),
+        profile=profile,
+    )
+
+
+def _absolute(source: str) -> str:
+    return str(Path(source).resolve()) if Path(source).exists() else source
+
+
+def supernode_command(client: ClientSettings, device: Device) -> tuple[list[str], dict[str, str]]:
+    """The ``flower-supernode`` command for a prepared ``device`` and its environment; the node config (the
+    device's settings) goes in a TOML file in its state directory."""
+    import tomli_w
+
+    parse_address(client.server, "--server")
+    node_config = device.state_dir / "node-config.toml"
+    atomic_write_text(node_config, tomli_w.dumps(device.to_node_config()))
+    cmd = ["flower-supernode", "--superlink", client.server, "--port", str(free_port()),
+           "--node-config", str(node_config)]  # fmt: skip
+    if client.root_certificates:
+        if not client.root_certificates.is_file():
+            raise FedgeError(f"--root-certificates {client.root_certificates}: no such file")
+        cmd += ["--root-certificates", str(client.root_certificates)]
     else:
         cmd += ["--insecure"]
-    if opts.auth_key:
-        if not opts.auth_key.is_file():
-            raise FedgeError(f"--auth-key {opts.auth_key}: no such file")
-        if not opts.root_certificates:
-            raise FedgeError("--auth-key needs --root-certificates: SuperNode authentication runs over TLS only")
-        cmd += ["--auth-supernode-private-key", str(opts.auth_key)]
-    if opts.max_retries is not None:
-        cmd += ["--max-retries", str(opts.max_retries)]
-    return cmd, flwr_env(state_dir / "flwr")
+    if client.auth_key:
+        if not client.auth_key.is_file():
+            raise FedgeError(f"--auth-key {client.auth_key}: no such file")
+        cmd += ["--auth-supernode-private-key", str(client.auth_key)]
+    if client.max_retries is not None:
+        cmd += ["--max-retries", str(client.max_retries)]
+    return cmd, flwr_env(device.state_dir / "flwr")
 
 
 def _profile_spec(spec: str) -> str:
@@ -119,7 +115,7 @@ def _profile_spec(spec: str) -> str:
     return str(path.resolve()) if path.suffix in (".json", ".toml") and path.is_file() else spec
 
 
-def start_client(opts: ClientOptions, say, log_path: Path | None = None) -> int:
+def start_client(client: ClientSettings, device: Device, say, log_path: Path | None = None) -> int:
     """Pull the model once, then run the SuperNode, restarting it with backoff whenever it exits.
 
     A SuperNode retries a lost connection by itself, but exits when a restarted SuperLink no longer knows
@@ -129,16 +125,17 @@ def start_client(opts: ClientOptions, say, log_path: Path | None = None) -> int:
     import signal
     import time
 
-    from fedge.common.models import default_cache_dir, pull_model
+    from fedge.common.models import pull_model
     from fedge.common.procs import spawn, stop
 
-    worker_port = free_port() if opts.warm_worker else 0
-    cmd, env = supernode_command(opts, worker_port)
-    state_dir = Path(env["FLWR_HOME"]).parent
-    if opts.model:
-        pull_model(opts.model, opts.cache_dir or default_cache_dir(), say)
-    say(f"joining {opts.server} as {cmd[cmd.index('--node-config') + 1]}")
-    worker = spawn(worker_command(opts, state_dir, worker_port), env, state_dir / "worker.log") if worker_port else None
+    device = prepare_device(dataclasses.replace(device, worker_port=free_port() if client.worker else 0))
+    cmd, env = supernode_command(client, device)
+    state_dir = device.state_dir
+    if client.model and client.model != "none":
+        pull_model(client.model, device.cache_dir, say)
+    say(f"joining {client.server} as {device.name} (node config: {state_dir / 'node-config.toml'})")
+    worker_cmd = worker_command(client, device, device.worker_port)
+    worker = spawn(worker_cmd, env, state_dir / "worker.log") if device.worker_port else None
     stopping = False
 
     def on_signal(signum, _frame) -> None:
@@ -155,12 +152,12 @@ def start_client(opts: ClientOptions, say, log_path: Path | None = None) -> int:
             time.sleep(0.5)
             if worker is not None and worker.poll() is not None:  # rounds fall back to in-process work meanwhile
                 say(f"warm worker exited (code {worker.returncode}); restarting it")
-                worker = spawn(worker_command(opts, state_dir, worker_port), env, state_dir / "worker.log")
+                worker = spawn(worker_cmd, env, state_dir / "worker.log")
         if stopping:
             stop(node)
             stop(worker)
             return 0
-        if opts.max_retries is not None and restarts >= opts.max_retries:
+        if client.max_retries is not None and restarts >= client.max_retries:
             raise FedgeError(f"the SuperNode exited with code {node.returncode} {restarts + 1} times; giving up")
         if time.monotonic() - started > 300:
             backoff = 1.0  # it ran for a while: this is a new outage

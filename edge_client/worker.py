@@ -48,25 +48,11 @@ def call(device, kind: str, config: dict, arrays: dict, rnd: int) -> tuple[dict,
     except (OSError, EOFError, AuthenticationError):  # not there, or not ours: do the work in-process
         return None
     with conn:
-        conn.send({"kind": kind, "node": _node_dict(device), "config": config, "arrays": arrays, "round": rnd})
+        conn.send({"kind": kind, "node": device.to_node_config(), "config": config, "arrays": arrays, "round": rnd})
         reply = conn.recv()
     if "error" in reply:
         raise RuntimeError(f"the worker failed: {reply['error']}")
     return reply["arrays"], reply["metrics"]
-
-
-def _node_dict(device) -> dict:
-    return {
-        wire.Node.NAME: device.name,
-        wire.Node.DATA: device.data,
-        wire.Node.EVAL_DATA: device.eval_data or "",
-        wire.Node.STATE_DIR: str(device.state_dir),
-        wire.Node.CACHE_DIR: str(device.cache_dir),
-        wire.Node.PRECISION: device.precision,
-        wire.Node.THREADS: device.threads,
-        wire.Node.PROFILE: device.profile,
-        wire.Node.EMULATED_TIME: device.emulated_time,
-    }
 
 
 def serve(state_dir: Path, port: int, model: str | None, precision: str, threads: int, cache_dir: Path) -> None:

@@ -1,7 +1,7 @@
 """The Flower ServerApp: resume or start the federation's state, run the rounds, write the final adapter.
 
 Its settings arrive as the run config that ``fedge server start`` writes into the Flower app it submits
-(keys in :class:`RunKeys`). The ``server`` package imports without torch; only building the first adapter
+(`run_config`). The ``server`` package imports without torch; only building the first adapter
 and writing the final one load the model, lazily.
 """
 
@@ -14,24 +14,22 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedge.common import wire
+from fedge.common.settings import from_config, to_config
+from fedge.server.settings import ServerSettings
 from fedge.server.state import ServerState
-from fedge.server.strategy import FedgeAvg, RoundPolicy
+from fedge.server.strategy import FedgeAvg
 
 app = ServerApp()
 log = logging.getLogger("fedge.server")
 FINAL_ADAPTER = "final-adapter"
 
 
-class RunKeys:
-    """Run-config keys (beyond :class:`fedge.common.wire.RoundSettings`'s, which travel unchanged)."""
+CACHE_DIR = "cache-dir"  # run-config key of the server's model cache; the other keys: RoundSettings', ServerSettings'
 
-    ROUNDS = "num-server-rounds"
-    STATE_DIR = "state-dir"
-    CACHE_DIR = "cache-dir"
-    MIN_CLIENTS = "min-clients"
-    DEADLINE = "round-deadline-s"
-    NORM_FACTOR = "norm-factor"
-    SERVER_LR = "server-lr"
+
+def run_config(round_settings: wire.RoundSettings, server: ServerSettings, cache_dir: Path) -> dict:
+    """The run config of a federation: the round's settings, the server's, and the model cache."""
+    return {**round_settings.to_config(), **to_config(server), CACHE_DIR: str(cache_dir)}
 
 
 @app.main()
@@ -47,15 +45,11 @@ def simulation_app(run_config: dict) -> ServerApp:
 
 
 def run_federation(grid: Grid, cfg) -> None:
-    """Resume or start the state in ``cfg[state-dir]``, run the remaining rounds, write the final adapter."""
+    """Resume or start the state in the server's ``state`` directory, run the remaining rounds, write the final
+    adapter. ``cfg``: a `run_config`."""
     settings = wire.RoundSettings.from_config(cfg)
-    state_dir = Path(str(cfg[RunKeys.STATE_DIR]))
-    policy = RoundPolicy(
-        int(cfg[RunKeys.MIN_CLIENTS]),
-        float(cfg[RunKeys.DEADLINE]),
-        float(cfg[RunKeys.NORM_FACTOR]),
-        float(cfg.get(RunKeys.SERVER_LR, 1.0)),
-    )
+    server = from_config(ServerSettings, cfg)
+    state_dir = server.state
     state = ServerState.load(state_dir)
     if state is None:
         state = ServerState(settings.defining(), arrays=_initial_adapter(settings, cfg))
@@ -63,16 +57,16 @@ def run_federation(grid: Grid, cfg) -> None:
     else:
         state.check_resumable(settings.defining(), state_dir)
         log.warning("resuming from %s after round %d", state_dir, state.round)
-    rounds = int(cfg[RunKeys.ROUNDS])
     round_config = settings.to_config()
-    FedgeAvg(policy).run(grid, state, rounds, round_config, round_config, save=lambda s: s.save(state_dir))
+    strategy = FedgeAvg(server, server.stage_deadline_s(settings.deadline_s))
+    strategy.run(grid, state, server.rounds, round_config, round_config, save=lambda s: s.save(state_dir))
     _write_final_adapter(state, settings, cfg, state_dir / FINAL_ADAPTER)
 
 
 def _initial_adapter(settings: wire.RoundSettings, cfg) -> dict:
     from fedge.common.modeling import ModelHolder
 
-    holder = ModelHolder(Path(str(cfg[RunKeys.CACHE_DIR])), precision="fp32")
+    holder = ModelHolder(Path(str(cfg[CACHE_DIR])), precision="fp32")
     return holder.initial_adapter(settings.model, settings.lora(), settings.seed)
 
 
@@ -81,7 +75,7 @@ def _write_final_adapter(state: ServerState, settings: wire.RoundSettings, cfg, 
     from fedge.common import adapters
     from fedge.common.modeling import ModelHolder, set_adapter
 
-    holder = ModelHolder(Path(str(cfg[RunKeys.CACHE_DIR])), precision="fp32")
+    holder = ModelHolder(Path(str(cfg[CACHE_DIR])), precision="fp32")
     session, model = holder.adapter(settings.model, settings.lora(), settings.seed)
     set_adapter(model, state.arrays)
     meta = {

@@ -12,7 +12,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -20,63 +19,25 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedge.common import wire
 from fedge.server import aggregate, hetero
+from fedge.server.settings import ServerSettings
 from fedge.server.state import ServerState
 
 log = logging.getLogger("fedge.server")
 
 
-DEFAULT_STAGE_DEADLINE_S = 1800.0
-# What a stage costs on top of a client's own round: Flower starts a ClientApp process per message and
-# moves the message both ways (measured 20-40 s per message on 2 busy cores), plus the warm worker's hand-off.
-STAGE_SLACK_S = 60.0
-
-
-def stage_deadline(client_deadline_s: float, explicit_s: float | None = None, waves: int = 1) -> float:
-    """Seconds a stage waits for replies: ``explicit_s`` if given, else ``waves`` client deadlines plus the slack.
-
-    ``client_deadline_s`` is the round's `RoundSettings.deadline_s` (0: none, the fixed default applies).
-    ``waves``: how many batches of clients run one after another (a simulation with fewer cores than clients).
-    """
-    if explicit_s is not None:
-        return explicit_s
-    if client_deadline_s > 0:
-        return waves * client_deadline_s + STAGE_SLACK_S
-    return DEFAULT_STAGE_DEADLINE_S
-
-
-@dataclass
-class RoundPolicy:
-    """How a round treats its clients. ``deadline_s`` bounds each stage (train, evaluate) of a round."""
-
-    min_clients: int = 2
-    deadline_s: float = DEFAULT_STAGE_DEADLINE_S
-    norm_factor: float = 10.0  # reject an update whose change is > this x the median of the others'
-    server_lr: float = 1.0  # 1: plain FedAvg; > 1 extrapolates the averaged change (see aggregate.server_step)
-
-    def __post_init__(self) -> None:
-        if self.min_clients < 1:
-            raise ValueError(f"min_clients must be >= 1, got {self.min_clients}")
-        if not self.deadline_s > 0:
-            raise ValueError(f"deadline_s must be > 0, got {self.deadline_s}")
-        if not self.norm_factor > 1:
-            raise ValueError(f"norm_factor must be > 1, got {self.norm_factor}")
-        if not self.server_lr > 0:
-            raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
-
-
 class FedgeAvg(FedAvg):
     """Example-weighted FedAvg of LoRA tensors with update validation, deadlines and resumable rounds."""
 
-    def __init__(self, policy: RoundPolicy) -> None:
+    def __init__(self, server: ServerSettings, stage_deadline_s: float) -> None:
         super().__init__(
-            min_train_nodes=policy.min_clients,
-            min_evaluate_nodes=policy.min_clients,
-            min_available_nodes=policy.min_clients,
+            min_train_nodes=server.min_clients,
+            min_evaluate_nodes=server.min_clients,
+            min_available_nodes=server.min_clients,
             weighted_by_key=wire.Metric.EXAMPLES,
             arrayrecord_key=wire.ADAPTER,
             configrecord_key=wire.CONFIG,
         )
-        self.policy = policy
+        self.server, self.stage_deadline_s = server, stage_deadline_s
         self._names: dict[int, str] = {}  # node id -> client name, from replies: names the failures
 
     def run(
@@ -103,7 +64,7 @@ class FedgeAvg(FedAvg):
                 grid, self.configure_train(rnd, sent, ConfigRecord(train_config), grid)
             )
             clients = self._check_and_average(
-                state, replies, wire.record_bytes(sent), float(train_config[wire.Cfg.LORA_ALPHA])
+                state, replies, wire.record_bytes(sent), wire.RoundSettings.from_config(train_config).lora_alpha
             )
             evals, eval_failures = self._stage(
                 grid, self.configure_evaluate(rnd, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid)
@@ -123,7 +84,7 @@ class FedgeAvg(FedAvg):
         sent = list(messages)
         pending = set(grid.push_messages(sent))
         to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}  # push filled in the ids
-        end = time.monotonic() + self.policy.deadline_s
+        end = time.monotonic() + self.stage_deadline_s
         replies, failures = [], []
         while pending and time.monotonic() < end:
             for reply in grid.pull_messages(list(pending)):
@@ -165,19 +126,19 @@ class FedgeAvg(FedAvg):
             updates.append(update)
         checked = [i for i, c in enumerate(clients) if c["reason"] is None]
         history = state.strategy.get("accepted_norms", [])[-20:]
-        outliers = aggregate.norm_outliers([clients[i]["delta_rms"] for i in checked], history, self.policy.norm_factor)
+        outliers = aggregate.norm_outliers([clients[i]["delta_rms"] for i in checked], history, self.server.norm_factor)
         for i, is_outlier in zip(checked, outliers):
             if is_outlier:
                 clients[i]["reason"] = (
                     f"update norm {clients[i]['delta_rms']:.3g} (RMS per changed entry) is more than "
-                    f"{self.policy.norm_factor:g}x the cohort's"
+                    f"{self.server.norm_factor:g}x the cohort's"
                 )
         accepted = [i for i, c in enumerate(clients) if c["reason"] is None]
         for c in clients:
             c["accepted"] = c["reason"] is None
             if not c["accepted"]:
                 log.warning("rejected the update of %s: %s", c["name"], c["reason"])
-        if len(accepted) >= self.policy.min_clients or (accepted and len(accepted) == len(clients)):
+        if len(accepted) >= self.server.min_clients or (accepted and len(accepted) == len(clients)):
             # Mixed ranks and layer subsets merge per tensor; FedNova weighting evens out unequal step counts
             # (with equal steps this is the example-weighted FedAvg, then the server learning rate).
             state.arrays = hetero.aggregate(
@@ -186,14 +147,14 @@ class FedgeAvg(FedAvg):
                 [clients[i]["examples"] for i in accepted],
                 alpha,
                 steps=[max(1, int(clients[i].get("steps") or 1)) for i in accepted],
-                server_lr=self.policy.server_lr,
+                server_lr=self.server.server_lr,
             )
             state.strategy["accepted_norms"] = history + [clients[i]["delta_rms"] for i in accepted]
         elif clients:
             log.warning(
                 "only %d acceptable updates (minimum %d): the global adapter stays as it was",
                 len(accepted),
-                self.policy.min_clients,
+                self.server.min_clients,
             )
         return clients
 

@@ -16,7 +16,7 @@ from fedge.edge_client.flower_client import evaluate_round, train_round
 
 def poison(msg: Message, context: Context, call_next) -> Message:
     reply = call_next(msg, context)
-    if context.node_config.get(wire.Node.NAME) != "poison" or msg.metadata.message_type != "train":
+    if context.node_config.get("name") != "poison" or msg.metadata.message_type != "train":
         return reply
     arrays = wire.from_record(reply.content[wire.ADAPTER])
     name = next(iter(arrays))

@@ -200,7 +200,7 @@ def test_meta_file_name_is_stable():
         (["server", "start", "--deadline", "-5"], "deadline_s must be >= 0"),
         (["demo", "--devices", "pi4-2gb,toaster"], "unknown device 'toaster'"),
         (["demo", "--devices", "base=laptop,slowdown=0.5"], "slowdown must be >= 1"),
-        (["demo", "--devices", "pi4-2gb,laptop", "--clients", "3"], "--clients 3 but --devices lists 2"),
+        (["demo", "--devices", "pi4-2gb,laptop", "--clients", "3"], "clients 3 but devices lists 2"),
     ],
 )
 def test_device_and_round_options_are_checked_up_front(argv, expected, tmp_path, capsys):
@@ -221,56 +221,62 @@ def test_demo_with_devices_becomes_adaptive_unless_told_otherwise(monkeypatch, t
     import fedge.demo
 
     seen = []
-    monkeypatch.setattr(fedge.demo, "run_demo", lambda opts, console: seen.append(opts) or 0)
+    monkeypatch.setattr(fedge.demo, "run_demo", lambda demo, r, server, cache, console: seen.append((demo, r)) or 0)
     assert main(["demo", "--devices", "pi4-2gb,laptop", "--devices", "base=pi5-8gb,slowdown=2"]) == 0
-    assert seen[-1].devices == ["pi4-2gb", "laptop", "base=pi5-8gb,slowdown=2"] and seen[-1].clients == 3
-    assert seen[-1].settings.deadline_s == 240 and seen[-1].settings.codec == "auto"
+    demo, r = seen[-1]
+    assert demo.devices == ["pi4-2gb", "laptop", "base=pi5-8gb,slowdown=2"] and demo.clients == 3
+    assert r.deadline_s == 240 and r.codec == "auto"
     assert main(["demo", "--devices", "laptop", "--deadline", "90", "--codec", "int4"]) == 0
-    assert seen[-1].settings.deadline_s == 90 and seen[-1].settings.codec == "int4"
+    assert seen[-1][1].deadline_s == 90 and seen[-1][1].codec == "int4"
     assert main(["demo", "--clients", "2"]) == 0  # without devices: the fixed configuration, as before
-    assert seen[-1].devices == [] and seen[-1].settings.deadline_s == 0 and seen[-1].settings.codec == ""
+    demo, r = seen[-1]
+    assert demo.devices == [] and r.deadline_s == 0 and r.codec == ""
 
 
 def test_device_profile_reaches_the_supernodes_node_config(tmp_path):
     from flwr.common.config import parse_config_args
 
-    from fedge.common import wire
-    from fedge.edge_client.service import ClientOptions, supernode_command
+    from fedge.edge_client.local_work import Device
+    from fedge.edge_client.service import ClientSettings, prepare_device, supernode_command
 
-    opts = ClientOptions("127.0.0.1:9092", "demo:iot", state_dir=tmp_path, profile="base=pi5-8gb,slowdown=2")
-    cmd, _ = supernode_command(opts, worker_port=1234)
-    node_config = parse_config_args([cmd[cmd.index("--node-config") + 1]])  # as the SuperNode parses it
-    assert node_config[wire.Node.PROFILE] == "base=pi5-8gb,slowdown=2" and node_config[wire.Node.WORKER_PORT] == 1234
-    assert node_config[wire.Node.EMULATED_TIME] == "wall"  # a device of its own: its slowness is slept
-    opts = ClientOptions("127.0.0.1:9092", "demo:iot", state_dir=tmp_path, profile="pi4-2gb", emulated_time="virtual")
-    cmd, _ = supernode_command(opts, worker_port=1234)
-    assert parse_config_args([cmd[cmd.index("--node-config") + 1]])[wire.Node.EMULATED_TIME] == "virtual"
-    cmd, _ = supernode_command(ClientOptions("127.0.0.1:9092", "demo:iot", state_dir=tmp_path))
-    assert wire.Node.PROFILE not in parse_config_args([cmd[cmd.index("--node-config") + 1]])
+    client = ClientSettings("127.0.0.1:9092")
+
+    def node_config(**device) -> dict:
+        device = prepare_device(Device(data="demo:iot", state_dir=tmp_path, worker_port=1234, **device))
+        cmd, _ = supernode_command(client, device)
+        return parse_config_args([cmd[cmd.index("--node-config") + 1]])  # as the SuperNode parses it
+
+    config = node_config(profile="base=pi5-8gb,slowdown=2")
+    assert config["profile"] == "base=pi5-8gb,slowdown=2" and config["worker-port"] == 1234
+    assert config["emulated-time"] == "wall"  # a device of its own: its slowness is slept
+    assert node_config(profile="pi4-2gb", emulated_time="virtual")["emulated-time"] == "virtual"
+    assert Device.from_node_config(node_config(name="kitchen")).name == "kitchen"
 
 
 def test_stage_deadline_follows_the_round_deadline(tmp_path):
     import tomllib
 
     from fedge.common.wire import RoundSettings
-    from fedge.server.app import RunKeys
-    from fedge.server.deploy import ServerOptions, _write_app
-    from fedge.server.strategy import DEFAULT_STAGE_DEADLINE_S, STAGE_SLACK_S, stage_deadline
+    from fedge.server.app import run_config
+    from fedge.server.deploy import _write_app
+    from fedge.server.settings import DEFAULT_STAGE_DEADLINE_S, STAGE_SLACK_S, ServerSettings
 
-    assert stage_deadline(0) == DEFAULT_STAGE_DEADLINE_S and stage_deadline(0, 99.0) == 99.0
-    assert stage_deadline(240) == 240 + STAGE_SLACK_S and stage_deadline(240, 500.0) == 500.0
-    assert stage_deadline(100, waves=2) == 200 + STAGE_SLACK_S
-    opts = ServerOptions(tmp_path, settings=RoundSettings(deadline_s=240, codec="auto"))
-    app = tomllib.loads((_write_app(tmp_path / "flwr", tmp_path, opts) / "pyproject.toml").read_text())
+    server = ServerSettings(state=tmp_path)
+    assert (
+        server.stage_deadline_s(0) == DEFAULT_STAGE_DEADLINE_S and server.stage_deadline_s(240) == 240 + STAGE_SLACK_S
+    )
+    assert server.stage_deadline_s(100, waves=2) == 200 + STAGE_SLACK_S
+    assert ServerSettings(stage_deadline=99.0).stage_deadline_s(240) == 99.0
+    config = run_config(RoundSettings(deadline_s=240, codec="auto"), server, tmp_path / "cache")
+    app = tomllib.loads((_write_app(tmp_path / "flwr", config, server.clientapp) / "pyproject.toml").read_text())
     config = app["tool"]["flwr"]["app"]["config"]
-    assert config[RunKeys.DEADLINE] == 240 + STAGE_SLACK_S and config["deadline-s"] == 240 and config["codec"] == "auto"
+    assert config["deadline-s"] == 240 and config["codec"] == "auto" and "stage-deadline" not in config
 
 
 def test_simulated_clients_get_the_devices_in_turn(tmp_path):
-    from fedge.common import wire
     from fedge.simulate import node_config
 
     configs = [node_config(pid, tmp_path, tmp_path / "cache", 1, ["pi4-2gb", "laptop"]) for pid in range(3)]
-    assert [c[wire.Node.PROFILE] for c in configs] == ["pi4-2gb", "laptop", "pi4-2gb"]
-    assert [c[wire.Node.NAME] for c in configs] == ["healthcare-0", "finance-1", "education-2"]
-    assert wire.Node.PROFILE not in node_config(0, tmp_path, tmp_path / "cache", 1)
+    assert [c["profile"] for c in configs] == ["pi4-2gb", "laptop", "pi4-2gb"]
+    assert [c["name"] for c in configs] == ["healthcare-0", "finance-1", "education-2"]
+    assert node_config(0, tmp_path, tmp_path / "cache", 1)["profile"] == ""

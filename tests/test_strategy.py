@@ -5,7 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from fedge.common import wire
-from fedge.server.strategy import FedgeAvg, RoundPolicy
+from fedge.server.settings import ServerSettings
+from fedge.server.strategy import FedgeAvg
 
 
 class FakeGrid:
@@ -44,7 +45,7 @@ def _messages() -> list:
 
 
 def test_failures_name_the_node_and_its_client():
-    strategy, grid = FedgeAvg(RoundPolicy(min_clients=1, deadline_s=0.01)), FakeGrid()
+    strategy, grid = FedgeAvg(ServerSettings(min_clients=1, server_lr=1.0), stage_deadline_s=0.01), FakeGrid()
     replies, failures = strategy._stage(grid, _messages())
     assert len(replies) == 3 and failures == []
     replies, failures = strategy._stage(grid, _messages())

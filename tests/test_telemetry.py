@@ -15,13 +15,13 @@ def test_a_training_reply_carries_energy_and_the_round_record_keeps_it(tiny_mode
 
     from fedge.common.modeling import ModelHolder
     from fedge.edge_client import flower_client
+    from fedge.edge_client.local_work import Device
     from fedge.server.strategy import _client_entry
 
     settings = wire.RoundSettings(
         model=str(tiny_model_dir), steps=2, batch=2, seq_len=32, lora_r=4, lora_alpha=8, lora_targets="q_proj,v_proj"
     )
-    node = {wire.Node.NAME: "pi-kitchen", wire.Node.DATA: "demo:finance", wire.Node.STATE_DIR: str(tmp_path / "s"),
-            wire.Node.CACHE_DIR: str(tmp_path / "cache"), wire.Node.PRECISION: "fp32"}  # fmt: skip
+    node = Device("pi-kitchen", "demo:finance", None, tmp_path / "s", tmp_path / "cache", "fp32").to_node_config()
     arrays = ModelHolder(tmp_path / "cache", "fp32").initial_adapter(settings.model, settings.lora(), settings.seed)
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # what a SuperNode's process sets
         monkeypatch.setattr(TaskIdentity, name, value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -15,11 +16,6 @@ from fedge.common.errors import FedgeError
 
 console = Console(stderr=True)
 EXIT_USAGE = 2
-# `fedge demo --devices`' default round deadline, for the default model (SmolLM2-135M, 15 steps of 8 x 256):
-# long enough that every built-in profile plans all 15 steps at full rank, short enough that they must
-# choose differently to make it (Pi 4: int8 base, 64-token rows; Pi 5: fp32, 128; Jetson: bf16, batch 8;
-# laptop: fp32, batch 4), and a round of four emulated devices stays ~5 minutes on 2 cores.
-DEVICES_DEADLINE_S = 240.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,130 +145,37 @@ def _add_profile_command(sub) -> None:
     prof.set_defaults(run=cmd_profile)
 
 
-def _add_round_args(p: argparse.ArgumentParser) -> None:
-    """What each client does per round (sent by the server to every client)."""
-    from fedge.common.wire import RoundSettings
-
-    d = RoundSettings()
-    p.add_argument("--model", default=d.model, help=f"base model every client trains on (default: {d.model})")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=d.steps, help=f"local steps per round (default: {d.steps})")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--rank", type=int, default=d.lora_r)
-    p.add_argument("--targets", default=d.lora_targets, help="comma-separated LoRA target modules")
-    p.add_argument("--eval-examples", type=int, default=d.eval_examples, help="held-out examples per client")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument(
-        "--deadline",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="each client plans its round (precision, rank, layers, steps) to finish within it (default: 0, "
-        "every client trains the round as sent)",
-    )
-    p.add_argument(
-        "--codec",
-        default=None,
-        metavar="SPEC",
-        help="clients send their change encoded: int8, int4, mix:0.9+int4:256 (under 1/8 of fp32), int3, "
-        "topk:0.1+int4, ... or auto / auto:CEILING (each by its uplink); default: the whole fp32 adapter",
-    )
-    p.add_argument(
-        "--server-lr",
-        type=float,
-        default=2.0,
-        help="scales the averaged change (1: plain FedAvg; 2 measured best, see benchmarks/README.md)",
-    )
-
-
 def _add_federation_commands(sub) -> None:
+    """``fedge server start``, ``fedge client start`` and ``fedge demo``: their flags come from the settings classes
+    (`fedge.common.settings`), so each flag, default and help text is written once, where the setting is."""
+    from fedge.common.settings import add_flags
+    from fedge.common.wire import RoundSettings
+    from fedge.demo import DEMO_SETS, DemoSettings
+    from fedge.edge_client.local_work import Device
+    from fedge.edge_client.service import ClientSettings
+    from fedge.server.settings import ServerSettings
+
+    config_help = "a TOML file with [round] and [server] tables (field names as keys); flags override it"
     server = sub.add_parser("server", help="the federation server").add_subparsers(title="server commands")
     start = server.add_parser("start", help="run a SuperLink and the federation (resumes from --state)")
-    _add_round_args(start)
-    start.add_argument("--address", default="0.0.0.0:9092", help="HOST:PORT the clients connect to")
-    start.add_argument("--state", type=Path, default=Path("fedge-server"), help="checkpoints and round records")
-    start.add_argument("--min-clients", type=int, default=2, help="clients needed to start and to close a round")
-    start.add_argument(
-        "--stage-deadline",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="seconds a round stage (train, evaluate) waits for replies (default: --deadline + 60 s of Flower "
-        "overhead, or 1800 without --deadline)",
-    )
-    start.add_argument("--ssl-certfile", type=Path, help="server certificate (PEM): enables TLS")
-    start.add_argument("--ssl-keyfile", type=Path, help="server private key (PEM)")
-    start.add_argument("--ssl-ca-certfile", type=Path, help="CA certificate (PEM) the clients trust")
-    start.add_argument(
-        "--auth-key",
-        type=Path,
-        action="append",
-        default=[],
-        help="a SuperNode public key allowed to join (repeatable; needs TLS)",
-    )
-    start.add_argument(
-        "--clientapp",
-        default="fedge.edge_client.flower_client:app",
-        help="the ClientApp the clients run, MODULE:ATTR (e.g. fedge's wrapped in your own mods)",
-    )
+    start.add_argument("--config", type=Path, help=config_help)
+    add_flags(start.add_argument_group("round: what every client does (sent to every client)"), RoundSettings)
+    add_flags(start.add_argument_group("server"), ServerSettings)
     start.set_defaults(run=cmd_server_start)
 
     client = sub.add_parser("client", help="this device's client").add_subparsers(title="client commands")
     cstart = client.add_parser("start", help="join a federation and train on local data each round")
-    cstart.add_argument("--server", required=True, help="the server's HOST:PORT")
-    cstart.add_argument("--data", required=True, help="JSONL/CSV/TXT file or demo:DOMAIN")
-    cstart.add_argument("--eval-data", help="held-out data (default: 10%% of --data)")
-    cstart.add_argument("--name", help="how the server's records name this client (default: from --data)")
-    cstart.add_argument("--state", type=Path, help="local work and checkpoints (default: ~/.fedge/clients/NAME)")
-    cstart.add_argument("--model", default="smollm2-135m", help="model to pull before joining (none: skip)")
-    cstart.add_argument("--precision", default="auto", help="base weights: auto, fp32, bf16, int8, int4, ...")
-    cstart.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
-    cstart.add_argument("--root-certificates", type=Path, help="the server's CA certificate: enables TLS")
-    cstart.add_argument("--auth-key", type=Path, help="this device's private key for SuperNode authentication")
-    cstart.add_argument("--max-retries", type=int, default=None, help="give up after N reconnects (default: never)")
     cstart.add_argument(
-        "--device-profile",
-        default="",
-        metavar="SPEC",
-        help="run as an emulated device: pi4-2gb, pi5-8gb, jetson-orin-nano, laptop, a .json/.toml file, or "
-        "key=value text such as base=pi5-8gb,slowdown=2 (its speed, memory cap and link; see edge_client/devices.py)",
+        "--config", type=Path, help=config_help.replace("[round] and [server]", "[client] and [device]")
     )
-    cstart.add_argument(
-        "--emulated-time",
-        choices=["wall", "virtual"],
-        default="wall",
-        help="with --device-profile: sleep the device's slowness and link time (wall), or count them on the "
-        "device's clock without sleeping (virtual: for several emulated devices on one machine)",
-    )
-    cstart.add_argument(
-        "--no-worker",
-        action="store_true",
-        help="load the model in each round's ClientApp process instead of a warm worker",
-    )
+    add_flags(cstart.add_argument_group("client: how this device joins"), ClientSettings)
+    add_flags(cstart.add_argument_group("device: what it is and holds"), Device, skip=("cache_dir", "worker_port"))
     cstart.set_defaults(run=cmd_client_start)
 
     demo = sub.add_parser("demo", help="a whole federation on this machine: server + one client per demo domain")
-    _add_round_args(demo)
-    demo.add_argument("--clients", type=int, default=None, help="client processes (one demo domain each; default 4)")
-    demo.add_argument(
-        "--devices",
-        action="append",
-        default=None,
-        metavar="LIST",
-        help="one client per emulated device, e.g. pi4-2gb,pi5-8gb,jetson-orin-nano,laptop (repeat the option for "
-        "key=value profiles: --devices base=laptop --devices base=pi5-8gb,slowdown=2); makes rounds adaptive: "
-        f"--deadline {DEVICES_DEADLINE_S:g} and --codec auto unless given",
-    )
-    demo.add_argument("--out", type=Path, default=None, help="report, plots, adapter (default: a new directory)")
-    demo.add_argument(
-        "--simulation",
-        type=int,
-        default=None,
-        metavar="N",
-        help="run N virtual clients on Flower's simulation engine instead of processes",
-    )
+    add_flags(demo.add_argument_group("demo"), DemoSettings)
+    add_flags(demo.add_argument_group("round: what every client does"), RoundSettings)
+    add_flags(demo.add_argument_group("server"), ServerSettings, skip=DEMO_SETS)
     demo.set_defaults(run=cmd_demo)
 
 
@@ -386,116 +289,64 @@ def cmd_profile(args) -> int:
     return 0
 
 
-def _round_settings(args):
-    from fedge.common.wire import RoundSettings
+def _settings(cls, args, table: str, config: dict | None = None):
+    """``cls`` from its defaults, the config file's ``[table]`` and the flags; a bad value is a FedgeError naming
+    the file or flag."""
+    from fedge.common.settings import resolve
 
+    where = f"{args.config} [{table}]" if getattr(args, "config", None) else f"--{table} options"
     try:
-        return RoundSettings(
-            model=args.model,
-            steps=args.steps,
-            lr=args.lr,
-            batch=args.batch,
-            seq_len=args.seq_len,
-            lora_r=args.rank,
-            lora_alpha=2 * args.rank,
-            lora_targets=args.targets,
-            eval_examples=args.eval_examples,
-            seed=args.seed,
-            deadline_s=args.deadline or 0.0,
-            codec=args.codec or "",
-        )
+        return resolve(cls, (config or {}).get(table), args, where)
+    except (ValueError, TypeError) as err:
+        raise FedgeError(f"{where}: {err}") from None
+
+
+def _config_file(args, tables: tuple[str, ...]) -> dict:
+    """The ``--config`` file's tables (only ``tables`` allowed); {} without one."""
+    from fedge.common.settings import read_toml
+
+    if not getattr(args, "config", None):
+        return {}
+    try:
+        config = read_toml(args.config)
     except ValueError as err:
-        raise FedgeError(f"bad round option: {err}") from None
+        raise FedgeError(str(err)) from None
+    unknown = sorted(set(config) - set(tables))
+    if unknown:
+        raise FedgeError(f"{args.config}: unknown table(s) {unknown}; expected {', '.join(tables)}")
+    return config
 
 
 def cmd_server_start(args) -> int:
-    from fedge.server.deploy import ServerOptions, Tls, start_server
+    from fedge.common.wire import RoundSettings
+    from fedge.server.deploy import start_server
+    from fedge.server.settings import ServerSettings
 
-    tls_files = (args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certfile)
-    if any(tls_files) and not all(tls_files):
-        raise FedgeError("TLS needs all of --ssl-certfile, --ssl-keyfile and --ssl-ca-certfile")
-    if args.auth_key and not all(tls_files):
-        raise FedgeError("--auth-key needs TLS (--ssl-certfile, --ssl-keyfile, --ssl-ca-certfile)")
-    if args.rounds < 1 or args.min_clients < 1:
-        raise FedgeError("--rounds and --min-clients must be >= 1")
-    opts = ServerOptions(
-        state_dir=args.state,
-        address=args.address,
-        rounds=args.rounds,
-        min_clients=args.min_clients,
-        stage_deadline_s=args.stage_deadline,
-        cache_dir=args.cache_dir,
-        settings=_round_settings(args),
-        tls=Tls(*tls_files) if all(tls_files) else None,
-        auth_keys=args.auth_key,
-        clientapp=args.clientapp,
-        server_lr=args.server_lr,
-    )
-    return start_server(opts, Console())
+    config = _config_file(args, ("round", "server"))
+    round_settings = _settings(RoundSettings, args, "round", config)
+    return start_server(_settings(ServerSettings, args, "server", config), round_settings, _cache(args), Console())
 
 
 def cmd_client_start(args) -> int:
-    from fedge.edge_client.service import ClientOptions, start_client
+    from fedge.edge_client.local_work import Device
+    from fedge.edge_client.service import ClientSettings, start_client
 
-    opts = ClientOptions(
-        server=args.server,
-        data=args.data,
-        eval_data=args.eval_data,
-        name=args.name,
-        state_dir=args.state,
-        cache_dir=args.cache_dir,
-        model=None if args.model == "none" else args.model,
-        precision=args.precision,
-        threads=args.threads,
-        root_certificates=args.root_certificates,
-        auth_key=args.auth_key,
-        max_retries=args.max_retries,
-        warm_worker=not args.no_worker,
-        profile=args.device_profile,
-        emulated_time=args.emulated_time,
-    )
-    return start_client(opts, _say)
+    config = _config_file(args, ("client", "device"))
+    client = _settings(ClientSettings, args, "client", config)
+    if not client.server:
+        raise FedgeError("--server is required (the server's HOST:PORT), or server in the config's [client] table")
+    device = dataclasses.replace(_settings(Device, args, "device", config), cache_dir=_cache(args))
+    return start_client(client, device, _say)
 
 
 def cmd_demo(args) -> int:
-    from fedge.demo import DemoOptions, run_demo
+    from fedge.common.wire import RoundSettings
+    from fedge.demo import DemoSettings, adaptive_defaults, run_demo
+    from fedge.server.settings import ServerSettings
 
-    devices = _device_list(args.devices)
-    if devices:
-        if args.clients is not None and args.clients != len(devices):
-            raise FedgeError(f"--clients {args.clients} but --devices lists {len(devices)}: one client per device")
-        args.deadline = DEVICES_DEADLINE_S if args.deadline is None else args.deadline
-        args.codec = "auto" if args.codec is None else args.codec
-    clients = len(devices) if devices else (4 if args.clients is None else args.clients)
-    if not 1 <= clients <= 16 or args.rounds < 1:
-        raise FedgeError("--clients (or --devices) must be 1..16 and --rounds >= 1")
-    opts = DemoOptions(
-        settings=_round_settings(args),
-        rounds=args.rounds,
-        clients=clients,
-        devices=devices,
-        out=args.out,
-        cache_dir=_cache(args),
-        simulation=args.simulation,
-        server_lr=args.server_lr,
-    )
-    return run_demo(opts, Console())
-
-
-def _device_list(values: list[str] | None) -> list[str]:
-    """``--devices`` values -> one profile spec per client, each checked now (FedgeError naming the field).
-
-    A value without ``=`` is a comma-separated list of names or files; one with ``=`` is a single key=value
-    profile (its commas separate fields).
-    """
-    from fedge.edge_client.devices import load_profile
-
-    specs = []
-    for value in values or []:
-        specs += [value] if "=" in value else [v.strip() for v in value.split(",") if v.strip()]
-    for spec in specs:
-        load_profile(spec)
-    return specs
+    demo = _settings(DemoSettings, args, "demo")
+    round_settings = adaptive_defaults(demo, _settings(RoundSettings, args, "round"), set(vars(args)))
+    return run_demo(demo, round_settings, _settings(ServerSettings, args, "server"), _cache(args), Console())
 
 
 if __name__ == "__main__":

@@ -5,194 +5,188 @@ talking over loopback through Flower's SuperLink and SuperNodes, exactly as on s
 holds demo domain i (healthcare, finance, education, iot), trains on its train split and evaluates the
 global adapter on its test split. With ``devices`` client i runs as emulated device i (``fedge client start
 --device-profile``) and the rounds are adaptive: each device plans its round to the deadline and sends its
-change encoded for its link. Everything lands in ``--out``: report.json, rounds.png, clients.png, the
-final adapter, the server's state and every process's log.
+change encoded for its link. Every setting reaches the processes whole, in the config files the demo writes
+(``server.toml``, ``clients/NAME.toml``) and passes with ``--config``. Everything lands in ``--out``:
+report.json, rounds.png, clients.png, the final adapter, the config files, the server's state and every
+process's log.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
 
-from fedge.common import wire
 from fedge.common.errors import FedgeError
+from fedge.common.fsutil import atomic_write_text
 from fedge.common.procs import free_port, stop, tail
+from fedge.common.settings import setting, to_toml_table
+from fedge.common.wire import RoundSettings
 from fedge.edge_client.demo_data import DOMAINS
+from fedge.edge_client.local_work import Device
+from fedge.edge_client.service import ClientSettings
+from fedge.server.settings import ServerSettings
+
+# `fedge demo --devices`' default round deadline, for the default model (SmolLM2-135M, 15 steps of 8 x 256):
+# long enough that every built-in profile plans all 15 steps at full rank, short enough that they must
+# choose differently to make it (Pi 4: int8 base, 64-token rows; Pi 5: fp32, 128; Jetson: bf16, batch 8;
+# laptop: fp32, batch 4), and a round of four emulated devices stays ~5 minutes on 2 cores.
+DEVICES_DEADLINE_S = 240.0
+# ServerSettings fields the demo sets itself: one loopback server, its state in --out, every client needed.
+DEMO_SETS = ("address", "state", "min_clients", "ssl_certfile", "ssl_keyfile", "ssl_ca_certfile", "auth_key")
 
 
 @dataclass
-class DemoOptions:
-    settings: wire.RoundSettings = field(default_factory=wire.RoundSettings)
-    rounds: int = 3
-    clients: int = 4
-    out: Path | None = None
-    cache_dir: Path | None = None
-    simulation: int | None = None
-    server_lr: float = 1.0
-    devices: list[str] = field(default_factory=list)  # device profile specs: client i runs as devices[i]
+class DemoSettings:
+    """The demo's own settings (``fedge demo`` flags); the round's and the server's are theirs."""
+
+    clients: int | None = setting(None, "client processes, one demo domain each (default: 4, or one per device)")
+    devices: list[str] = setting(
+        [], "one client per emulated device, e.g. pi4-2gb,pi5-8gb,jetson-orin-nano,laptop (repeat the option for "
+        "key=value profiles: --devices base=laptop --devices base=pi5-8gb,slowdown=2); makes rounds adaptive: "
+        f"--deadline {DEVICES_DEADLINE_S:g} and --codec auto unless given", metavar="LIST",
+    )  # fmt: skip
+    out: Path | None = setting(None, "report, plots, adapter, configs and logs (default: a new directory)")
+    simulation: int | None = setting(
+        None, "run N virtual clients on Flower's simulation engine instead of processes", metavar="N"
+    )
+
+    def __post_init__(self) -> None:
+        self.devices = _device_list(self.devices)
+        if self.devices and self.clients is not None and self.clients != len(self.devices):
+            raise ValueError(f"clients {self.clients} but devices lists {len(self.devices)}: one client per device")
+        self.clients = len(self.devices) if self.devices else (4 if self.clients is None else self.clients)
+        if not 1 <= self.clients <= 16:
+            raise ValueError(f"clients (or devices) must be 1..16, got {self.clients}")
+        if self.simulation is not None and self.simulation < 1:
+            raise ValueError(f"simulation must be >= 1 virtual clients, got {self.simulation}")
 
 
-def run_demo(opts: DemoOptions, console: Console) -> int:
-    from fedge.common.models import default_cache_dir, pull_model
+def adaptive_defaults(demo: DemoSettings, round_settings: RoundSettings, given: set[str]) -> RoundSettings:
+    """With emulated devices, rounds are adaptive unless told otherwise: a deadline and ``--codec auto``."""
+    if not demo.devices:
+        return round_settings
+    changes = {"deadline_s": DEVICES_DEADLINE_S, "codec": "auto"}
+    return dataclasses.replace(round_settings, **{k: v for k, v in changes.items() if k not in given})
 
-    out = (opts.out or Path(f"fedge-demo-{datetime.now():%Y%m%d-%H%M%S}")).resolve()
+
+def run_demo(
+    demo: DemoSettings, round_settings: RoundSettings, server: ServerSettings, cache: Path, console: Console
+) -> int:
+    from fedge.common.models import pull_model
+
+    out = (demo.out or Path(f"fedge-demo-{datetime.now():%Y%m%d-%H%M%S}")).resolve()
     if out.exists() and any(out.iterdir()):
         raise FedgeError(f"--out {out}: exists and is not empty; pick a new directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise FedgeError(f"--out {out}: cannot create ({err.strerror})") from None
-    cache = opts.cache_dir or default_cache_dir()
+    r = round_settings
     console.print(
-        f"fedge demo: {opts.clients} clients x {opts.rounds} rounds x {opts.settings.steps} steps "
-        f"on {opts.settings.model}; output in [bold]{out}[/]"
+        f"fedge demo: {demo.clients} clients x {server.rounds} rounds x {r.steps} steps on {r.model}; "
+        f"output in [bold]{out}[/]"
     )
-    if opts.devices:
-        s = opts.settings
+    if demo.devices:
         console.print(
-            f"emulated devices: {', '.join(opts.devices)}; each plans its round to a {s.deadline_s:g} s deadline"
-            f"{', sends its change encoded (' + s.codec + ')' if s.codec else ''}",
+            f"emulated devices: {', '.join(demo.devices)}; each plans its round to a {r.deadline_s:g} s deadline"
+            f"{', sends its change encoded (' + r.codec + ')' if r.codec else ''}",
             soft_wrap=True,
         )
-    with console.status(f"fetching {opts.settings.model} (once)"):
-        pull_model(opts.settings.model, cache, lambda m: console.print(f"[dim]{m}[/]"))
+    with console.status(f"fetching {r.model} (once)"):
+        pull_model(r.model, cache, lambda m: console.print(f"[dim]{m}[/]"))
     t0 = time.monotonic()
-    if opts.simulation:
+    if demo.simulation:
         from fedge.simulate import run_simulation
 
-        state_dir = run_simulation(opts, out, cache, console)
+        state_dir = run_simulation(demo.simulation, r, server, demo.devices, out, cache, console)
     else:
-        state_dir = _run_processes(opts, out, cache, console)
-    return _finish(opts, out, state_dir, time.monotonic() - t0, console)
+        state_dir = _run_processes(demo, r, server, out, cache, console)
+    return _finish(demo, r, server, out, state_dir, time.monotonic() - t0, console)
 
 
 def _fedge(cache: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "fedge", "--cache-dir", str(cache), *args]
 
 
-def _round_args(s: wire.RoundSettings, rounds: int) -> list[str]:
-    return [
-        "--model",
-        s.model,
-        "--rounds",
-        str(rounds),
-        "--steps",
-        str(s.steps),
-        "--lr",
-        str(s.lr),
-        "--batch",
-        str(s.batch),
-        "--seq-len",
-        str(s.seq_len),
-        "--rank",
-        str(s.lora_r),
-        "--targets",
-        s.lora_targets,
-        "--eval-examples",
-        str(s.eval_examples),
-        "--seed",
-        str(s.seed),
-        "--deadline",
-        str(s.deadline_s),
-        "--codec",
-        s.codec,
-    ]
+def write_config(path: Path, **tables: object) -> Path:
+    """A config file for ``--config``: one TOML table per settings object (e.g. ``round=..., server=...``)."""
+    import tomli_w
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, tomli_w.dumps({name: to_toml_table(obj) for name, obj in tables.items()}))
+    return path
 
 
-def _run_processes(opts: DemoOptions, out: Path, cache: Path, console: Console) -> Path:
-    import os
-
-    from fedge.common.procs import spawn
-
-    port, logs, state_dir = free_port(), out / "logs", out / "server"
-    env = dict(os.environ)
-    server = spawn(
-        _fedge(
-            cache,
-            "server",
-            "start",
-            *_round_args(opts.settings, opts.rounds),
-            "--state",
-            str(state_dir),
-            "--address",
-            f"127.0.0.1:{port}",
-            "--min-clients",
-            str(opts.clients),
-            "--server-lr",
-            str(opts.server_lr),
-        ),
-        env,
-        logs / "server.log",
-    )
-    threads = max(1, (os.cpu_count() or 1) // opts.clients)
+def demo_processes(
+    demo: DemoSettings, round_settings: RoundSettings, server: ServerSettings, out: Path, port: int
+) -> tuple[ServerSettings, list[tuple[ClientSettings, Device]]]:
+    """The server's settings and each client's (client, device) settings for a demo on loopback ``port``."""
+    server = dataclasses.replace(server, address=f"127.0.0.1:{port}", state=out / "server", min_clients=demo.clients)
+    threads = max(1, (os.cpu_count() or 1) // demo.clients)
+    # the model is pulled already: the client only preloads it in its warm worker
+    client = ClientSettings(server=server.address, model=round_settings.model)
     clients = []
-    for i in range(opts.clients):
+    for i in range(demo.clients):
         domain = DOMAINS[i % len(DOMAINS)]
         name = domain if i < len(DOMAINS) else f"{domain}-{i}"
-        # Virtual time: the devices share this machine's cores, so their slowness is counted, not slept.
-        profile = ["--device-profile", opts.devices[i], "--emulated-time", "virtual"] if opts.devices else []
-        clients.append(
-            spawn(
-                _fedge(
-                    cache,
-                    "client",
-                    "start",
-                    "--server",
-                    f"127.0.0.1:{port}",
-                    "--data",
-                    f"demo:{domain}",
-                    "--eval-data",
-                    f"demo:{domain}:test",
-                    "--name",
-                    name,
-                    "--state",
-                    str(out / "clients" / name),
-                    "--threads",
-                    str(threads),
-                    "--model",
-                    opts.settings.model,  # already pulled: this only preloads it in the client's warm worker
-                    *profile,
-                ),
-                env,
-                logs / f"client-{name}.log",
-            )
-        )
+        device = Device(name, f"demo:{domain}", f"demo:{domain}:test", out / "clients" / name, threads=threads)
+        if demo.devices:  # they share this machine's cores: their slowness is counted, not slept
+            device = dataclasses.replace(device, profile=demo.devices[i], emulated_time="virtual")
+        clients.append((client, device))
+    return server, clients
+
+
+def _run_processes(
+    demo: DemoSettings, round_settings: RoundSettings, server: ServerSettings, out: Path, cache: Path, console
+) -> Path:
+    from fedge.common.procs import spawn
+
+    logs, env = out / "logs", dict(os.environ)
+    server, clients = demo_processes(demo, round_settings, server, out, free_port())
+    config = write_config(out / "server.toml", round=round_settings, server=server)
+    server_proc = spawn(_fedge(cache, "server", "start", "--config", str(config)), env, logs / "server.log")
+    procs = []
+    for client, device in clients:
+        config = write_config(out / "clients" / f"{device.name}.toml", client=client, device=device)
+        cmd = _fedge(cache, "client", "start", "--config", str(config))
+        procs.append(spawn(cmd, env, logs / f"client-{device.name}.log"))
     try:
-        _watch(server, state_dir, opts.rounds, console)
+        from fedge.server.report import watch_records
+
+        watch_records(lambda: server_proc.poll() is not None, server.state, server.rounds, console)
     finally:
-        for proc in clients:
+        for proc in procs:
             stop(proc)
-        stop(server)
-    if server.returncode != 0:
-        raise FedgeError(f"the server failed (code {server.returncode}); its log:\n{tail(logs / 'server.log')}")
-    return state_dir
+        stop(server_proc)
+    if server_proc.returncode != 0:
+        raise FedgeError(f"the server failed (code {server_proc.returncode}); its log:\n{tail(logs / 'server.log')}")
+    return server.state
 
 
-def _watch(server, state_dir: Path, rounds: int, console: Console) -> None:
-    """Print each round as it lands, while the server runs."""
-    from fedge.server.report import watch_records
-
-    watch_records(lambda: server.poll() is not None, state_dir, rounds, console)
-
-
-def _finish(opts: DemoOptions, out: Path, state_dir: Path, seconds: float, console: Console) -> int:
+def _finish(
+    demo: DemoSettings, round_settings: RoundSettings, server: ServerSettings, out: Path, state_dir: Path,
+    seconds: float, console: Console,
+) -> int:  # fmt: skip
     from fedge.server.app import FINAL_ADAPTER
     from fedge.server.report import write_report
     from fedge.server.state import read_records
 
     records = read_records(state_dir)
     meta = {
-        "settings": opts.settings.to_config(),
-        "clients": opts.clients,
-        "devices": opts.devices,
-        "rounds_planned": opts.rounds,
-        "mode": f"simulation ({opts.simulation} virtual clients)" if opts.simulation else "processes on loopback",
+        "settings": round_settings.to_config(),
+        "server": to_toml_table(server),
+        "clients": demo.clients,
+        "devices": demo.devices,
+        "rounds_planned": server.rounds,
+        "mode": f"simulation ({demo.simulation} virtual clients)" if demo.simulation else "processes on loopback",
         "seconds": round(seconds, 1),
     }
     report = write_report(out, records, meta)
@@ -207,6 +201,25 @@ def _finish(opts: DemoOptions, out: Path, state_dir: Path, seconds: float, conso
         f"report: {out / 'report.json'}, plots: {out / 'rounds.png'}, {out / 'clients.png'}, adapter: {out / 'adapter'}"
     )
     return 0
+
+
+def _device_list(values: list[str]) -> list[str]:
+    """``--devices`` values -> one profile spec per client, each checked now (ValueError naming the field).
+
+    A value without ``=`` is a comma-separated list of names or files; one with ``=`` is a single key=value
+    profile (its commas separate fields).
+    """
+    from fedge.edge_client.devices import load_profile
+
+    specs = []
+    for value in values:
+        specs += [value] if "=" in value else [v.strip() for v in value.split(",") if v.strip()]
+    for spec in specs:
+        try:
+            load_profile(spec)
+        except FedgeError as err:
+            raise ValueError(str(err)) from None
+    return specs
 
 
 def _pct(v) -> str:

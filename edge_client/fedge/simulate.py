@@ -8,6 +8,7 @@ per-round fixed cost is paid once per worker.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -16,27 +17,21 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from rich.console import Console
 
-from fedge.common import wire
 from fedge.common.errors import FedgeError
+from fedge.common.wire import RoundSettings
 from fedge.edge_client.demo_data import DOMAINS
+from fedge.edge_client.local_work import Device
+from fedge.server.settings import ServerSettings
 
 
 def node_config(pid: int, out: Path, cache: Path, threads: int, devices: list[str] | None = None) -> dict:
     """What ``fedge client start`` would put in virtual client ``pid``'s node config: domain, paths, device."""
     domain = DOMAINS[pid % len(DOMAINS)]
     name = f"{domain}-{pid}"
-    config = {
-        wire.Node.NAME: name,
-        wire.Node.DATA: f"demo:{domain}",
-        wire.Node.EVAL_DATA: f"demo:{domain}:test",
-        wire.Node.STATE_DIR: str(out / "clients" / name),
-        wire.Node.CACHE_DIR: str(cache),
-        wire.Node.THREADS: threads,
-    }
-    if devices:
-        config[wire.Node.PROFILE] = devices[pid % len(devices)]
-        config[wire.Node.EMULATED_TIME] = "virtual"  # virtual clients share this machine: count slowness, not sleep
-    return config
+    device = Device(name, f"demo:{domain}", f"demo:{domain}:test", out / "clients" / name, cache, threads=threads)
+    if devices:  # virtual clients share this machine: count an emulated device's slowness, do not sleep it
+        device = dataclasses.replace(device, profile=devices[pid % len(devices)], emulated_time="virtual")
+    return device.to_node_config()
 
 
 def client_app(out: Path, cache: Path, threads: int, devices: list[str] | None = None) -> ClientApp:
@@ -54,46 +49,40 @@ def client_app(out: Path, cache: Path, threads: int, devices: list[str] | None =
     return app
 
 
-def run_simulation(opts, out: Path, cache: Path, console: Console) -> Path:
-    """Run the federation with ``opts.simulation`` virtual clients; returns the server's state directory."""
+def run_simulation(
+    clients: int, round_settings: RoundSettings, server: ServerSettings, devices: list[str], out: Path, cache: Path,
+    console: Console,
+) -> Path:  # fmt: skip
+    """Run the federation with ``clients`` virtual clients; returns the server's state directory."""
     try:
         import ray  # noqa: F401
         from flwr.simulation import run_simulation as flwr_run_simulation
     except ImportError:
         raise FedgeError("--simulation needs Flower's simulation engine: pip install 'fedge[simulation]'") from None
-    from fedge.server.app import RunKeys, simulation_app
-    from fedge.server.strategy import stage_deadline
+    from fedge.server.app import run_config, simulation_app
 
     state_dir = out / "server"
     cores = os.cpu_count() or 1
     # One virtual client per core at a time (client_resources below): with more clients than cores a stage
-    # runs in waves, each up to a client deadline long.
-    waves, deadline_s = -(-opts.simulation // cores), opts.settings.deadline_s
-    run_config = {
-        **opts.settings.to_config(),
-        RunKeys.ROUNDS: opts.rounds,
-        RunKeys.STATE_DIR: str(state_dir),
-        RunKeys.CACHE_DIR: str(cache),
-        RunKeys.MIN_CLIENTS: opts.simulation,
-        RunKeys.DEADLINE: stage_deadline(deadline_s, None if deadline_s else 3600.0, waves),
-        RunKeys.NORM_FACTOR: 10.0,
-        RunKeys.SERVER_LR: opts.server_lr,
-    }
+    # runs in waves, each up to a client deadline long (without one: an hour per stage).
+    waves, deadline_s = -(-clients // cores), round_settings.deadline_s
+    stage_s = server.stage_deadline_s(deadline_s, waves) if deadline_s else (server.stage_deadline or 3600.0)
+    server = dataclasses.replace(server, state=state_dir, min_clients=clients, stage_deadline=stage_s)
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": cores}}
     done = threading.Event()
 
     def watch() -> None:
         from fedge.server.report import watch_records
 
-        watch_records(done.is_set, state_dir, opts.rounds, console)
+        watch_records(done.is_set, state_dir, server.rounds, console)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
         flwr_run_simulation(
-            simulation_app(run_config),
-            client_app(out, cache, threads=1, devices=opts.devices),
-            opts.simulation,
+            simulation_app(run_config(round_settings, server, cache)),
+            client_app(out, cache, threads=1, devices=devices),
+            clients,
             backend_config=backend,
         )
     finally:

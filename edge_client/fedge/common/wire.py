@@ -11,9 +11,11 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from fedge.common.settings import from_config, setting, to_config
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
@@ -28,25 +30,9 @@ CLIENT = "client"  # ConfigRecord: who replied (reply)
 
 
 class Cfg:
-    """ConfigRecord keys, server -> client."""
+    """ConfigRecord keys, server -> client, beyond `RoundSettings`' own (whose keys are its field names)."""
 
     ROUND = "server-round"  # Flower's FedAvg sets this one itself
-    MODEL = "model"
-    STEPS = "local-steps"
-    LR = "lr"
-    BATCH = "micro-batch"
-    SEQ_LEN = "seq-len"
-    SEED = "seed"
-    LORA_R = "lora-r"
-    LORA_ALPHA = "lora-alpha"
-    LORA_TARGETS = "lora-targets"  # comma-separated module names
-    EVAL_EXAMPLES = "eval-examples"  # at most this many held-out examples for exact match
-    LORA_FREEZE_A = "lora-freeze-a"
-    DEADLINE_S = "deadline-s"  # > 0: each client plans its round to finish within it (0: train as sent)
-    CODEC = (
-        "codec"  # how updates travel: "" the whole adapter, else a codec spec or "auto" (see fedge.quantization.codecs)
-    )
-    PLAN = "plan"  # a pinned training plan (JSON, as a reply's plan): trained as it is, no planning or re-planning
 
 
 class Metric:
@@ -190,31 +176,42 @@ class TrainingPlan:
 
 @dataclass
 class RoundSettings:
-    """What every client does in a round, sent in the train/evaluate ConfigRecord."""
+    """What every client does in a round, sent in the train/evaluate ConfigRecord; ``--flags`` and a config file's
+    ``[round]`` table on ``fedge server start`` and ``fedge demo``."""
 
-    model: str = "smollm2-135m"
-    steps: int = 15
-    lr: float = 2e-3
-    batch: int = 8
-    seq_len: int = 256
-    seed: int = 0
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    eval_examples: int = 50
+    model: str = setting("smollm2-135m", "base model every client trains on: a built-in name, directory or .gguf")
+    steps: int = setting(15, "local training steps per round")
+    lr: float = setting(2e-3, "clients' learning rate")
+    batch: int = setting(8, "examples per local step")
+    seq_len: int = setting(256, "longest row in tokens (the data's longest example, if shorter, is used)")
+    seed: int = setting(0, "seeds the adapter's init (the same on every client) and the data order")
+    lora_r: int = setting(16, "LoRA rank of the global adapter", flag="--rank")
+    lora_alpha: int = setting(0, "LoRA alpha: the adapter's scale is alpha / rank (0: 2 x rank)", flag="--alpha")
+    lora_targets: str = setting(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "comma-separated LoRA target modules",
+        flag="--targets",
+    )  # fmt: skip
+    eval_examples: int = setting(50, "held-out examples each client scores the global adapter on")
     # Train LoRA B only, A fixed at its seeded init, the same on every client (FFA-LoRA, Sun et al. 2024): the
     # average of B_i @ A is then exactly the average of the clients' weight changes, where averaging A and B
     # separately multiplies each client's own change by 1/clients^2 plus cross terms.
-    lora_freeze_a: bool = True
-    deadline_s: float = 0.0  # > 0: adaptive clients (fedge.edge_client.plan) fit their work into it
-    # "": the whole adapter as fp32; a codec spec (fedge.quantization.codecs); "auto": the least lossy codec whose
-    # upload fits the deadline on the device's link; "auto:int3": the same, never less compressed than int3.
-    codec: str = ""
-    # A pinned training plan (the JSON a reply's plan record holds): the client trains exactly it, without
-    # planning or re-planning, e.g. to replay a recorded round with another codec.
-    plan: str = ""
+    lora_freeze_a: bool = setting(True, "train LoRA B only, A fixed at its shared seeded init (FFA-LoRA)")
+    deadline_s: float = setting(
+        0.0, "each client plans its round (precision, rank, layers, steps) to finish within it; 0: train as sent",
+        flag="--deadline", metavar="SECONDS",
+    )  # fmt: skip
+    codec: str = setting(
+        "", "clients send their change encoded: int8, int4, mix:0.9+int4:256, int3, topk:0.1+int4, ... or auto / "
+        "auto:CEILING (each by its uplink); '': the whole fp32 adapter", metavar="SPEC",
+    )  # fmt: skip
+    plan: str = setting(
+        "", "a pinned training plan (a reply's plan JSON): every client trains exactly it, no (re)planning",
+        metavar="JSON",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
+        if self.lora_alpha == 0:
+            self.lora_alpha = 2 * self.lora_r
         for name in ("steps", "batch", "seq_len", "lora_r", "lora_alpha", "eval_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -250,13 +247,6 @@ class RoundSettings:
                              f"(lora_r {self.lora_r}, targets {list(self.targets)})")  # fmt: skip
         return plan
 
-    _KEYS: ClassVar[dict[str, str]] = {
-        "model": Cfg.MODEL, "steps": Cfg.STEPS, "lr": Cfg.LR, "batch": Cfg.BATCH, "seq_len": Cfg.SEQ_LEN,
-        "seed": Cfg.SEED, "lora_r": Cfg.LORA_R, "lora_alpha": Cfg.LORA_ALPHA, "lora_targets": Cfg.LORA_TARGETS,
-        "eval_examples": Cfg.EVAL_EXAMPLES, "lora_freeze_a": Cfg.LORA_FREEZE_A, "deadline_s": Cfg.DEADLINE_S,
-        "codec": Cfg.CODEC, "plan": Cfg.PLAN,
-    }  # fmt: skip
-
     def lora(self) -> LoraSettings:
         """The federation's LoRA adapter (a device's plan may train a part of it: `fedge.edge_client.plan`)."""
         from fedge.common.modeling import LoraSettings
@@ -271,13 +261,13 @@ class RoundSettings:
         return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
     def to_config(self) -> dict:
-        """ConfigRecord contents."""
-        return {key: getattr(self, name) for name, key in self._KEYS.items()}
+        """ConfigRecord contents (also the run config's round part): `fedge.common.settings.to_config`."""
+        return to_config(self)
 
     @classmethod
     def from_config(cls, config) -> RoundSettings:
         """From a ConfigRecord (or dict); a missing key keeps its default."""
-        return cls(**{name: config[key] for name, key in cls._KEYS.items() if key in config})
+        return from_config(cls, config)
 
     def defining(self) -> dict:
         """The settings a resumed federation must keep: they fix the adapter's tensors."""

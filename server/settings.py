@@ -1,0 +1,73 @@
+"""How the server runs a federation: ``fedge server start``'s flags, a config file's ``[server]`` table, and the
+run config its ServerApp reads (with `fedge.common.wire.RoundSettings`, the ``[round]`` table). Defined once here
+(`fedge.common.settings`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedge.common.settings import setting
+
+DEFAULT_STAGE_DEADLINE_S = 1800.0
+# What a stage costs on top of a client's own round: Flower starts a ClientApp process per message and
+# moves the message both ways (measured 20-40 s per message on 2 busy cores), plus the warm worker's hand-off.
+STAGE_SLACK_S = 60.0
+
+
+@dataclass
+class ServerSettings:
+    """The federation's server: rounds, who must reply, how updates are merged, where it listens and keeps state."""
+
+    rounds: int = setting(3, "federated rounds")
+    min_clients: int = setting(2, "clients needed to start a round and to close it")
+    address: str = setting("0.0.0.0:9092", "HOST:PORT the clients connect to")
+    state: Path = setting(Path("fedge-server"), "checkpoints and round records (resumes from it after a crash)")
+    stage_deadline: float | None = setting(
+        None, "seconds a round stage (train, evaluate) waits for replies (default: the round deadline + "
+        f"{STAGE_SLACK_S:g} s of Flower overhead, or {DEFAULT_STAGE_DEADLINE_S:g} without one)", metavar="SECONDS",
+    )  # fmt: skip
+    norm_factor: float = setting(10.0, "reject an update whose change is more than this x the other clients'")
+    server_lr: float = setting(2.0, "scales the averaged change (1: plain FedAvg; 2 measured best, benchmarks/README)")
+    ssl_certfile: Path | None = setting(None, "server certificate (PEM): enables TLS")
+    ssl_keyfile: Path | None = setting(None, "server private key (PEM)")
+    ssl_ca_certfile: Path | None = setting(None, "CA certificate (PEM) the clients trust")
+    auth_key: list[Path] = setting([], "a SuperNode public key allowed to join (repeatable; needs TLS)")
+    clientapp: str = setting(
+        "fedge.edge_client.flower_client:app", "the ClientApp the clients run, MODULE:ATTR (e.g. fedge's in your mods)"
+    )
+
+    def __post_init__(self) -> None:
+        self.state, self.auth_key = Path(self.state), [Path(k) for k in self.auth_key]
+        for name in ("rounds", "min_clients"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ValueError(f"server_lr must be a finite number > 0, got {self.server_lr}")
+        if not (math.isfinite(self.norm_factor) and self.norm_factor > 1):
+            raise ValueError(f"norm_factor must be a finite number > 1, got {self.norm_factor}")
+        if self.stage_deadline is not None and not (math.isfinite(self.stage_deadline) and self.stage_deadline > 0):
+            raise ValueError(f"stage_deadline must be a finite number of seconds > 0, got {self.stage_deadline}")
+        tls = (self.ssl_certfile, self.ssl_keyfile, self.ssl_ca_certfile)
+        if any(tls) and not all(tls):
+            raise ValueError("TLS needs all of ssl_certfile, ssl_keyfile and ssl_ca_certfile")
+        if self.auth_key and not all(tls):
+            raise ValueError("auth_key needs TLS (ssl_certfile, ssl_keyfile, ssl_ca_certfile)")
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_certfile is not None
+
+    def stage_deadline_s(self, client_deadline_s: float, waves: int = 1) -> float:
+        """Seconds a stage waits for replies: ``stage_deadline`` if set, else ``waves`` client deadlines plus the
+        slack, or the fixed default when rounds have no deadline.
+
+        ``client_deadline_s`` is the round's `RoundSettings.deadline_s`; ``waves``: how many batches of clients run
+        one after another (a simulation with fewer cores than clients).
+        """
+        if self.stage_deadline is not None:
+            return self.stage_deadline
+        if client_deadline_s > 0:
+            return waves * client_deadline_s + STAGE_SLACK_S
+        return DEFAULT_STAGE_DEADLINE_S
