@@ -80,7 +80,11 @@ def _write_final_adapter(state: ServerState, settings: wire.RoundSettings, cfg, 
     set_adapter(model, state.arrays)
     meta = {
         "model": session.describe(),
-        "federation": {"rounds": state.round, "settings": settings.to_config(), "records": state.records},
+        "federation": {
+            "rounds": state.round,
+            "settings": settings.to_config(),
+            "records": [r.to_dict() for r in state.records],
+        },
         "lora": {"r": settings.lora_r, "alpha": settings.lora_alpha, "target_modules": settings.lora_targets},
     }
     adapters.save_adapter(model, out, meta)

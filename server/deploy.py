@@ -26,9 +26,7 @@ APP_NAME = "fedge-federation"
 CONNECTION = "fedge"
 
 
-def start_server(
-    server: ServerSettings, round_settings: wire.RoundSettings, cache_dir: Path, console: Console
-) -> int:
+def start_server(server: ServerSettings, round_settings: wire.RoundSettings, cache_dir: Path, console: Console) -> int:
     """Run the federation to its last round; 0 when it completed."""
     host, port = parse_address(server.address, "--address")
     state_dir = server.state.resolve()
@@ -150,7 +148,7 @@ def _follow(runner, superlink, state_dir: Path, rounds: int, console: Console, l
 
     shown: set[int] = set()
     if done := new_records(state_dir, shown):
-        console.print(f"resuming: rounds {[r['round'] for r in done]} already done")
+        console.print(f"resuming: rounds {[r.round for r in done]} already done")
     console.print(round_header(), highlight=False, soft_wrap=True)
     while True:
         finished = runner.poll() is not None

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedge.common.fsutil import atomic_write_text
+from fedge.server.records import ClientRound, Failure, RoundRecord
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -37,61 +38,61 @@ def round_header() -> str:
     return "".join(name.rjust(width) for name, width in _COLUMNS)
 
 
-def round_line(record: dict, rounds: int) -> str:
+def round_line(record: RoundRecord, rounds: int) -> str:
     """One aligned row: round, exact match, losses, clients accepted/replied, bytes up/down, seconds.
 
     In an adaptive round (clients that planned, ran as emulated devices or sent encoded changes) a line per
     client follows (`client_line`), then one per failed client.
     """
-    clients = f"{record['clients_accepted']}/{record['clients_replied']}" if record["round"] else "base"
-    if record.get("clients_rejected") or record.get("clients_failed"):
-        clients += f" ({record.get('clients_rejected', 0)}r {record.get('clients_failed', 0)}f)"
+    clients = f"{record.clients_accepted}/{record.clients_replied}" if record.round else "base"
+    if record.clients_rejected or record.clients_failed:
+        clients += f" ({record.clients_rejected}r {record.clients_failed}f)"
     cells = (
-        f"{record['round']}/{rounds}",
-        _fmt(record.get("exact_match"), ".1%"),
-        _fmt(record.get("heldout_loss"), ".4f"),
-        _fmt(record.get("train_loss"), ".4f"),
+        f"{record.round}/{rounds}",
+        _fmt(record.exact_match, ".1%"),
+        _fmt(record.heldout_loss, ".4f"),
+        _fmt(record.train_loss, ".4f"),
         clients,
-        _mb(record.get("bytes_up")),
-        _mb(record.get("bytes_down")),
-        _fmt(record.get("seconds"), ".0f"),
+        _mb(record.bytes_up),
+        _mb(record.bytes_down),
+        _fmt(record.seconds, ".0f"),
     )
     row = "".join(cell.rjust(width) for cell, (_, width) in zip(cells, _COLUMNS))
-    trained = [c for c in record.get("clients") or [] if c.get("steps") is not None]
-    if not any(c.get("plan") or c.get("codec") or c.get("device_profile") for c in trained):
+    trained = [c for c in record.clients if c.steps is not None]
+    if not any(c.plan or c.codec or c.device_profile for c in trained):
         return row
-    failed = [f"{'':8}{_who(f)}failed: {_last_line(f.get('reason'))}" for f in record.get("failures") or []]
+    failed = [f"{'':8}{_who(f)}failed: {_last_line(f.reason)}" for f in record.failures]
     return "\n".join([row, *(client_line(c) for c in trained), *failed])
 
 
-def client_line(c: dict) -> str:
+def client_line(c: ClientRound) -> str:
     """A client's round, indented under its round's row: device, plan, steps, codec, bytes up, seconds.
 
     ``fp32 r16 all 15/15 steps``: the plan's base precision, LoRA rank, trained layers ("top 12": the last 12
     only) and the steps trained of those the round asked for. "-" where the client had no plan.
     """
-    plan = c.get("plan") or {}
+    plan = c.plan or {}
     requested = plan.get("requested_steps")
     layers = "-" if not plan else ("all" if plan.get("top_layers") is None else f"top {plan['top_layers']}")
     cells = (
-        f"{'':8}{str(c.get('name', '?')):<13}",
-        f"{c.get('device_profile') or '-':<17}",
+        f"{'':8}{c.name:<13}",
+        f"{c.device_profile or '-':<17}",
         f"{plan.get('precision', '-'):<5}",
         f"{'r' + str(plan['lora_r']) if 'lora_r' in plan else '-':>4}",
         f"{layers:>7}",
-        f"{c.get('steps', '-')}{'/' + str(requested) if requested else ''} steps".rjust(13),
-        f"  {c.get('codec') or 'fp32':<14}",
-        f"{_mb(c.get('bytes_up'))} up".rjust(11),
-        f"{_fmt(c.get('round_seconds'), '.0f')} s".rjust(7),
+        f"{_fmt(c.steps, '.0f')}{'/' + str(requested) if requested else ''} steps".rjust(13),
+        f"  {c.codec or 'fp32':<14}",
+        f"{_mb(c.bytes_up)} up".rjust(11),
+        f"{_fmt(c.round_seconds, '.0f')} s".rjust(7),
     )
-    status = "" if c.get("accepted", True) else f"  rejected: {_last_line(c.get('reason'))}"
+    status = "" if c.accepted is not False else f"  rejected: {_last_line(c.reason)}"
     return "".join(cells) + status
 
 
-def _who(failure: dict) -> str:
-    if failure.get("name"):
-        return f"{failure['name']:<13}"
-    return f"{'node ' + str(failure['node_id']):<13}" if failure.get("node_id") is not None else ""
+def _who(failure: Failure) -> str:
+    if failure.name:
+        return f"{failure.name:<13}"
+    return f"{'node ' + str(failure.node_id):<13}" if failure.node_id is not None else ""
 
 
 def _last_line(text, width: int = 100) -> str:
@@ -101,12 +102,12 @@ def _last_line(text, width: int = 100) -> str:
     return last if len(last) <= width else last[: width - 3] + "..."
 
 
-def new_records(state_dir: Path, shown: set[int]) -> list[dict]:
+def new_records(state_dir: Path, shown: set[int]) -> list[RoundRecord]:
     """Round records in ``state_dir`` whose round is not in ``shown`` yet; their rounds are added to it."""
     from fedge.server.state import read_records
 
-    fresh = [r for r in read_records(state_dir) if r["round"] not in shown]
-    shown.update(r["round"] for r in fresh)
+    fresh = [r for r in read_records(state_dir) if r.round not in shown]
+    shown.update(r.round for r in fresh)
     return fresh
 
 
@@ -121,48 +122,33 @@ def watch_records(finished, state_dir: Path, rounds: int, console: Console) -> N
             done = finished()
             for record in new_records(state_dir, shown):
                 console.print(round_line(record, rounds), highlight=False, soft_wrap=True)
-                status.update(f"round {record['round'] + 1}: clients train, then evaluate the new global adapter")
+                status.update(f"round {record.round + 1}: clients train, then evaluate the new global adapter")
             if done:
                 return
             time.sleep(1.0)
 
 
-def build_report(records: list[dict], meta: dict) -> dict:
+def build_report(records: list[RoundRecord], meta: dict) -> dict:
     """``report.json``: the run's settings and a ``rounds`` list (global metrics plus per-client entries)."""
-    keep = (
-        "round",
-        "exact_match",
-        "heldout_loss",
-        "train_loss",
-        "bytes_up",
-        "bytes_down",
-        "seconds",
-        "clients_replied",
-        "clients_accepted",
-        "clients_rejected",
-        "clients_failed",
-        "clients",
-        "failures",
-    )
-    rounds = [{k: r.get(k) for k in keep} for r in sorted(records, key=lambda r: r["round"])]
-    base, last = (rounds[0], rounds[-1]) if rounds else ({}, {})
+    rounds = sorted(records, key=lambda r: r.round)
+    base, last = (rounds[0], rounds[-1]) if rounds else (None, None)
     return {
         **meta,
-        "base_exact_match": base.get("exact_match"),
-        "final_exact_match": last.get("exact_match"),
-        "base_heldout_loss": base.get("heldout_loss"),
-        "final_heldout_loss": last.get("heldout_loss"),
-        "rounds": rounds,
+        "base_exact_match": base and base.exact_match,
+        "final_exact_match": last and last.exact_match,
+        "base_heldout_loss": base and base.heldout_loss,
+        "final_heldout_loss": last and last.heldout_loss,
+        "rounds": [r.to_dict() for r in rounds],
     }
 
 
-def write_report(out_dir: Path, records: list[dict], meta: dict) -> dict:
+def write_report(out_dir: Path, records: list[RoundRecord], meta: dict) -> dict:
     """report.json plus rounds.png (global metrics per round) and clients.png (per-client costs per round)."""
     report = build_report(records, meta)
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=1))
     try:
-        plot_rounds(report, out_dir / "rounds.png")
-        plot_clients(report, out_dir / "clients.png")
+        plot_rounds(records, out_dir / "rounds.png")
+        plot_clients(records, out_dir / "clients.png")
     except ImportError:
         report["plots"] = "matplotlib is not installed: pip install matplotlib"
     return report
@@ -177,19 +163,19 @@ def _pyplot():
     return plt
 
 
-def plot_rounds(report: dict, path: Path) -> None:
+def plot_rounds(records: list[RoundRecord], path: Path) -> None:
     plt = _pyplot()
-    rounds = report["rounds"]
-    x = [r["round"] for r in rounds]
+    rounds = sorted(records, key=lambda r: r.round)
+    x = [r.round for r in rounds]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(x, [_pct(r["exact_match"]) for r in rounds], "o-")
+    axes[0].plot(x, [_pct(r.exact_match) for r in rounds], "o-")
     axes[0].set(title="global adapter: exact match (held-out)", xlabel="round", ylabel="%", ylim=(0, 100))
-    axes[1].plot(x, [r["heldout_loss"] for r in rounds], "o-", label="held-out")
-    axes[1].plot(x, [r["train_loss"] for r in rounds], "s--", label="train (clients)")
+    axes[1].plot(x, [r.heldout_loss for r in rounds], "o-", label="held-out")
+    axes[1].plot(x, [r.train_loss for r in rounds], "s--", label="train (clients)")
     axes[1].set(title="loss", xlabel="round", yscale="log")
     axes[1].legend()
-    axes[2].bar([i - 0.2 for i in x], [(r["bytes_up"] or 0) / 2**20 for r in rounds], 0.4, label="up")
-    axes[2].bar([i + 0.2 for i in x], [(r["bytes_down"] or 0) / 2**20 for r in rounds], 0.4, label="down")
+    axes[2].bar([i - 0.2 for i in x], [r.bytes_up / 2**20 for r in rounds], 0.4, label="up")
+    axes[2].bar([i + 0.2 for i in x], [r.bytes_down / 2**20 for r in rounds], 0.4, label="down")
     axes[2].set(title="bytes per round (all clients)", xlabel="round", ylabel="MB")
     axes[2].legend()
     fig.tight_layout()
@@ -199,32 +185,32 @@ def plot_rounds(report: dict, path: Path) -> None:
 
 # clients.png: (title, the value a client's round entry gives, or None where it has none)
 _CLIENT_PANELS = (
-    ("exact match on its held-out data (%)", lambda c: _pct(c.get("exact_match"))),
-    ("training s", lambda c: c.get("train_seconds")),
-    ("fixed cost: process start s", lambda c: c.get("startup_seconds")),
-    ("peak RSS MB", lambda c: c.get("peak_rss_mb")),
-    ("training energy J (see energy_method)", lambda c: c.get("energy_j")),
-    ("planned LoRA rank (adaptive rounds)", lambda c: (c.get("plan") or {}).get("lora_r")),
-    ("local steps trained", lambda c: c.get("steps")),
-    ("bytes up: its update (MB)", lambda c: None if c.get("bytes_up") is None else c["bytes_up"] / 2**20),
+    ("exact match on its held-out data (%)", lambda c: _pct(c.exact_match)),
+    ("training s", lambda c: c.train_seconds),
+    ("fixed cost: process start s", lambda c: c.startup_seconds),
+    ("peak RSS MB", lambda c: c.peak_rss_mb),
+    ("training energy J (see energy_method)", lambda c: c.energy_j),
+    ("planned LoRA rank (adaptive rounds)", lambda c: (c.plan or {}).get("lora_r")),
+    ("local steps trained", lambda c: c.steps),
+    ("bytes up: its update (MB)", lambda c: None if c.bytes_up is None else c.bytes_up / 2**20),
 )
 
 
-def plot_clients(report: dict, path: Path) -> None:
+def plot_clients(records: list[RoundRecord], path: Path) -> None:
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    entries = [(r["round"], c) for r in report["rounds"] for c in r.get("clients") or []]
+    entries = [(r.round, c) for r in records for c in r.clients]
     labels = {}  # name -> legend label, with the emulated device when there is one
     for _, c in entries:
-        if c.get("device_profile") or c["name"] not in labels:
-            labels[c["name"]] = f"{c['name']} ({c['device_profile']})" if c.get("device_profile") else c["name"]
+        if c.device_profile or c.name not in labels:
+            labels[c.name] = f"{c.name} ({c.device_profile})" if c.device_profile else c.name
     colors = {name: f"C{i % 10}" for i, name in enumerate(sorted(labels))}  # a client keeps its color in every panel
-    rounds = [r["round"] for r in report["rounds"]] or [0]
+    rounds = [r.round for r in records] or [0]
     fig, axes = plt.subplots(2, 4, figsize=(20, 7.2))
     for ax, (title, value) in zip(axes.flat, _CLIENT_PANELS):
         for name in sorted(labels):
-            pts = [(rnd, value(c)) for rnd, c in entries if c["name"] == name and value(c) is not None]
+            pts = [(rnd, value(c)) for rnd, c in entries if c.name == name and value(c) is not None]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[name], label=labels[name])
         if not ax.lines:

@@ -21,14 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from fedge.common.fsutil import atomic_write_bytes, atomic_write_text
+from fedge.server.records import RoundRecord
 
 STATE_FILE = "state.json"
 RECORDS_JSON = "rounds.json"
 RECORDS_CSV = "rounds.csv"
-CSV_COLUMNS = (
-    "round", "exact_match", "heldout_loss", "train_loss", "clients_replied", "clients_accepted",
-    "clients_rejected", "clients_failed", "bytes_up", "bytes_down", "seconds",
-)  # fmt: skip
 
 
 class StateError(Exception):
@@ -40,7 +37,7 @@ class ServerState:
     settings: dict  # what defines the federation; a restart with different settings must not resume it
     round: int = 0  # last completed round (0: none yet)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # the global adapter
-    records: list[dict] = field(default_factory=list)  # one per round, round 0 = the initial adapter
+    records: list[RoundRecord] = field(default_factory=list)  # one per round, round 0 = the initial adapter
     strategy: dict = field(default_factory=dict)  # e.g. accepted update norms, for outlier checks
 
     def save(self, state_dir: Path) -> None:
@@ -67,10 +64,11 @@ class ServerState:
             meta = json.loads(path.read_text())
             with np.load(state_dir / meta["arrays"]) as npz:
                 arrays = {name: npz[name] for name in npz.files}
-            records = json.loads((state_dir / RECORDS_JSON).read_text()) if (state_dir / RECORDS_JSON).exists() else []
-        except (OSError, ValueError, KeyError) as err:
+            raw = json.loads((state_dir / RECORDS_JSON).read_text()) if (state_dir / RECORDS_JSON).exists() else []
+            records = [RoundRecord.from_dict(r) for r in raw]
+        except (OSError, ValueError, KeyError, TypeError) as err:
             raise StateError(f"{path}: cannot resume from this state ({err})") from None
-        records = [r for r in records if r.get("round", 0) <= meta["round"]]  # records are written before state
+        records = [r for r in records if r.round <= meta["round"]]  # records are written before state
         return cls(meta["settings"], meta["round"], arrays, records, meta.get("strategy", {}))
 
     def check_resumable(self, settings: dict, state_dir: Path) -> None:
@@ -81,20 +79,20 @@ class ServerState:
             raise StateError(f"{state_dir}: holds a different federation ({diffs}); use a new --state directory")
 
 
-def write_records(state_dir: Path, records: list[dict]) -> None:
+def write_records(state_dir: Path, records: list[RoundRecord]) -> None:
     """rounds.json (full records) and rounds.csv (one flat row per round), atomically."""
-    atomic_write_text(state_dir / RECORDS_JSON, json.dumps(records, indent=1))
+    atomic_write_text(state_dir / RECORDS_JSON, json.dumps([r.to_dict() for r in records], indent=1))
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(out, fieldnames=RoundRecord.CSV_COLUMNS)
     writer.writeheader()
     for record in records:
-        writer.writerow({k: record.get(k) for k in CSV_COLUMNS})
+        writer.writerow(record.csv_row())
     atomic_write_text(state_dir / RECORDS_CSV, out.getvalue())
 
 
-def read_records(state_dir: Path) -> list[dict]:
+def read_records(state_dir: Path) -> list[RoundRecord]:
     """The round records written so far ([] if none, or if the file is being replaced right now)."""
     try:
-        return json.loads((state_dir / RECORDS_JSON).read_text())
-    except (OSError, ValueError):
+        return [RoundRecord.from_dict(r) for r in json.loads((state_dir / RECORDS_JSON).read_text())]
+    except (OSError, ValueError, TypeError, AttributeError):
         return []

@@ -8,17 +8,17 @@ cohort), a round closes at its deadline with whoever replied, and the loop start
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable
 
-from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedge.common import wire
 from fedge.server import aggregate, hetero
+from fedge.server.records import ClientRound, Failure, RoundRecord
 from fedge.server.settings import ServerSettings
 from fedge.server.state import ServerState
 
@@ -55,7 +55,8 @@ class FedgeAvg(FedAvg):
             evals, failures = self._stage(
                 grid, self.configure_evaluate(0, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid)
             )
-            state.records.append(_round_record(0, [], evals, failures, time.monotonic() - t0))
+            evaluated = [client_round(r, evaluation=True) for r in evals]
+            state.records.append(RoundRecord.summarize(0, [], evaluated, failures, time.monotonic() - t0))
             save(state)
         for rnd in range(state.round + 1, num_rounds + 1):
             t0 = time.monotonic()
@@ -70,13 +71,13 @@ class FedgeAvg(FedAvg):
                 grid, self.configure_evaluate(rnd, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid)
             )
             state.round = rnd
-            state.records.append(
-                _round_record(rnd, clients, evals, train_failures + eval_failures, time.monotonic() - t0)
-            )
+            evaluated = [client_round(r, evaluation=True) for r in evals]
+            failures = train_failures + eval_failures
+            state.records.append(RoundRecord.summarize(rnd, clients, evaluated, failures, time.monotonic() - t0))
             save(state)
         return state
 
-    def _stage(self, grid: Grid, messages: Iterable[Message]) -> tuple[list[Message], list[dict]]:
+    def _stage(self, grid: Grid, messages: Iterable[Message]) -> tuple[list[Message], list[Failure]]:
         """Send, then collect replies until all are in or the deadline passes: (good replies, failures).
 
         A failure names its node and, once the node has replied in this run, its client.
@@ -101,55 +102,54 @@ class FedgeAvg(FedAvg):
         failures += [self._failure(to_node.get(mid), "no reply before the deadline") for mid in pending]
         return replies, failures
 
-    def _failure(self, node: int | None, reason: str) -> dict:
-        return {"node_id": node, "name": self._names.get(node) if node is not None else None, "reason": reason}
+    def _failure(self, node: int | None, reason: str) -> Failure:
+        return Failure(node, self._names.get(node) if node is not None else None, reason)
 
     def _check_and_average(
         self, state: ServerState, replies: list[Message], bytes_down: int, alpha: float
-    ) -> list[dict]:
+    ) -> list[ClientRound]:
         """Validate each update against the global adapter and average the accepted ones into ``state``."""
         clients, updates = [], []
         for reply in replies:
-            entry = _client_entry(reply)
-            entry["bytes_down"] = bytes_down
-            update, reason = {}, None
+            entry = client_round(reply)
+            entry.bytes_down = bytes_down
+            update = {}
             try:
                 received = wire.from_record(reply.content[wire.ADAPTER])
-                entry["bytes_up"] = wire.record_bytes(reply.content[wire.ADAPTER])
-                update, entry["delta_rms"] = hetero.from_reply(received, state.arrays, alpha)
+                entry.bytes_up = wire.record_bytes(reply.content[wire.ADAPTER])
+                update, entry.delta_rms = hetero.from_reply(received, state.arrays, alpha)
             except ValueError as err:  # names, shapes, dtypes, finite values: the check's own words
-                reason = str(err)
+                entry.reason = str(err)
             except (KeyError, TypeError) as err:
-                reason = f"malformed reply ({err})"
-            entry["reason"] = reason
+                entry.reason = f"malformed reply ({err})"
             clients.append(entry)
             updates.append(update)
-        checked = [i for i, c in enumerate(clients) if c["reason"] is None]
+        checked = [i for i, c in enumerate(clients) if c.reason is None]
         history = state.strategy.get("accepted_norms", [])[-20:]
-        outliers = aggregate.norm_outliers([clients[i]["delta_rms"] for i in checked], history, self.server.norm_factor)
+        outliers = aggregate.norm_outliers([clients[i].delta_rms for i in checked], history, self.server.norm_factor)
         for i, is_outlier in zip(checked, outliers):
             if is_outlier:
-                clients[i]["reason"] = (
-                    f"update norm {clients[i]['delta_rms']:.3g} (RMS per changed entry) is more than "
+                clients[i].reason = (
+                    f"update norm {clients[i].delta_rms:.3g} (RMS per changed entry) is more than "
                     f"{self.server.norm_factor:g}x the cohort's"
                 )
-        accepted = [i for i, c in enumerate(clients) if c["reason"] is None]
+        accepted = [i for i, c in enumerate(clients) if c.reason is None]
         for c in clients:
-            c["accepted"] = c["reason"] is None
-            if not c["accepted"]:
-                log.warning("rejected the update of %s: %s", c["name"], c["reason"])
+            c.accepted = c.reason is None
+            if not c.accepted:
+                log.warning("rejected the update of %s: %s", c.name, c.reason)
         if len(accepted) >= self.server.min_clients or (accepted and len(accepted) == len(clients)):
             # Mixed ranks and layer subsets merge per tensor; FedNova weighting evens out unequal step counts
             # (with equal steps this is the example-weighted FedAvg, then the server learning rate).
             state.arrays = hetero.aggregate(
                 state.arrays,
                 [updates[i] for i in accepted],
-                [clients[i]["examples"] for i in accepted],
+                [clients[i].examples for i in accepted],
                 alpha,
-                steps=[max(1, int(clients[i].get("steps") or 1)) for i in accepted],
+                steps=[max(1, int(clients[i].steps or 1)) for i in accepted],
                 server_lr=self.server.server_lr,
             )
-            state.strategy["accepted_norms"] = history + [clients[i]["delta_rms"] for i in accepted]
+            state.strategy["accepted_norms"] = history + [clients[i].delta_rms for i in accepted]
         elif clients:
             log.warning(
                 "only %d acceptable updates (minimum %d): the global adapter stays as it was",
@@ -159,58 +159,9 @@ class FedgeAvg(FedAvg):
         return clients
 
 
-def _client_entry(reply: Message) -> dict:
-    """The per-client part of a round record, from a train or evaluate reply."""
+def client_round(reply: Message, evaluation: bool = False) -> ClientRound:
+    """The per-client part of a round record, from a train or (``evaluation``) evaluate reply."""
     content = reply.content
     info = dict(content[wire.CLIENT]) if wire.CLIENT in content else {}
-    metrics: MetricRecord = content[wire.METRICS] if wire.METRICS in content else MetricRecord()
-    entry = {
-        "node_id": reply.metadata.src_node_id,
-        "name": info.get(wire.Client.NAME, str(reply.metadata.src_node_id)),
-        "data": info.get(wire.Client.DATA),
-        "device": info.get(wire.Client.DEVICE),
-        "energy_method": info.get(wire.Client.ENERGY_METHOD),
-    }
-    if info.get(wire.Client.PLAN):  # an adaptive round: what the device chose, and how it sent its update
-        entry["plan"] = json.loads(str(info[wire.Client.PLAN]))
-    for key in (wire.Client.CODEC, wire.Client.PROFILE):
-        if info.get(key):
-            entry[key.replace("-", "_")] = info[key]
-    for key, value in metrics.items():
-        entry[key.replace("-", "_")] = value
-    entry["examples"] = float(metrics.get(wire.Metric.EXAMPLES, 0) or 0)
-    return entry
-
-
-def _round_record(rnd: int, clients: list[dict], evals: list[Message], failures: list[dict], seconds: float) -> dict:
-    """One round's record: global metrics (example-weighted over the evaluating clients) and per-client detail."""
-    eval_entries = [_client_entry(r) for r in evals]
-    by_name = {c["name"]: c for c in clients}
-    for e in eval_entries:  # fold each client's evaluation of the new global adapter into its entry
-        target = by_name.setdefault(e["name"], {"node_id": e["node_id"], "name": e["name"], "data": e["data"]})
-        for key in ("exact_match", "heldout_loss", "eval_examples", "startup_seconds", "load_seconds"):
-            if key in e:
-                target[f"eval_{key}" if key in ("startup_seconds", "load_seconds") else key] = e[key]
-    weights = [e.get("eval_examples", 0) for e in eval_entries]
-    accepted = [c for c in clients if c.get("accepted")]
-    return {
-        "round": rnd,
-        "exact_match": _weighted(eval_entries, "exact_match", weights),
-        "heldout_loss": _weighted(eval_entries, "heldout_loss", weights),
-        "train_loss": _weighted(accepted, "train_loss", [c["examples"] for c in accepted]),
-        "clients_replied": len(clients),
-        "clients_accepted": len(accepted),
-        "clients_rejected": sum(1 for c in clients if c.get("accepted") is False),
-        "clients_failed": len(failures),
-        "bytes_up": int(sum(c.get("bytes_up", 0) for c in clients)),
-        "bytes_down": int(sum(c.get("bytes_down", 0) for c in clients)),
-        "seconds": round(seconds, 2),
-        "clients": sorted(by_name.values(), key=lambda c: str(c["name"])),
-        "failures": failures,
-    }
-
-
-def _weighted(entries: list[dict], key: str, weights: list[float]) -> float | None:
-    pairs = [(e[key], w) for e, w in zip(entries, weights) if e.get(key) is not None and w > 0]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total else None
+    metrics = dict(content[wire.METRICS]) if wire.METRICS in content else {}
+    return ClientRound.from_reply(reply.metadata.src_node_id, info, metrics, evaluation)

@@ -89,7 +89,8 @@ class Federation:
         )
 
     def records(self) -> list[dict]:
-        return read_records(self.tmp / "server")
+        """The round records as rounds.json holds them."""
+        return [r.to_dict() for r in read_records(self.tmp / "server")]
 
     def wait_for_round(self, rnd: int, timeout: float = 600) -> None:
         end = time.monotonic() + timeout

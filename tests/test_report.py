@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from fedge.server.records import ClientRound, RoundRecord
 from fedge.server.report import client_line, round_header, round_line, write_report
 
 
@@ -12,7 +13,7 @@ def _plan(precision: str, rank: int, top_layers: int | None, steps: int) -> dict
             "requested_steps": 15, "seq_len": 64, "micro_batch": 1}  # fmt: skip
 
 
-def _records() -> list[dict]:
+def _records() -> list[RoundRecord]:
     pi4 = {"name": "healthcare", "device_profile": "pi4-2gb", "plan": _plan("int8", 8, 12, 9), "codec": "int4",
            "steps": 9, "bytes_up": 300_000, "round_seconds": 231.4, "accepted": True, "exact_match": 0.2}  # fmt: skip
     laptop = {"name": "finance", "device_profile": "laptop", "plan": _plan("fp32", 16, None, 15), "codec": "none",
@@ -27,7 +28,7 @@ def _records() -> list[dict]:
            "failures": [{"node_id": 7, "name": "iot",
                          "reason": "Traceback ...\nRoundDeclined: jetson: no training plan fits"},
                         {"node_id": 8, "reason": "no reply before the deadline"}]}  # fmt: skip
-    return [base, one]
+    return [RoundRecord.from_dict(base), RoundRecord.from_dict(one)]
 
 
 def test_round_line_lists_each_clients_plan_codec_and_bytes_up():
@@ -46,7 +47,7 @@ def test_round_line_lists_each_clients_plan_codec_and_bytes_up():
 
 
 def test_client_line_without_a_plan():
-    line = client_line({"name": "iot", "device_profile": "pi5-8gb", "steps": 15, "bytes_up": 2**21})
+    line = client_line(ClientRound("iot", device_profile="pi5-8gb", steps=15, bytes_up=2**21))
     assert "iot" in line and "pi5-8gb" in line and "15 steps" in line and "fp32" in line and "2.0 MB up" in line
 
 

@@ -50,7 +50,7 @@ def test_failures_name_the_node_and_its_client():
     assert len(replies) == 3 and failures == []
     replies, failures = strategy._stage(grid, _messages())
     assert [r.metadata.src_node_id for r in replies] == [1]
-    assert {(f["node_id"], f["name"], f["reason"]) for f in failures} == {
+    assert {(f.node_id, f.name, f.reason) for f in failures} == {
         (2, "client-2", "RoundDeclined: no plan fits"),
         (3, "client-3", "no reply before the deadline"),
     }

@@ -16,7 +16,7 @@ def test_a_training_reply_carries_energy_and_the_round_record_keeps_it(tiny_mode
     from fedge.common.modeling import ModelHolder
     from fedge.edge_client import flower_client
     from fedge.edge_client.local_work import Device
-    from fedge.server.strategy import _client_entry
+    from fedge.server.strategy import client_round
 
     settings = wire.RoundSettings(
         model=str(tiny_model_dir), steps=2, batch=2, seq_len=32, lora_r=4, lora_alpha=8, lora_targets="q_proj,v_proj"
@@ -37,10 +37,10 @@ def test_a_training_reply_carries_energy_and_the_round_record_keeps_it(tiny_mode
     assert isinstance(client[wire.Client.ENERGY_METHOD], str) and client[wire.Client.ENERGY_METHOD]
     assert wire.Client.ENERGY_METHOD not in metrics  # MetricRecord holds numbers only
 
-    entry = _client_entry(SimpleNamespace(content=reply.content, metadata=SimpleNamespace(src_node_id=7)))
-    assert entry["name"] == "pi-kitchen" and entry["energy_j"] == metrics[wire.Metric.ENERGY_J]
-    assert entry["energy_method"] == client[wire.Client.ENERGY_METHOD]
-    assert entry["train_seconds"] > 0 and entry["peak_rss_mb"] > 0 and entry["tokens"] > 0
+    entry = client_round(SimpleNamespace(content=reply.content, metadata=SimpleNamespace(src_node_id=7)))
+    assert entry.name == "pi-kitchen" and entry.energy_j == metrics[wire.Metric.ENERGY_J]
+    assert entry.energy_method == client[wire.Client.ENERGY_METHOD]
+    assert entry.train_seconds > 0 and entry.peak_rss_mb > 0 and entry.tokens > 0
 
 
 def test_the_report_plots_energy_per_client_per_round(tmp_path):
@@ -54,7 +54,9 @@ def test_the_report_plots_energy_per_client_per_round(tmp_path):
         return {"round": n, "exact_match": 0.1, "heldout_loss": 2.0, "train_loss": 2.1, "bytes_up": 1, "bytes_down": 1,
                 "seconds": 3, "clients_replied": 2, "clients_accepted": 2, "clients": clients}  # fmt: skip
 
-    write_report(tmp_path, [rnd(1), rnd(2)], {"model": "tiny"})
+    from fedge.server.records import RoundRecord
+
+    write_report(tmp_path, [RoundRecord.from_dict(rnd(1)), RoundRecord.from_dict(rnd(2))], {"model": "tiny"})
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["rounds"][1]["clients"][0]["energy_j"] == 20.0
     assert (tmp_path / "clients.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,196 @@
+"""Round records: what happened in each round, per client and overall. Written by the strategy, read by the state
+file, the CSV, the live table, the report and its plots; stored as ``rounds.json`` (a list of `RoundRecord.to_dict`).
+
+Files written before these classes existed load too: unknown keys are dropped, missing ones take their defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedge.common import wire
+
+# A training reply's MetricRecord key -> the ClientRound field it fills (the rest map by name, hyphens to
+# underscores).
+_METRIC_FIELDS = {wire.Metric.EXAMPLES: "examples"}
+# An evaluation reply's metric -> the field it fills (its own load and start-up costs are kept apart from training's).
+_EVAL_FIELDS = {
+    wire.Metric.EXACT_MATCH: "exact_match",
+    wire.Metric.HELDOUT_LOSS: "heldout_loss",
+    wire.Metric.EVAL_EXAMPLES: "eval_examples",
+    wire.Metric.STARTUP_SECONDS: "eval_startup_seconds",
+    wire.Metric.LOAD_SECONDS: "eval_load_seconds",
+}
+
+
+@dataclass
+class ClientRound:
+    """One client's part of a round: who it is, what it reported, and what the server made of its update.
+
+    Seconds, bytes, joules and MiB. A client that only evaluated has no training fields; ``accepted`` is None then.
+    """
+
+    name: str
+    node_id: int | None = None
+    data: str | None = None
+    device: str | None = None
+    device_profile: str | None = None  # the emulated device, if any
+    energy_method: str | None = None
+    codec: str | None = None  # how its update travelled ("" or None: the whole fp32 adapter)
+    plan: dict | None = None  # the training plan of an adaptive round (fedge.common.wire.TrainingPlan as a dict)
+    # what its training reply reported
+    examples: float = 0.0
+    steps: float | None = None
+    tokens: float | None = None
+    train_loss: float | None = None
+    train_seconds: float | None = None
+    startup_seconds: float | None = None
+    load_seconds: float | None = None
+    peak_rss_mb: float | None = None
+    resumed: float | None = None
+    warm: float | None = None
+    energy_j: float | None = None
+    upload_bytes: float | None = None
+    upload_seconds: float | None = None
+    round_seconds: float | None = None
+    deadline_s: float | None = None
+    # what the server made of it
+    bytes_up: int | None = None
+    bytes_down: int | None = None
+    delta_rms: float | None = None
+    accepted: bool | None = None
+    reason: str | None = None
+    # its evaluation of the new global adapter
+    exact_match: float | None = None
+    heldout_loss: float | None = None
+    eval_examples: float | None = None
+    eval_startup_seconds: float | None = None
+    eval_load_seconds: float | None = None
+
+    @classmethod
+    def from_reply(cls, node_id: int, info: dict, metrics: dict, evaluation: bool = False) -> ClientRound:
+        """From a reply's CLIENT record (``info``) and METRICS record; an evaluation reply fills the eval fields."""
+        entry = cls(
+            name=str(info.get(wire.Client.NAME, node_id)),
+            node_id=node_id,
+            data=_str(info.get(wire.Client.DATA)),
+            device=_str(info.get(wire.Client.DEVICE)),
+            device_profile=_str(info.get(wire.Client.PROFILE)) or None,
+            energy_method=_str(info.get(wire.Client.ENERGY_METHOD)),
+            codec=_str(info.get(wire.Client.CODEC)) or None,
+        )
+        if info.get(wire.Client.PLAN):  # an adaptive round: what the device chose
+            entry.plan = json.loads(str(info[wire.Client.PLAN]))
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, value in metrics.items():
+            name = (_EVAL_FIELDS if evaluation else _METRIC_FIELDS).get(key, key.replace("-", "_"))
+            if name in names and (not evaluation or key in _EVAL_FIELDS):
+                setattr(entry, name, value)
+        entry.examples = float(entry.examples or 0)
+        return entry
+
+    def add_evaluation(self, evaluated: ClientRound) -> None:
+        """Fold this client's evaluation of the new global adapter (from `from_reply(..., evaluation=True)`) in."""
+        for name in _EVAL_FIELDS.values():
+            if getattr(evaluated, name) is not None:
+                setattr(self, name, getattr(evaluated, name))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ClientRound:
+        return _from_dict(cls, data)
+
+
+@dataclass
+class Failure:
+    """A client that sent no usable reply in a stage: its node, its name once known, and why."""
+
+    node_id: int | None
+    name: str | None
+    reason: str
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Failure:
+        return _from_dict(cls, {"node_id": None, "name": None, "reason": "", **data})
+
+
+@dataclass
+class RoundRecord:
+    """One round: the global adapter's held-out figures (example-weighted over the evaluating clients), the
+    clients' mean train loss, counts, bytes, seconds, and each client's part. Round 0 scores the initial adapter."""
+
+    round: int
+    exact_match: float | None = None
+    heldout_loss: float | None = None
+    train_loss: float | None = None
+    clients_replied: int = 0
+    clients_accepted: int = 0
+    clients_rejected: int = 0
+    clients_failed: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    seconds: float = 0.0
+    clients: list[ClientRound] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+    CSV_COLUMNS = (
+        "round", "exact_match", "heldout_loss", "train_loss", "clients_replied", "clients_accepted",
+        "clients_rejected", "clients_failed", "bytes_up", "bytes_down", "seconds",
+    )  # fmt: skip
+
+    @classmethod
+    def summarize(
+        cls, rnd: int, clients: list[ClientRound], evals: list[ClientRound], failures: list[Failure], seconds: float
+    ) -> RoundRecord:
+        """The round's record from its trained clients, the clients' evaluations and the failures."""
+        by_name = {c.name: c for c in clients}
+        for e in evals:
+            by_name.setdefault(e.name, ClientRound(e.name, e.node_id, e.data)).add_evaluation(e)
+        weights = [e.eval_examples or 0 for e in evals]
+        accepted = [c for c in clients if c.accepted]
+        return cls(
+            round=rnd,
+            exact_match=_weighted([e.exact_match for e in evals], weights),
+            heldout_loss=_weighted([e.heldout_loss for e in evals], weights),
+            train_loss=_weighted([c.train_loss for c in accepted], [c.examples for c in accepted]),
+            clients_replied=len(clients),
+            clients_accepted=len(accepted),
+            clients_rejected=sum(1 for c in clients if c.accepted is False),
+            clients_failed=len(failures),
+            bytes_up=int(sum(c.bytes_up or 0 for c in clients)),
+            bytes_down=int(sum(c.bytes_down or 0 for c in clients)),
+            seconds=round(seconds, 2),
+            clients=sorted(by_name.values(), key=lambda c: c.name),
+            failures=failures,
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def csv_row(self) -> dict:
+        return {k: getattr(self, k) for k in self.CSV_COLUMNS}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RoundRecord:
+        record = _from_dict(cls, data)
+        record.clients = [ClientRound.from_dict(c) for c in data.get("clients") or []]
+        record.failures = [Failure.from_dict(f) for f in data.get("failures") or []]
+        return record
+
+
+def _from_dict(cls: type, data: dict) -> Any:
+    """``cls`` from a dict of its fields; keys of older or newer versions that it does not have are dropped."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _weighted(values: list[float | None], weights: list[float]) -> float | None:
+    pairs = [(v, w) for v, w in zip(values, weights) if v is not None and w > 0]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else None
+
+
+def _str(value: object) -> str | None:
+    return None if value is None else str(value)
