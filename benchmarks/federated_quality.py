@@ -103,6 +103,7 @@ def main() -> None:
     import numpy as np
     import torch
 
+    from benchmarks.aggregators import server_optimizer_step, sign_merge, weighted_average
     from fedge.common import wire
     from fedge.common.modeling import ModelHolder, get_adapter, set_adapter
     from fedge.common.models import default_cache_dir
@@ -112,7 +113,6 @@ def main() -> None:
     from fedge.edge_client.local_work import open_adapter, train_config
     from fedge.edge_client.session import epoch_maker, eval_batches
     from fedge.edge_client.train import train
-    from fedge.server.aggregate import server_optimizer_step, sign_merge, weighted_average
 
     torch.set_num_threads(torch.get_num_threads())
     n_clients = len(DOMAINS)

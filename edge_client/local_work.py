@@ -178,7 +178,8 @@ def do_train(
             run_id=f"{session.model_dir}|{data_id}",
             on_step=_chain(emulated_step, replanner),
         )
-    arrays, codec, feedback = _reply_arrays(device, settings, get_adapter(model), start, profile, clock() - started)
+    trained = get_adapter(model)
+    arrays, codec, feedback = _reply_arrays(device, settings, trained, start, global_arrays, profile, clock() - started)
     upload_bytes = sum(a.nbytes for a in arrays.values())
     upload_seconds = profile.link.transfer(upload_bytes, "up", clock.sleep) if profile is not None else 0.0
     metrics = {
@@ -344,7 +345,8 @@ def _start_arrays(global_arrays: Arrays, settings: wire.RoundSettings, local: Ar
     from fedge.common.lora import client_rank, for_client
 
     rank = client_rank(local)
-    cut = for_client(global_arrays, rank, settings.lora_alpha) if rank != client_rank(global_arrays) else global_arrays
+    full = rank == client_rank(global_arrays)
+    cut = global_arrays if full else for_client(global_arrays, rank, settings.lora_alpha, settings.lora_merge)
     missing = sorted(set(local) - set(cut))
     if missing:
         raise ValueError(f"the global adapter does not fit this model: it has no {missing[:3]}")
@@ -352,8 +354,9 @@ def _start_arrays(global_arrays: Arrays, settings: wire.RoundSettings, local: Ar
 
 
 def _reply_arrays(
-    device: Device, settings: wire.RoundSettings, trained: Arrays, start: Arrays, profile, elapsed: float
-) -> tuple[Arrays, str, object]:
+    device: Device, settings: wire.RoundSettings, trained: Arrays, start: Arrays, global_arrays: Arrays, profile,
+    elapsed: float,
+) -> tuple[Arrays, str, object]:  # fmt: skip
     """What goes back: (arrays, codec spec, the error feedback to save once the update is saved).
 
     The whole adapter (``codec == ""``) or the encoded change, with error feedback.
@@ -365,7 +368,7 @@ def _reply_arrays(
     """
     from fedge.quantization.codecs import LADDER, ErrorFeedback, make_delta, pick_codec
 
-    if not settings.codec and set(trained) == set(start) and _same_shapes(trained, start):
+    if not settings.codec and set(trained) == set(global_arrays) and _same_shapes(trained, global_arrays):
         return trained, "", None
     # A plan that trains part of the adapter (lower rank, fewer layers) always sends its change: the whole
     # adapter would not have the global's shapes.

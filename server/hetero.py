@@ -192,7 +192,9 @@ def _merge_svd(global_arrays, mod, clients, starts, ranks, coef, alpha, server_l
     return factor(lefts, rights, r_max, lora_scale(alpha, r_max, rslora), fill=a_g)[::-1]
 
 
-def from_reply(arrays: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray], alpha: float) -> tuple:
+def from_reply(
+    arrays: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.ndarray], alpha: float, method: str = "zero-pad"
+) -> tuple:
     """A client's reply -> (its trained tensors at its own rank, the RMS of its change); ValueError: why not.
 
     The RMS is over the entries the client changed, so clients that train a small part of the adapter (a low rank,
@@ -200,7 +202,7 @@ def from_reply(arrays: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.
 
     A reply is either the whole adapter at the global's shapes (fp32) or an encoded change
     (`fedge.quantization.codecs`) of the tensors the client trained, at its rank, relative to
-    ``for_client(global, rank, alpha)``. Checks names, shapes and finite values.
+    ``for_client(global, rank, alpha, method)``. Checks names, shapes and finite values.
     """
     from fedge.quantization.codecs import HEADER_KEY, Encoded, decode
     from fedge.server.aggregate import check_update, delta_norm
@@ -222,7 +224,7 @@ def from_reply(arrays: Mapping[str, np.ndarray], global_arrays: Mapping[str, np.
     delta = decode(encoded)
     if not delta:
         raise ValueError("the update changes no tensor")
-    start = for_client(global_arrays, client_rank(delta), alpha)
+    start = for_client(global_arrays, client_rank(delta), alpha, method)
     for name, d in delta.items():
         if name not in start:
             raise ValueError(f"wrong keys: unexpected {name}")

@@ -65,7 +65,7 @@ class FedgeAvg(FedAvg):
                 grid, self.configure_train(rnd, sent, ConfigRecord(train_config), grid)
             )
             clients = self._check_and_average(
-                state, replies, wire.record_bytes(sent), wire.RoundSettings.from_config(train_config).lora_alpha
+                state, replies, wire.record_bytes(sent), wire.RoundSettings.from_config(train_config)
             )
             evals, eval_failures = self._stage(
                 grid, self.configure_evaluate(rnd, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid)
@@ -106,7 +106,7 @@ class FedgeAvg(FedAvg):
         return Failure(node, self._names.get(node) if node is not None else None, reason)
 
     def _check_and_average(
-        self, state: ServerState, replies: list[Message], bytes_down: int, alpha: float
+        self, state: ServerState, replies: list[Message], bytes_down: int, settings: wire.RoundSettings
     ) -> list[ClientRound]:
         """Validate each update against the global adapter and average the accepted ones into ``state``."""
         clients, updates = [], []
@@ -117,7 +117,9 @@ class FedgeAvg(FedAvg):
             try:
                 received = wire.from_record(reply.content[wire.ADAPTER])
                 entry.bytes_up = wire.record_bytes(reply.content[wire.ADAPTER])
-                update, entry.delta_rms = hetero.from_reply(received, state.arrays, alpha)
+                update, entry.delta_rms = hetero.from_reply(
+                    received, state.arrays, settings.lora_alpha, settings.lora_merge
+                )
             except ValueError as err:  # names, shapes, dtypes, finite values: the check's own words
                 entry.reason = str(err)
             except (KeyError, TypeError) as err:
@@ -145,7 +147,8 @@ class FedgeAvg(FedAvg):
                 state.arrays,
                 [updates[i] for i in accepted],
                 [clients[i].examples for i in accepted],
-                alpha,
+                settings.lora_alpha,
+                method=settings.lora_merge,
                 steps=[max(1, int(clients[i].steps or 1)) for i in accepted],
                 server_lr=self.server.server_lr,
             )

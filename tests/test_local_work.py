@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -58,24 +59,37 @@ def test_encoded_change_with_error_feedback_decodes_to_the_trained_adapter(holde
         assert np.abs(v - trained[k]).max() <= 0.02 * np.abs(trained[k] - initial[k]).max() + 1e-8
 
 
-@pytest.mark.parametrize("codec", ["auto", ""])  # "": a partial plan still sends its change (as fp32)
-def test_a_planned_round_on_an_emulated_small_device_trains_part_of_the_adapter(holder, device, tiny_model_dir, codec):
-    # A Pi 4 with a tight deadline: the plan lowers the rank and trains fewer layers; the server merges it back.
+# "": a partial plan still sends its change (as fp32); svd: the global is cut to the client's rank by SVD (FlexLoRA)
+@pytest.mark.parametrize(("codec", "merge"), [("auto", "zero-pad"), ("", "zero-pad"), ("int8", "svd")])
+def test_a_round_that_trains_part_of_the_adapter_is_merged_back(holder, device, tiny_model_dir, codec, merge):
+    # A Pi 4 whose plan lowers the rank and trains the top layer only (as the planner does for a big model on a
+    # small device; pinned here, since the tiny model fits anywhere): the server merges its part back.
+    from fedge.edge_client.devices import load_profile
+    from fedge.edge_client.plan import make_plan
+
     device.profile = "base=pi4-2gb,slowdown=1.5"
-    settings = _settings(tiny_model_dir, codec=codec, deadline_s=60.0, lora_r=16)
+    base = _settings(tiny_model_dir, lora_r=16, deadline_s=60.0)
+    shape = local_work.model_shape(device.cache_dir, base.model)
+    caps = local_work.device_caps(device, load_profile(device.profile))
+    partial = dataclasses.replace(make_plan(caps, local_work.round_budget(base, 64), shape), lora_r=4, top_layers=1)
+    settings = dataclasses.replace(base, codec=codec, lora_merge=merge, plan=partial.to_json())
     initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+    rng = np.random.default_rng(0)  # a global that has trained: its low-rank cut is a real choice
+    initial = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(v.dtype) if "lora_B" in k else v
+               for k, v in initial.items()}  # fmt: skip
     arrays, metrics = local_work.do_train(holder, device, settings, initial, rnd=1)
     plan = json.loads(metrics[wire.Client.PLAN])
-    assert plan["feasible"] and plan["lora_r"] <= 16 and metrics[wire.Client.PROFILE] == "pi4-2gb"
+    assert plan["lora_r"] == 4 and plan["top_layers"] == 1 and metrics[wire.Client.PROFILE] == "pi4-2gb"
     assert plan["steps"] == metrics[wire.Metric.STEPS]  # the plan as it ran: pinning it replays the round
     assert metrics[wire.Metric.UPLOAD_SECONDS] > 0  # the emulated link carried the update
-    update, _ = hetero.from_reply(arrays, initial, settings.lora_alpha)
+    update, _ = hetero.from_reply(arrays, initial, settings.lora_alpha, merge)
     assert {v.shape[1] for k, v in update.items() if "lora_B" in k} == {plan["lora_r"]}
-    merged = hetero.aggregate(initial, [update], [1.0], settings.lora_alpha)
+    merged = hetero.aggregate(initial, [update], [1.0], settings.lora_alpha, method=merge)
+    assert all(merged[k].shape == initial[k].shape and np.isfinite(merged[k]).all() for k in initial)
     changed = {k for k in initial if not np.array_equal(merged[k], initial[k])}
-    assert changed and changed <= {k for k in initial if "lora_B" in k}
-    if plan["top_layers"] is not None:  # untrained layers keep the global values
-        assert len({k.split(".layers.")[1].split(".")[0] for k in changed}) <= plan["top_layers"]
+    if merge == "zero-pad":  # A stays the shared seeded one; svd refactors both factors
+        assert changed and changed <= {k for k in initial if "lora_B" in k}
+    assert {k.split(".layers.")[1].split(".")[0] for k in changed} == {"1"}  # the bottom layer keeps its values
 
 
 def test_a_resent_round_replies_with_the_saved_encoded_update(holder, device, tiny_model_dir):

@@ -24,7 +24,8 @@ from fedge.server.settings import ServerSettings
 NON_DEFAULT = {
     RoundSettings: dict(
         model="some/model", steps=7, lr=0.01, batch=3, seq_len=96, seed=5, lora_r=4, lora_alpha=12,
-        lora_targets="q_proj,v_proj", eval_examples=9, lora_freeze_a=False, deadline_s=120.5, codec="int8",
+        lora_targets="q_proj,v_proj", eval_examples=9, lora_merge="svd", lora_freeze_a=False, deadline_s=120.5,
+        codec="int8",
         plan="",  # a pinned plan must be a real plan: tested on its own in test_local_work
     ),
     ServerSettings: dict(

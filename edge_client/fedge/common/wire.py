@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedge.common.lora import METHODS
 from fedge.common.settings import from_config, setting, to_config
 
 if TYPE_CHECKING:
@@ -192,6 +193,11 @@ class RoundSettings:
         flag="--targets",
     )  # fmt: skip
     eval_examples: int = setting(50, "held-out examples each client scores the global adapter on")
+    lora_merge: str = setting(
+        "zero-pad", "how clients of lower rank get the global adapter and the server merges theirs back: zero-pad "
+        "(HetLoRA) or svd (FlexLoRA: the best low-rank cut and a weight-space average; for a trained A)",
+        choices=METHODS,
+    )  # fmt: skip
     # Train LoRA B only, A fixed at its seeded init, the same on every client (FFA-LoRA, Sun et al. 2024): the
     # average of B_i @ A is then exactly the average of the clients' weight changes, where averaging A and B
     # separately multiplies each client's own change by 1/clients^2 plus cross terms.
@@ -212,6 +218,8 @@ class RoundSettings:
     def __post_init__(self) -> None:
         if self.lora_alpha == 0:
             self.lora_alpha = 2 * self.lora_r
+        if self.lora_merge not in METHODS:
+            raise ValueError(f"lora_merge must be one of {', '.join(METHODS)}, got {self.lora_merge!r}")
         for name in ("steps", "batch", "seq_len", "lora_r", "lora_alpha", "eval_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
