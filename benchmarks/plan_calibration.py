@@ -14,6 +14,7 @@ predictions of the constants in plan.py (the shipped model) with the measurement
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import RESULTS, run_worker, update_readme_section, write_results  # noqa: E402
 
 STEPS = 3  # the first is warm-up
+DEFAULT = "smollm2-135m"  # HOST's constants are fitted on it
 # The cores were shared with other benchmarks during calibration (load average 5-9 on 2 vCPUs), which slowed
 # wall-clock steps 5-20x and unevenly, and inflated CPU seconds too (hyperthread siblings, spinning OpenMP threads).
 # So every step is bracketed by a matmul probe (2048^3 fp32, same threads): the step's quiet time is its wall
@@ -64,7 +66,7 @@ def quiet_step_s(run: dict) -> float:
     return statistics.median(scaled[1:])
 
 
-def worker(spec: list, cache_dir: Path, threads: int) -> dict:
+def worker(spec: list, cache_dir: Path, threads: int, model_name: str = "smollm2-135m") -> dict:
     from fedge.edge_client.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
 
     name, precision, compute, seq_len, micro, ckpt, layers = spec
@@ -77,16 +79,18 @@ def worker(spec: list, cache_dir: Path, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     runtime_mb = current_rss_mb()  # imports done, nothing loaded
+    shape = _model(model_name, cache_dir)
+    layers = min(layers, shape.layers)
     knobs = Knobs(precision, ckpt, micro, 1, seq_len, layers, 16)
     session = open_model(
-        "smollm2-135m",
+        model_name,
         cache_dir,
         precision,
         "cpu",
         compute_dtype=getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[compute]),
     )
     lora = LoraSettings(
-        r=16, alpha=32, target_modules=ALL_TARGETS, freeze_a=True, top_layers=layers if layers < 30 else None
+        r=16, alpha=32, target_modules=ALL_TARGETS, freeze_a=True, top_layers=layers if layers < shape.layers else None
     )
     model = add_lora(session.model, lora)
     load_peak_mb, loaded_mb = peak_rss_mb(), current_rss_mb()
@@ -156,31 +160,32 @@ def plan_worker(device: str, cache_dir: Path) -> dict:
     return {"device": device, "plan": plan.to_dict(), "peak_rss_mb": peak_rss_mb(), "oom": oom}
 
 
-def knobs_of(spec: list):
+def knobs_of(spec: list, model):
     from fedge.edge_client.plan import Knobs
 
     _, precision, compute, seq_len, micro, ckpt, layers = spec
-    return Knobs(precision, ckpt, micro, 1, seq_len, layers, 16)
+    return Knobs(precision, ckpt, micro, 1, seq_len, min(layers, model.layers), 16)
 
 
-def predict(spec: list, label_fraction: float, host=None) -> tuple[float, float]:
+def predict(spec: list, label_fraction: float, model, host=None) -> tuple[float, float]:
     """(step seconds, peak bytes) the planner predicts for a calibration config on the reference machine."""
     from fedge.edge_client.plan import HOST, RoundBudget, estimate
 
     host = host or HOST
     caps = predict_caps(spec, host)
     budget = RoundBudget(deadline_s=1e9, label_fraction=label_fraction, r_max=16)
-    est = estimate(knobs_of(spec), caps, budget, _model(), host)
+    est = estimate(knobs_of(spec, model), caps, budget, model, host)
     return est.step_s, est.peak_bytes
 
 
-def _model():
-    from fedge.edge_client.plan import SMOLLM2_135M
+def _model(name: str, cache_dir: Path):
+    """The planner's shape of ``name``, read from its config as a device reads it (`local_work.model_shape`)."""
+    from fedge.edge_client.local_work import model_shape
 
-    return SMOLLM2_135M
+    return model_shape(cache_dir, name)
 
 
-def fit(rows: list[dict]) -> dict:
+def fit(rows: list[dict], model) -> dict:
     """Fit HOST's constants to the measurements.
 
     Throughput per path: the median model GFLOP/s over its configs (after the fixed per-step overhead).
@@ -198,9 +203,9 @@ def fit(rows: list[dict]) -> dict:
     load_extra: dict[str, list[float]] = {}
     units, tokens, target = [], [], []
     runtime = statistics.median(r["runtime_mb"] for r in rows) * 2**20
-    model, unit_host = _model(), _unit_host(runtime)
+    unit_host = _unit_host(runtime)
     for spec, r in zip(CONFIGS, rows):
-        k = knobs_of(spec)
+        k = knobs_of(spec, model)
         budget = RoundBudget(deadline_s=1e9, label_fraction=r["label_fraction"], r_max=16)
         key = spec[1] if spec[2] == "bf16" or spec[1] == "fp32" else f"{spec[1]}-fp32"
         seconds = quiet_step_s(r) - HOST.step_overhead_s
@@ -252,7 +257,7 @@ def _unit_host(runtime_bytes: float):
     )
 
 
-def table(results: dict) -> str:
+def table(results: dict, model) -> str:
     s = results["setup"]
     lines = [
         f"### Planner calibration: {s['model']}, LoRA r=16 on all 7 projections (A frozen), {s['steps']} steps "
@@ -264,7 +269,7 @@ def table(results: dict) -> str:
     ]
     t_err, m_err = [], []
     for spec, r in zip(CONFIGS, results["runs"]):
-        step, peak = predict(spec, r["label_fraction"])
+        step, peak = predict(spec, r["label_fraction"], model)
         quiet = quiet_step_s(r)
         peak_mb, measured_peak = peak / 2**20, max(r["load_peak_mb"], r["train_peak_mb"])
         te, me = step / quiet - 1, peak_mb / measured_peak - 1
@@ -330,33 +335,41 @@ def main() -> None:
     parser.add_argument("--verify-plans", action="store_true", help="also run each device's sample plan (~5 min)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument(
+        "--model", default=DEFAULT, help="the model measured; another than the default checks the shipped constants "
+        "(fitted on the default) on a differently shaped model, e.g. gemma3-270m",
+    )  # fmt: skip
     args = parser.parse_args()
-    from fedge.common.models import default_cache_dir
+    from fedge.common.models import default_cache_dir, pull_model
 
     cache = args.cache_dir or default_cache_dir()
+    name = "plan_calibration" if args.model == DEFAULT else f"plan_calibration_{args.model}"
     if args.worker and args.worker.startswith("plan:"):
         print(json.dumps(plan_worker(args.worker.removeprefix("plan:"), cache)))
         return
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker), cache, args.threads)))
+        print(json.dumps(worker(json.loads(args.worker), cache, args.threads, args.model)))
         return
+    pull_model(args.model, cache)
+    model = _model(args.model, cache)
     if args.table:
-        results = json.loads((RESULTS / "plan_calibration.json").read_text())
+        results = json.loads((RESULTS / f"{name}.json").read_text())
     else:
         t0, runs = time.time(), []
-        partial = RESULTS / "plan_calibration.partial.json"
+        partial = RESULTS / f"{name}.partial.json"
         done = (
             {r["name"]: r for r in json.loads(partial.read_text())["runs"]} if args.resume and partial.exists() else {}
         )
         for spec in CONFIGS:
-            argv = [json.dumps(spec), "--threads", str(args.threads), "--cache-dir", str(cache)]
+            argv = [json.dumps(spec), "--threads", str(args.threads), "--cache-dir", str(cache), "--model", args.model]
             runs.append(done.get(spec[0]) or run_worker(Path(__file__), argv))
-            write_results("plan_calibration.partial", {"runs": runs})  # a long run keeps what it measured
+            write_results(f"{name}.partial", {"runs": runs})  # a long run keeps what it measured
             r = runs[-1]
             print(f"{spec[0]}: {r['step_s']:.2f} s/step, peak {max(r['load_peak_mb'], r['train_peak_mb']):.0f} MB")
-        setup = {"model": "smollm2-135m", "steps": STEPS, "threads": args.threads, "seconds": round(time.time() - t0)}
+        setup = {"model": args.model, "steps": STEPS, "threads": args.threads, "seconds": round(time.time() - t0)}
         results = {"setup": setup, "runs": runs}
-    results["fit"] = fit(results["runs"])
+    results["shape"] = dataclasses.asdict(model)
+    results["fit"] = fit(results["runs"], model)
     if args.verify_plans:
         from fedge.edge_client.devices import PROFILES
 
@@ -366,9 +379,11 @@ def main() -> None:
             results["plans"][device] = {k: v for k, v in run.items() if k != "device"}
             print(f"{device}: peak {run['peak_rss_mb']:.0f} MB, oom: {run['oom']}", flush=True)
     print("fitted constants:", json.dumps(results["fit"], indent=1))
-    write_results("plan_calibration", results)
-    markdown = table(results) + "\n\n" + plans_table(results.get("plans"))
-    update_readme_section("plan_calibration", markdown)
+    write_results(name, results)
+    markdown = table(results, model)
+    if args.model == DEFAULT:
+        markdown += "\n\n" + plans_table(results.get("plans"))
+    update_readme_section(name, markdown)
     print(markdown)
 
 

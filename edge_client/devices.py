@@ -408,12 +408,13 @@ class Link:
 # --- this machine -----------------------------------------------------------------------------------------
 
 
-def this_machine(name: str = "this-machine", host: HostCalibration = HOST) -> DeviceCaps:
-    """The planner's view of the machine it runs on: the reference calibration, this machine's memory and cores.
+def this_machine(name: str = "this-machine", host: HostCalibration = HOST, measured: dict | None = None) -> DeviceCaps:
+    """The planner's view of the machine it runs on: its memory and cores, and its speed.
 
-    Training may use 80% of the memory available now. The link is unknown (the caps' defaults) until a
-    measured profile provides it. A device that is not the reference machine should be profiled
-    (``fedge profile``) and planned from that; this is the fallback.
+    Training may use 80% of the memory available now. The speed comes from ``measured`` (this device's
+    `fedge profile` report, see `saved_profile`) where there is one: its matmul GFLOP/s per dtype scaled by the
+    reference machine's measured training/matmul ratio; else the reference machine's own calibration, which fits
+    only machines like it. ``DeviceCaps.source`` says which. The link is unknown (the caps' defaults).
     """
     import os
 
@@ -422,13 +423,37 @@ def this_machine(name: str = "this-machine", host: HostCalibration = HOST) -> De
     from fedge.quantization.backends import cpu_supports_bf16
 
     bf16 = cpu_supports_bf16()
+    base = {"name": name, "threads": os.cpu_count() or 1, "memory_bytes": int(0.8 * psutil.virtual_memory().available),
+            "bf16_native": bf16}  # fmt: skip
+    matmul = {k: v["median"] for k, v in ((measured or {}).get("matmul_gflops") or {}).items() if v}
+    if matmul.get("fp32"):
+        source = f"measured: `fedge profile` of this device ({measured.get('created', 'undated')})"
+        return DeviceCaps.from_dict({**base, "matmul_gflops": matmul, "source": source})
     keys = {"fp32": "fp32", "int8": "int8" if bf16 else "int8-fp32", "int4": "int4" if bf16 else "int4-fp32"}
     if bf16:
         keys["bf16"] = "bf16"
-    return DeviceCaps(
-        name=name,
-        threads=os.cpu_count() or 1,
-        memory_bytes=int(0.8 * psutil.virtual_memory().available),
-        train_gflops={p: host.train_gflops[k] for p, k in keys.items()},
-        bf16_native=bf16,
-    )
+    source = "the reference machine's calibration (no `fedge profile` of this device for this model)"
+    return DeviceCaps(**base, train_gflops={p: host.train_gflops[k] for p, k in keys.items()}, source=source)
+
+
+PROFILE_DIR = "profiles"  # under the model cache: one `fedge profile` report per model, of this device
+
+
+def profile_path(cache_dir: Path, model: str) -> Path:
+    """Where `fedge profile --model MODEL` keeps its report for the planner (a model path becomes a safe name)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)[-120:]
+    return Path(cache_dir) / PROFILE_DIR / f"{safe}.json"
+
+
+def saved_profile(cache_dir: Path, model: str) -> dict | None:
+    """This device's saved `fedge profile` report for ``model`` (None if there is none, or it is unreadable or of
+    another machine: a cache copied from elsewhere must not set this device's plans)."""
+    import platform
+
+    try:
+        saved = json.loads(profile_path(cache_dir, model).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("machine") != platform.node():
+        return None
+    return saved

@@ -236,19 +236,21 @@ def _plan(device: Device, settings: wire.RoundSettings, profile, seq_len: int) -
     from fedge.edge_client.plan import make_plan
 
     budget = round_budget(settings, seq_len)
-    plan = make_plan(device_caps(device, profile), budget, model_shape(device.cache_dir, settings.model))
+    caps = device_caps(device, profile, settings.model)
+    plan = make_plan(caps, budget, model_shape(device.cache_dir, settings.model))
     if not plan.feasible:
         raise RoundDeclined(f"{device.name}: no training plan fits this round ({plan.reasons.get('feasible', '')})")
     return plan, budget
 
 
-def device_caps(device: Device, profile=None):
-    """The planner's view of this device: an emulated profile's, else this machine's (reference calibration)."""
+def device_caps(device: Device, profile=None, model: str = ""):
+    """The planner's view of this device: an emulated profile's, else this machine's, from its `fedge profile` of
+    ``model`` where one is saved (else the reference calibration; the plan's reasons say which)."""
     if profile is not None:
         return profile.caps()
-    from fedge.edge_client.devices import this_machine
+    from fedge.edge_client.devices import saved_profile, this_machine
 
-    return this_machine(device.name)
+    return this_machine(device.name, measured=saved_profile(device.cache_dir, model) if model else None)
 
 
 def round_budget(settings: wire.RoundSettings, seq_len: int):

@@ -90,6 +90,7 @@ class DeviceCaps:
     downlink_bytes_per_s: float = 4e6
     latency_s: float = 0.05
     overhead_s: float = 0.0
+    source: str = "given"  # where the throughput figures come from; the plan's reasons name it
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -271,7 +272,11 @@ def _plan(k, est, steps, caps, budget, model, host, feasible: bool, why: str) ->
         predicted_peak_bytes=round(est.peak_bytes),
         predicted_upload_bytes=round(est.upload_bytes),
         predicted_upload_s=est.upload_s,
-        reasons={"feasible": why, **(_reasons(k, steps, caps, budget, model, host) if feasible else {})},
+        reasons={
+            "feasible": why,
+            "device": f"{caps.name}: speed from {caps.source}",
+            **(_reasons(k, steps, caps, budget, model, host) if feasible else {}),
+        },
     )
 
 

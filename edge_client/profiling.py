@@ -341,6 +341,25 @@ def _profile_model(
     return {"model": described, "training": training, "generation": generation}
 
 
+def save_for_planner(report: dict, cache_dir: Path) -> Path | None:
+    """Keep a model's profile (``split_missing``'s report) where this device's planner looks for it
+    (`fedge.edge_client.devices.saved_profile`); None when no model was profiled. Atomic."""
+    import json
+    import platform
+
+    from fedge.common.fsutil import atomic_write_text
+    from fedge.edge_client.devices import profile_path
+
+    model = report.get("model")
+    if not isinstance(model, dict) or not model.get("name"):
+        return None
+    path = profile_path(cache_dir, model["name"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = {"machine": platform.node(), "created": time.strftime("%Y-%m-%d %H:%M"), **report}
+    atomic_write_text(path, json.dumps(saved))
+    return path
+
+
 def _energy_report(result: energy.EnergyResult) -> dict:
     """The session's totals, phases and timeline (columns of energy.TIMELINE_KEYS)."""
     timeline: dict[str, object] = {key: [row[key] for row in result.timeline] for key in energy.TIMELINE_KEYS}

@@ -206,3 +206,30 @@ def test_on_a_virtual_clock_a_busy_host_does_not_slow_the_emulated_device():
     wall(1, 1.0, 100, 1.0)
     wall(2, 1.0, 100, 3.0)
     assert wall.step_s == pytest.approx([3.0, 9.0])
+
+
+def test_this_machine_plans_from_its_own_profile_when_there_is_one(tmp_path, monkeypatch):
+    # `fedge profile --model M` keeps its report; the planner then uses this device's measured speed, and the plan
+    # says where its figures come from. Without one (or one copied from another machine): the reference calibration.
+    import json
+    import platform
+
+    from fedge.edge_client.costs import SMOLLM2_135M, RoundBudget
+    from fedge.edge_client.devices import profile_path, saved_profile, this_machine
+    from fedge.edge_client.plan import make_plan
+    from fedge.edge_client.profiling import save_for_planner
+
+    slow = {"model": {"name": "smollm2-135m"}, "matmul_gflops": {"fp32": {"median": 8.0}, "bf16": None}}
+    assert save_for_planner(slow, tmp_path) == profile_path(tmp_path, "smollm2-135m")
+    assert save_for_planner({"model": None}, tmp_path) is None  # nothing profiled, nothing kept
+    measured = this_machine("dev", measured=saved_profile(tmp_path, "smollm2-135m"))
+    reference = this_machine("dev", measured=saved_profile(tmp_path, "another-model"))
+    assert "fedge profile" in measured.source and "reference" in reference.source
+    assert measured.train_gflops["fp32"] < reference.train_gflops["fp32"] / 5  # 8 of the reference's 306 GFLOP/s
+    budget = RoundBudget(deadline_s=600, steps=15)
+    plans = [make_plan(caps, budget, SMOLLM2_135M) for caps in (measured, reference)]
+    assert "fedge profile" in plans[0].reasons["device"] and "reference" in plans[1].reasons["device"]
+    assert plans[0].predicted_step_s > plans[1].predicted_step_s
+    path = profile_path(tmp_path, "smollm2-135m")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "machine": platform.node() + "-elsewhere"}))
+    assert saved_profile(tmp_path, "smollm2-135m") is None

