@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -280,3 +281,19 @@ def test_simulated_clients_get_the_devices_in_turn(tmp_path):
     assert [c["profile"] for c in configs] == ["pi4-2gb", "laptop", "pi4-2gb"]
     assert [c["name"] for c in configs] == ["healthcare-0", "finance-1", "education-2"]
     assert node_config(0, tmp_path, tmp_path / "cache", 1)["profile"] == ""
+
+
+def test_library_notices_go_to_the_log_not_the_console(tiny_model_dir, tmp_path):
+    # A device owner sees fedge's own lines; deprecation warnings, weight-loading bars and backend notices go to
+    # fedge's log (XDG state directory), where a developer can still find them.
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "PYTHONWARNINGS"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "fedge", "--cache-dir", str(tmp_path / "cache"), "train", "--data", "demo:iot",
+           "--model", str(tiny_model_dir), "--steps", "2", "--out", str(tmp_path / "adapter")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    for noise in ("Warning", "warnings.warn", "Loading weights", "kernels"):
+        assert noise not in done.stderr, noise
+    log = (tmp_path / "state" / "fedge" / "fedge.log").read_text()
+    assert "FutureWarning" in log and "adapter saved" in done.stderr

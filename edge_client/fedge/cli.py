@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     signal.signal(signal.SIGTERM, _interrupt)  # so `finally` blocks stop child processes on a plain kill too
+    route_library_notices()
     try:
         return args.run(args) or 0
     except FedgeError as err:
@@ -33,6 +35,46 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         return 130
+
+
+LOG_NAME = "fedge.log"
+
+
+def log_path() -> Path:
+    """fedge's log file: ``$XDG_STATE_HOME/fedge/fedge.log`` (default ``~/.local/state/fedge/fedge.log``)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state).expanduser() / "fedge" / LOG_NAME
+
+
+def route_library_notices() -> Path | None:
+    """Send what libraries say to a device's owner who cannot act on it (deprecation warnings, transformers'
+    advisories and weight-loading bars, bitsandbytes' notices) to fedge's rotating log instead of the console.
+
+    Environment variables, so the processes fedge starts (server, SuperNode, worker) inherit them. Errors still
+    reach the console. Returns the log's path (None if it cannot be written: then notices are dropped, not shown).
+    """
+    import logging
+    from logging.handlers import RotatingFileHandler
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its advisory notices
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")  # children
+    logging.captureWarnings(True)  # warnings.warn(...) -> the "py.warnings" logger -> the log, not stderr
+    root = logging.getLogger()
+    if any(getattr(h, "fedge_log", False) for h in root.handlers):
+        return log_path()
+    path = log_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = RotatingFileHandler(path, maxBytes=2 * 2**20, backupCount=2, encoding="utf-8")
+    except OSError:
+        handler, path = logging.NullHandler(), None
+    handler.fedge_log = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.INFO, logging.INFO))
+    return path
 
 
 def _interrupt(_signum, _frame) -> None:
