@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import update_readme_section, write_results  # noqa: E402
-from fedge.quantization.codecs import LADDER, ErrorFeedback, decode, encode, measure  # noqa: E402
+from fedge.quantization.codecs import LADDER, decode, encode  # noqa: E402
+from fedge.quantization.updates import ErrorFeedback, measure  # noqa: E402
 
 EXTRA = ("int4:32", "topk:0.25+int8", "topk:0.1+int4", "topk:0.5+int2")  # compositions off the ladder
 FULL_BYTES = "meta:full-adapter-bytes"  # stored with the real delta: fp32 bytes of the whole adapter (A and B)
@@ -42,7 +43,7 @@ def make_real_delta(cache: Path, path: Path) -> None:
     from fedge.edge_client.local_work import open_adapter, train_config
     from fedge.edge_client.session import epoch_maker
     from fedge.edge_client.train import train
-    from fedge.quantization.codecs import make_delta
+    from fedge.quantization.updates import make_delta
 
     settings = wire.RoundSettings(steps=10)
     session, model = open_adapter(ModelHolder(cache), settings)

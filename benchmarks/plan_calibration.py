@@ -257,11 +257,23 @@ def _unit_host(runtime_bytes: float):
     )
 
 
-def table(results: dict, model) -> str:
+def fitted_host(fit: dict):
+    """HOST with the constants of a `fit` (what it did not measure stays HOST's)."""
+    from fedge.edge_client.plan import HOST
+
+    merged = {
+        "train_gflops": {**HOST.train_gflops, **fit["train_gflops"]},
+        "load_extra_bytes": {**HOST.load_extra_bytes, **fit["load_extra_bytes"]},
+    }
+    rest = {k: v for k, v in fit.items() if k not in merged}
+    return dataclasses.replace(HOST, **rest, **merged)
+
+
+def table(results: dict, model, host=None, constants: str = "the shipped constants (`plan.HOST`)") -> str:
     s = results["setup"]
     lines = [
         f"### Planner calibration: {s['model']}, LoRA r=16 on all 7 projections (A frozen), {s['steps']} steps "
-        f"(median of the last {s['steps'] - 1}), {s['threads']} threads",
+        f"(median of the last {s['steps'] - 1}), {s['threads']} threads; predicted with {constants}",
         "",
         "| config | wall step, contended (s) | probe-scaled step (s) | predicted step (s) | error "
         "| peak RSS (MB) | predicted peak (MB) | error |",
@@ -269,7 +281,7 @@ def table(results: dict, model) -> str:
     ]
     t_err, m_err = [], []
     for spec, r in zip(CONFIGS, results["runs"]):
-        step, peak = predict(spec, r["label_fraction"], model)
+        step, peak = predict(spec, r["label_fraction"], model, host)
         quiet = quiet_step_s(r)
         peak_mb, measured_peak = peak / 2**20, max(r["load_peak_mb"], r["train_peak_mb"])
         te, me = step / quiet - 1, peak_mb / measured_peak - 1
@@ -366,7 +378,8 @@ def main() -> None:
             write_results(f"{name}.partial", {"runs": runs})  # a long run keeps what it measured
             r = runs[-1]
             print(f"{spec[0]}: {r['step_s']:.2f} s/step, peak {max(r['load_peak_mb'], r['train_peak_mb']):.0f} MB")
-        setup = {"model": args.model, "steps": STEPS, "threads": args.threads, "seconds": round(time.time() - t0)}
+        setup = {"model": args.model, "steps": STEPS, "threads": args.threads, "seconds": round(time.time() - t0),
+                 "date": time.strftime("%Y-%m-%d")}  # fmt: skip
         results = {"setup": setup, "runs": runs}
     results["shape"] = dataclasses.asdict(model)
     results["fit"] = fit(results["runs"], model)
@@ -383,6 +396,10 @@ def main() -> None:
     markdown = table(results, model)
     if args.model == DEFAULT:
         markdown += "\n\n" + plans_table(results.get("plans"))
+    elif (RESULTS / "plan_calibration.json").exists():  # the cost model carried over from the default's shape
+        default = json.loads((RESULTS / "plan_calibration.json").read_text())
+        note = f"the constants fitted on {DEFAULT} in its last run ({default['setup'].get('date', 'same machine')})"
+        markdown += "\n\n" + table(results, model, fitted_host(default["fit"]), note)
     update_readme_section(name, markdown)
     print(markdown)
 

@@ -368,7 +368,8 @@ def _reply_arrays(
     at codec ``C`` of `fedge.quantization.codecs.LADDER`. The residual of lossy codecs
     stays on the device (``state_dir/residual.npz``) and is added to the next round's change.
     """
-    from fedge.quantization.codecs import LADDER, ErrorFeedback, make_delta, pick_codec
+    from fedge.quantization.codecs import LADDER
+    from fedge.quantization.updates import ErrorFeedback, make_delta, pick_codec
 
     if not settings.codec and set(trained) == set(global_arrays) and _same_shapes(trained, global_arrays):
         return trained, "", None

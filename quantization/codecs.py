@@ -26,13 +26,11 @@ in the arrays too (zlib-compressed JSON), so one ArrayRecord carries everything.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -40,7 +38,7 @@ Arrays = dict[str, np.ndarray]
 FORMAT = 1
 HEADER_KEY = "codec-header"  # the array holding the zlib-compressed JSON header in Encoded.to_arrays()
 VALUE_CODECS = ("none", "fp16", "int8", "int4", "int3", "int2")
-_BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}  # the blockwise quantized value codecs
+BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}  # the blockwise quantized value codecs
 DEFAULT_BLOCK = 64
 # Least lossy first (ordered by measured error on real LoRA-B deltas, benchmarks/codecs.py).
 LADDER = (
@@ -72,7 +70,7 @@ class Codec:
     @property
     def spec(self) -> str:
         """The canonical spec string (parses back to an equal Codec)."""
-        value = self.values + (f":{self.block}" if self.values in _BITS and self.block != DEFAULT_BLOCK else "")
+        value = self.values + (f":{self.block}" if self.values in BITS and self.block != DEFAULT_BLOCK else "")
         if self.mix is not None:
             return f"mix:{self.mix:g}+{value}"
         return value if self.topk is None else f"topk:{self.topk:g}+{value}"
@@ -100,7 +98,7 @@ class Codec:
         if self.topk is not None:
             header["index"] = modes
         if self.mix is not None:
-            header["bits"] = [_BITS[kinds[name]] for name in flats]
+            header["bits"] = [BITS[kinds[name]] for name in flats]
         return Encoded(header, parts.finish(self))
 
     def decode(self, encoded: Encoded, shapes: Mapping[str, tuple[int, ...]] | None = None) -> Arrays:
@@ -146,8 +144,8 @@ def parse_codec(spec: str) -> Codec:
                 raise ValueError(f"{bad}: at most one value codec ({', '.join(VALUE_CODECS)}) per spec")
             values = name
             if arg:
-                if name not in _BITS:
-                    raise ValueError(f"{bad}: only {', '.join(_BITS)} take a block size")
+                if name not in BITS:
+                    raise ValueError(f"{bad}: only {', '.join(BITS)} take a block size")
                 if not arg.isdigit() or int(arg) < 8 or int(arg) % 8:
                     raise ValueError(f"{bad}: the block size must be a multiple of 8, got {arg!r}")
                 block = int(arg)
@@ -217,7 +215,7 @@ def decode(encoded: Encoded, shapes: Mapping[str, tuple[int, ...]] | None = None
     if not isinstance(tensors, list) or (codec.topk is not None and len(modes) != len(tensors)):
         raise ValueError("codec header: 'tensors' (and 'index' for topk) must be lists of the same length")
     if codec.mix is not None:
-        kinds = {_BITS[codec.values]: codec.values, _BITS[_COARSER[codec.values]]: _COARSER[codec.values]}
+        kinds = {BITS[codec.values]: codec.values, BITS[_COARSER[codec.values]]: _COARSER[codec.values]}
         if (
             not isinstance(bits, list)
             or len(bits) != len(tensors)
@@ -245,138 +243,6 @@ def decode(encoded: Encoded, shapes: Mapping[str, tuple[int, ...]] | None = None
         out[name] = flat.reshape(shape).astype(dtype, copy=False)
     reader.check_consumed()
     return out
-
-
-# --- error feedback -------------------------------------------------------------------------------------------
-
-
-class ErrorFeedback:
-    """Per-tensor residual of what the codec dropped, kept on the device across rounds (EF-SGD, Karimireddy 2019).
-
-    ``encode(delta)`` sends ``codec(delta + residual)`` and keeps ``(delta + residual) - decoded`` as the new
-    residual, so what is dropped in one round is sent later: the sum of decoded updates tracks the sum of deltas
-    within one residual. Tensors absent from a round's delta keep their residual; a tensor whose shape changed
-    (a new LoRA rank) starts from a zero residual.
-    """
-
-    def __init__(self, codec: str | Codec, residual: Arrays | None = None) -> None:
-        self.codec = parse_codec(codec) if isinstance(codec, str) else codec
-        self.residual: Arrays = dict(residual or {})
-
-    def encode(self, delta: Mapping[str, np.ndarray]) -> Encoded:
-        """Encode ``delta + residual`` and update the residual; the returned payload is what to send."""
-        target = {}
-        for name, d in delta.items():
-            d = np.asarray(d, dtype=np.float32)
-            r = self.residual.get(name)
-            target[name] = d + r if r is not None and r.shape == d.shape else d.copy()
-        encoded = self.codec.encode(target)
-        decoded = decode(encoded)
-        for name, t in target.items():
-            self.residual[name] = t - decoded[name]
-        return encoded
-
-    def residual_norm(self) -> float:
-        """L2 norm of the residual over all tensors."""
-        return float(np.sqrt(sum(float(np.sum(r.astype(np.float64) ** 2)) for r in self.residual.values())))
-
-    def to_bytes(self) -> bytes:
-        """The residual and the codec spec as .npz bytes, for :meth:`load` (write them atomically)."""
-        buf = io.BytesIO()
-        np.savez(buf, **{f"r/{k}": v for k, v in self.residual.items()}, codec=np.array(self.codec.spec))
-        return buf.getvalue()
-
-    @classmethod
-    def load(cls, path: Path, codec: str | Codec | None = None) -> ErrorFeedback:
-        """Read a residual written from :meth:`to_bytes`; ``codec`` overrides the saved spec (the residual stays valid).
-
-        A missing file gives an empty residual; an unreadable one raises ValueError naming the file.
-        """
-        path = Path(path)
-        if not path.is_file():
-            return cls(codec or "none")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                saved = str(data["codec"])
-                residual = {k[2:]: data[k] for k in data.files if k.startswith("r/")}
-        except (OSError, ValueError, KeyError, EOFError, zlib.error) as e:
-            raise ValueError(f"{path}: not a residual file saved by ErrorFeedback ({e})") from None
-        return cls(codec or saved, residual)
-
-
-# --- measurement and choice -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CodecError:
-    """One codec measured on some arrays."""
-
-    spec: str
-    rel_error: float  # ||decoded - x|| / ||x|| over all tensors (L2)
-    encoded_bytes: int
-    ratio: float  # encoded bytes / fp32 bytes of the same arrays
-
-
-def measure(arrays: Mapping[str, np.ndarray], specs: list[str]) -> list[CodecError]:
-    """Relative L2 error and compression ratio (vs fp32) of each codec on ``arrays`` (one shot, no feedback)."""
-    fp32 = sum(np.asarray(a).size * 4 for a in arrays.values())
-    norm = math.sqrt(sum(float(np.sum(np.asarray(a, dtype=np.float64) ** 2)) for a in arrays.values()))
-    out = []
-    for spec in specs:
-        enc = encode(arrays, spec)
-        dec = decode(enc)
-        err = math.sqrt(sum(float(np.sum((dec[k].astype(np.float64) - arrays[k]) ** 2)) for k in arrays))
-        out.append(CodecError(spec, err / max(norm, 1e-30), enc.encoded_bytes(), enc.encoded_bytes() / max(fp32, 1)))
-    return out
-
-
-def estimate_bytes(spec: str | Codec, fp32_bytes: int) -> int:
-    """Payload bytes of ``spec`` for an update of ``fp32_bytes`` (as float32), without the data.
-
-    Ignores per-tensor padding to whole blocks and the header (a few kB for 210 tensors): within ~1% here.
-    """
-    codec = parse_codec(spec) if isinstance(spec, str) else spec
-    n = fp32_bytes / 4
-    value_bits = float({"none": 32, "fp16": 16, **_BITS}[codec.values])
-    if codec.mix is not None:
-        value_bits -= 1 - codec.mix  # the coarser rest
-    if codec.values in _BITS:
-        value_bits += 16 / codec.block
-    if codec.topk is None:
-        return math.ceil(n * value_bits / 8)
-    index_bits = min(1.0, 16 * codec.topk)  # bitmap or uint16 gaps
-    return math.ceil(n * (codec.topk * value_bits + index_bits) / 8)
-
-
-def pick_codec(fp32_bytes: int, uplink_bytes_per_s: float, budget_s: float, ladder: tuple[str, ...] = LADDER) -> str:
-    """The least lossy spec of ``ladder`` whose payload uploads within ``budget_s`` at ``uplink_bytes_per_s``.
-
-    If none fits, the last (smallest) one: the upload then misses the budget by the least.
-    """
-    if not ladder:
-        raise ValueError("the codec ladder is empty")
-    allowed = max(0.0, uplink_bytes_per_s) * max(0.0, budget_s)
-    for spec in ladder:
-        if estimate_bytes(spec, fp32_bytes) <= allowed:
-            return spec
-    return ladder[-1]
-
-
-def make_delta(trained: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> Arrays:
-    """``trained - reference`` (float32) for the tensors that changed; unchanged ones (frozen LoRA A) are left out."""
-    return {
-        k: (np.asarray(v, dtype=np.float32) - reference[k]).astype(np.float32)
-        for k, v in trained.items()
-        if not np.array_equal(v, reference[k])
-    }
-
-
-def apply_delta(reference: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Arrays:
-    """``reference + delta``, tensors absent from ``delta`` unchanged; ValueError for an unknown tensor."""
-    extra = sorted(set(delta) - set(reference))
-    if extra:
-        raise ValueError(f"delta has tensors the adapter lacks: {extra[:3]}")
-    return {k: (v + delta[k]).astype(v.dtype) if k in delta else v.copy() for k, v in reference.items()}
 
 
 # --- internals ------------------------------------------------------------------------------------------------
@@ -409,7 +275,7 @@ class _Parts:
     def finish(self, codec: Codec) -> Arrays:
         dtypes = {"index": np.uint8, "values": _VALUE_DTYPE.get(codec.values, np.uint8), "scale": np.float16,
                   "tscale": np.float32}  # fmt: skip
-        keys = ["values"] + (["scale", "tscale"] if codec.values in _BITS else [])
+        keys = ["values"] + (["scale", "tscale"] if codec.values in BITS else [])
         keys = (["index"] if codec.topk is not None else []) + keys
         return {k: np.concatenate(self.chunks[k]) if self.chunks.get(k) else np.zeros(0, dtypes[k]) for k in keys}
 
@@ -482,7 +348,7 @@ def _encode_values(name: str, flat: np.ndarray, codec: Codec, parts: _Parts, kin
 
 def _levels(kind: str) -> float:
     """absmax in steps: int8 is symmetric (+-127 steps); int4/int2 split [-absmax, absmax] into 2^bits cells."""
-    return 127.0 if kind == "int8" else float(2 ** (_BITS[kind] - 1))
+    return 127.0 if kind == "int8" else float(2 ** (BITS[kind] - 1))
 
 
 def _quantize(flat: np.ndarray, kind: str, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -498,7 +364,7 @@ def _quantize(flat: np.ndarray, kind: str, block: int) -> tuple[np.ndarray, np.n
     y = np.divide(x, step, out=np.zeros_like(x), where=step > 0)
     if kind == "int8":
         return np.clip(np.rint(y), -127, 127).astype(np.int8).ravel(), rel, np.array([tmax], np.float32)
-    bits = _BITS[kind]
+    bits = BITS[kind]
     half = 2 ** (bits - 1)  # code j stands for (j - half + 0.5) steps
     codes = np.clip(np.floor(y + half), 0, 2 * half - 1).astype(np.uint8).ravel()
     return _pack(codes, bits), rel, np.array([tmax], np.float32)
@@ -531,7 +397,7 @@ def _dequantize(q: np.ndarray, rel: np.ndarray, tmax: float, kind: str, block: i
     if kind == "int8":
         y = q.astype(np.float32)
     else:
-        bits = _BITS[kind]
+        bits = BITS[kind]
         codes = _unpack(q, bits, rel.size * block)
         y = codes.astype(np.float32) - (2 ** (bits - 1) - 0.5)
     y = y.reshape(-1, block) * step  # (blocks, block)
@@ -544,7 +410,7 @@ class _Reader:
     def __init__(self, arrays: Mapping[str, np.ndarray], codec: Codec) -> None:
         self.codec = codec
         want = {"values": _VALUE_DTYPE[codec.values]}
-        if codec.values in _BITS:
+        if codec.values in BITS:
             want |= {"scale": np.float16, "tscale": np.float32}
         if codec.topk is not None:
             want["index"] = np.uint8
@@ -571,7 +437,7 @@ class _Reader:
         if kind in ("none", "fp16"):
             return self.take("values", n, name).astype(np.float32)
         nb = -(-n // c.block)
-        q = self.take("values", nb * c.block * _BITS[kind] // 8, name)
+        q = self.take("values", nb * c.block * BITS[kind] // 8, name)
         rel = self.take("scale", nb, name)
         tmax = float(self.take("tscale", 1, name)[0])
         return _dequantize(q, rel, tmax, kind, c.block, n)

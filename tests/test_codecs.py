@@ -1,24 +1,13 @@
-"""Update codecs: round-trip error, payload size, composition, error feedback, validation, the codec ladder."""
+"""Update codecs (codecs.py) and what a client sends with them (updates.py): round-trip error, payload size,
+composition, error feedback, validation, the codec ladder."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fedge.quantization.codecs import (
-    LADDER,
-    Codec,
-    Encoded,
-    ErrorFeedback,
-    apply_delta,
-    decode,
-    encode,
-    estimate_bytes,
-    make_delta,
-    measure,
-    parse_codec,
-    pick_codec,
-)
+from fedge.quantization.codecs import LADDER, Codec, Encoded, decode, encode, parse_codec
+from fedge.quantization.updates import ErrorFeedback, apply_delta, estimate_bytes, make_delta, measure, pick_codec
 
 B = "base_model.model.model.layers.{}.self_attn.q_proj.lora_B.weight"
 
