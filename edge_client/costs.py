@@ -38,8 +38,8 @@ class HostCalibration:
 # Fitted by benchmarks/plan_calibration.py on SmolLM2-135M (its results file as of 2026-11, in git history), LoRA r=16
 # on all 7 projections. The 2026-12-01 re-run (results/plan_calibration.json, "fit") on a quieter AMD EPYC host fits
 # 2.3-4.6x these throughputs and the same memory constants within 5%: on such hosts these time constants are
-# pessimistic (plans leave steps unused; the re-planner adds them back from the measured steps). Throughputs come from steps measured while other benchmarks shared the 2 cores, corrected by
-# a matmul probe: trust them to ~50% (the re-planner corrects the step count from the first measured steps).
+# pessimistic (plans leave steps unused; the re-planner adds them back from the measured steps). Throughputs come
+# from steps measured while other benchmarks shared the 2 cores, corrected by a matmul probe.
 # int8 measured 121 GFLOP/s in one noisy config, above bf16, which it cannot beat (it dequantizes to bf16 and
 # then runs bf16 matmuls): capped at bf16's. int8 over fp32 compute was not measured: taken as int4's.
 # Memory constants bound every measured peak from above (the overhead is the largest residual of the fit).

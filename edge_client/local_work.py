@@ -365,8 +365,8 @@ def _reply_arrays(
 
     ``"auto"`` picks the least lossy codec whose upload fits the deadline's remaining time on the device's
     link (an emulated profile's; on a real device without a link model, int8); ``"auto:C"`` starts the search
-    at codec ``C`` of `fedge.quantization.codecs.LADDER`. The residual of lossy codecs
-    stays on the device (``state_dir/residual.npz``) and is added to the next round's change.
+    at codec ``C`` of `fedge.quantization.codecs.LADDER`. The residual of lossy codecs stays on the device
+    (``state_dir/residual-KEY.npz``, one per federation shape) and is added to the next round's change.
     """
     from fedge.quantization.codecs import LADDER
     from fedge.quantization.updates import ErrorFeedback, make_delta, pick_codec

@@ -6,7 +6,7 @@ a short round). ``fedge client start`` therefore also starts this worker; the Cl
 (Flower and numpy) and hands the round's work to it over an authenticated loopback connection. If the
 worker is not there, the ClientApp does the work itself, so a round never depends on it.
 
-    python -m fedge.edge_client.worker --state DIR --port N [--model M] [--precision P] [--threads T]
+    python -m fedge.edge_client.worker --state DIR --port N --cache-dir DIR [--model M] [--precision P] [--threads T]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""fedge quantization: base-weight backends, update codecs and export.
+"""fedge quantization: base-weight backends, update codecs and what a client sends with them (updates.py).
 
 Imports nothing of fedge beyond itself, and nothing heavy here: ``backends`` and ``portable`` need torch,
-``codecs`` only numpy (the server decodes updates without torch).
+``codecs`` and ``updates`` only numpy (the server decodes updates without torch).
 """
 
 # The base-weight precisions `backends.load_base_model` takes, named here so that settings and CLI flags can

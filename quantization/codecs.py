@@ -1,4 +1,4 @@
-"""Update codecs: encode/decode pairs for adapter deltas, composable, with error feedback. Plain numpy.
+"""Update codecs: encode/decode pairs for adapter deltas, composable (error feedback: `updates.py`). Plain numpy.
 
 A codec spec is ``"none"``, ``"fp16"``, ``"int8"``, ``"int4"``, ``"int3"``, ``"int2"`` or ``"topk:F+VALUES"``
 (``F`` in (0, 1], ``VALUES`` one of the others), e.g. ``"topk:0.1+int8"``; ``int8:128`` / ``int4:32`` set the

@@ -69,6 +69,7 @@ class ClientRound:
     eval_examples: float | None = None
     eval_startup_seconds: float | None = None
     eval_load_seconds: float | None = None
+    extra: dict = field(default_factory=dict)  # metrics a reply sent that fedge has no field for (e.g. your mods')
 
     @classmethod
     def from_reply(cls, node_id: int, info: dict, metrics: dict, evaluation: bool = False) -> ClientRound:
@@ -84,11 +85,13 @@ class ClientRound:
         )
         if info.get(wire.Client.PLAN):  # an adaptive round: what the device chose
             entry.plan = json.loads(str(info[wire.Client.PLAN]))
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         for key, value in metrics.items():
             name = (_EVAL_FIELDS if evaluation else _METRIC_FIELDS).get(key, key.replace("-", "_"))
             if name in names and (not evaluation or key in _EVAL_FIELDS):
                 setattr(entry, name, value)
+            elif name not in names:
+                entry.extra[key] = value
         entry.examples = float(entry.examples or 0)
         return entry
 
@@ -97,6 +100,7 @@ class ClientRound:
         for name in _EVAL_FIELDS.values():
             if getattr(evaluated, name) is not None:
                 setattr(self, name, getattr(evaluated, name))
+        self.extra.update({f"eval-{k}": v for k, v in evaluated.extra.items()})
 
     @classmethod
     def from_dict(cls, data: dict) -> ClientRound:

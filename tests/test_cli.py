@@ -297,3 +297,32 @@ def test_library_notices_go_to_the_log_not_the_console(tiny_model_dir, tmp_path)
         assert noise not in done.stderr, noise
     log = (tmp_path / "state" / "fedge" / "fedge.log").read_text()
     assert "FutureWarning" in log and "adapter saved" in done.stderr
+
+
+def test_fedges_warnings_and_everyones_errors_still_reach_the_console(tmp_path):
+    code = (
+        "import logging, warnings\nfrom fedge.cli import route_library_notices\nroute_library_notices()\n"
+        "logging.getLogger('fedge.server').warning('rejected the update of pi')\n"
+        "logging.getLogger('transformers').warning('an advisory')\n"
+        "logging.getLogger('transformers').error('a library error')\n"
+        "warnings.warn('deprecated thing', FutureWarning)\n"
+    )
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "rejected the update of pi" in done.stderr and "a library error" in done.stderr
+    assert "an advisory" not in done.stderr and "deprecated thing" not in done.stderr
+    log = (tmp_path / "fedge" / "fedge.log").read_text()
+    assert all(m in log for m in ("rejected the update", "an advisory", "a library error", "deprecated thing"))
+
+
+def test_the_demo_reports_the_settings_it_ran_with(tmp_path):
+    from fedge.common.wire import RoundSettings
+    from fedge.demo import DemoSettings, demo_processes
+    from fedge.server.settings import ServerSettings
+
+    server, clients = demo_processes(
+        DemoSettings(clients=3), RoundSettings(), ServerSettings(server_lr=1.5), tmp_path, tmp_path / "cache", 4242
+    )
+    assert server.address == "127.0.0.1:4242" and server.state == tmp_path / "server" and server.min_clients == 3
+    assert server.server_lr == 1.5 and len(clients) == 3
+    assert all(c.server == server.address and d.cache_dir == tmp_path / "cache" for c, d in clients)

@@ -138,3 +138,32 @@ def _same(got, want) -> None:
     diffs = {f.name: (getattr(got, f.name), getattr(want, f.name)) for f in dataclasses.fields(want)
              if getattr(got, f.name) != getattr(want, f.name)}  # fmt: skip
     assert not diffs, f"fields lost or changed on the way (got, want): {diffs}"
+
+
+@pytest.mark.parametrize(
+    ("text", "argv", "expected"),
+    [
+        ("[round]\nstepz = 3\n", [], "[round]: unknown setting 'stepz'"),  # named once, brackets kept
+        ("round = 5\n", [], "'round' must be a table"),
+        ("[[server]]\nrounds = 2\n", [], "'server' must be a table"),
+        ("[devices]\n", [], "unknown 'devices'"),
+        ("[server]\nrounds = 'three'\n", [], "[server]: rounds: expected int, got 'three'"),
+        ("", ["--rounds", "0"], "bad server setting: rounds must be >= 1"),
+        ("", ["--lr", "inf"], "bad round setting: lr must be a finite number > 0"),
+        ("", ["--deadline", "nan"], "bad round setting: deadline_s must be a finite number >= 0"),
+    ],
+)
+def test_a_bad_config_or_flag_is_one_clear_line(text, argv, expected, tmp_path, capsys):
+    from fedge.cli import main
+
+    path = tmp_path / "fed.toml"
+    path.write_text(text)
+    code = main(["server", "start", "--config", str(path), "--state", str(tmp_path / "s"), *argv])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and expected in err and "Traceback" not in err and err.count(str(path)) <= 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_resumed_federation_must_keep_its_lora_scale():
+    assert RoundSettings(lora_r=16).defining()["lora_alpha"] == 32
+    assert RoundSettings(lora_r=16, lora_alpha=64).defining() != RoundSettings(lora_r=16).defining()

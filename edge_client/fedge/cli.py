@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from fedge import __version__
 from fedge.common.errors import FedgeError
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except FedgeError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -50,8 +51,9 @@ def route_library_notices() -> Path | None:
     """Send what libraries say to a device's owner who cannot act on it (deprecation warnings, transformers'
     advisories and weight-loading bars, bitsandbytes' notices) to fedge's rotating log instead of the console.
 
-    Environment variables, so the processes fedge starts (server, SuperNode, worker) inherit them. Errors still
-    reach the console. Returns the log's path (None if it cannot be written: then notices are dropped, not shown).
+    Environment variables, so the processes fedge starts (server, SuperNode, worker) inherit them. fedge's own
+    warnings and every library's errors still reach the console too. Returns the log's path (None if it cannot be
+    written: then notices are dropped, not shown).
     """
     import logging
     from logging.handlers import RotatingFileHandler
@@ -73,6 +75,10 @@ def route_library_notices() -> Path | None:
     handler.fedge_log = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root.addHandler(handler)
+    # What does concern the owner still reaches the console: fedge's own warnings, anyone's errors.
+    console_handler = logging.StreamHandler()
+    console_handler.addFilter(lambda r: r.levelno >= (logging.WARNING if r.name.startswith("fedge") else logging.ERROR))
+    root.addHandler(console_handler)
     root.setLevel(min(root.level or logging.INFO, logging.INFO))
     return path
 
@@ -149,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="evaluate at most N examples")
     ev.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=_positive_int,
         default=None,
         help="generation limit for exact match (default: the longest reference reply in tokens, plus slack)",
     )
@@ -185,6 +191,13 @@ def _add_profile_command(sub) -> None:
     )
     _add_runtime_args(prof)
     prof.set_defaults(run=cmd_profile)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _add_federation_commands(sub) -> None:
@@ -335,14 +348,15 @@ def cmd_profile(args) -> int:
 
 def _settings(cls, args, table: str, config: dict | None = None):
     """``cls`` from its defaults, the config file's ``[table]`` and the flags; a bad value is a FedgeError naming
-    the file or flag."""
+    the file and key (a bad key or type in the file) or the setting (a value out of range, wherever it came from)."""
     from fedge.common.settings import resolve
 
-    where = f"{args.config} [{table}]" if getattr(args, "config", None) else f"--{table} options"
+    where = f"{args.config} [{table}]" if getattr(args, "config", None) else f"[{table}]"
     try:
         return resolve(cls, (config or {}).get(table), args, where)
     except (ValueError, TypeError) as err:
-        raise FedgeError(f"{where}: {err}") from None
+        message = str(err)
+        raise FedgeError(message if message.startswith(where) else f"bad {table} setting: {message}") from None
 
 
 def _config_file(args, tables: tuple[str, ...]) -> dict:
@@ -355,9 +369,11 @@ def _config_file(args, tables: tuple[str, ...]) -> dict:
         config = read_toml(args.config)
     except ValueError as err:
         raise FedgeError(str(err)) from None
-    unknown = sorted(set(config) - set(tables))
-    if unknown:
-        raise FedgeError(f"{args.config}: unknown table(s) {unknown}; expected {', '.join(tables)}")
+    for key, value in config.items():
+        if key not in tables:
+            raise FedgeError(f"{args.config}: unknown {key!r}; expected the tables {', '.join(tables)}")
+        if not isinstance(value, dict):
+            raise FedgeError(f"{args.config}: {key!r} must be a table ([{key}] and its keys), got {value!r}")
     return config
 
 
@@ -379,7 +395,9 @@ def cmd_client_start(args) -> int:
     client = _settings(ClientSettings, args, "client", config)
     if not client.server:
         raise FedgeError("--server is required (the server's HOST:PORT), or server in the config's [client] table")
-    device = dataclasses.replace(_settings(Device, args, "device", config), cache_dir=_cache(args))
+    device = _settings(Device, args, "device", config)
+    if args.cache_dir is not None:  # the flag wins over a [device] cache_dir, which wins over the default
+        device = dataclasses.replace(device, cache_dir=args.cache_dir)
     return start_client(client, device, _say)
 
 

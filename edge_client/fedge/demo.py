@@ -106,10 +106,10 @@ def run_demo(
     if demo.simulation:
         from fedge.simulate import run_simulation
 
-        state_dir = run_simulation(demo.simulation, r, server, demo.devices, out, cache, console)
+        server = run_simulation(demo.simulation, r, server, demo.devices, out, cache, console)
     else:
-        state_dir = _run_processes(demo, r, server, out, cache, console)
-    return _finish(demo, r, server, out, state_dir, time.monotonic() - t0, console)
+        server = _run_processes(demo, r, server, out, cache, console)
+    return _finish(demo, r, server, out, time.monotonic() - t0, console)
 
 
 def _fedge(cache: Path, *args: str) -> list[str]:
@@ -126,7 +126,7 @@ def write_config(path: Path, **tables: object) -> Path:
 
 
 def demo_processes(
-    demo: DemoSettings, round_settings: RoundSettings, server: ServerSettings, out: Path, port: int
+    demo: DemoSettings, round_settings: RoundSettings, server: ServerSettings, out: Path, cache: Path, port: int
 ) -> tuple[ServerSettings, list[tuple[ClientSettings, Device]]]:
     """The server's settings and each client's (client, device) settings for a demo on loopback ``port``."""
     server = dataclasses.replace(server, address=f"127.0.0.1:{port}", state=out / "server", min_clients=demo.clients)
@@ -137,7 +137,7 @@ def demo_processes(
     for i in range(demo.clients):
         domain = DOMAINS[i % len(DOMAINS)]
         name = domain if i < len(DOMAINS) else f"{domain}-{i}"
-        device = Device(name, f"demo:{domain}", f"demo:{domain}:test", out / "clients" / name, threads=threads)
+        device = Device(name, f"demo:{domain}", f"demo:{domain}:test", out / "clients" / name, cache, threads=threads)
         if demo.devices:  # they share this machine's cores: their slowness is counted, not slept
             device = dataclasses.replace(device, profile=demo.devices[i], emulated_time="virtual")
         clients.append((client, device))
@@ -146,11 +146,12 @@ def demo_processes(
 
 def _run_processes(
     demo: DemoSettings, round_settings: RoundSettings, server: ServerSettings, out: Path, cache: Path, console
-) -> Path:
+) -> ServerSettings:
+    """Run the demo's server and clients as processes; the server's settings as it ran."""
     from fedge.common.procs import spawn
 
     logs, env = out / "logs", dict(os.environ)
-    server, clients = demo_processes(demo, round_settings, server, out, free_port())
+    server, clients = demo_processes(demo, round_settings, server, out, cache, free_port())
     config = write_config(out / "server.toml", round=round_settings, server=server)
     server_proc = spawn(_fedge(cache, "server", "start", "--config", str(config)), env, logs / "server.log")
     procs = []
@@ -168,17 +169,18 @@ def _run_processes(
         stop(server_proc)
     if server_proc.returncode != 0:
         raise FedgeError(f"the server failed (code {server_proc.returncode}); its log:\n{tail(logs / 'server.log')}")
-    return server.state
+    return server
 
 
 def _finish(
-    demo: DemoSettings, round_settings: RoundSettings, server: ServerSettings, out: Path, state_dir: Path,
-    seconds: float, console: Console,
+    demo: DemoSettings, round_settings: RoundSettings, server: ServerSettings, out: Path, seconds: float,
+    console: Console,
 ) -> int:  # fmt: skip
     from fedge.server.app import FINAL_ADAPTER
     from fedge.server.report import write_report
     from fedge.server.state import read_records
 
+    state_dir = server.state
     records = read_records(state_dir)
     meta = {
         "settings": round_settings.to_config(),

@@ -52,8 +52,8 @@ def client_app(out: Path, cache: Path, threads: int, devices: list[str] | None =
 def run_simulation(
     clients: int, round_settings: RoundSettings, server: ServerSettings, devices: list[str], out: Path, cache: Path,
     console: Console,
-) -> Path:  # fmt: skip
-    """Run the federation with ``clients`` virtual clients; returns the server's state directory."""
+) -> ServerSettings:  # fmt: skip
+    """Run the federation with ``clients`` virtual clients; returns the server's settings as it ran."""
     try:
         import ray  # noqa: F401
         from flwr.simulation import run_simulation as flwr_run_simulation
@@ -88,4 +88,4 @@ def run_simulation(
     finally:
         done.set()
         watcher.join(5)
-    return state_dir
+    return server

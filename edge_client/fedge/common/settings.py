@@ -77,8 +77,10 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         default = f.default if f.default is not dataclasses.MISSING else None
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
-        shown = "" if default in (None, "", []) else f" (default: {default})"
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata["help"] + shown}
+        shown = "" if default in (None, "", []) else f"; default: {default}"
+        key = f"; config key: {f.name}" if flag_of(f) != "--" + config_key(f.name) else ""
+        helptext = f.metadata["help"] + (f" ({(shown + key)[2:]})" if shown or key else "")
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helptext}
         kw.update(f.metadata.get("argparse") or {})
         item = _item_type(tp)
         if tp is bool:
@@ -87,7 +89,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
             kw.update(action="append", type=item)
         else:
             kw["type"] = tp
-        if tp is not bool:
+        if tp is not bool and "choices" not in kw:
             kw.setdefault("metavar", flag_of(f)[2:].upper().replace("-", "_"))
         parser.add_argument(flag_of(f), **kw)
 

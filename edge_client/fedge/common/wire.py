@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -69,21 +70,6 @@ class Client:
     CODEC = "codec"  # the update codec spec the client used
     PROFILE = "device-profile"  # the emulated device, if any
     ENERGY_METHOD = "energy-method"  # how energy-j was had: "rapl", "pmic", "ina3221", "battery", "estimated", ...
-
-
-class Node:
-    """SuperNode ``--node-config`` keys: how ``fedge client start`` tells its ClientApp about the device."""
-
-    NAME = "name"
-    DATA = "data"
-    EVAL_DATA = "eval-data"
-    STATE_DIR = "state-dir"
-    CACHE_DIR = "cache-dir"
-    PRECISION = "precision"
-    THREADS = "threads"
-    WORKER_PORT = "worker-port"  # the device's warm worker on loopback (0: none)
-    PROFILE = "device-profile"  # an emulated device (fedge.edge_client.devices): name, file or key=value text
-    EMULATED_TIME = "emulated-time"  # "wall" (sleep the emulated slowness) or "virtual" (count it, don't sleep)
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -223,10 +209,10 @@ class RoundSettings:
         for name in ("steps", "batch", "seq_len", "lora_r", "lora_alpha", "eval_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.deadline_s < 0:
-            raise ValueError(f"deadline_s must be >= 0, got {self.deadline_s}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.deadline_s) and self.deadline_s >= 0):
+            raise ValueError(f"deadline_s must be a finite number >= 0, got {self.deadline_s}")
         if self.codec:
             from fedge.quantization.codecs import LADDER, parse_codec
 
@@ -282,6 +268,7 @@ class RoundSettings:
         return {
             "model": self.model,
             "lora_r": self.lora_r,
+            "lora_alpha": self.lora_alpha,
             "lora_targets": self.lora_targets,
             "seed": self.seed,
             "lora_freeze_a": self.lora_freeze_a,
