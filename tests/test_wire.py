@@ -36,5 +36,5 @@ def test_round_settings_round_trip_through_a_config_record():
 def test_round_settings_validate():
     with pytest.raises(ValueError, match="steps must be >= 1"):
         wire.RoundSettings(steps=0)
-    with pytest.raises(ValueError, match="lr must be > 0"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
         wire.RoundSettings(lr=0)
