@@ -13,6 +13,7 @@ from rich.table import Table
 from fedge.common import adapters
 from fedge.common.errors import FedgeError
 from fedge.common.modeling import LoraSettings, add_lora, open_model
+from fedge.common.models import DEFAULT_MODEL
 from fedge.edge_client.data import Example, fingerprint, load_examples
 from fedge.edge_client.evaluate import EvalResult, evaluate
 from fedge.edge_client.memory import current_rss_mb
@@ -110,7 +111,7 @@ def run_eval(args: argparse.Namespace, cache_dir: Path, console: Console) -> int
     meta = adapters.read_meta(args.adapter) if args.adapter else {}
     if args.adapter and not (args.adapter / "adapter_config.json").is_file():
         raise FedgeError(f"{args.adapter}: not an adapter directory (no adapter_config.json)")
-    source = args.model or meta.get("model", {}).get("source") or "smollm2-135m"
+    source = args.model or meta.get("model", {}).get("source") or DEFAULT_MODEL
     session = open_model(source, cache_dir, args.precision, args.device, say=lambda m: console.print(f"[dim]{m}[/]"))
     model = adapters.load_adapter(session.model, args.adapter) if args.adapter else session.model
     seq_len = meta.get("train_config", {}).get("seq_len", 256)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedge.common.errors import FedgeError
+from fedge.common.models import DEFAULT_MODEL
 from fedge.edge_client import energy, inventory
 from fedge.edge_client.inventory import Missing
 
@@ -31,7 +32,7 @@ Say = Callable[[str], None]
 class ProfilePlan:
     """What to measure. Training uses the federated rounds' LoRA shape on packed demo rows of ``seq_len``."""
 
-    model: str | None = "smollm2-135m"  # None: device and matmuls only
+    model: str | None = DEFAULT_MODEL  # None: device and matmuls only
     precision: str = "auto"
     device: str = "auto"
     steps: int = 8  # timed training steps, after ``warmup`` untimed ones

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fedge.common.errors import FedgeError
 from fedge.common.fsutil import atomic_write_text
+from fedge.common.models import DEFAULT_MODEL
 from fedge.common.procs import flwr_env, free_port, parse_address
 from fedge.common.settings import setting
 from fedge.edge_client.local_work import Device
@@ -24,7 +25,7 @@ class ClientSettings:
     What the device is and holds (data, name, state, precision, ...) is its `Device` (``[device]``)."""
 
     server: str = setting("", "the server's HOST:PORT")
-    model: str = setting("smollm2-135m", "model to pull before joining, so round 1 does not pay for it (none: skip)")
+    model: str = setting(DEFAULT_MODEL, "model to pull before joining, so round 1 does not pay for it (none: skip)")
     root_certificates: Path | None = setting(None, "the server's CA certificate: enables TLS")
     auth_key: Path | None = setting(None, "this device's private key for SuperNode authentication (needs TLS)")
     max_retries: int | None = setting(None, "give up after N reconnects (default: never)")

@@ -183,7 +183,7 @@ def _finish(
     state_dir = server.state
     records = read_records(state_dir)
     meta = {
-        "settings": round_settings.to_config(),
+        "settings": to_toml_table(round_settings),
         "server": to_toml_table(server),
         "clients": demo.clients,
         "devices": demo.devices,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedge.common.lora import METHODS
+from fedge.common.models import DEFAULT_MODEL
 from fedge.common.settings import from_config, setting, to_config
 
 if TYPE_CHECKING:
@@ -166,7 +167,7 @@ class RoundSettings:
     """What every client does in a round, sent in the train/evaluate ConfigRecord; ``--flags`` and a config file's
     ``[round]`` table on ``fedge server start`` and ``fedge demo``."""
 
-    model: str = setting("smollm2-135m", "base model every client trains on: a built-in name, directory or .gguf")
+    model: str = setting(DEFAULT_MODEL, "base model every client trains on: a built-in name, directory or .gguf")
     steps: int = setting(15, "local training steps per round")
     lr: float = setting(2e-3, "clients' learning rate")
     batch: int = setting(8, "examples per local step")
