@@ -40,6 +40,9 @@ HEADER_KEY = "codec-header"  # the array holding the zlib-compressed JSON header
 VALUE_CODECS = ("none", "fp16", "int8", "int4", "int3", "int2")
 BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}  # the blockwise quantized value codecs
 DEFAULT_BLOCK = 64
+MAX_HEADER_BYTES = 1 << 20  # decompressed JSON header: ~100 bytes a tensor, so thousands of tensors fit
+MAX_TENSORS = 100_000
+_FLOAT_DTYPES = ("float16", "float32", "float64")
 # Least lossy first (ordered by measured error on real LoRA-B deltas, benchmarks/codecs.py).
 LADDER = (
     "none",
@@ -174,14 +177,37 @@ class Encoded:
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Encoded:
-        """Inverse of :meth:`to_arrays`; ValueError if the header is missing or unreadable."""
+        """Inverse of :meth:`to_arrays`; ValueError if the header is missing, unreadable or not a codec header.
+
+        The header may come from anyone: it is decompressed to at most ``MAX_HEADER_BYTES`` and its structure (a
+        dict whose ``tensors`` are ``[name, shape, float dtype]`` entries, at most ``MAX_TENSORS``) is checked
+        before anything reads it.
+        """
         if HEADER_KEY not in arrays:
             raise ValueError(f"not an encoded update: no {HEADER_KEY!r} array (was it sent with a codec?)")
         try:
-            header = json.loads(zlib.decompress(np.asarray(arrays[HEADER_KEY], dtype=np.uint8).tobytes()))
-        except (zlib.error, ValueError) as e:
+            inflate = zlib.decompressobj()
+            text = inflate.decompress(np.asarray(arrays[HEADER_KEY], dtype=np.uint8).tobytes(), MAX_HEADER_BYTES)
+            if inflate.unconsumed_tail:
+                raise ValueError(f"larger than {MAX_HEADER_BYTES} bytes decompressed")
+            header = json.loads(text)
+        except (zlib.error, ValueError, RecursionError) as e:
             raise ValueError(f"unreadable codec header: {e}") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"codec header: expected a JSON object, got {type(header).__name__}")
+        tensors = header.get("tensors")
+        if not isinstance(tensors, list) or len(tensors) > MAX_TENSORS:
+            raise ValueError(f"codec header: 'tensors' must be a list of at most {MAX_TENSORS} entries")
+        for entry in tensors:
+            _tensor_entry(entry)
+        for key in ("index", "bits"):
+            if key in header and not isinstance(header[key], list):
+                raise ValueError(f"codec header: {key!r} must be a list")
         return cls(header, {k: np.asarray(v) for k, v in arrays.items() if k != HEADER_KEY})
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """The header's (name, shape, dtype) entries (checked by `from_arrays`)."""
+        return [_tensor_entry(e) for e in self.header.get("tensors", [])]
 
     def encoded_bytes(self) -> int:
         """Payload bytes: every array's data plus the compressed header (not counting ~128 B npy header/array)."""
@@ -189,7 +215,7 @@ class Encoded:
 
     @property
     def names(self) -> list[str]:
-        return [t[0] for t in self.header.get("tensors", [])]
+        return [name for name, _, _ in self.tensors()]
 
 
 def encode(arrays: Mapping[str, np.ndarray], spec: str | Codec) -> Encoded:
@@ -253,14 +279,16 @@ def _kept(fraction: float, n: int) -> int:
 
 
 def _tensor_entry(entry) -> tuple[str, tuple[int, ...], str]:
-    try:
+    """A header's ``[name, shape, dtype]``: a name, at most 8 dims of 0..2**31-1 (ints, not floats or bools), and
+    a float dtype; ValueError otherwise (a short excerpt of the entry, never the whole of a hostile one)."""
+    ok = isinstance(entry, list) and len(entry) == 3
+    if ok:
         name, shape, dtype = entry
-        shape = tuple(int(s) for s in shape)
-        if any(s < 0 for s in shape) or np.dtype(dtype).kind != "f":
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ValueError(f"codec header: bad tensor entry {entry!r} (expected [name, shape, float dtype])") from None
-    return str(name), shape, str(dtype)
+        ok = isinstance(name, str) and len(name) <= 512 and isinstance(shape, list) and len(shape) <= 8
+        ok = ok and all(type(d) is int and 0 <= d < 2**31 for d in shape) and dtype in _FLOAT_DTYPES
+    if not ok:
+        raise ValueError(f"codec header: bad tensor entry {str(entry)[:80]!r} (expected [name, shape, float dtype])")
+    return name, tuple(shape), dtype
 
 
 class _Parts:

@@ -214,8 +214,7 @@ def from_reply(
         changed = sum(int(np.count_nonzero(arrays[k] != global_arrays[k])) for k in global_arrays)
         return dict(arrays), delta_norm(dict(arrays), dict(global_arrays)) / math.sqrt(max(1, changed))
     encoded = Encoded.from_arrays(arrays)
-    for entry in encoded.header.get("tensors", []):  # before decoding: a header must not make the server allocate
-        name, shape = entry[0], tuple(entry[1])
+    for name, shape, _ in encoded.tensors():  # before decoding: a header must not make the server allocate
         ref = global_arrays.get(name)
         if ref is None:
             raise ValueError(f"wrong keys: unexpected {name}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,20 +74,32 @@ class ClientRound:
 
     @classmethod
     def from_reply(cls, node_id: int, info: dict, metrics: dict, evaluation: bool = False) -> ClientRound:
-        """From a reply's CLIENT record (``info``) and METRICS record; an evaluation reply fills the eval fields."""
+        """From a reply's CLIENT record (``info``) and METRICS record; an evaluation reply fills the eval fields.
+
+        Both come from the network: ValueError naming the field for a value of the wrong type, a non-finite or
+        absurdly large number, an over-long string or a plan that is not one. Nothing here trusts a value's range
+        beyond that; what a number may claim (examples, steps) is the strategy's to bound.
+        """
         entry = cls(
-            name=str(info.get(wire.Client.NAME, node_id)),
+            name=_text(info, wire.Client.NAME, str(node_id), limit=128),
             node_id=node_id,
-            data=_str(info.get(wire.Client.DATA)),
-            device=_str(info.get(wire.Client.DEVICE)),
-            device_profile=_str(info.get(wire.Client.PROFILE)) or None,
-            energy_method=_str(info.get(wire.Client.ENERGY_METHOD)),
-            codec=_str(info.get(wire.Client.CODEC)) or None,
+            data=_text(info, wire.Client.DATA),
+            device=_text(info, wire.Client.DEVICE),
+            device_profile=_text(info, wire.Client.PROFILE) or None,
+            energy_method=_text(info, wire.Client.ENERGY_METHOD),
+            codec=_text(info, wire.Client.CODEC) or None,
         )
-        if info.get(wire.Client.PLAN):  # an adaptive round: what the device chose
-            entry.plan = json.loads(str(info[wire.Client.PLAN]))
+        plan = _text(info, wire.Client.PLAN, limit=MAX_PLAN_CHARS)
+        if plan:  # an adaptive round: what the device chose
+            try:
+                entry.plan = wire.TrainingPlan.from_dict(json.loads(plan)).to_dict()
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:
+                raise ValueError(f"client record {wire.Client.PLAN!r}: not a training plan ({str(err)[:80]})") from None
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        if len(metrics) > MAX_METRICS:
+            raise ValueError(f"metrics: {len(metrics)} entries, at most {MAX_METRICS}")
         for key, value in metrics.items():
+            value = _number(key, value)
             name = (_EVAL_FIELDS if evaluation else _METRIC_FIELDS).get(key, key.replace("-", "_"))
             if name in names and (not evaluation or key in _EVAL_FIELDS):
                 setattr(entry, name, value)
@@ -196,5 +209,24 @@ def _weighted(values: list[float | None], weights: list[float]) -> float | None:
     return sum(v * w for v, w in pairs) / total if total else None
 
 
-def _str(value: object) -> str | None:
-    return None if value is None else str(value)
+MAX_PLAN_CHARS = 64 * 1024
+MAX_METRICS = 256
+MAX_ABS_METRIC = 1e15  # bytes, joules, seconds, tokens: anything above is a lie or a bug
+
+
+def _text(info: dict, key: str, default: str | None = None, limit: int = 1024) -> str | None:
+    """A string field of a client record (None/``default`` if absent); ValueError if it is not a short string."""
+    value = info.get(key, default)
+    if value is None or isinstance(value, str) and len(value) <= limit:
+        return value
+    what = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+    raise ValueError(f"client record {key!r}: expected a string of at most {limit} characters, got {what}")
+
+
+def _number(key: str, value: object) -> float | int:
+    """A metric: a finite int or float of at most MAX_ABS_METRIC in size; ValueError naming it otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"metric {key!r}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value) or abs(value) > MAX_ABS_METRIC:
+        raise ValueError(f"metric {key!r}: {value} is not a finite number of at most {MAX_ABS_METRIC:g}")
+    return value

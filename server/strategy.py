@@ -55,8 +55,8 @@ class FedgeAvg(FedAvg):
             evals, failures = self._stage(
                 grid, self.configure_evaluate(0, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid)
             )
-            evaluated = [client_round(r, evaluation=True) for r in evals]
-            state.records.append(RoundRecord.summarize(0, [], evaluated, failures, time.monotonic() - t0))
+            evaluated, bad = self._evaluations(evals)
+            state.records.append(RoundRecord.summarize(0, [], evaluated, failures + bad, time.monotonic() - t0))
             save(state)
         for rnd in range(state.round + 1, num_rounds + 1):
             t0 = time.monotonic()
@@ -71,8 +71,8 @@ class FedgeAvg(FedAvg):
                 grid, self.configure_evaluate(rnd, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid)
             )
             state.round = rnd
-            evaluated = [client_round(r, evaluation=True) for r in evals]
-            failures = train_failures + eval_failures
+            evaluated, bad = self._evaluations(evals)
+            failures = train_failures + eval_failures + bad
             state.records.append(RoundRecord.summarize(rnd, clients, evaluated, failures, time.monotonic() - t0))
             save(state)
         return state
@@ -95,8 +95,9 @@ class FedgeAvg(FedAvg):
                     failures.append(self._failure(node, reply.error.reason))
                     log.warning("node %s failed: %s", node, reply.error.reason)
                 else:
-                    if wire.CLIENT in reply.content:
-                        self._names[node] = str(reply.content[wire.CLIENT].get(wire.Client.NAME, node))
+                    name = _reply_name(reply)
+                    if name is not None:
+                        self._names[node] = name
                     replies.append(reply)
             time.sleep(0.5)
         failures += [self._failure(to_node.get(mid), "no reply before the deadline") for mid in pending]
@@ -111,19 +112,8 @@ class FedgeAvg(FedAvg):
         """Validate each update against the global adapter and average the accepted ones into ``state``."""
         clients, updates = [], []
         for reply in replies:
-            entry = client_round(reply)
+            entry, update = self._check_reply(reply, state, settings)
             entry.bytes_down = bytes_down
-            update = {}
-            try:
-                received = wire.from_record(reply.content[wire.ADAPTER])
-                entry.bytes_up = wire.record_bytes(reply.content[wire.ADAPTER])
-                update, entry.delta_rms = hetero.from_reply(
-                    received, state.arrays, settings.lora_alpha, settings.lora_merge
-                )
-            except ValueError as err:  # names, shapes, dtypes, finite values: the check's own words
-                entry.reason = str(err)
-            except (KeyError, TypeError) as err:
-                entry.reason = f"malformed reply ({err})"
             clients.append(entry)
             updates.append(update)
         checked = [i for i, c in enumerate(clients) if c.reason is None]
@@ -160,6 +150,71 @@ class FedgeAvg(FedAvg):
                 self.server.min_clients,
             )
         return clients
+
+    def _evaluations(self, evals: list[Message]) -> tuple[list[ClientRound], list[Failure]]:
+        """The evaluation replies' entries, and a failure for each one whose records are not what they must be."""
+        entries, failures = [], []
+        for reply in evals:
+            node = reply.metadata.src_node_id
+            try:
+                entries.append(client_round(reply, evaluation=True))
+            except Exception as err:  # noqa: BLE001 (a bad report is that client's failure, not the round's)
+                if not isinstance(err, ValueError):
+                    log.exception("could not handle the evaluation of node %s", node)
+                failures.append(self._failure(node, f"bad evaluation reply: {str(err)[:300]}"))
+        return entries, failures
+
+    def _check_reply(
+        self, reply: Message, state: ServerState, settings: wire.RoundSettings
+    ) -> tuple[ClientRound, dict]:
+        """(the client's entry, its update at its own rank; {} when rejected, with the reason in the entry).
+
+        Every part of the reply is hostile until checked: the records' types and sizes (`ClientRound.from_reply`),
+        the weight it claims (examples, steps: at most what the server asked for), then the update itself
+        (`hetero.from_reply`). Any other exception while handling it rejects this reply, logged with its
+        traceback, and never ends the round: the client would resend it on every resume.
+        """
+        node = reply.metadata.src_node_id
+        entry = ClientRound(name=self._names.get(node, f"node {node}"), node_id=node)
+        try:
+            entry = client_round(reply)
+            entry.reason = _claims(entry, settings)
+            if entry.reason is not None:
+                return entry, {}
+            received = wire.from_record(reply.content[wire.ADAPTER])
+            entry.bytes_up = wire.record_bytes(reply.content[wire.ADAPTER])
+            update, entry.delta_rms = hetero.from_reply(
+                received, state.arrays, settings.lora_alpha, settings.lora_merge
+            )
+            return entry, update
+        except ValueError as err:  # names, shapes, types, finite values: the check's own words
+            entry.reason = str(err)[:500]
+        except Exception as err:  # noqa: BLE001 (one reply must not end the round; see the docstring)
+            log.exception("could not handle the reply of node %s", node)
+            entry.reason = f"malformed reply ({type(err).__name__}: {str(err)[:200]})"
+        return entry, {}
+
+
+MAX_EXAMPLES = 10_000_000  # a device's training examples; a claim above is a lie (it would outweigh everyone)
+
+
+def _reply_name(reply: Message) -> str | None:
+    """The client's name in a reply, if it sent a usable one (it names the client in later failures)."""
+    try:
+        name = reply.content[wire.CLIENT].get(wire.Client.NAME) if wire.CLIENT in reply.content else None
+    except Exception:  # noqa: BLE001 (a record of the wrong kind: no name, not an outage)
+        return None
+    return name if isinstance(name, str) and 0 < len(name) <= 128 else None
+
+
+def _claims(entry: ClientRound, settings: wire.RoundSettings) -> str | None:
+    """Why the weight a training reply claims cannot be believed (None if it can): examples are what FedAvg
+    weights by, steps what FedNova divides by, so both must be whole, positive and no more than possible."""
+    if not 1 <= entry.examples <= MAX_EXAMPLES or entry.examples != int(entry.examples):
+        return f"claims {entry.examples:g} training examples: expected a whole number in 1..{MAX_EXAMPLES}"
+    if entry.steps is None or not 1 <= entry.steps <= settings.steps or entry.steps != int(entry.steps):
+        return f"claims {entry.steps} local steps: expected a whole number in 1..{settings.steps} (the round's)"
+    return None
 
 
 def client_round(reply: Message, evaluation: bool = False) -> ClientRound:

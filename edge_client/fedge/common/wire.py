@@ -142,8 +142,31 @@ class TrainingPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainingPlan:
+        """From `to_dict` output, which may have crossed the network or a file: every field is checked for its
+        type (ints for counts, finite numbers for predictions, strings for names); ValueError naming the field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a training plan is a JSON object, got {type(data).__name__}")
         data = dict(data)
-        data["targets"] = tuple(data["targets"])
+        targets = data.get("targets")
+        if not isinstance(targets, list | tuple) or not all(isinstance(t, str) and len(t) < 128 for t in targets):
+            raise ValueError("plan field 'targets': expected a list of module names")
+        data["targets"] = tuple(targets)
+        reasons = data.get("reasons", {})
+        if not isinstance(reasons, dict) or not all(isinstance(v, str) for v in reasons.values()):
+            raise ValueError("plan field 'reasons': expected an object of strings")
+        for f in dataclasses.fields(cls):
+            if f.name not in data or f.name in ("targets", "reasons"):
+                continue
+            value, kind = data[f.name], _PLAN_TYPES.get(f.name)
+            ok = (
+                (kind is bool and isinstance(value, bool))
+                or (kind is str and isinstance(value, str) and len(value) < 64)
+                or (kind is int and type(value) is int and 0 <= value < 2**31)
+                or (kind == "int?" and (value is None or type(value) is int and 0 <= value < 2**31))
+                or (kind is float and type(value) in (int, float) and math.isfinite(value))
+            )
+            if not ok:
+                raise ValueError(f"plan field {f.name!r}: {str(value)[:40]!r} is not a valid value")
         return cls(**data)
 
     def train_overrides(self) -> dict:
@@ -160,6 +183,14 @@ class TrainingPlan:
     def lora_overrides(self) -> dict:
         """LoraSettings fields this plan sets."""
         return {"r": self.lora_r, "target_modules": self.targets, "top_layers": self.top_layers}
+
+
+_PLAN_TYPES = {
+    "feasible": bool, "precision": str, "compute_dtype": str, "lora_r": int, "top_layers": "int?", "seq_len": int,
+    "micro_batch": int, "grad_accum": int, "gradient_checkpointing": bool, "loss_chunk": int, "steps": int,
+    "requested_steps": int, "predicted_step_s": float, "predicted_s": float, "predicted_peak_bytes": int,
+    "predicted_upload_bytes": int, "predicted_upload_s": float, "calibration": float,
+}  # fmt: skip
 
 
 @dataclass

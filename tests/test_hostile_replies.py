@@ -1,0 +1,127 @@
+"""Crafted replies against the strategy's real code: each one is rejected with a reason, none raises, none moves or
+poisons the global adapter, and the honest clients beside it are still merged.
+
+The shapes are the ones an attacker with one SuperNode tried (issue "A server that no client can crash"): codec
+headers of the wrong JSON type or absurd shapes, records of the wrong kind, lying example and step counts, plans
+that are not plans, names that are not strings, metrics that are lists.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MetricRecord
+
+from fedge.common import wire
+from fedge.quantization.codecs import HEADER_KEY, encode
+from fedge.server.settings import ServerSettings
+from fedge.server.state import ServerState
+from fedge.server.strategy import FedgeAvg
+
+R, IN, OUT = 4, 6, 5
+A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+SETTINGS = wire.RoundSettings(steps=10, lora_r=R, lora_alpha=2 * R)
+
+
+def _global() -> dict:
+    rng = np.random.default_rng(0)
+    return {A: rng.standard_normal((R, IN)).astype(np.float32), B: np.zeros((OUT, R), np.float32)}
+
+
+def _reply(node: int, arrays=None, metrics=None, client=None, adapter=None) -> SimpleNamespace:
+    """A training reply as the strategy sees one: an adapter record, a metric record and a client record."""
+    g = _global()
+    arrays = arrays if arrays is not None else {A: g[A], B: g[B] + 0.01 * (node + 1)}
+    content = {
+        wire.ADAPTER: adapter if adapter is not None else wire.to_record(arrays),
+        wire.METRICS: metrics if metrics is not None else MetricRecord({wire.Metric.EXAMPLES: 100, "steps": 10}),
+        wire.CLIENT: client if client is not None else ConfigRecord({wire.Client.NAME: f"client-{node}"}),
+    }
+    return SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=node))
+
+
+def _header(header: object) -> dict:
+    """An encoded reply whose codec header is ``header`` (any JSON), with an honest-looking payload."""
+    ok = encode({B: np.full((OUT, R), 0.01, np.float32)}, "int8").to_arrays()
+    blob = zlib.compress(json.dumps(header).encode())
+    return {**ok, HEADER_KEY: np.frombuffer(blob, dtype=np.uint8)}
+
+
+def _raw_header(blob: bytes) -> dict:
+    return {**_header({}), HEADER_KEY: np.frombuffer(blob, dtype=np.uint8)}
+
+
+HOSTILE = {
+    "header is a list": lambda: _reply(9, arrays=_header([1, 2, 3])),
+    "header is a string": lambda: _reply(9, arrays=_header("tensors")),
+    "tensors is a dict": lambda: _reply(9, arrays=_header({"format": 1, "codec": "int8", "tensors": {"a": 1}})),
+    "shape 1e400": lambda: _reply(9, arrays=_raw_header(zlib.compress(
+        b'{"format": 1, "codec": "int8", "tensors": [["' + B.encode() + b'", [1e400, 4], "float32"]]}'))),
+    "shape Infinity": lambda: _reply(9, arrays=_raw_header(zlib.compress(
+        b'{"format": 1, "codec": "int8", "tensors": [["' + B.encode() + b'", [Infinity, 4], "float32"]]}'))),
+    "deeply nested header": lambda: _reply(9, arrays=_raw_header(zlib.compress(b"[" * 100_000 + b"]" * 100_000))),
+    "header bomb": lambda: _reply(9, arrays=_raw_header(zlib.compress(b" " * (64 << 20) + b"{}"))),
+    "adapter of the wrong record type": lambda: _reply(9, adapter=ConfigRecord({"x": 1})),
+    "negative examples": lambda: _reply(9, metrics=MetricRecord({wire.Metric.EXAMPLES: -5, "steps": 10})),
+    "NaN examples": lambda: _reply(9, metrics=MetricRecord({wire.Metric.EXAMPLES: float("nan"), "steps": 10})),
+    "1e12 examples": lambda: _reply(9, metrics=MetricRecord({wire.Metric.EXAMPLES: 1e12, "steps": 10})),
+    "inf examples": lambda: _reply(9, metrics=MetricRecord({wire.Metric.EXAMPLES: float("inf"), "steps": 10})),
+    "examples as a list": lambda: _reply(9, metrics=MetricRecord({wire.Metric.EXAMPLES: [1, 2], "steps": 10})),
+    "no examples": lambda: _reply(9, metrics=MetricRecord({"steps": 10})),
+    "NaN steps": lambda: _reply(9, metrics=MetricRecord({wire.Metric.EXAMPLES: 100, "steps": float("nan")})),
+    "1e6 steps": lambda: _reply(9, metrics=MetricRecord({wire.Metric.EXAMPLES: 100, "steps": 1_000_000})),
+    "0 steps": lambda: _reply(9, metrics=MetricRecord({wire.Metric.EXAMPLES: 100, "steps": 0})),
+    "steps as a list": lambda: _reply(9, metrics=MetricRecord({wire.Metric.EXAMPLES: 100, "steps": [1.0, 2.0]})),
+    "plan that is not JSON": lambda: _reply(9, client=ConfigRecord({wire.Client.NAME: "x", wire.Client.PLAN: "{"})),
+    "plan of the wrong types": lambda: _reply(9, client=ConfigRecord(
+        {wire.Client.NAME: "x", wire.Client.PLAN: json.dumps({"precision": ["fp32"], "targets": "q"})})),
+    "name as bytes": lambda: _reply(9, client=ConfigRecord({wire.Client.NAME: b"\xff\xfe"})),
+    "client record of the wrong type": lambda: _reply(9, client=MetricRecord({"name": 1.0})),
+    "NaN adapter": lambda: _reply(9, arrays={A: _global()[A], B: np.full((OUT, R), np.nan, np.float32)}),
+    "scale overflow": lambda: _reply(9, arrays=_overflowing()),
+}  # fmt: skip
+
+
+def _overflowing() -> dict:
+    """An encoded change whose per-tensor scale is the largest float32: its decoded values overflow to inf."""
+    arrays = encode({B: np.ones((OUT, R), np.float32)}, "int8").to_arrays()
+    arrays["tscale"] = np.full_like(arrays["tscale"], 3.4e38)
+    return arrays
+
+
+def _run(hostile) -> tuple[list, ServerState]:
+    state = ServerState({}, arrays=_global())
+    strategy = FedgeAvg(ServerSettings(min_clients=1), stage_deadline_s=1.0)
+    replies = [_reply(1), _reply(2), hostile]
+    clients = strategy._check_and_average(state, replies, bytes_down=1, settings=SETTINGS)
+    return clients, state
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_reply_is_rejected_with_a_reason_and_the_honest_ones_are_merged(name):
+    clients, state = _run(HOSTILE[name]())
+    liar = next(c for c in clients if c.node_id == 9)
+    assert liar.accepted is False and liar.reason, liar
+    assert all(c.accepted for c in clients if c.node_id != 9)
+    assert all(np.isfinite(v).all() for v in state.arrays.values())
+    honest_change = 0.025 * ServerSettings().server_lr  # the honest B changes (0.02, 0.03) averaged, x server lr
+    assert np.allclose(state.arrays[B], honest_change, atol=1e-6)  # the liar moved nothing
+
+
+def test_the_honest_pair_alone_merges_the_same():
+    state = ServerState({}, arrays=_global())
+    FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(state, [_reply(1), _reply(2)], 1, SETTINGS)
+    assert np.allclose(state.arrays[B], 0.025 * ServerSettings().server_lr, atol=1e-6)
+
+
+def test_a_hostile_evaluation_is_a_failure_not_an_outage():
+    strategy = FedgeAvg(ServerSettings(min_clients=1), stage_deadline_s=1.0)
+    bad = _reply(9, metrics=MetricRecord({wire.Metric.EXACT_MATCH: [1.0, 2.0]}))
+    good = _reply(1, metrics=MetricRecord({wire.Metric.EXACT_MATCH: 0.5, wire.Metric.EVAL_EXAMPLES: 10}))
+    entries, failures = strategy._evaluations([good, bad])
+    assert [e.node_id for e in entries] == [1] and failures[0].node_id == 9 and "exact-match" in failures[0].reason
