@@ -29,6 +29,11 @@ CONNECTION = "fedge"
 def start_server(server: ServerSettings, round_settings: wire.RoundSettings, cache_dir: Path, console: Console) -> int:
     """Run the federation to its last round; 0 when it completed."""
     host, port = parse_address(server.address, "--address")
+    if not server.tls and not server.insecure and not _is_loopback(host):
+        raise FedgeError(
+            f"--address {server.address}: clients would reach this server over plaintext; give it TLS "
+            "(--ssl-certfile, --ssl-keyfile, --ssl-ca-certfile) or accept plaintext with --insecure"
+        )
     state_dir = server.state.resolve()
     server = dataclasses.replace(server, state=state_dir)
     _check_files(server)
@@ -66,6 +71,15 @@ def start_server(server: ServerSettings, round_settings: wire.RoundSettings, cac
         )
     console.print(f"[green]federation complete:[/] {state.round} rounds; adapter in {state_dir / FINAL_ADAPTER}")
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _check_files(server: ServerSettings) -> None:

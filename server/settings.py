@@ -29,7 +29,12 @@ class ServerSettings:
         f"{STAGE_SLACK_S:g} s of Flower overhead, or {DEFAULT_STAGE_DEADLINE_S:g} without one)", metavar="SECONDS",
     )  # fmt: skip
     norm_factor: float = setting(10.0, "reject an update whose change is more than this x the other clients'")
+    max_change_rms: float = setting(
+        1.0, "reject an update whose change has an RMS per changed entry above this, whatever the others sent "
+        "(a round's LoRA change measures ~0.01 here)",
+    )  # fmt: skip
     server_lr: float = setting(2.0, "scales the averaged change (1: plain FedAvg; 2 measured best, benchmarks/README)")
+    insecure: bool = setting(False, "allow plaintext (no TLS) on an address other than loopback")
     ssl_certfile: Path | None = setting(None, "server certificate (PEM): enables TLS")
     ssl_keyfile: Path | None = setting(None, "server private key (PEM)")
     ssl_ca_certfile: Path | None = setting(None, "CA certificate (PEM) the clients trust")
@@ -47,6 +52,8 @@ class ServerSettings:
             raise ValueError(f"server_lr must be a finite number > 0, got {self.server_lr}")
         if not (math.isfinite(self.norm_factor) and self.norm_factor > 1):
             raise ValueError(f"norm_factor must be a finite number > 1, got {self.norm_factor}")
+        if not (math.isfinite(self.max_change_rms) and self.max_change_rms > 0):
+            raise ValueError(f"max_change_rms must be a finite number > 0, got {self.max_change_rms}")
         if self.stage_deadline is not None and not (math.isfinite(self.stage_deadline) and self.stage_deadline > 0):
             raise ValueError(f"stage_deadline must be a finite number of seconds > 0, got {self.stage_deadline}")
         tls = (self.ssl_certfile, self.ssl_keyfile, self.ssl_ca_certfile)

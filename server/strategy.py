@@ -116,6 +116,12 @@ class FedgeAvg(FedAvg):
             entry.bytes_down = bytes_down
             clients.append(entry)
             updates.append(update)
+        for c in clients:
+            if c.reason is None and c.delta_rms > self.server.max_change_rms:  # bounds a sole or first replier too
+                c.reason = (
+                    f"update norm {c.delta_rms:.3g} (RMS per changed entry) is above the absolute bound "
+                    f"{self.server.max_change_rms:g}"
+                )
         checked = [i for i, c in enumerate(clients) if c.reason is None]
         history = state.strategy.get("accepted_norms", [])[-20:]
         outliers = aggregate.norm_outliers([clients[i].delta_rms for i in checked], history, self.server.norm_factor)
@@ -130,7 +136,7 @@ class FedgeAvg(FedAvg):
             c.accepted = c.reason is None
             if not c.accepted:
                 log.warning("rejected the update of %s: %s", c.name, c.reason)
-        if len(accepted) >= self.server.min_clients or (accepted and len(accepted) == len(clients)):
+        if len(accepted) >= self.server.min_clients:
             # Mixed ranks and layer subsets merge per tensor; FedNova weighting evens out unequal step counts
             # (with equal steps this is the example-weighted FedAvg, then the server learning rate).
             state.arrays = hetero.aggregate(

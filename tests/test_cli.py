@@ -198,6 +198,7 @@ def test_meta_file_name_is_stable():
         (["client", "start", "--device-profile", "base=pi5-8gb,slowdown=fast"], "field 'slowdown': expected float"),
         (["client", "start", "--device-profile", "base=pi5-8gb,cores=2"], "unknown field(s) ['cores']"),
         (["server", "start", "--codec", "int9"], "'int9': unknown codec"),
+        (["server", "start", "--address", "0.0.0.0:9"], "plaintext; give it TLS"),
         (["server", "start", "--deadline", "-5"], "deadline_s must be a finite number >= 0"),
         (["demo", "--devices", "pi4-2gb,toaster"], "unknown device 'toaster'"),
         (["demo", "--devices", "base=laptop,slowdown=0.5"], "slowdown must be >= 1"),

@@ -119,6 +119,19 @@ def test_the_honest_pair_alone_merges_the_same():
     assert np.allclose(state.arrays[B], 0.025 * ServerSettings().server_lr, atol=1e-6)
 
 
+def test_a_sole_replier_is_bounded_and_min_clients_is_strict():
+    # No peers and no history: only the absolute bound stands between a huge change and the global adapter.
+    g = _global()
+    huge = _reply(9, arrays={A: g[A], B: g[B] + 1e3})
+    state = ServerState({}, arrays=_global())
+    (entry,) = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(state, [huge], 1, SETTINGS)
+    assert entry.accepted is False and "absolute bound" in entry.reason and np.array_equal(state.arrays[B], g[B])
+    # Fewer acceptable updates than --min-clients: the global stays, even when every reply was fine.
+    state = ServerState({}, arrays=_global())
+    FedgeAvg(ServerSettings(min_clients=3), 1.0)._check_and_average(state, [_reply(1), _reply(2)], 1, SETTINGS)
+    assert np.array_equal(state.arrays[B], g[B])
+
+
 def test_a_hostile_evaluation_is_a_failure_not_an_outage():
     strategy = FedgeAvg(ServerSettings(min_clients=1), stage_deadline_s=1.0)
     bad = _reply(9, metrics=MetricRecord({wire.Metric.EXACT_MATCH: [1.0, 2.0]}))

@@ -30,8 +30,9 @@ NON_DEFAULT = {
     ),
     ServerSettings: dict(
         rounds=9, min_clients=3, address="10.0.0.1:9000", state=Path("/tmp/state"), stage_deadline=321.0,
-        norm_factor=5.0, server_lr=1.5, ssl_certfile=Path("/c.pem"), ssl_keyfile=Path("/k.pem"),
-        ssl_ca_certfile=Path("/ca.pem"), auth_key=[Path("/a.pub"), Path("/b.pub")], clientapp="my.mods:app",
+        norm_factor=5.0, max_change_rms=0.5, insecure=True, server_lr=1.5, ssl_certfile=Path("/c.pem"),
+        ssl_keyfile=Path("/k.pem"), ssl_ca_certfile=Path("/ca.pem"), auth_key=[Path("/a.pub"), Path("/b.pub")],
+        clientapp="my.mods:app",
     ),
     ClientSettings: dict(
         server="10.0.0.1:9000", model="none", root_certificates=Path("/ca.pem"), auth_key=Path("/node.key"),
