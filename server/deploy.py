@@ -34,6 +34,7 @@ def start_server(server: ServerSettings, round_settings: wire.RoundSettings, cac
             f"--address {server.address}: clients would reach this server over plaintext; give it TLS "
             "(--ssl-certfile, --ssl-keyfile, --ssl-ca-certfile) or accept plaintext with --insecure"
         )
+    _check_port_free(host, port)
     state_dir = server.state.resolve()
     server = dataclasses.replace(server, state=state_dir)
     _check_files(server)
@@ -71,6 +72,26 @@ def start_server(server: ServerSettings, round_settings: wire.RoundSettings, cac
         )
     console.print(f"[green]federation complete:[/] {state.round} rounds; adapter in {state_dir / FINAL_ADAPTER}")
     return 0
+
+
+def _check_port_free(host: str, port: int, wait_s: float = 5.0) -> None:
+    """FedgeError if something listens on host:port (it would be taken for this server's SuperLink). Waits up to
+    ``wait_s`` for it to go: a server restarted right after a kill finds its old SuperLink still exiting."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    end = time.monotonic() + wait_s
+    while True:
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free
+            try:
+                probe.bind((host, port))
+                return
+            except OSError as err:
+                if time.monotonic() > end:
+                    raise FedgeError(f"--address {host}:{port}: cannot listen there ({err.strerror}); is another "
+                                     "server running? Pick another port or stop it") from None  # fmt: skip
+        time.sleep(0.5)
 
 
 def _is_loopback(host: str) -> bool:

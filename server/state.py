@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,14 +61,21 @@ class ServerState:
         path = state_dir / STATE_FILE
         if not path.is_file():
             return None
+        where = path
         try:
             meta = json.loads(path.read_text())
-            with np.load(state_dir / meta["arrays"]) as npz:
+            if not isinstance(meta, dict) or type(meta.get("round")) is not int or not isinstance(meta["arrays"], str):
+                raise ValueError("expected an object with an integer 'round' and an 'arrays' file name")
+            if not isinstance(meta.get("settings"), dict) or not isinstance(meta.get("strategy", {}), dict):
+                raise ValueError("expected 'settings' and 'strategy' objects")
+            where = state_dir / Path(meta["arrays"]).name  # never a path outside the state directory
+            with np.load(where, allow_pickle=False) as npz:
                 arrays = {name: npz[name] for name in npz.files}
-            raw = json.loads((state_dir / RECORDS_JSON).read_text()) if (state_dir / RECORDS_JSON).exists() else []
+            where = state_dir / RECORDS_JSON
+            raw = json.loads(where.read_text()) if where.exists() else []
             records = [RoundRecord.from_dict(r) for r in raw]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise StateError(f"{path}: cannot resume from this state ({err})") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as err:
+            raise StateError(f"{where}: cannot resume from this state ({type(err).__name__}: {err})") from None
         records = [r for r in records if r.round <= meta["round"]]  # records are written before state
         return cls(meta["settings"], meta["round"], arrays, records, meta.get("strategy", {}))
 

@@ -328,3 +328,16 @@ def test_the_demo_reports_the_settings_it_ran_with(tmp_path):
     assert server.address == "127.0.0.1:4242" and server.state == tmp_path / "server" and server.min_clients == 3
     assert server.server_lr == 1.5 and len(clients) == 3
     assert all(c.server == server.address and d.cache_dir == tmp_path / "cache" for c, d in clients)
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["server", "start", "--address", f"127.0.0.1:{port}", "--state", str(tmp_path / "s")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "cannot listen there" in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()

@@ -102,3 +102,21 @@ def test_records_written_before_they_were_typed_still_load(tmp_path):
     client = record.clients[0]
     assert client.name == "clinic" and client.examples == 480.0 and client.accepted and client.eval_examples == 50
     assert "1/1 (0r 1f)" in round_line(record, 3)
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda d: (d / "global-0001.npz").write_bytes((d / "global-0001.npz").read_bytes()[:100]), "global-0001.npz"),
+        (lambda d: (d / "state.json").write_text("{"), "state.json"),
+        (lambda d: (d / "state.json").write_text("[1, 2]"), "state.json"),
+        (lambda d: (d / "state.json").write_text('{"round": "2", "arrays": "global-0001.npz"}'), "state.json"),
+        (lambda d: (d / "rounds.json").write_text('[{"round": 1, "clients": 5}]'), "rounds.json"),
+        (lambda d: (d / "global-0001.npz").unlink(), "global-0001.npz"),
+    ],
+)
+def test_a_damaged_state_is_refused_naming_the_file(tmp_path, damage, named):
+    _state(1).save(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(StateError, match=named):
+        ServerState.load(tmp_path)
