@@ -27,7 +27,7 @@ from fedge.common.modeling import ModelHolder, get_adapter, set_adapter
 from fedge.common.settings import from_config, setting, to_config
 from fedge.quantization import PRECISIONS
 
-UPDATE_FILE, METRICS_FILE = "update.npz", "metrics.json"
+UPDATE_FILE, METRICS_FILE, RESIDUAL_FILE = "update.npz", "metrics.json", "residual.npz"
 KEEP_WORK_DIRS = 3
 Arrays = dict[str, np.ndarray]
 
@@ -154,6 +154,7 @@ def do_train(
     work = device.state_dir / "work" / _work_key(global_arrays, settings, f"{data_id}|{device.profile}|{rnd}")
     if (work / UPDATE_FILE).is_file():  # finished before a restart: reply with that work
         arrays, metrics = _load_update(work)
+        _commit_residual(work, device, settings)  # in case the restart came before it was in place
         return arrays, {**metrics, wire.Metric.RESUMED: 1}
     profile = _profile(device)
     if settings.plan:
@@ -201,9 +202,11 @@ def do_train(
         wire.Client.PLAN: _ran(replanner.plan if replanner is not None else plan, result.steps),
         wire.Client.PROFILE: profile.name if profile is not None else "",
     }
-    _save_update(work, arrays, metrics)  # before replying: a lost reply costs a resend, not the training
-    if feedback is not None:  # after the update: a crash in between loses a residual, never sends it twice
-        atomic_write_bytes(_residual_path(device, settings), feedback.to_bytes())
+    # Before replying: a lost reply costs a resend, not the training. The new residual is saved with the update (it
+    # belongs to it: what this update left out); it replaces the live one only once the update is complete, and a
+    # resumed reply puts it in place again, so a kill between the two never sends the old residual a second time.
+    _save_update(work, arrays, metrics, feedback.to_bytes() if feedback is not None else None)
+    _commit_residual(work, device, settings)
     _prune_work(work.parent)
     return arrays, {**metrics, wire.Metric.RESUMED: 0}
 
@@ -433,13 +436,22 @@ def _work_key(global_arrays: Arrays, settings: wire.RoundSettings, data_id: str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _save_update(work: Path, arrays: Arrays, metrics: dict) -> None:
+def _save_update(work: Path, arrays: Arrays, metrics: dict, residual: bytes | None) -> None:
     import io
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_text(work / METRICS_FILE, json.dumps(metrics))
+    if residual is not None:
+        atomic_write_bytes(work / RESIDUAL_FILE, residual)
     atomic_write_bytes(work / UPDATE_FILE, buf.getvalue())  # last: its presence means the work is complete
+
+
+def _commit_residual(work: Path, device: Device, settings: wire.RoundSettings) -> None:
+    """Make the residual saved with a finished update the live one (idempotent: a resumed reply repeats it)."""
+    saved = work / RESIDUAL_FILE
+    if saved.is_file():
+        atomic_write_bytes(_residual_path(device, settings), saved.read_bytes())
 
 
 def _load_update(work: Path) -> tuple[Arrays, dict]:

@@ -103,6 +103,27 @@ def test_a_resent_round_replies_with_the_saved_encoded_update(holder, device, ti
     assert local_work._residual_path(device, settings).read_bytes() == residual  # not encoded twice
 
 
+def test_a_kill_between_the_update_and_its_residual_never_sends_the_old_residual_again(
+    holder, device, tiny_model_dir, monkeypatch
+):
+    settings = _settings(tiny_model_dir, codec="int4")
+    initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+    local_work.do_train(holder, device, settings, initial, rnd=1)  # round 1 leaves a residual r1
+    r1 = local_work._residual_path(device, settings).read_bytes()
+
+    def killed(*_args) -> None:  # the process dies right after the round-2 update is saved
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local_work, "_commit_residual", killed)
+    with pytest.raises(KeyboardInterrupt):
+        local_work.do_train(holder, device, settings, initial, rnd=2)
+    assert local_work._residual_path(device, settings).read_bytes() == r1  # the live residual is still r1...
+    monkeypatch.undo()
+    _, metrics = local_work.do_train(holder, device, settings, initial, rnd=2)  # ...until the resumed reply
+    assert metrics[wire.Metric.RESUMED] == 1
+    assert local_work._residual_path(device, settings).read_bytes() != r1  # r1 went out in round 2: it is gone
+
+
 def test_auto_without_a_link_model_takes_int8_or_its_ceiling(holder, device, tiny_model_dir):
     for codec, expected in (("auto", "int8"), ("auto:int3", "int3"), ("auto:fp16", "int8")):
         settings = _settings(tiny_model_dir, codec=codec)

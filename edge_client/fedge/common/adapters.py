@@ -54,11 +54,21 @@ def save_adapter(model: torch.nn.Module, out_dir: Path, meta: dict) -> Path:
         fsync_dir(out_dir.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except OSError as err:
-        raise FedgeError(f"{out_dir}: could not save the adapter ({err.strerror or err})") from None
+    except (OSError, _safetensors_error()) as err:  # a full disk can surface as either
+        reason = getattr(err, "strerror", None) or err
+        raise FedgeError(f"{out_dir}: could not save the adapter ({reason}); a previous one there is intact") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _safetensors_error() -> type[Exception]:
+    """safetensors' own error type (raised instead of OSError by some failed writes, e.g. a full disk)."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # an older safetensors: its errors are OSErrors
+        return OSError
+    return SafetensorError
 
 
 def read_meta(adapter_dir: Path) -> dict:

@@ -253,6 +253,7 @@ def _pull_hub(repo_id: str, cache_dir: Path, say: Progress) -> Path:
     atomic_write_text(staging / MARKER, json.dumps({"source": f"hub:{repo_id}", "files": files}, indent=2))
     if entry.exists():
         shutil.rmtree(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)  # a fresh cache has no models/ yet
     staging.rename(entry)
     return entry
 
