@@ -216,8 +216,10 @@ MAX_ABS_METRIC = 1e15  # bytes, joules, seconds, tokens: anything above is a lie
 
 def _text(info: dict, key: str, default: str | None = None, limit: int = 1024) -> str | None:
     """A string field of a client record (None/``default`` if absent); ValueError if it is not a short string."""
-    value = info.get(key, default)
-    if value is None or isinstance(value, str) and len(value) <= limit:
+    value = info.get(key)
+    if value is None:
+        return default
+    if isinstance(value, str) and len(value) <= limit:
         return value
     what = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
     raise ValueError(f"client record {key!r}: expected a string of at most {limit} characters, got {what}")

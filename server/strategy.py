@@ -12,11 +12,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
+import numpy as np
 from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedge.common import wire
+from fedge.common.lora import A_SUFFIX, client_rank, for_client
 from fedge.server import aggregate, hetero
 from fedge.server.records import ClientRound, Failure, RoundRecord
 from fedge.server.settings import ServerSettings
@@ -163,7 +165,9 @@ class FedgeAvg(FedAvg):
         for reply in evals:
             node = reply.metadata.src_node_id
             try:
-                entries.append(client_round(reply, evaluation=True))
+                entry = client_round(reply, evaluation=True)
+                _check_evaluation(entry)
+                entries.append(entry)
             except Exception as err:  # noqa: BLE001 (a bad report is that client's failure, not the round's)
                 if not isinstance(err, ValueError):
                     log.exception("could not handle the evaluation of node %s", node)
@@ -192,6 +196,10 @@ class FedgeAvg(FedAvg):
             update, entry.delta_rms = hetero.from_reply(
                 received, state.arrays, settings.lora_alpha, settings.lora_merge
             )
+            frozen = _frozen_changed(update, state.arrays, settings)
+            if frozen:
+                entry.reason = f"changed {frozen[0]}, which this round freezes (lora_freeze_a)"
+                return entry, {}
             return entry, update
         except ValueError as err:  # names, shapes, types, finite values: the check's own words
             entry.reason = str(err)[:500]
@@ -202,6 +210,27 @@ class FedgeAvg(FedAvg):
 
 
 MAX_EXAMPLES = 10_000_000  # a device's training examples; a claim above is a lie (it would outweigh everyone)
+
+
+def _frozen_changed(update: dict, global_arrays: dict, settings: wire.RoundSettings) -> list[str]:
+    """The LoRA A tensors an update changed although the round froze them (FFA-LoRA: A is shared and fixed)."""
+    a_keys = [k for k in update if k.endswith(A_SUFFIX)]
+    if not settings.lora_freeze_a or not a_keys:
+        return []
+    rank = client_rank(update)
+    full = rank == client_rank(global_arrays)
+    start = global_arrays if full else for_client(global_arrays, rank, settings.lora_alpha, settings.lora_merge)
+    return [k for k in a_keys if not np.allclose(update[k], start[k], rtol=1e-6, atol=1e-7)]
+
+
+def _check_evaluation(entry: ClientRound) -> None:
+    """ValueError if an evaluation reports the impossible (it would skew the round's weighted figures)."""
+    if entry.exact_match is not None and not 0 <= entry.exact_match <= 1:
+        raise ValueError(f"exact-match {entry.exact_match} is not a fraction in [0, 1]")
+    if entry.heldout_loss is not None and entry.heldout_loss < 0:
+        raise ValueError(f"heldout-loss {entry.heldout_loss} is negative")
+    if entry.eval_examples is not None and not 0 <= entry.eval_examples <= MAX_EXAMPLES:
+        raise ValueError(f"eval-examples {entry.eval_examples} is not in 0..{MAX_EXAMPLES}")
 
 
 def _reply_name(reply: Message) -> str | None:

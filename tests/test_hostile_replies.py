@@ -15,9 +15,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedge.common import wire
 from fedge.quantization.codecs import HEADER_KEY, encode
+from fedge.server import hetero
+from fedge.server.records import ClientRound
 from fedge.server.settings import ServerSettings
 from fedge.server.state import ServerState
 from fedge.server.strategy import FedgeAvg
@@ -82,6 +86,7 @@ HOSTILE = {
         {wire.Client.NAME: "x", wire.Client.PLAN: json.dumps({"precision": ["fp32"], "targets": "q"})})),
     "name as bytes": lambda: _reply(9, client=ConfigRecord({wire.Client.NAME: b"\xff\xfe"})),
     "client record of the wrong type": lambda: _reply(9, client=MetricRecord({"name": 1.0})),
+    "changes frozen LoRA A": lambda: _reply(9, arrays={A: _global()[A] + 0.01, B: _global()[B] + 0.01}),
     "NaN adapter": lambda: _reply(9, arrays={A: _global()[A], B: np.full((OUT, R), np.nan, np.float32)}),
     "scale overflow": lambda: _reply(9, arrays=_overflowing()),
 }  # fmt: skip
@@ -136,5 +141,48 @@ def test_a_hostile_evaluation_is_a_failure_not_an_outage():
     strategy = FedgeAvg(ServerSettings(min_clients=1), stage_deadline_s=1.0)
     bad = _reply(9, metrics=MetricRecord({wire.Metric.EXACT_MATCH: [1.0, 2.0]}))
     good = _reply(1, metrics=MetricRecord({wire.Metric.EXACT_MATCH: 0.5, wire.Metric.EVAL_EXAMPLES: 10}))
-    entries, failures = strategy._evaluations([good, bad])
-    assert [e.node_id for e in entries] == [1] and failures[0].node_id == 9 and "exact-match" in failures[0].reason
+    implausible = _reply(8, metrics=MetricRecord({wire.Metric.EXACT_MATCH: 7.0, wire.Metric.EVAL_EXAMPLES: 10}))
+    entries, failures = strategy._evaluations([good, bad, implausible])
+    assert [e.node_id for e in entries] == [1] and [f.node_id for f in failures] == [9, 8]
+    assert all("exact-match" in f.reason for f in failures)
+
+
+# --- fuzzing: whatever arrives, the only way out is a ValueError with a reason ---------------------------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+HEADERS = st.fixed_dictionaries(
+    {"format": st.sampled_from([1, 2, "1", None]), "codec": st.sampled_from(["int8", "int4", "topk:0.1+int8", "x"])},
+    optional={"tensors": JSON | st.lists(st.tuples(st.just(B), st.lists(JSON, max_size=3), JSON).map(list)),
+              "index": JSON, "bits": JSON},
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(header=HEADERS | JSON)
+def test_any_codec_header_is_decoded_or_rejected_with_a_reason(header):
+    try:
+        arrays = _header(header)
+    except (ValueError, TypeError, OverflowError):  # not JSON-encodable (NaN keys and such): nothing to send
+        return
+    try:
+        hetero.from_reply(arrays, _global(), SETTINGS.lora_alpha)
+    except ValueError as err:
+        assert str(err)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    info=st.dictionaries(st.sampled_from(["name", "plan", "codec", "data", "device"]), JSON, max_size=5),
+    metrics=st.dictionaries(st.sampled_from(["num-examples", "steps", "train-loss", "other"]), JSON, max_size=4),
+)
+def test_any_client_record_and_metrics_are_read_or_rejected_with_a_reason(info, metrics):
+    try:
+        entry = ClientRound.from_reply(9, info, metrics)
+    except ValueError as err:
+        assert str(err)
+        return
+    assert isinstance(entry.name, str) and all(isinstance(v, int | float) for v in entry.extra.values())
