@@ -275,6 +275,8 @@ def test_server_refuses_a_state_dir_of_another_federation(tmp_path):
             "4",
             "--targets",
             "q_proj",
+            "--address",
+            f"127.0.0.1:{free_port()}",  # loopback: plaintext is allowed there
         ],
         capture_output=True,
         text=True,
