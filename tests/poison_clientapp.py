@@ -1,6 +1,7 @@
 """fedge's ClientApp plus a mod that poisons the updates of clients named ``poison``: a test double.
 
-Round 1 sends NaN, round 2 a huge update, round 3 a wrong shape; the server must reject each and go on.
+Round 1 sends NaN, round 2 a huge change of the trained tensors (LoRA B; A left as the round froze it, so the
+norm check is what must catch it), round 3 a wrong shape; the server must reject each and go on.
 Honest clients run fedge's ClientApp unchanged.
 """
 
@@ -24,7 +25,7 @@ def poison(msg: Message, context: Context, call_next) -> Message:
     if rnd == 1:
         arrays[name] = np.full_like(arrays[name], np.nan)
     elif rnd == 2:
-        arrays = {k: v * 1e4 + 1.0 for k, v in arrays.items()}
+        arrays = {k: v * 1e4 + 1.0 if "lora_B" in k else v for k, v in arrays.items()}
     else:
         arrays[name] = np.zeros((3, 3), np.float32)
     reply.content[wire.ADAPTER] = wire.to_record(arrays)
