@@ -227,6 +227,15 @@ def _add_federation_commands(sub) -> None:
     add_flags(cstart.add_argument_group("device: what it is and holds"), Device, skip=("cache_dir", "worker_port"))
     cstart.set_defaults(run=cmd_client_start)
 
+    certs = sub.add_parser("certs", help="TLS and node keys for a first deployment: a CA, a server certificate, keys")
+    certs.add_argument(
+        "--out", type=Path, default=Path("fedge-certs"), help="where to write them (default: fedge-certs)"
+    )
+    certs.add_argument("--host", action="append", default=[], help="an address the clients dial (repeatable)")
+    certs.add_argument("--node", action="append", default=[], help="a device's name: makes its key pair (repeatable)")
+    certs.add_argument("--days", type=int, default=365, help="validity of the CA and server certificate (default: 365)")
+    certs.set_defaults(run=cmd_certs)
+
     demo = sub.add_parser("demo", help="a whole federation on this machine: server + one client per demo domain")
     add_flags(demo.add_argument_group("demo"), DemoSettings)
     add_flags(demo.add_argument_group("round: what every client does"), RoundSettings)
@@ -399,6 +408,27 @@ def cmd_client_start(args) -> int:
     if args.cache_dir is not None:  # the flag wins over a [device] cache_dir, which wins over the default
         device = dataclasses.replace(device, cache_dir=args.cache_dir)
     return start_client(client, device, _say)
+
+
+def cmd_certs(args) -> int:
+    from fedge.server.certs import make
+
+    m = make(args.out, args.host, args.node, args.days)
+    keys = " ".join(f"--auth-key {pub}" for _, pub in m.node_keys.values())
+    console.print(f"[green]wrote[/] {m.ca_cert}, {m.server_cert} and {len(m.node_keys)} node key pair(s) to {args.out}")
+    console.print(
+        f"server: fedge server start --address {args.host[0]}:9092 --ssl-certfile {m.server_cert} --ssl-keyfile "
+        f"{m.server_key} --ssl-ca-certfile {m.ca_cert} {keys}".rstrip(),
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    for name, (private, _) in m.node_keys.items():
+        console.print(
+            f"{name}: copy {m.ca_cert} and {private} to it, then fedge client start --server {args.host[0]}:9092 "
+            f"--root-certificates ca.crt --auth-key {private.name} --name {name} --data ...",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+    console.print(f"keep {m.ca_key} off the network: it signs certificates anyone's clients will trust")
+    return 0
 
 
 def cmd_demo(args) -> int:
