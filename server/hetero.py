@@ -3,7 +3,7 @@
 Adapters are ``dict[str, np.ndarray]`` keyed by PEFT names; a LoRA module ``M`` has ``M.lora_A.weight`` (r, in)
 and ``M.lora_B.weight`` (out, r), and its weight change is ``s(r) * B @ A`` with ``s(r) = alpha / r`` (or
 ``alpha / sqrt(r)`` with rsLoRA). The global adapter has rank ``r_max``; a client of rank ``r_i <= r_max`` starts
-from :func:`for_client` and returns its trained adapter at rank ``r_i``, only for the modules it trained (and
+from `lora.for_client` and returns its trained adapter at rank ``r_i``, only for the modules it trained (and
 without A if A was frozen). Two ways to combine them (``method``):
 
 - ``"zero-pad"`` (HetLoRA, Cho et al. 2024): each client's *change* of A and B (in the global's scale) is
@@ -26,26 +26,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedge.common.lora import (
-    A_SUFFIX as _A,
-)
-from fedge.common.lora import (
-    B_SUFFIX as _B,
-)
-from fedge.common.lora import (
-    METHODS,
-    check_method,
-    client_rank,
-    factor,
-    for_client,
-    lora_modules,
-    lora_scale,
-    svd_form,
-)
+from fedge.common.lora import A_SUFFIX as _A
+from fedge.common.lora import B_SUFFIX as _B
+from fedge.common.lora import check_method, client_rank, factor, for_client, lora_modules, lora_scale
 
 Arrays = dict[str, np.ndarray]
-__all__ = ["METHODS", "aggregate", "client_rank", "fednova", "fednova_coefficients", "for_client", "from_reply",
-           "lora_modules", "lora_scale", "svd_form"]  # fmt: skip
 
 
 def fednova_coefficients(weights: Sequence[float], steps: Sequence[int]) -> list[float]:

@@ -5,15 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedge.server.hetero import (
-    aggregate,
-    client_rank,
-    fednova,
-    fednova_coefficients,
-    for_client,
-    lora_modules,
-    lora_scale,
-)
+from fedge.common.lora import client_rank, for_client, lora_modules, lora_scale
+from fedge.server.hetero import aggregate, fednova, fednova_coefficients
 
 ALPHA = 16.0
 OUT, IN = 12, 10  # (out, in) of every toy module

@@ -33,6 +33,7 @@ from fedge.edge_client.demo_data import DOMAINS
 from fedge.edge_client.local_work import Device
 from fedge.edge_client.service import ClientSettings
 from fedge.server.settings import ServerSettings
+from fedge.simulate import demo_device
 
 # `fedge demo --devices`' default round deadline, for the default model (SmolLM2-135M, 15 steps of 8 x 256):
 # long enough that every built-in profile plans all 15 steps at full rank, short enough that they must
@@ -137,10 +138,7 @@ def demo_processes(
     for i in range(demo.clients):
         domain = DOMAINS[i % len(DOMAINS)]
         name = domain if i < len(DOMAINS) else f"{domain}-{i}"
-        device = Device(name, f"demo:{domain}", f"demo:{domain}:test", out / "clients" / name, cache, threads=threads)
-        if demo.devices:  # they share this machine's cores: their slowness is counted, not slept
-            device = dataclasses.replace(device, profile=demo.devices[i], emulated_time="virtual")
-        clients.append((client, device))
+        clients.append((client, demo_device(i, name, out, cache, threads, demo.devices)))
     return server, clients
 
 

@@ -12,10 +12,7 @@ import dataclasses
 import os
 import threading
 from pathlib import Path
-
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
-from rich.console import Console
+from typing import TYPE_CHECKING
 
 from fedge.common.errors import FedgeError
 from fedge.common.wire import RoundSettings
@@ -23,19 +20,33 @@ from fedge.edge_client.demo_data import DOMAINS
 from fedge.edge_client.local_work import Device
 from fedge.server.settings import ServerSettings
 
+if TYPE_CHECKING:  # Flower is imported where it runs: `fedge --help` builds the demo's options without it
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+    from rich.console import Console
+
+
+def demo_device(i: int, name: str, out: Path, cache: Path, threads: int, devices: list[str] | None = None) -> Device:
+    """Demo client ``i``: demo domain ``i mod 4`` (its test split held out), its state under ``out/clients``, and with
+    ``devices`` emulated device ``i mod len(devices)`` on virtual time (the demo's clients share this machine's
+    cores: an emulated device's slowness is counted, not slept)."""
+    domain = DOMAINS[i % len(DOMAINS)]
+    device = Device(name, f"demo:{domain}", f"demo:{domain}:test", out / "clients" / name, cache, threads=threads)
+    if devices:
+        device = dataclasses.replace(device, profile=devices[i % len(devices)], emulated_time="virtual")
+    return device
+
 
 def node_config(pid: int, out: Path, cache: Path, threads: int, devices: list[str] | None = None) -> dict:
     """What ``fedge client start`` would put in virtual client ``pid``'s node config: domain, paths, device."""
-    domain = DOMAINS[pid % len(DOMAINS)]
-    name = f"{domain}-{pid}"
-    device = Device(name, f"demo:{domain}", f"demo:{domain}:test", out / "clients" / name, cache, threads=threads)
-    if devices:  # virtual clients share this machine: count an emulated device's slowness, do not sleep it
-        device = dataclasses.replace(device, profile=devices[pid % len(devices)], emulated_time="virtual")
-    return device.to_node_config()
+    name = f"{DOMAINS[pid % len(DOMAINS)]}-{pid}"
+    return demo_device(pid, name, out, cache, threads, devices).to_node_config()
 
 
 def client_app(out: Path, cache: Path, threads: int, devices: list[str] | None = None) -> ClientApp:
     """fedge's ClientApp behind a mod that gives each virtual node the node config ``fedge client start`` would."""
+    from flwr.clientapp import ClientApp
+
     from fedge.edge_client.flower_client import evaluate_round, train_round
 
     def with_node_config(msg: Message, context: Context, call_next) -> Message:
