@@ -10,7 +10,8 @@ election, FedAvgM, FedAdam) live in benchmarks/aggregators.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 
@@ -41,18 +42,43 @@ def delta_norm(update: Arrays, reference: Arrays) -> float:
     return float(np.sqrt(sum(np.sum((update[k].astype(np.float64) - reference[k]) ** 2) for k in reference)))
 
 
-def norm_outliers(norms: Sequence[float], history: Sequence[float], factor: float) -> list[bool]:
-    """Which update norms are far above the cohort: ``norm > factor * median(the other clients' norms)``.
+def norm_outliers(
+    norms: Sequence[float],
+    history: Sequence[float],
+    factor: float,
+    floor: float = 0.0,
+    keys: Sequence[Hashable] | None = None,
+) -> list[bool]:
+    """Which update norms are far above the cohort: ``norm > factor * reference``.
 
-    Each norm is judged against the others in the round, so one huge update cannot raise its own bar, and
-    with two clients the honest one is never rejected for the other's sake. A client alone in its round is
-    judged against ``history`` (accepted norms of earlier rounds) if there is any.
+    Each norm is judged against the others in the round, so one huge update cannot raise its own bar: the
+    reference is the largest of the median of the others' norms (with two others or more: one peer cannot be told
+    from a liar), the median of ``history`` (accepted norms of earlier rounds) and ``floor``. Updates with the same
+    ``keys`` entry (identical updates) count once among the others. So near-zero or duplicated replies cannot get
+    an honest one rejected: they lower a median that ``history`` and ``floor`` still bound from below. With no
+    reference at all (round 1, one or two clients, no floor) nothing is an outlier here; the absolute bound is
+    the strategy's.
     """
+    keys = list(keys) if keys is not None else list(range(len(norms)))
     flags = []
     for i, norm in enumerate(norms):
-        others = [n for j, n in enumerate(norms) if j != i] or list(history)
-        flags.append(bool(others) and norm > factor * max(float(np.median(others)), 1e-12))
+        others = list({keys[j]: n for j, n in enumerate(norms) if j != i and keys[j] != keys[i]}.values())
+        refs = [floor] + ([float(np.median(others))] if len(others) >= 2 else []) + (
+            [float(np.median(history))] if len(history) else []
+        )  # fmt: skip
+        reference = max(refs)
+        flags.append(reference > 0 and norm > factor * reference)
     return flags
+
+
+def digest(update: Arrays) -> str:
+    """A fingerprint of an update's tensors (names, shapes, bytes): identical updates have the same one."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(update):
+        a = np.ascontiguousarray(update[name])
+        h.update(f"{name}:{a.dtype}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _few(names: list[str], n: int = 3) -> str:

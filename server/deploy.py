@@ -34,6 +34,10 @@ def start_server(server: ServerSettings, round_settings: wire.RoundSettings, cac
             f"--address {server.address}: clients would reach this server over plaintext; give it TLS "
             "(--ssl-certfile, --ssl-keyfile, --ssl-ca-certfile) or accept plaintext with --insecure"
         )
+    try:
+        server.check_merge(round_settings.lora_merge)
+    except ValueError as err:
+        raise FedgeError(str(err)) from None
     _check_port_free(host, port)
     state_dir = server.state.resolve()
     server = dataclasses.replace(server, state=state_dir)

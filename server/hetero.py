@@ -29,16 +29,20 @@ import numpy as np
 from fedge.common.lora import A_SUFFIX as _A
 from fedge.common.lora import B_SUFFIX as _B
 from fedge.common.lora import check_method, client_rank, factor, for_client, lora_modules, lora_scale
+from fedge.server import robust
 
 Arrays = dict[str, np.ndarray]
 
 
 def fednova_coefficients(weights: Sequence[float], steps: Sequence[int]) -> list[float]:
-    """FedNova's multipliers ``c_i`` so that the aggregated change is ``sum_i c_i * delta_i``.
+    """FedNova's per-step weighting, normalized: ``c_i = (p_i / tau_i) / sum_j (p_j / tau_j)``.
 
-    ``c_i = p_i * tau_eff / tau_i`` with ``p_i = weights_i / sum(weights)`` and ``tau_eff = sum_i p_i tau_i``:
-    each client's change is divided by its own step count (its per-step change) before averaging, then scaled
-    back by the cohort's mean step count, so a device that ran 4x the steps does not pull 4x as hard.
+    ``p_i = weights_i / sum(weights)``. Each client's change is taken per local step before averaging, so a
+    device that ran 4x the steps does not pull 4x as hard. FedNova (Wang et al. 2020) then scales the average by
+    ``tau_eff = sum_i p_i tau_i``; that factor amplifies every change whenever the step counts differ (a client
+    that claims 1 step against its peers' 15 makes it 8) and a server cannot check step counts, so fedge keeps
+    the coefficients summing to 1: the global moves like a client of the harmonic mean step count, never more
+    than the largest honest change.
     """
     if len(weights) != len(steps) or not weights:
         raise ValueError(f"need one step count per weight, got {len(weights)} weights and {len(steps)} steps")
@@ -47,13 +51,13 @@ def fednova_coefficients(weights: Sequence[float], steps: Sequence[int]) -> list
         raise ValueError(f"weights must be >= 0 and sum to > 0, got {list(weights)}")
     if min(steps) < 1:
         raise ValueError(f"step counts must be >= 1, got {list(steps)}")
-    p = [w / total for w in weights]
-    tau_eff = sum(pi * t for pi, t in zip(p, steps))
-    return [pi * tau_eff / t for pi, t in zip(p, steps)]
+    per_step = [w / total / t for w, t in zip(weights, steps)]
+    norm = sum(per_step)
+    return [x / norm for x in per_step]
 
 
 def fednova(deltas: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], steps: Sequence[int]) -> Arrays:
-    """``(sum_i p_i tau_i) * sum_i p_i delta_i / tau_i``: the FedNova aggregate of same-shaped deltas (float32)."""
+    """``sum_i c_i delta_i`` with :func:`fednova_coefficients`: the step-normalized average of same-shaped deltas."""
     if len(deltas) != len(weights):
         raise ValueError(f"{len(deltas)} deltas but {len(weights)} weights")
     coef = fednova_coefficients(weights, steps)
@@ -71,39 +75,58 @@ def aggregate(
     steps: Sequence[int] | None = None,
     server_lr: float = 1.0,
     rslora: bool = False,
+    max_share: float = 1.0,
+    rule: str = "mean",
+    trim: float = 0.2,
+    krum_f: int = 1,
 ) -> Arrays:
     """The new global adapter at r_max from clients' trained adapters of mixed ranks and layer subsets.
 
     ``clients[i]``: client i's adapter after training (absolute values, its own rank and scale, as it started
     from :func:`for_client` with the same ``method``), holding only the tensors it trained; a module sent without
-    its A (frozen) uses the A it started from. Each tensor/module moves by ``server_lr * sum_i c_i * change_i``
-    over the clients that sent it, ``c_i`` the weights normalized over those clients (FedNova-adjusted with
-    ``steps``). Tensors nobody sent keep their global value. ValueError naming the client and tensor for unknown
-    tensors, ranks above r_max and shape mismatches.
+    its A (frozen) uses the A it started from. Each tensor/module moves by ``server_lr`` times the clients' changes
+    combined by ``rule`` (`fedge.server.robust`): ``mean`` weights them by ``c_i``, the weights normalized over the
+    clients that sent the tensor (step-normalized with ``steps``), no share above ``max_share``. Tensors nobody
+    sent keep their global value. ValueError naming the client and tensor for unknown tensors, ranks above r_max
+    and shape mismatches, and for a robust rule with the svd merge.
     """
     check_method(method)
+    robust.check_rule(rule, len(clients), trim, krum_f)
+    if rule != "mean" and method != "zero-pad":
+        raise ValueError(f"the {rule} rule combines changes coordinate by coordinate: it needs the zero-pad merge")
     if len(clients) != len(weights) or (steps is not None and len(steps) != len(clients)):
         raise ValueError(f"{len(clients)} clients, {len(weights)} weights, {len(steps or clients)} step counts")
     ranks = [_validate(global_arrays, c, i) for i, c in enumerate(clients)]
     by_rank = {r: for_client(global_arrays, r, alpha, method, rslora) for r in set(ranks) if r}
     starts = [by_rank.get(r, {}) for r in ranks]
+    if rule == "krum":
+        keep = robust.krum_select(_distances(global_arrays, clients, starts, ranks, alpha, rslora), krum_f)
+        return aggregate(
+            global_arrays, [clients[i] for i in keep], [weights[i] for i in keep], alpha, method,
+            None if steps is None else [steps[i] for i in keep], server_lr, rslora, max_share,
+        )  # fmt: skip
     out = {k: np.array(v, copy=True) for k, v in global_arrays.items()}
     for key in global_arrays:
         if key.endswith((_A, _B)):
             continue
         senders = [i for i, c in enumerate(clients) if key in c]
-        coef = _coefficients(senders, weights, steps)
-        change = sum(c * (np.asarray(clients[i][key], np.float64) - global_arrays[key]) for i, c in zip(senders, coef))
         if senders:
+            coef = _coefficients(senders, weights, steps, max_share)
+            changes = [np.asarray(clients[i][key], np.float64) - global_arrays[key] for i in senders]
+            change = robust.combine(changes, coef, rule, trim)
             out[key] = (global_arrays[key] + server_lr * change).astype(global_arrays[key].dtype)
     for mod in lora_modules(global_arrays):
         senders = [i for i, c in enumerate(clients) if mod + _A in c or mod + _B in c]
         if not senders:
             continue
-        coef = _coefficients(senders, weights, steps)
-        merge = _merge_zero_pad if method == "zero-pad" else _merge_svd
-        a, b = merge(global_arrays, mod, [clients[i] for i in senders], [starts[i] for i in senders],
-                     [ranks[i] for i in senders], coef, alpha, server_lr, rslora)  # fmt: skip
+        coef = _coefficients(senders, weights, steps, max_share)
+        picked = [clients[i] for i in senders], [starts[i] for i in senders], [ranks[i] for i in senders]
+        if method == "zero-pad":
+            changes = _padded_changes(global_arrays, mod, *picked, alpha, rslora)
+            a = global_arrays[mod + _A] + server_lr * robust.combine([da for da, _ in changes], coef, rule, trim)
+            b = global_arrays[mod + _B] + server_lr * robust.combine([db for _, db in changes], coef, rule, trim)
+        else:
+            a, b = _merge_svd(global_arrays, mod, *picked, coef, alpha, server_lr, rslora)
         out[mod + _A] = a.astype(global_arrays[mod + _A].dtype)
         out[mod + _B] = b.astype(global_arrays[mod + _B].dtype)
     return out
@@ -112,7 +135,9 @@ def aggregate(
 # --- internals ------------------------------------------------------------------------------------------------
 
 
-def _coefficients(senders: list[int], weights: Sequence[float], steps: Sequence[int] | None) -> list[float]:
+def _coefficients(
+    senders: list[int], weights: Sequence[float], steps: Sequence[int] | None, max_share: float
+) -> list[float]:
     if not senders:
         return []
     w = [float(weights[i]) for i in senders]
@@ -120,8 +145,8 @@ def _coefficients(senders: list[int], weights: Sequence[float], steps: Sequence[
         total = sum(w)
         if not total > 0:
             raise ValueError(f"weights of clients {senders} sum to {total}: must be > 0")
-        return [x / total for x in w]
-    return fednova_coefficients(w, [int(steps[i]) for i in senders])
+        return robust.cap_shares([x / total for x in w], max_share)
+    return robust.cap_shares(fednova_coefficients(w, [int(steps[i]) for i in senders]), max_share)
 
 
 def _validate(global_arrays: Mapping[str, np.ndarray], client: Mapping[str, np.ndarray], i: int) -> int:
@@ -153,15 +178,39 @@ def _client_factors(client: Mapping, start: Mapping, mod: str) -> tuple[np.ndarr
     return np.asarray(client.get(mod + _A, start[mod + _A])), np.asarray(client.get(mod + _B, start[mod + _B]))
 
 
-def _merge_zero_pad(global_arrays, mod, clients, starts, ranks, coef, alpha, server_lr, rslora):
+def _padded_changes(global_arrays, mod, clients, starts, ranks, alpha, rslora) -> list[tuple[np.ndarray, ...]]:
+    """Each client's (change of A, change of B) in the global's shapes and scale: rows/columns >= its rank zero."""
     a_g, b_g = global_arrays[mod + _A].astype(np.float64), global_arrays[mod + _B].astype(np.float64)
     s_max = lora_scale(alpha, a_g.shape[0], rslora)
-    new_a, new_b = a_g.copy(), b_g.copy()
-    for client, start, r, c in zip(clients, starts, ranks, coef):
+    out = []
+    for client, start, r in zip(clients, starts, ranks):
         a, b = _client_factors(client, start, mod)
-        new_a[:r] += server_lr * c * (a - a_g[:r])  # zero-padded change: rows >= r untouched
-        new_b[:, :r] += server_lr * c * (b * (lora_scale(alpha, r, rslora) / s_max) - b_g[:, :r])  # in global scale
-    return new_a, new_b
+        da, db = np.zeros_like(a_g), np.zeros_like(b_g)
+        da[:r] = a - a_g[:r]  # (r, in) of (r_max, in)
+        db[:, :r] = b * (lora_scale(alpha, r, rslora) / s_max) - b_g[:, :r]  # (out, r) of (out, r_max)
+        out.append((da, db))
+    return out
+
+
+def _distances(global_arrays, clients, starts, ranks, alpha, rslora) -> np.ndarray:
+    """(n, n) squared L2 distances between the clients' whole changes in the global's coordinates (zero-pad)."""
+    n = len(clients)
+    flat = [[] for _ in range(n)]
+    for key in global_arrays:
+        if not key.endswith((_A, _B)):
+            for i, c in enumerate(clients):
+                flat[i].append((np.asarray(c[key], np.float64) - global_arrays[key]).ravel() if key in c else
+                               np.zeros(global_arrays[key].size))  # fmt: skip
+    for mod in lora_modules(global_arrays):
+        sent = [i for i, c in enumerate(clients) if mod + _A in c or mod + _B in c]
+        picked = [clients[i] for i in sent], [starts[i] for i in sent], [ranks[i] for i in sent]
+        changes = dict(zip(sent, _padded_changes(global_arrays, mod, *picked, alpha, rslora)))
+        size = global_arrays[mod + _A].size + global_arrays[mod + _B].size
+        for i in range(n):
+            flat[i].append(np.concatenate([d.ravel() for d in changes[i]]) if i in changes else np.zeros(size))
+    vectors = np.stack([np.concatenate(f) for f in flat])  # (n, adapter entries)
+    sq = np.sum(vectors**2, axis=1)
+    return np.maximum(sq[:, None] + sq[None, :] - 2 * vectors @ vectors.T, 0.0)
 
 
 def _merge_svd(global_arrays, mod, clients, starts, ranks, coef, alpha, server_lr, rslora):

@@ -64,6 +64,9 @@ class ClientRound:
     delta_rms: float | None = None
     accepted: bool | None = None
     reason: str | None = None
+    share: float | None = None  # its weight in the aggregate (after the share cap), if accepted
+    clip_scale: float | None = None  # the factor norm clipping scaled its change by, if clipped
+    flags: list[str] = field(default_factory=list)  # reported figures that are implausible (kept, not trusted)
     # its evaluation of the new global adapter
     exact_match: float | None = None
     heldout_loss: float | None = None
@@ -140,6 +143,8 @@ class RoundRecord:
 
     round: int
     exact_match: float | None = None
+    exact_match_min: float | None = None  # the spread over the evaluating clients
+    exact_match_max: float | None = None
     heldout_loss: float | None = None
     train_loss: float | None = None
     clients_replied: int = 0
@@ -167,9 +172,12 @@ class RoundRecord:
             by_name.setdefault(e.name, ClientRound(e.name, e.node_id, e.data)).add_evaluation(e)
         weights = [e.eval_examples or 0 for e in evals]
         accepted = [c for c in clients if c.accepted]
+        scores = [e.exact_match for e in evals if e.exact_match is not None]
         return cls(
             round=rnd,
             exact_match=_weighted([e.exact_match for e in evals], weights),
+            exact_match_min=min(scores, default=None),
+            exact_match_max=max(scores, default=None),
             heldout_loss=_weighted([e.heldout_loss for e in evals], weights),
             train_loss=_weighted([c.train_loss for c in accepted], [c.examples for c in accepted]),
             clients_replied=len(clients),

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedge.common.settings import setting
+from fedge.server.robust import RULES
 
 DEFAULT_STAGE_DEADLINE_S = 1800.0
 # What a stage costs on top of a client's own round: Flower starts a ClientApp process per message and
@@ -33,6 +34,24 @@ class ServerSettings:
         1.0, "reject an update whose change has an RMS per changed entry above this, whatever the others sent "
         "(a round's LoRA change measures ~0.01 here)",
     )  # fmt: skip
+    norm_floor: float = setting(
+        0.01, "an update is never an outlier against others whose changes are smaller than this RMS: a near-zero "
+        "reply cannot get an honest one rejected",
+    )  # fmt: skip
+    max_share: float = setting(0.5, "no client's share of an aggregate exceeds this (at least 1 / clients)")
+    examples_growth: float = setting(
+        2.0, "a client's claimed training examples may be at most this x its largest earlier accepted claim"
+    )
+    aggregation: str = setting(
+        "mean", "how accepted changes combine: mean (FedAvg), trimmed-mean, median (per coordinate) or krum "
+        "(Multi-Krum selection, then mean); benchmarks/README.md measures each", choices=RULES,
+    )  # fmt: skip
+    trim: float = setting(0.2, "trimmed-mean: the fraction of highest and of lowest values dropped per coordinate")
+    krum_f: int = setting(1, "krum: how many poisoning clients to tolerate (needs min_clients >= 2 f + 3)")
+    clip_rms: float = setting(0.0, "scale down a change whose RMS per changed entry is above this (0: no clipping)")
+    clip_factor: float = setting(
+        0.0, "scale down a change whose RMS is above this x the median of the others' (0: no clipping)"
+    )
     server_lr: float = setting(2.0, "scales the averaged change (1: plain FedAvg; 2 measured best, benchmarks/README)")
     insecure: bool = setting(False, "allow plaintext (no TLS) on an address other than loopback")
     ssl_certfile: Path | None = setting(None, "server certificate (PEM): enables TLS")
@@ -54,6 +73,24 @@ class ServerSettings:
             raise ValueError(f"norm_factor must be a finite number > 1, got {self.norm_factor}")
         if not (math.isfinite(self.max_change_rms) and self.max_change_rms > 0):
             raise ValueError(f"max_change_rms must be a finite number > 0, got {self.max_change_rms}")
+        for name in ("norm_floor", "clip_rms", "clip_factor"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.max_share) and 0 < self.max_share <= 1):
+            raise ValueError(f"max_share must be in (0, 1], got {self.max_share}")
+        if not (math.isfinite(self.examples_growth) and self.examples_growth >= 1):
+            raise ValueError(f"examples_growth must be a finite number >= 1, got {self.examples_growth}")
+        if self.aggregation not in RULES:
+            raise ValueError(f"aggregation must be one of {', '.join(RULES)}, got {self.aggregation!r}")
+        if self.krum_f < 0:
+            raise ValueError(f"krum_f must be >= 0, got {self.krum_f}")
+        if not (math.isfinite(self.trim) and 0 <= self.trim < 0.5):
+            raise ValueError(f"trim must be in [0, 0.5), got {self.trim}")
+        if self.aggregation == "krum" and self.min_clients < 2 * self.krum_f + 3:
+            raise ValueError(
+                f"aggregation krum with krum_f {self.krum_f} needs min_clients >= {2 * self.krum_f + 3}, "
+                f"got {self.min_clients}"
+            )
         if self.stage_deadline is not None and not (math.isfinite(self.stage_deadline) and self.stage_deadline > 0):
             raise ValueError(f"stage_deadline must be a finite number of seconds > 0, got {self.stage_deadline}")
         tls = (self.ssl_certfile, self.ssl_keyfile, self.ssl_ca_certfile)
@@ -61,6 +98,14 @@ class ServerSettings:
             raise ValueError("TLS needs all of ssl_certfile, ssl_keyfile and ssl_ca_certfile")
         if self.auth_key and not all(tls):
             raise ValueError("auth_key needs TLS (ssl_certfile, ssl_keyfile, ssl_ca_certfile)")
+
+    def check_merge(self, lora_merge: str) -> None:
+        """ValueError if the aggregation rule cannot run with the round's ``lora_merge``."""
+        if self.aggregation != "mean" and lora_merge != "zero-pad":
+            raise ValueError(
+                f"aggregation {self.aggregation} combines changes coordinate by coordinate: it needs "
+                f"lora_merge zero-pad, got {lora_merge}"
+            )
 
     @property
     def tls(self) -> bool:

@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedge.common import wire
 from fedge.common.lora import A_SUFFIX, client_rank, for_client
-from fedge.server import aggregate, hetero
+from fedge.server import aggregate, hetero, robust
 from fedge.server.records import ClientRound, Failure, RoundRecord
 from fedge.server.settings import ServerSettings
 from fedge.server.state import ServerState
@@ -111,46 +111,21 @@ class FedgeAvg(FedAvg):
     def _check_and_average(
         self, state: ServerState, replies: list[Message], bytes_down: int, settings: wire.RoundSettings
     ) -> list[ClientRound]:
-        """Validate each update against the global adapter and average the accepted ones into ``state``."""
+        """Validate each update against the global adapter and merge the accepted ones into ``state``."""
         clients, updates = [], []
         for reply in replies:
             entry, update = self._check_reply(reply, state, settings)
             entry.bytes_down = bytes_down
             clients.append(entry)
             updates.append(update)
-        for c in clients:
-            if c.reason is None and c.delta_rms > self.server.max_change_rms:  # bounds a sole or first replier too
-                c.reason = (
-                    f"update norm {c.delta_rms:.3g} (RMS per changed entry) is above the absolute bound "
-                    f"{self.server.max_change_rms:g}"
-                )
-        checked = [i for i, c in enumerate(clients) if c.reason is None]
-        history = state.strategy.get("accepted_norms", [])[-20:]
-        outliers = aggregate.norm_outliers([clients[i].delta_rms for i in checked], history, self.server.norm_factor)
-        for i, is_outlier in zip(checked, outliers):
-            if is_outlier:
-                clients[i].reason = (
-                    f"update norm {clients[i].delta_rms:.3g} (RMS per changed entry) is more than "
-                    f"{self.server.norm_factor:g}x the cohort's"
-                )
+        self._judge_sizes(state, clients, updates)
         accepted = [i for i, c in enumerate(clients) if c.reason is None]
         for c in clients:
             c.accepted = c.reason is None
             if not c.accepted:
                 log.warning("rejected the update of %s: %s", c.name, c.reason)
         if len(accepted) >= self.server.min_clients:
-            # Mixed ranks and layer subsets merge per tensor; FedNova weighting evens out unequal step counts
-            # (with equal steps this is the example-weighted FedAvg, then the server learning rate).
-            state.arrays = hetero.aggregate(
-                state.arrays,
-                [updates[i] for i in accepted],
-                [clients[i].examples for i in accepted],
-                settings.lora_alpha,
-                method=settings.lora_merge,
-                steps=[max(1, int(clients[i].steps or 1)) for i in accepted],
-                server_lr=self.server.server_lr,
-            )
-            state.strategy["accepted_norms"] = history + [clients[i].delta_rms for i in accepted]
+            self._merge(state, [clients[i] for i in accepted], [updates[i] for i in accepted], settings)
         elif clients:
             log.warning(
                 "only %d acceptable updates (minimum %d): the global adapter stays as it was",
@@ -158,6 +133,58 @@ class FedgeAvg(FedAvg):
                 self.server.min_clients,
             )
         return clients
+
+    def _judge_sizes(self, state: ServerState, clients: list[ClientRound], updates: list[dict]) -> None:
+        """Reject the changes that are too large: above the absolute bound (a sole or first replier too), or far
+        above the others' (identical updates count once among the others, and never below ``norm_floor``)."""
+        for c in clients:
+            if c.reason is None and c.delta_rms > self.server.max_change_rms:
+                c.reason = (
+                    f"update norm {c.delta_rms:.3g} (RMS per changed entry) is above the absolute bound "
+                    f"{self.server.max_change_rms:g}"
+                )
+        checked = [i for i, c in enumerate(clients) if c.reason is None]
+        outliers = aggregate.norm_outliers(
+            [clients[i].delta_rms for i in checked],
+            state.strategy.get("accepted_norms", [])[-20:],
+            self.server.norm_factor,
+            floor=self.server.norm_floor,
+            keys=[aggregate.digest(updates[i]) for i in checked],
+        )
+        for i, is_outlier in zip(checked, outliers):
+            if is_outlier:
+                clients[i].reason = (
+                    f"update norm {clients[i].delta_rms:.3g} (RMS per changed entry) is more than "
+                    f"{self.server.norm_factor:g}x the cohort's"
+                )
+
+    def _merge(
+        self, state: ServerState, clients: list[ClientRound], updates: list[dict], settings: wire.RoundSettings
+    ) -> None:
+        """Clip, then merge the accepted updates into the global adapter (mixed ranks and layer subsets merge per
+        tensor; step-normalized weights even out unequal step counts; no client above its capped share)."""
+        server = self.server
+        scales = robust.clip_scales([c.delta_rms for c in clients], server.clip_rms, server.clip_factor)
+        for i, (c, scale) in enumerate(zip(clients, scales)):
+            if scale < 1:
+                c.clip_scale = round(scale, 6)
+                start = for_client(state.arrays, client_rank(updates[i]), settings.lora_alpha, settings.lora_merge)
+                updates[i] = {k: (start[k] + scale * (v - start[k])).astype(v.dtype) for k, v in updates[i].items()}
+        examples, steps = [c.examples for c in clients], [int(c.steps or 1) for c in clients]
+        state.arrays = hetero.aggregate(
+            state.arrays, updates, examples, settings.lora_alpha, method=settings.lora_merge, steps=steps,
+            server_lr=server.server_lr, max_share=server.max_share, rule=server.aggregation, trim=server.trim,
+            krum_f=server.krum_f,
+        )  # fmt: skip
+        if server.aggregation == "mean":
+            shares = robust.cap_shares(hetero.fednova_coefficients(examples, steps), server.max_share)
+            for c, share in zip(clients, shares):
+                c.share = round(share, 6)
+        history = state.strategy.get("accepted_norms", [])[-20:]
+        state.strategy["accepted_norms"] = history + [c.delta_rms for c in clients]
+        declared = state.strategy.setdefault("declared_examples", {})
+        for c in clients:
+            declared[c.name] = max(float(declared.get(c.name, 0)), c.examples)
 
     def _evaluations(self, evals: list[Message]) -> tuple[list[ClientRound], list[Failure]]:
         """The evaluation replies' entries, and a failure for each one whose records are not what they must be."""
@@ -188,7 +215,9 @@ class FedgeAvg(FedAvg):
         entry = ClientRound(name=self._names.get(node, f"node {node}"), node_id=node)
         try:
             entry = client_round(reply)
-            entry.reason = _claims(entry, settings)
+            entry.flags = _implausible(entry, settings)
+            declared = state.strategy.get("declared_examples", {}).get(entry.name)
+            entry.reason = _claims(entry, settings, declared, self.server.examples_growth)
             if entry.reason is not None:
                 return entry, {}
             received = wire.from_record(reply.content[wire.ADAPTER])
@@ -242,14 +271,37 @@ def _reply_name(reply: Message) -> str | None:
     return name if isinstance(name, str) and 0 < len(name) <= 128 else None
 
 
-def _claims(entry: ClientRound, settings: wire.RoundSettings) -> str | None:
+def _claims(entry: ClientRound, settings: wire.RoundSettings, declared: float | None, growth: float) -> str | None:
     """Why the weight a training reply claims cannot be believed (None if it can): examples are what FedAvg
-    weights by, steps what FedNova divides by, so both must be whole, positive and no more than possible."""
+    weights by, steps what FedNova divides by, so both must be whole, positive and no more than possible, and
+    examples no more than ``growth`` x what the client claimed in earlier accepted rounds (``declared``)."""
     if not 1 <= entry.examples <= MAX_EXAMPLES or entry.examples != int(entry.examples):
         return f"claims {entry.examples:g} training examples: expected a whole number in 1..{MAX_EXAMPLES}"
+    if declared and entry.examples > growth * declared:
+        return (
+            f"claims {entry.examples:g} training examples, more than {growth:g}x the {declared:g} it claimed "
+            "before (examples_growth)"
+        )
     if entry.steps is None or not 1 <= entry.steps <= settings.steps or entry.steps != int(entry.steps):
         return f"claims {entry.steps} local steps: expected a whole number in 1..{settings.steps} (the round's)"
     return None
+
+
+def _implausible(entry: ClientRound, settings: wire.RoundSettings) -> list[str]:
+    """Reported figures that cannot be true (kept in the record and flagged; nothing is weighted by them)."""
+    flags = [
+        f"{name} {getattr(entry, name):g} is negative"
+        for name in ("tokens", "train_seconds", "peak_rss_mb", "energy_j", "upload_bytes", "round_seconds")
+        if (getattr(entry, name) or 0) < 0
+    ]
+    plan = entry.plan or {}  # already a valid TrainingPlan
+    batch = max(settings.batch, plan.get("micro_batch", 0) * plan.get("grad_accum", 0))
+    most = settings.steps * batch * max(settings.seq_len, plan.get("seq_len", 0))
+    if entry.tokens is not None and entry.tokens > most:
+        flags.append(f"tokens {entry.tokens:g} is more than {most} (steps x batch x sequence length)")
+    if entry.train_loss is not None and not 0 <= entry.train_loss <= 1e3:
+        flags.append(f"train loss {entry.train_loss:g} is outside 0..1000")
+    return flags
 
 
 def client_round(reply: Message, evaluation: bool = False) -> ClientRound:

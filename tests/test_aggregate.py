@@ -36,11 +36,33 @@ def test_check_update_accepts_a_good_update():
 
 def test_norm_outliers_judge_each_against_the_others():
     assert aggregate.norm_outliers([1.0, 1.2, 0.9, 500.0], [], factor=10) == [False, False, False, True]
-    # two clients: the honest one is not rejected because of the huge one
-    assert aggregate.norm_outliers([1.0, 1e6], [], factor=10) == [False, True]
+    # two clients: the honest one is not rejected because of the huge one; the huge one is, against the floor
+    assert aggregate.norm_outliers([1.0, 1e6], [], factor=10, floor=0.5) == [False, True]
+    # ... or against earlier rounds; with neither, one peer cannot tell who lies (the absolute bound decides)
+    assert aggregate.norm_outliers([1.0, 1e6], [1.0], factor=10) == [False, True]
+    assert aggregate.norm_outliers([1.0, 1e6], [], factor=10) == [False, False]
     # alone in its round: judged against earlier rounds, or accepted when there is no history
     assert aggregate.norm_outliers([50.0], [1.0, 2.0], factor=10) == [True]
     assert aggregate.norm_outliers([50.0], [], factor=10) == [False]
+
+
+def test_near_zero_or_duplicated_replies_cannot_veto_an_honest_one():
+    honest = 0.01
+    # a near-zero peer: the floor (and history, once there is one) keeps the reference up
+    assert aggregate.norm_outliers([honest, 1e-9, 2e-9], [], factor=10, floor=0.01) == [False, False, False]
+    assert aggregate.norm_outliers([honest, 1e-9, 2e-9], [], factor=10) == [True, False, False]  # no floor: vetoed
+    assert aggregate.norm_outliers([honest, 1e-9, 1e-9], [0.01], factor=10, floor=0.0) == [False, False, False]
+    # two identical near-zero replies count once among the others: no median of two to drag down
+    keys = ["h", "z", "z"]
+    assert aggregate.norm_outliers([0.5, 1e-9, 1e-9], [], factor=10, keys=keys) == [False, False, False]
+    # without the dedup the pair would outvote the honest reply
+    assert aggregate.norm_outliers([0.5, 1e-9, 1e-9], [], factor=10) == [True, False, False]
+
+
+def test_digest_tells_identical_updates_apart_from_different_ones():
+    a = _ref()
+    assert aggregate.digest(a) == aggregate.digest({k: v.copy() for k, v in a.items()})
+    assert aggregate.digest(a) != aggregate.digest({**a, "a": a["a"] + 1e-7})
 
 
 def test_delta_norm():

@@ -57,11 +57,13 @@ def test_keys_and_ranks() -> None:
 
 
 def test_fednova_two_clients_by_hand() -> None:
-    """p = (0.25, 0.75), tau = (2, 8): tau_eff = 6.5, c = (0.25 * 6.5 / 2, 0.75 * 6.5 / 8) = (0.8125, 0.609375)."""
-    assert fednova_coefficients([1, 3], [2, 8]) == pytest.approx([0.8125, 0.609375])
+    """p = (0.25, 0.75), tau = (2, 8): per step (0.125, 0.09375), normalized to sum 1: (4/7, 3/7). FedNova's own
+    tau_eff = 6.5 would make them (0.8125, 0.609375): 1.42x the change, which fedge does not allow."""
+    assert fednova_coefficients([1, 3], [2, 8]) == pytest.approx([4 / 7, 3 / 7])
+    assert sum(fednova_coefficients([1, 1], [1, 15])) == pytest.approx(1.0)  # a 1-step claim amplifies nothing
     d1, d2 = {"w": np.array([2.0, 0.0], np.float32)}, {"w": np.array([0.0, 8.0], np.float32)}
     got = fednova([d1, d2], [1, 3], [2, 8])["w"]
-    assert got == pytest.approx([1.625, 4.875])  # 6.5 * (0.25 * [1, 0] + 0.75 * [0, 1])
+    assert got == pytest.approx([8 / 7, 24 / 7])  # 4/7 * [2, 0] + 3/7 * [0, 8]: per step, equal pulls
     # plain FedAvg would give [0.5, 6.0]: the 8-step client's 4x longer walk would dominate
     assert fednova_coefficients([1, 1], [5, 5]) == pytest.approx([0.5, 0.5])  # equal steps: FedAvg
     with pytest.raises(ValueError, match="step counts must be >= 1"):
@@ -148,7 +150,7 @@ def test_fednova_steps_in_aggregate() -> None:
     c0, c1 = train_b(g, 1), train_b(g, 2)
     new = aggregate(g, [c0, c1], [1, 3], ALPHA, steps=[2, 8])
     k = MODS[0] + ".lora_B.weight"
-    assert np.allclose(new[k], 0.8125 * c0[k] + 0.609375 * c1[k], atol=1e-5)
+    assert np.allclose(new[k], 4 / 7 * c0[k] + 3 / 7 * c1[k], atol=1e-5)
 
 
 def test_server_lr_scales_the_change() -> None:

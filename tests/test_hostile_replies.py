@@ -186,3 +186,59 @@ def test_any_client_record_and_metrics_are_read_or_rejected_with_a_reason(info, 
         assert str(err)
         return
     assert isinstance(entry.name, str) and all(isinstance(v, int | float) for v in entry.extra.values())
+
+
+# --- steering: what a client claims about itself buys it at most its capped share ------------------------------
+
+
+def _liar(change: float, examples: float = 1e7, steps: int = 1) -> SimpleNamespace:
+    g = _global()
+    metrics = MetricRecord({wire.Metric.EXAMPLES: examples, "steps": steps})
+    return _reply(9, arrays={A: g[A], B: g[B] + change}, metrics=metrics)
+
+
+def test_a_client_claiming_every_example_and_one_step_moves_the_global_by_at_most_its_capped_share():
+    state, server = ServerState({}, arrays=_global()), ServerSettings(min_clients=1)
+    honest = [_reply(n) for n in (1, 2, 3)]  # B + 0.02, 0.03, 0.04: 100 examples, 10 steps each
+    clients = FedgeAvg(server, 1.0)._check_and_average(state, [*honest, _liar(0.05)], 1, SETTINGS)
+    liar = next(c for c in clients if c.node_id == 9)
+    assert all(c.accepted for c in clients)
+    assert liar.share == pytest.approx(server.max_share)  # uncapped it would be 0.9999
+    assert sum(c.share for c in clients) == pytest.approx(1.0, abs=1e-5)
+    honest_part = np.mean([0.02, 0.03, 0.04]) * (1 - server.max_share)
+    assert np.allclose(state.arrays[B], server.server_lr * (honest_part + server.max_share * 0.05), atol=1e-6)
+
+
+def test_examples_may_grow_only_so_much_over_what_a_client_claimed_before():
+    state, strategy = ServerState({}, arrays=_global()), FedgeAvg(ServerSettings(min_clients=1), 1.0)
+    strategy._check_and_average(state, [_reply(1), _reply(2)], 1, SETTINGS)  # client-2 claims 100
+    grown = _reply(2, metrics=MetricRecord({wire.Metric.EXAMPLES: 250, "steps": 10}))
+    before = state.arrays[B].copy()
+    clients = strategy._check_and_average(state, [_reply(1), grown], 1, SETTINGS)
+    assert clients[1].accepted is False and "examples_growth" in clients[1].reason
+    fine = _reply(2, metrics=MetricRecord({wire.Metric.EXAMPLES: 200, "steps": 10}))
+    clients = strategy._check_and_average(state, [_reply(1), fine], 1, SETTINGS)
+    assert all(c.accepted for c in clients) and not np.array_equal(state.arrays[B], before)
+
+
+@pytest.mark.parametrize("quiet", [[1e-9], [1e-9, 1e-9], [1e-9, 2e-9]], ids=["one", "duplicated", "two"])
+def test_near_zero_replies_do_not_get_an_honest_peer_rejected(quiet):
+    """Near-zero replies (one, two identical, two different) beside one honest client: round 1, no history. The
+    honest change is merged; the zeros only dilute it (bounded by the share cap)."""
+    g, zeros = _global(), len(quiet)
+    quiet = [_reply(5 + i, arrays={A: g[A], B: g[B] + q}) for i, q in enumerate(quiet)]
+    state = ServerState({}, arrays=_global())
+    clients = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(state, [_reply(1), *quiet], 1, SETTINGS)
+    assert clients[0].accepted, clients[0].reason
+    assert state.arrays[B].mean() > 0.01 / (zeros + 1)  # the honest change arrived
+
+
+def test_implausible_reports_are_flagged_and_weigh_nothing():
+    metrics = MetricRecord({wire.Metric.EXAMPLES: 100, "steps": 10, "tokens": 1e9, "energy-j": -3.0})
+    state = ServerState({}, arrays=_global())
+    clients = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(
+        state, [_reply(1), _reply(2, metrics=metrics)], 1, SETTINGS
+    )
+    assert clients[1].accepted and len(clients[1].flags) == 2, clients[1].flags
+    assert any("tokens" in f for f in clients[1].flags) and any("energy_j" in f for f in clients[1].flags)
+    assert not clients[0].flags

@@ -66,6 +66,10 @@ def run_simulation(
 ) -> ServerSettings:  # fmt: skip
     """Run the federation with ``clients`` virtual clients; returns the server's settings as it ran."""
     try:
+        server.check_merge(round_settings.lora_merge)
+    except ValueError as err:
+        raise FedgeError(str(err)) from None
+    try:
         import ray  # noqa: F401
         from flwr.simulation import run_simulation as flwr_run_simulation
     except ImportError:
