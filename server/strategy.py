@@ -220,7 +220,7 @@ class FedgeAvg(FedAvg):
             entry.reason = _claims(entry, settings, declared, self.server.examples_growth)
             if entry.reason is not None:
                 return entry, {}
-            received = wire.from_record(reply.content[wire.ADAPTER])
+            received = wire.read_record(reply.content[wire.ADAPTER], _max_reply_bytes(state.arrays))
             entry.bytes_up = wire.record_bytes(reply.content[wire.ADAPTER])
             update, entry.delta_rms = hetero.from_reply(
                 received, state.arrays, settings.lora_alpha, settings.lora_merge
@@ -239,6 +239,11 @@ class FedgeAvg(FedAvg):
 
 
 MAX_EXAMPLES = 10_000_000  # a device's training examples; a claim above is a lie (it would outweigh everyone)
+
+
+def _max_reply_bytes(global_arrays: dict) -> int:
+    """The most an update may weigh: the whole fp32 adapter, a codec header and the .npy headers."""
+    return sum(a.nbytes for a in global_arrays.values()) + (1 << 20) + 256 * len(global_arrays)
 
 
 def _frozen_changed(update: dict, global_arrays: dict, settings: wire.RoundSettings) -> list[str]:

@@ -8,13 +8,14 @@ that are not plans, names that are not strings, metrics that are lists.
 
 from __future__ import annotations
 
+import io
 import json
 import zlib
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -89,7 +90,31 @@ HOSTILE = {
     "changes frozen LoRA A": lambda: _reply(9, arrays={A: _global()[A] + 0.01, B: _global()[B] + 0.01}),
     "NaN adapter": lambda: _reply(9, arrays={A: _global()[A], B: np.full((OUT, R), np.nan, np.float32)}),
     "scale overflow": lambda: _reply(9, arrays=_overflowing()),
+    # corrupted or forged serialization: caught before numpy allocates what the .npy header claims
+    "npy header claiming 10^12 floats": lambda: _reply(9, adapter=_raw_adapter(
+        _npy({"descr": "<f4", "fortran_order": False, "shape": (10**6, 10**6)}, b"\0" * 80))),
+    "npy of pickled objects": lambda: _reply(9, adapter=_raw_adapter(
+        _npy({"descr": "|O", "fortran_order": False, "shape": (1,)}, b"\x80\x04N."))),
+    "npy truncated in transit": lambda: _reply(9, adapter=_raw_adapter(
+        bytes(wire.to_record({B: np.zeros((OUT, R), np.float32)})[B].data)[:-7])),
+    "npy bytes garbled in transit": lambda: _reply(9, adapter=_raw_adapter(bytes(range(256)) * 2)),
+    "array of another serialization": lambda: _reply(9, adapter=_raw_adapter(b"\0" * 80, stype="torch.Tensor")),
+    "adapter larger than the global": lambda: _reply(9, adapter=ArrayRecord(
+        {**{f"pad{i}": Array(np.zeros(1 << 16, np.float32)) for i in range(8)}, A: Array(_global()[A])})),
 }  # fmt: skip
+
+
+def _npy(header: dict, body: bytes = b"") -> bytes:
+    """An .npy file with a hand-written header (what Flower's Array.numpy would trust) and ``body``."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue() + body
+
+
+def _raw_adapter(data: bytes, stype: str = "numpy.ndarray") -> ArrayRecord:
+    """An adapter record whose LoRA B array carries ``data`` as its serialized bytes."""
+    g = _global()
+    return ArrayRecord({A: Array(g[A]), B: Array(dtype="float32", shape=(OUT, R), stype=stype, data=data)})
 
 
 def _overflowing() -> dict:
@@ -112,6 +137,7 @@ def test_a_hostile_reply_is_rejected_with_a_reason_and_the_honest_ones_are_merge
     clients, state = _run(HOSTILE[name]())
     liar = next(c for c in clients if c.node_id == 9)
     assert liar.accepted is False and liar.reason, liar
+    assert not liar.reason.startswith("malformed reply"), liar.reason  # named by a check, not by the safety net
     assert all(c.accepted for c in clients if c.node_id != 9)
     assert all(np.isfinite(v).all() for v in state.arrays.values())
     honest_change = 0.025 * ServerSettings().server_lr  # the honest B changes (0.02, 0.03) averaged, x server lr
@@ -242,3 +268,18 @@ def test_implausible_reports_are_flagged_and_weigh_nothing():
     assert clients[1].accepted and len(clients[1].flags) == 2, clients[1].flags
     assert any("tokens" in f for f in clients[1].flags) and any("energy_j" in f for f in clients[1].flags)
     assert not clients[0].flags
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=400), cut=st.integers(0, 200), flip=st.integers(0, 255))
+def test_any_array_bytes_are_read_or_rejected_with_a_reason(data, cut, flip):
+    """Random bytes, and a real array's bytes cut short or with one byte changed, as a transit error would."""
+    real = bytearray(wire.to_record({B: np.ones((OUT, R), np.float32)})[B].data)
+    real[cut % len(real)] ^= flip
+    for blob in (data, bytes(real), bytes(real[:cut])):
+        try:
+            arrays = wire.read_record(_raw_adapter(blob), max_bytes=1 << 20)
+        except ValueError as err:
+            assert str(err)
+        else:
+            assert arrays[B].dtype.kind in "biuf"

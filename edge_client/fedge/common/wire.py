@@ -85,6 +85,54 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {name: array.numpy() for name, array in record.items()}
 
 
+MAX_ARRAYS = 100_000  # tensors in one adapter record (a 7B model's LoRA on every projection has ~1,500)
+_NUMERIC = "biuf"  # numpy dtype kinds a record may carry: no objects, strings or structured dtypes
+
+
+def read_record(record: object, max_bytes: int) -> dict[str, np.ndarray]:
+    """A record that arrived from the network -> arrays; ValueError naming the problem otherwise.
+
+    Flower's ``Array.numpy`` trusts the ``.npy`` header inside each array's bytes and allocates what it claims
+    before reading; here the record's type, the tensor count, the total size (at most ``max_bytes``) and each
+    header (a plain numeric dtype, a shape whose size is exactly the bytes that follow) are checked first.
+    """
+    from flwr.app import ArrayRecord
+
+    if not isinstance(record, ArrayRecord):
+        raise ValueError(f"the adapter must be an ArrayRecord, got a {type(record).__name__}")
+    if len(record) > MAX_ARRAYS:
+        raise ValueError(f"the adapter record holds {len(record)} arrays, at most {MAX_ARRAYS}")
+    sizes = [len(a.data) if isinstance(a.data, bytes) else -1 for a in record.values()]
+    if min(sizes, default=0) < 0 or sum(sizes) > max_bytes:
+        raise ValueError(f"the adapter record holds {sum(sizes)} bytes, at most {max_bytes} expected")
+    return {str(name): _read_npy(str(name)[:200], array) for name, array in record.items()}
+
+
+def _read_npy(name: str, array) -> np.ndarray:
+    import io
+
+    from flwr.common.constant import SType
+
+    if array.stype != SType.NUMPY:
+        raise ValueError(f"tensor {name}: serialized as {str(array.stype)[:40]!r}, expected numpy")
+    buf = io.BytesIO(array.data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read:
+            raise ValueError(f".npy format {version}")
+        shape, fortran, dtype = read[version](buf, max_header_size=10_000)
+    except (ValueError, OSError, SyntaxError, TypeError) as err:
+        raise ValueError(f"tensor {name}: not a numpy array ({str(err)[:100]})") from None
+    body = len(array.data) - buf.tell()
+    if dtype.kind not in _NUMERIC or dtype.hasobject or dtype.fields is not None or fortran:
+        raise ValueError(f"tensor {name}: dtype {dtype} is not a plain number type")
+    if math.prod(shape) * dtype.itemsize != body:
+        raise ValueError(f"tensor {name}: shape {shape} of {dtype} needs {math.prod(shape) * dtype.itemsize} "
+                         f"bytes, {body} sent")  # fmt: skip
+    return np.frombuffer(array.data, dtype=dtype, offset=buf.tell()).reshape(shape).copy()
+
+
 def record_bytes(record: ArrayRecord) -> int:
     """Serialized payload size of an ArrayRecord: the bytes that cross the link."""
     return sum(len(array.data) for array in record.values())
