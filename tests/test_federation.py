@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedge.common.procs import free_port
-from fedge.server.state import ServerState, read_records
+from fedge.server.state import ServerState, StateError, read_records
 
 pytestmark = pytest.mark.federation
 TESTS = Path(__file__).parent
@@ -101,6 +101,22 @@ class Federation:
                 break
             time.sleep(0.5)
         pytest.fail(f"round {rnd} did not complete; server log:\n{self.log('server')}")
+
+    def wait_for_state(self, rnd: int, timeout: float = 600) -> ServerState:
+        """The server's saved state once it holds round ``rnd``: state.json is written last, so the round is saved
+        in full (its record in rounds.json comes before)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                state = ServerState.load(self.tmp / "server")
+            except StateError:  # read while a save replaced the arrays file state.json named: read again
+                state = None
+            if state is not None and state.round >= rnd:
+                return state
+            if self.server.poll() is not None:
+                break
+            time.sleep(0.2)
+        pytest.fail(f"round {rnd} was not saved; server log:\n{self.log('server')}")
 
     def wait_server(self, timeout: float = 900) -> int:
         try:
@@ -193,23 +209,31 @@ def test_rounds_go_on_past_a_killed_client_and_poisoned_updates(federation):
 
 def test_server_killed_mid_round_resumes_at_the_right_round(federation):
     fed = federation(rounds=3, steps=60)
+    state_dir = (fed.tmp / "server").resolve()
+    run_log = state_dir / "logs" / "run.log"  # the ServerApp's own output, as `flwr run --stream` shows it
     fed.start_server()
     fed.start_client("healthcare", "healthcare")
     fed.start_client("finance", "finance")
-    fed.wait_for_round(1)
+    fed.wait_for_state(1)  # round 1 is saved; round 2 is under way
     fed.server.send_signal(signal.SIGKILL)  # its SuperLink goes down with it; the ServerApp follows
     fed.server.wait()
-    state = ServerState.load(fed.tmp / "server")
-    assert state.round == 1
+    saved = ServerState.load(state_dir)
+    assert saved.round == 1 and [r.round for r in saved.records] == [0, 1]
+    before_kill = [r.to_dict() for r in saved.records]
+    first_run = run_log.read_bytes()
+    assert b"resuming from" not in first_run  # the first run started the federation
     time.sleep(2)
     fed.start_server()
     assert fed.wait_server() == 0, fed.log("server")
+
+    resumed_run = run_log.read_bytes()[len(first_run) :].decode(errors="replace")
+    assert f"resuming from {state_dir} after round 1" in resumed_run, resumed_run[-3000:]
     records = fed.records()
     assert [r["round"] for r in records] == [0, 1, 2, 3]  # nothing lost, nothing repeated
-    assert "resuming" in fed.log("server")
+    assert records[:2] == before_kill  # rounds 0 and 1 are the first run's, not run again
     losses = [r["heldout_loss"] for r in records]
     assert losses[3] < losses[1] < losses[0]  # it keeps improving after the restart
-    assert ServerState.load(fed.tmp / "server").round == 3
+    assert ServerState.load(state_dir).round == 3
 
 
 def test_bad_client_input_fails_fast_with_a_clear_message(tmp_path):

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import builtins
 import csv
+import dataclasses
+import io
+import itertools
 import json
+import os
+import shutil
+import signal
+import tempfile
+import traceback
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -120,3 +130,173 @@ def test_a_damaged_state_is_refused_naming_the_file(tmp_path, damage, named):
     damage(tmp_path)
     with pytest.raises(StateError, match=named):
         ServerState.load(tmp_path)
+
+
+# Kill -9 at each step of a save. A save runs in a forked child that SIGKILLs itself at its k-th filesystem step,
+# for k = 0, 1, ... until one completes; after each kill the parent loads what is on disk, as a restart would.
+
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="kill -9 of a forked child needs os.fork")
+
+
+class _TornWriter:
+    """A file open for writing whose every write stops half-way for a step: a kill there leaves a torn file."""
+
+    def __init__(self, fh, step: Callable[[], None]) -> None:
+        self._fh, self._step = fh, step
+
+    def write(self, data):
+        half = len(data) // 2
+        self._fh.write(data[:half])
+        self._fh.flush()
+        self._step()
+        return half + self._fh.write(data[half:])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._fh.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+def _arm_kill(at: int) -> None:
+    """From now on, SIGKILL this process at its ``at``-th filesystem step (0-based): creating a temp file, a write
+    (half done), an fsync, a rename or an unlink. Only ever called in a forked child."""
+    steps = itertools.count()
+
+    def step() -> None:
+        if next(steps) == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def before(fn):
+        def stepped(*args, **kwargs):
+            step()
+            return fn(*args, **kwargs)
+
+        return stepped
+
+    for name in ("fsync", "replace", "rename", "unlink", "remove"):  # Path.unlink and Path.replace call these
+        setattr(os, name, before(getattr(os, name)))
+    tempfile.mkstemp = before(tempfile.mkstemp)
+    real_open = io.open
+
+    def open_(file, mode="r", *args, **kwargs):  # os.fdopen and Path.write_* open through io.open too
+        fh = real_open(file, mode, *args, **kwargs)
+        return _TornWriter(fh, step) if set(mode) & set("wax+") else fh
+
+    io.open = builtins.open = open_
+
+
+def _killed_at(step: int, save: Callable[[], None]) -> bool:
+    """Run ``save`` in a forked child killed at its ``step``-th filesystem step: True if the kill came, False if
+    the save completed first. A save that raises fails the test."""
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        code = 1
+        try:
+            _arm_kill(step)
+            save()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+        return True
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the save failed in the child ({status=})"
+    return False
+
+
+def _kill_at_each_step(reset: Callable[[], None], save: Callable[[], None], check: Callable[[int], None]) -> int:
+    """For each step of ``save`` from the first: ``reset`` the files, kill ``save`` at that step, ``check`` what it
+    left. Returns the number of steps (the first k at which the save completed)."""
+    for step in itertools.count():
+        reset()
+        if not _killed_at(step, save):
+            return step
+        check(step)
+    raise AssertionError("unreachable")
+
+
+def _contents(state: ServerState | None):
+    """Everything a resumed run takes from a state, comparable with ==."""
+    if state is None:
+        return None
+    arrays = {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in state.arrays.items()}
+    return state.round, state.settings, state.strategy, [r.to_dict() for r in state.records], arrays
+
+
+@needs_fork
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (None, _state(0)),  # the first save of a federation
+        (dataclasses.replace(_state(0), records=[]), _state(0)),  # the initial adapter, then its evaluation
+        (_state(1), dataclasses.replace(_state(2), strategy={"accepted_norms": [1.0, 2.0]})),  # a round
+    ],
+    ids=["first", "round-0-evaluated", "next-round"],
+)
+def test_a_kill_at_any_step_of_a_save_leaves_the_previous_state_or_the_new_one(tmp_path, before, after):
+    template, state_dir = tmp_path / "before", tmp_path / "state"
+    template.mkdir()
+    if before is not None:
+        before.save(template)
+    seen = []
+
+    def reset() -> None:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        shutil.copytree(template, state_dir)
+
+    def check(step: int) -> None:
+        try:
+            loaded = _contents(ServerState.load(state_dir))
+        except StateError as err:
+            pytest.fail(f"killed at step {step}: {err}")
+        assert loaded in (_contents(before), _contents(after)), f"killed at step {step}: a state of neither round"
+        seen.append(loaded == _contents(after))
+
+    steps = _kill_at_each_step(reset, lambda: after.save(state_dir), check)
+    assert _contents(ServerState.load(state_dir)) == _contents(after)
+    assert steps >= 20 and seen[0] is False and seen[-1] is True  # the kills spanned the save, old to new
+
+
+@needs_fork
+def test_a_kill_at_any_step_of_saving_a_reply_never_splits_it_from_its_residual(tmp_path):
+    """The client's update and its error-feedback residual: after a kill the restart either replies with the saved
+    update and makes its residual the live one, or trains again from the previous round's residual."""
+    from fedge.common import wire
+    from fedge.common.fsutil import atomic_write_bytes
+    from fedge.edge_client import local_work
+
+    device = local_work.Device(name="c", state_dir=tmp_path / "client")
+    settings = wire.RoundSettings(codec="int8")
+    live, work = local_work._residual_path(device, settings), device.state_dir / "work" / "round-2"
+    arrays, metrics = {"x.lora_A.weight": np.full((2, 4), 2, np.float32)}, {"steps": 3}
+    old, new = b"residual after round 1", b"residual after round 2"  # opaque to the save
+    seen = []
+
+    def reset() -> None:
+        shutil.rmtree(device.state_dir, ignore_errors=True)
+        work.mkdir(parents=True)
+        atomic_write_bytes(live, old)
+
+    def save() -> None:  # what do_train does once training is done
+        local_work._save_update(work, arrays, metrics, new)
+        local_work._commit_residual(work, device, settings)
+
+    def check(step: int) -> None:  # what do_train does when the round's message comes again after a restart
+        if (work / local_work.UPDATE_FILE).is_file():
+            got, got_metrics = local_work._load_update(work)
+            local_work._commit_residual(work, device, settings)
+            assert got.keys() == arrays.keys() and np.array_equal(got["x.lora_A.weight"], arrays["x.lora_A.weight"])
+            assert got_metrics == metrics and live.read_bytes() == new, f"killed at step {step}"
+        else:
+            assert live.read_bytes() == old, f"killed at step {step}: the round trains again from a wrong residual"
+        seen.append((work / local_work.UPDATE_FILE).is_file())
+
+    steps = _kill_at_each_step(reset, save, check)
+    assert live.read_bytes() == new
+    assert steps >= 15 and seen[0] is False and seen[-1] is True

@@ -122,8 +122,8 @@ def _read_npy(name: str, array) -> np.ndarray:
         if version not in read:
             raise ValueError(f".npy format {version}")
         shape, fortran, dtype = read[version](buf, max_header_size=10_000)
-    except (ValueError, OSError, SyntaxError, TypeError) as err:
-        raise ValueError(f"tensor {name}: not a numpy array ({str(err)[:100]})") from None
+    except Exception as err:  # noqa: BLE001 (numpy parses the header with ast and tokenize: any of their errors)
+        raise ValueError(f"tensor {name}: not a numpy array ({type(err).__name__}: {str(err)[:100]})") from None
     body = len(array.data) - buf.tell()
     if dtype.kind not in _NUMERIC or dtype.hasobject or dtype.fields is not None or fortran:
         raise ValueError(f"tensor {name}: dtype {dtype} is not a plain number type")
