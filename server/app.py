@@ -51,8 +51,6 @@ def run_federation(grid: Grid, cfg) -> None:
     server = from_config(ServerSettings, cfg)
     state_dir = server.state
     state = ServerState.load(state_dir)
-    if __import__('os').environ.get('FEDGE_MUTANT_FROM_SCRATCH'):  # TEMP mutant
-        state = None
     if state is None:
         state = ServerState(settings.defining(), arrays=_initial_adapter(settings, cfg))
         state.save(state_dir)
