@@ -54,6 +54,9 @@ class ServerState:
         for old in state_dir.glob("global-*.npz"):
             if old.name != arrays_name:
                 old.unlink(missing_ok=True)
+        for name in (STATE_FILE, RECORDS_JSON, RECORDS_CSV, "global-"):  # temp files of saves killed mid-write
+            for tmp in state_dir.glob(f".{name}*-*"):
+                tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, state_dir: Path) -> ServerState | None:

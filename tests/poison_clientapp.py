@@ -1,8 +1,11 @@
-"""fedge's ClientApp plus a mod that poisons the updates of clients named ``poison``: a test double.
+"""fedge's ClientApp plus two mods, test doubles of a bad client; honest clients run fedge's ClientApp unchanged.
 
-Round 1 sends NaN, round 2 a huge change of the trained tensors (LoRA B; A left as the round froze it, so the
-norm check is what must catch it), round 3 a wrong shape; the server must reject each and go on.
-Honest clients run fedge's ClientApp unchanged.
+``poison`` (clients named ``poison``): round 1 sends NaN, round 2 a huge change of the trained tensors (LoRA B; A
+left as the round froze it, so the norm check is what must catch it), round 3 a wrong shape.
+
+``garble`` (clients named ``garbled``): the reply's bytes corrupted as a broken link or middlebox would: round 1
+overwrites every array's payload with random bytes (its .npy header kept), round 2 cuts every array short, round 3
+breaks every .npy header; its evaluation reports an exact match of 37.5. The server must reject each and go on.
 """
 
 from __future__ import annotations
@@ -32,6 +35,28 @@ def poison(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
-app = ClientApp(mods=[poison])
+def garble(msg: Message, context: Context, call_next) -> Message:
+    reply = call_next(msg, context)
+    if context.node_config.get("name") != "garbled" or reply.has_error():
+        return reply
+    if msg.metadata.message_type != "train":
+        reply.content[wire.METRICS][wire.Metric.EXACT_MATCH] = 37.5
+        return reply
+    rnd = int(msg.content[wire.CONFIG][wire.Cfg.ROUND])
+    rng = np.random.default_rng(rnd)
+    for array in reply.content[wire.ADAPTER].values():
+        data = bytearray(array.data)
+        body = data.index(b"\n") + 1  # the .npy header ends with a newline
+        if rnd == 1:
+            data[body:] = rng.integers(0, 256, len(data) - body, dtype=np.uint8).tobytes()
+        elif rnd == 2:
+            del data[-3:]
+        else:
+            data[:6] = b"\x00" * 6
+        array.data = bytes(data)
+    return reply
+
+
+app = ClientApp(mods=[poison, garble])
 app.train()(train_round)
 app.evaluate()(evaluate_round)

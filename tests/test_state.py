@@ -263,6 +263,15 @@ def test_a_kill_at_any_step_of_a_save_leaves_the_previous_state_or_the_new_one(t
     assert steps >= 20 and seen[0] is False and seen[-1] is True  # the kills spanned the save, old to new
 
 
+def test_a_save_removes_the_temp_files_of_saves_killed_mid_write(tmp_path):
+    leftovers = [".global-0001.npz-k2j3h4", ".state.json-abc123", ".rounds.json-x9", ".rounds.csv-q1"]
+    for name in [*leftovers, ".mine", "notes.txt"]:
+        (tmp_path / name).write_bytes(b"half a file")
+    _state(1).save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".mine"]
+    assert (tmp_path / "notes.txt").exists() and ServerState.load(tmp_path).round == 1
+
+
 @needs_fork
 def test_a_kill_at_any_step_of_saving_a_reply_never_splits_it_from_its_residual(tmp_path):
     """The client's update and its error-feedback residual: after a kill the restart either replies with the saved
