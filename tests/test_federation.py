@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedge.common.procs import free_port
@@ -205,6 +206,32 @@ def test_rounds_go_on_past_a_killed_client_and_poisoned_updates(federation):
             assert c["steps"] == 30 and c["bytes_up"] > 0 and c["startup_seconds"] > 0 and c["load_seconds"] > 0
             assert c["warm"] == 1  # the client's warm worker did the work, with the model already loaded
     assert (fed.tmp / "server" / "final-adapter" / "adapter_config.json").is_file()
+
+
+def test_replies_corrupted_in_transit_are_rejected_and_the_rounds_go_on(federation):
+    """A client whose every reply is damaged on its way (random payload bytes, arrays cut short, broken .npy
+    headers, an impossible exact match): each round completes with it rejected and the honest clients merged."""
+    fed = federation(rounds=3, steps=3, min_clients=2, clientapp="tests.poison_clientapp:app")
+    fed.start_server()
+    for name, domain in (("healthcare", "healthcare"), ("finance", "finance"), ("garbled", "iot")):
+        fed.start_client(name, domain)
+    assert fed.wait_server() == 0, fed.log("server")
+
+    records = fed.records()
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    expected = {1: ("non-finite", "update norm"), 2: ("bytes, ",), 3: ("not a numpy array",)}
+    for rnd, reasons in expected.items():
+        by_name = {c["name"]: c for c in records[rnd]["clients"]}
+        garbled = by_name["garbled"]
+        assert garbled["accepted"] is False and any(r in garbled["reason"] for r in reasons), garbled
+        assert by_name["healthcare"]["accepted"] and by_name["finance"]["accepted"], by_name
+        assert records[rnd]["clients_accepted"] == 2 and records[rnd]["clients_rejected"] == 1
+    for record in records:  # its evaluations are failures, never part of the round's exact match
+        assert any(f["name"] == "garbled" and "exact-match" in f["reason"] for f in record["failures"]), record
+        assert record["exact_match"] is None or 0 <= record["exact_match"] <= 1
+    state = ServerState.load(fed.tmp / "server")
+    assert state.round == 3 and all(np.isfinite(a).all() for a in state.arrays.values())
+    assert "Traceback" not in (fed.tmp / "server.log").read_text(errors="replace")
 
 
 def test_server_killed_mid_round_resumes_at_the_right_round(federation):
