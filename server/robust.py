@@ -54,7 +54,7 @@ def cap_shares(shares: Sequence[float], max_share: float) -> list[float]:
         p[capped] = cap
         free = ~capped
         rest, room = float(p[free].sum()), 1.0 - cap * int(capped.sum())
-        p[free] = p[free] * (room / rest) if rest > 0 else room / max(1, int(free.sum()))
+        p[free] = p[free] / rest * room if rest > 0 else room / max(1, int(free.sum()))
 
 
 def clip_scales(rms: Sequence[float], max_rms: float, factor: float) -> list[float]:

@@ -341,3 +341,146 @@ def test_a_port_in_use_is_refused_before_anything_starts(tmp_path, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "cannot listen there" in err and "Traceback" not in err
     assert not (tmp_path / "s").exists()
+
+
+# --- every number is checked before anything starts ----------------------------------------------------------
+
+COMMANDS = {  # each command with what it needs besides the bad value; paths under the test's own directory
+    "server": ["server", "start", "--state", "{tmp}/s"],
+    "client": ["client", "start", "--server", "127.0.0.1:1", "--data", "demo:iot", "--model", "none",
+               "--state", "{tmp}/c"],
+    "demo": ["demo", "--out", "{tmp}/d"],
+    "train": ["train", "--data", "demo:iot", "--out", "{tmp}/a"],
+    "eval": ["eval", "--data", "demo:iot"],
+    "profile": ["profile", "--model", "none", "--plot", "{tmp}/t.png"],
+    "sample": ["data", "sample", "iot"],
+    "certs": ["certs", "--out", "{tmp}/certs", "--host", "127.0.0.1"],
+}  # fmt: skip
+BAD_NUMBERS = [  # (command, flag, value, what the error must say was expected)
+    ("server", "--steps", "0", ">= 1"),
+    ("server", "--steps", "nan", "invalid int value"),
+    ("server", "--steps", "99999999999999999999", "fits in 64 bits"),
+    ("server", "--lr", "nan", "finite number > 0"),
+    ("server", "--batch", "-1", ">= 1"),
+    ("server", "--seq-len", "8", ">= 16"),
+    ("server", "--seed", "-1", "in 0..4294967295"),
+    ("server", "--rank", "0", ">= 1"),
+    ("server", "--alpha", "-1", ">= 1"),
+    ("server", "--eval-examples", "0", ">= 1"),
+    ("server", "--deadline", "inf", "finite number >= 0"),
+    ("server", "--rounds", "0", ">= 1"),
+    ("server", "--min-clients", "0", ">= 1"),
+    ("server", "--stage-deadline", "0", "> 0"),
+    ("server", "--norm-factor", "1", "> 1"),
+    ("server", "--max-change-rms", "nan", "> 0"),
+    ("server", "--server-lr", "nan", "> 0"),
+    ("client", "--max-retries", "-1", ">= 0"),
+    ("client", "--threads", "-1", ">= 0"),
+    ("client", "--unreachable-after", "0", "finite number > 0"),
+    ("demo", "--clients", "0", "1..16"),
+    ("demo", "--simulation", "0", ">= 1"),
+    ("demo", "--lr", "inf", "finite number > 0"),
+    ("demo", "--seed", "4294967296", "in 0..4294967295"),
+    ("demo", "--stage-deadline", "-1", "> 0"),
+    ("train", "--steps", "0", ">= 1"),
+    ("train", "--steps", "ten", "must be an integer"),
+    ("train", "--batch", "-1", ">= 1"),
+    ("train", "--grad-accum", "0", ">= 1"),
+    ("train", "--lr", "nan", "finite number > 0"),
+    ("train", "--lr", "inf", "finite number > 0"),
+    ("train", "--seq-len", "8", ">= 16"),
+    ("train", "--rank", "0", ">= 1"),
+    ("train", "--alpha", "-1", ">= 1"),
+    ("train", "--top-layers", "0", ">= 1"),
+    ("train", "--seed", "-1", "in 0..4294967295"),
+    ("eval", "--limit", "0", ">= 1"),
+    ("eval", "--max-new-tokens", "0", ">= 1"),
+    ("profile", "--steps", "0", ">= 1"),
+    ("profile", "--warmup", "-1", ">= 0"),
+    ("profile", "--batch", "0", ">= 1"),
+    ("profile", "--seq-len", "8", ">= 16"),
+    ("profile", "--gen-tokens", "0", ">= 1"),
+    ("profile", "--tdp-watts", "inf", "finite number > 0"),
+    ("profile", "--threads", "-1", ">= 0"),
+    ("profile", "--budget", "nan", "finite number >= 0"),
+    ("sample", "--n", "-1", ">= 0"),
+    ("certs", "--days", "0", "expected 1..3650"),
+]
+
+
+def _bad_argv(command: str, flag: str, value: str, tmp) -> list[str]:
+    return [arg.format(tmp=tmp) for arg in COMMANDS[command]] + [flag, value]
+
+
+@pytest.mark.parametrize(("command", "flag", "value", "expected"), BAD_NUMBERS, ids=lambda v: str(v))
+def test_every_bad_number_is_one_line_naming_its_flag_before_anything_starts(
+    command, flag, value, expected, tmp_path, capsys, monkeypatch
+):
+    def started(*_args, **_kwargs):
+        raise AssertionError(f"{flag} {value} was accepted: the command went ahead")
+
+    # What would start processes or load a model; certs and data sample check their numbers themselves.
+    for target in (
+        "fedge.server.deploy.start_server",
+        "fedge.edge_client.service.start_client",
+        "fedge.demo.run_demo",
+        "fedge.cli.cmd_train",
+        "fedge.cli.cmd_eval",
+        "fedge.cli.cmd_profile",
+    ):
+        monkeypatch.setattr(target, started)  # fmt: skip
+    code = main(_bad_argv(command, flag, value, tmp_path))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert flag in err and expected in err, err
+    assert not list(tmp_path.iterdir())  # nothing written, not even a directory
+
+
+def test_bad_numbers_are_refused_before_torch_loads(tmp_path):
+    # The real command in a fresh interpreter: a typo costs a moment, not torch's seconds of import on a Pi.
+    argvs = [_bad_argv(command, flag, value, tmp_path) for command, flag, value, _ in BAD_NUMBERS]
+    code = (
+        "import json, sys\nfrom fedge.cli import main\n"
+        f"codes = [main(argv) for argv in {argvs!r}]\n"
+        "print(json.dumps([codes, sorted(m for m in ('torch', 'transformers') if m in sys.modules)]))"
+    )
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    codes, heavy = json.loads(done.stdout.strip().splitlines()[-1])
+    assert codes == [2] * len(BAD_NUMBERS) and heavy == [] and "Traceback" not in done.stderr
+
+
+def test_a_bad_number_in_the_config_file_names_the_file_and_key(tmp_path, capsys):
+    path = tmp_path / "fed.toml"
+    path.write_text("[server]\nstage_deadline = 0.0\n")
+    code = main(["server", "start", "--config", str(path), "--state", str(tmp_path / "s")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and f"({path} [server], key stage_deadline)" in err and "Traceback" not in err
+
+
+# --- a --state that cannot be written is one line --------------------------------------------------------------
+
+STATE_PLACES = {
+    "a file": ("FILE", "is a file, not a directory"),
+    "below a file": ("FILE/state", "is a file, not a directory"),
+    "below /proc": ("/proc/fedge-state", "cannot write in /proc"),
+    "/proc itself": ("/proc", "cannot write there"),
+}
+
+
+@pytest.mark.parametrize("command", ["server", "client"])
+@pytest.mark.parametrize("place", list(STATE_PLACES))
+def test_an_unwritable_state_is_one_line_and_exit_2(command, place, tmp_path, capsys):
+    state, expected = STATE_PLACES[place]
+    if state.startswith("/proc") and not os.path.isdir("/proc"):
+        pytest.skip("no /proc here")
+    (tmp_path / "FILE").write_text("a file, where a directory is expected")
+    state = state if state.startswith("/") else str(tmp_path / state)
+    argv = [arg.format(tmp=tmp_path) for arg in COMMANDS[command]]
+    argv[argv.index("--state") + 1] = state
+    code = main([*argv, *(["--address", "127.0.0.1:9"] if command == "server" else [])])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"--state {state}" in err and expected in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["FILE"]  # nothing else written

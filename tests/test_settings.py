@@ -37,7 +37,7 @@ NON_DEFAULT = {
     ),
     ClientSettings: dict(
         server="10.0.0.1:9000", model="none", root_certificates=Path("/ca.pem"), auth_key=Path("/node.key"),
-        max_retries=4, worker=False,
+        max_retries=4, worker=False, unreachable_after=5.0,
     ),
     Device: dict(
         name="clinic-3", data="/data/notes.jsonl", eval_data="/data/held.jsonl", state_dir=Path("/var/fedge"),

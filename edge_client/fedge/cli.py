@@ -6,15 +6,19 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 from rich.markup import escape
 
 from fedge import __version__
 from fedge.common.errors import FedgeError
+from fedge.common.settings import int_in, number
+from fedge.common.wire import MAX_SEED, MIN_SEQ_LEN
 
 console = Console(stderr=True)
 EXIT_USAGE = 2
@@ -22,7 +26,10 @@ EXIT_USAGE = 2
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage mistake (said in one line: `_Parser`)
+        return int(done.code or 0)
     if not hasattr(args, "run"):
         parser.print_help()
         return EXIT_USAGE
@@ -90,7 +97,7 @@ def _interrupt(_signum, _frame) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from fedge.common.models import DEFAULT_MODEL, default_cache_dir
 
-    parser = argparse.ArgumentParser(prog="fedge", description="Federated fine-tuning of small LLMs on edge devices")
+    parser = _Parser(prog="fedge", description="Federated fine-tuning of small LLMs on edge devices")
     parser.add_argument("--version", action="version", version=f"fedge {__version__}")
     parser.add_argument(
         "--cache-dir",
@@ -109,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="built-in demo data").add_subparsers(title="data commands")
     sample = data.add_parser("sample", help="print demo examples")
     sample.add_argument("domain")
-    sample.add_argument("--n", type=int, default=5)
+    sample.add_argument("--n", type=int_in(0), default=5)
     sample.add_argument("--split", default="train")
     sample.set_defaults(run=cmd_data_sample)
     export = data.add_parser("export", help="write a demo domain as JSONL")
@@ -123,19 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default=DEFAULT_MODEL)
     train.add_argument("--out", type=Path, default=Path("fedge-adapter"))
     train.add_argument("--eval-data", help="held-out data (default: demo test split, or 10%% of --data)")
-    train.add_argument("--steps", type=int, default=100)
-    train.add_argument("--batch", type=int, default=8, help="micro-batch size (examples or packed rows)")
-    train.add_argument("--grad-accum", type=int, default=1)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--seq-len", type=int, default=256)
-    train.add_argument("--rank", type=int, default=16)
-    train.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default: 2 x rank)")
+    # Every number is checked as it is parsed, so a mistake is said before torch loads (seconds on a Pi).
+    train.add_argument("--steps", type=int_in(1), default=100)
+    train.add_argument("--batch", type=int_in(1), default=8, help="micro-batch size (examples or packed rows)")
+    train.add_argument("--grad-accum", type=int_in(1), default=1)
+    train.add_argument("--lr", type=number(0, strict=True), default=1e-3)
+    train.add_argument("--seq-len", type=int_in(MIN_SEQ_LEN), default=256)
+    train.add_argument("--rank", type=int_in(1), default=16)
+    train.add_argument("--alpha", type=int_in(1), default=None, help="LoRA alpha (default: 2 x rank)")
     train.add_argument(
         "--targets",
         default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         help="comma-separated module names for LoRA (default: every attention and MLP projection)",
     )
-    train.add_argument("--top-layers", type=int, default=None, help="train only the last N layers")
+    train.add_argument("--top-layers", type=int_in(1), default=None, help="train only the last N layers")
     train.add_argument("--pack", action="store_true", help="pack examples into full rows of --seq-len")
     train.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (less memory, slower)")
     train.add_argument(
@@ -144,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="torch.compile the decoder layers (auto: on for 100+ steps where a compiler exists)",
     )
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int_in(0, MAX_SEED), default=0)
     _add_runtime_args(train)
     train.set_defaults(run=cmd_train)
 
@@ -152,10 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True)
     ev.add_argument("--adapter", type=Path, default=None)
     ev.add_argument("--model", default=None, help=f"base model (default: the adapter's, else {DEFAULT_MODEL})")
-    ev.add_argument("--limit", type=int, default=None, help="evaluate at most N examples")
+    ev.add_argument("--limit", type=int_in(1), default=None, help="evaluate at most N examples")
     ev.add_argument(
         "--max-new-tokens",
-        type=_positive_int,
+        type=int_in(1),
         default=None,
         help="generation limit for exact match (default: the longest reference reply in tokens, plus slack)",
     )
@@ -175,16 +183,23 @@ def _add_profile_command(sub) -> None:
     prof.add_argument("--model", default=None, help=f"model to profile (default: {d.model} if cached; none: skip)")
     prof.add_argument("--json", action="store_true", help="print JSON to stdout (null fields: see 'unavailable')")
     prof.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="timeline: power, CPU, RSS, temp")
-    prof.add_argument("--steps", type=int, default=d.steps, help=f"timed training steps (default: {d.steps})")
-    prof.add_argument("--warmup", type=int, default=d.warmup, help=f"untimed steps first (default: {d.warmup})")
-    prof.add_argument("--batch", type=int, default=d.batch, help=f"rows per training step (default: {d.batch})")
-    prof.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per row (default: {d.seq_len})")
-    prof.add_argument("--gen-tokens", type=int, default=d.gen_tokens, help="new tokens per generation")
-    prof.add_argument("--tdp-watts", type=float, default=None, help="TDP for the CPU-utilisation energy estimate")
-    prof.add_argument("--threads", type=int, default=0, help="torch threads (default: all; 1 helps on a busy CPU)")
+    # Checked as parsed, like `fedge train`'s: ProfilePlan checks them again, but only after torch has loaded.
+    prof.add_argument("--steps", type=int_in(1), default=d.steps, help=f"timed training steps (default: {d.steps})")
+    prof.add_argument("--warmup", type=int_in(0), default=d.warmup, help=f"untimed steps first (default: {d.warmup})")
+    prof.add_argument("--batch", type=int_in(1), default=d.batch, help=f"rows per training step (default: {d.batch})")
+    prof.add_argument(
+        "--seq-len", type=int_in(MIN_SEQ_LEN), default=d.seq_len, help=f"tokens per row (default: {d.seq_len})"
+    )
+    prof.add_argument("--gen-tokens", type=int_in(1), default=d.gen_tokens, help="new tokens per generation")
+    prof.add_argument(
+        "--tdp-watts", type=number(0, strict=True), default=None, help="TDP for the CPU-utilisation energy estimate"
+    )
+    prof.add_argument(
+        "--threads", type=int_in(0), default=0, help="torch threads (default: all; 1 helps on a busy CPU)"
+    )
     prof.add_argument(
         "--budget",
-        type=float,
+        type=number(0, strict=False),
         default=d.budget_s,
         metavar="SECONDS",
         help=f"target run time: fewer timed repetitions on a slow device (default: {d.budget_s:g}; 0: no limit)",
@@ -193,11 +208,17 @@ def _add_profile_command(sub) -> None:
     prof.set_defaults(run=cmd_profile)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line like fedge's other input errors (the usage is a --help away):
+    ``error: fedge train: --steps must be >= 1, got 0 (see fedge train --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        message = re.sub(r"^argument (\S+): must ", r"\1 must ", message)  # `int_in`'s and `number`'s errors
+        prog = escape(self.prog)
+        console.print(
+            f"[bold red]error:[/] {prog}: {escape(message)} (see {prog} --help)", highlight=False, soft_wrap=True
+        )
+        self.exit(EXIT_USAGE)
 
 
 def _add_federation_commands(sub) -> None:
@@ -257,7 +278,7 @@ def _cache(args) -> Path:
 
 
 def _say(msg: str) -> None:
-    console.print(f"[dim]{msg}[/]")
+    console.print(f"[dim]{escape(msg)}[/]", soft_wrap=True)  # one line, however narrow the console
 
 
 def cmd_model_pull(args) -> int:
@@ -355,14 +376,15 @@ def cmd_profile(args) -> int:
     return 0
 
 
-def _settings(cls, args, table: str, config: dict | None = None):
+def _settings(cls, args, table: str, config: dict | None = None, check=None):
     """``cls`` from its defaults, the config file's ``[table]`` and the flags; a bad value is a FedgeError naming
-    the file and key (a bad key or type in the file) or the setting (a value out of range, wherever it came from)."""
+    the file and key (a bad key or type in the file) or the setting and its flag or key (a value out of range).
+    ``check``: limits beyond ``cls``'s own (`fedge.common.settings.resolve`)."""
     from fedge.common.settings import resolve
 
     where = f"{args.config} [{table}]" if getattr(args, "config", None) else f"[{table}]"
     try:
-        return resolve(cls, (config or {}).get(table), args, where)
+        return resolve(cls, (config or {}).get(table), args, where, check)
     except (ValueError, TypeError) as err:
         message = str(err)
         raise FedgeError(message if message.startswith(where) else f"bad {table} setting: {message}") from None
@@ -386,6 +408,26 @@ def _config_file(args, tables: tuple[str, ...]) -> dict:
     return config
 
 
+def _check_writable_dir(path: Path, flag: str) -> None:
+    """FedgeError (one line) unless ``path`` is, or can be made, a directory this process can write in.
+
+    Leaves nothing behind: it probes the nearest existing ancestor with a directory it removes at once, so a later
+    refusal (a port in use, a bad certificate) still finds nothing written.
+    """
+    import tempfile
+
+    path = Path(os.path.abspath(path.expanduser()))
+    existing = path
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise FedgeError(f"{flag} {path}: {existing} is a file, not a directory")
+        os.rmdir(tempfile.mkdtemp(prefix=".fedge-probe-", dir=existing))
+    except OSError as err:
+        where = "there" if existing == path else f"in {existing}"
+        raise FedgeError(f"{flag} {path}: cannot write {where} ({err.strerror or err})") from None
+
+
 def cmd_server_start(args) -> int:
     from fedge.common.wire import RoundSettings
     from fedge.server.deploy import start_server
@@ -393,7 +435,9 @@ def cmd_server_start(args) -> int:
 
     config = _config_file(args, ("round", "server"))
     round_settings = _settings(RoundSettings, args, "round", config)
-    return start_server(_settings(ServerSettings, args, "server", config), round_settings, _cache(args), Console())
+    server = _settings(ServerSettings, args, "server", config)
+    _check_writable_dir(server.state, "--state")
+    return start_server(server, round_settings, _cache(args), Console())
 
 
 def cmd_client_start(args) -> int:
@@ -407,6 +451,7 @@ def cmd_client_start(args) -> int:
     device = _settings(Device, args, "device", config)
     if args.cache_dir is not None:  # the flag wins over a [device] cache_dir, which wins over the default
         device = dataclasses.replace(device, cache_dir=args.cache_dir)
+    _check_writable_dir(device.state_dir, "--state")
     return start_client(client, device, _say)
 
 

@@ -11,17 +11,21 @@ A settings class is a ``@dataclass`` whose fields are made with :func:`setting` 
   names with hyphens, values Flower's scalar types (a ``None`` is left out and reads back as ``None``).
 
 :func:`resolve` builds a settings object from the defaults, a TOML table and the flags, in that order.
-Supported field types: ``str``, ``int``, ``float``, ``bool``, ``Path``, ``X | None`` of those, and
-``list[str]`` / ``list[Path]`` (a repeated flag; a list in TOML; comma-joined in a Flower config).
+Supported field types: ``str``, ``int`` (64 bits, as Flower's configs hold), ``float``, ``bool``, ``Path``,
+``X | None`` of those, and ``list[str]`` / ``list[Path]`` (a repeated flag; a list in TOML; comma-joined in a
+Flower config).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,6 +96,41 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         if tp is not bool and "choices" not in kw:
             kw.setdefault("metavar", flag_of(f)[2:].upper().replace("-", "_"))
         parser.add_argument(flag_of(f), **kw)
+
+
+def int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type for a flag no settings class defines: an integer in ``low..high`` (``high`` None: no limit).
+    A mistake reads ``must be >= 1, got 0`` after the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"must be {f'>= {low}' if high is None else f'in {low}..{high}'}, got {value}"
+            )
+        return value
+
+    return parse
+
+
+def number(low: float, *, strict: bool) -> Callable[[str], float]:
+    """An argparse type for a flag no settings class defines: a finite number above ``low`` (``strict``) or at least
+    ``low``; nan and inf never are."""
+    relation = ">" if strict else ">="
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if strict else value >= low)):
+            raise argparse.ArgumentTypeError(f"must be a finite number {relation} {low:g}, got {text}")
+        return value
+
+    return parse
 
 
 def to_argv(obj: Any, skip: tuple[str, ...] = ()) -> list[str]:
@@ -176,12 +215,35 @@ def from_config(cls: type[T], config: Any) -> T:
 # --- together -------------------------------------------------------------------------------------------------
 
 
-def resolve(cls: type[T], table: dict | None = None, args: argparse.Namespace | None = None, where: str = "") -> T:
-    """``cls`` from its defaults, then a TOML table (``where`` names it in errors), then the flags given."""
+def resolve(
+    cls: type[T],
+    table: dict | None = None,
+    args: argparse.Namespace | None = None,
+    where: str = "",
+    check: Callable[[T], None] | None = None,
+) -> T:
+    """``cls`` from its defaults, then a TOML table (``where`` names it in errors), then the flags given.
+
+    ``check``: limits beyond ``cls``'s own. A ValueError from either that names a field first (``steps must be >= 1,
+    got 0``) ends naming where the value came from: ``(--steps)``, or ``(where, key steps)``.
+    """
     values = from_table(cls, table or {}, where or cls.__name__)
-    names = {f.name for f, _ in _fields(cls)}
-    values.update({k: v for k, v in vars(args or argparse.Namespace()).items() if k in names})
-    return cls(**values)
+    fields = {f.name: (f, tp) for f, tp in _fields(cls)}
+    given = {k: v for k, v in vars(args or argparse.Namespace()).items() if k in fields}
+    values.update({k: _fits(v, flag_of(fields[k][0])) for k, v in given.items()})
+    try:
+        obj = cls(**values)
+        if check is not None:
+            check(obj)
+    except ValueError as err:
+        named = re.match(r"\w+", str(err))  # the field a settings check names first
+        name = named.group() if named else ""
+        if name in given:
+            raise ValueError(f"{err} ({flag_of(fields[name][0])})") from None
+        if name in (table or {}) and where:
+            raise ValueError(f"{err} ({where}, key {name})") from None
+        raise
+    return obj
 
 
 def _plain(value: Any) -> Any:
@@ -200,5 +262,12 @@ def _convert(value: Any, tp: type, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in _SCALARS and isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
-        return value
+        return _fits(value, where)
     raise ValueError(f"{where}: expected {tp.__name__}, got {value!r}")
+
+
+def _fits(value: Any, where: str) -> Any:
+    """``value``, unless it is an int Flower's configs cannot hold (they are 64-bit): ValueError naming ``where``."""
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ValueError(f"{where}: expected an integer that fits in 64 bits (Flower's configs), got {value}")
+    return value

@@ -32,6 +32,10 @@ METRICS = "metrics"  # MetricRecord: numbers about the client's work (reply)
 CLIENT = "client"  # ConfigRecord: who replied (reply)
 
 
+MIN_SEQ_LEN = 16  # the shortest training row `TrainConfig` takes
+MAX_SEED = 2**32 - 1  # a client seeds round n with seed x 1000 + n, and torch takes 64 bits
+
+
 class Cfg:
     """ConfigRecord keys, server -> client, beyond `RoundSettings`' own (whose keys are its field names)."""
 
@@ -289,6 +293,12 @@ class RoundSettings:
         for name in ("steps", "batch", "seq_len", "lora_r", "lora_alpha", "eval_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < MIN_SEQ_LEN:
+            raise ValueError(
+                f"seq_len must be >= {MIN_SEQ_LEN} (the shortest row a client trains on), got {self.seq_len}"
+            )
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not (math.isfinite(self.deadline_s) and self.deadline_s >= 0):

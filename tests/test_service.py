@@ -1,0 +1,71 @@
+"""``fedge client start`` as a device owner sees it when the server is not there: one line saying so, then retrying."""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from fedge.common.procs import free_port
+from fedge.edge_client.service import ServerWatch
+
+
+def _wait_for(lines: queue.Queue, text: str, seconds: float) -> str:
+    """The first line holding ``text`` (whitespace-normalised), or an AssertionError with what was seen instead."""
+    seen, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            line = " ".join(lines.get(timeout=0.2).split())
+        except queue.Empty:
+            continue
+        if text in line:
+            return line
+        seen.append(line)
+    raise AssertionError(f"no {text!r} within {seconds:g} s; the client said:\n" + "\n".join(seen[-20:]))
+
+
+def test_a_client_says_once_when_its_server_is_out_of_reach_and_keeps_retrying(tmp_path):
+    port = free_port()  # nothing listens here until the test does
+    cmd = [sys.executable, "-m", "fedge", "client", "start", "--server", f"127.0.0.1:{port}", "--data", "demo:iot",
+           "--model", "none", "--no-worker", "--state", str(tmp_path / "c"), "--unreachable-after", "1"]  # fmt: skip
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in client.stdout], daemon=True).start()
+    try:
+        said = _wait_for(lines, f"cannot reach the server at 127.0.0.1:{port}", 60)
+        assert "(connection refused); still retrying, every 20 s at most" in said
+        assert client.poll() is None  # still retrying, not given up
+        with socket.create_server(("127.0.0.1", port)):  # the server's port opens
+            _wait_for(lines, f"reached the server at 127.0.0.1:{port}", 30)
+        assert client.poll() is None
+    finally:
+        client.terminate()
+        client.wait(timeout=30)
+    assert client.returncode == 0  # SIGTERM stops it cleanly
+
+
+def test_the_watch_speaks_once_per_outage(monkeypatch):
+    import fedge.edge_client.service as service
+
+    reachable = {"now": False}
+    monkeypatch.setattr(service, "probe", lambda host, port: None if reachable["now"] else "connection refused")
+    said: list[str] = []
+    watch = ServerWatch("pi.local:9092", grace_s=10, retry_s=20, say=said.append)
+    for t in range(0, 30):  # down for 30 s: one line, once 10 s have passed
+        watch.check(float(t))
+    assert said == ["cannot reach the server at pi.local:9092 (connection refused); still retrying, every 20 s at most"]
+    reachable["now"] = True
+    watch.check(100.0)
+    watch.check(200.0)
+    assert said[1:] == ["reached the server at pi.local:9092"]
+    reachable["now"] = False
+    watch.check(231.0)
+    watch.check(236.0)  # a blip shorter than the grace is not worth a line
+    reachable["now"] = True
+    watch.check(241.0)
+    assert len(said) == 2
