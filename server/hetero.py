@@ -91,7 +91,7 @@ def aggregate(
     and shape mismatches, and for a robust rule with the svd merge.
     """
     check_method(method)
-    robust.check_rule(rule, len(clients), trim, krum_f)
+    robust.check_rule(rule, trim, krum_f)
     if rule != "mean" and method != "zero-pad":
         raise ValueError(f"the {rule} rule combines changes coordinate by coordinate: it needs the zero-pad merge")
     if len(clients) != len(weights) or (steps is not None and len(steps) != len(clients)):
@@ -99,8 +99,9 @@ def aggregate(
     ranks = [_validate(global_arrays, c, i) for i, c in enumerate(clients)]
     by_rank = {r: for_client(global_arrays, r, alpha, method, rslora) for r in set(ranks) if r}
     starts = [by_rank.get(r, {}) for r in ranks]
-    if rule == "krum":
-        keep = robust.krum_select(_distances(global_arrays, clients, starts, ranks, alpha, rslora), krum_f)
+    if rule == "krum":  # with fewer clients than 2f + 3 (the checks rejected some), tolerate what the cohort allows
+        f = min(krum_f, max(0, (len(clients) - 3) // 2))
+        keep = robust.krum_select(_distances(global_arrays, clients, starts, ranks, alpha, rslora), f)
         return aggregate(
             global_arrays, [clients[i] for i in keep], [weights[i] for i in keep], alpha, method,
             None if steps is None else [steps[i] for i in keep], server_lr, rslora, max_share,

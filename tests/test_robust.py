@@ -98,10 +98,16 @@ def test_rules_need_the_zero_pad_merge_and_enough_clients():
     clients, g = _clients(5), _global()
     with pytest.raises(ValueError, match="zero-pad"):
         aggregate(g, clients, [1] * 5, ALPHA, method="svd", rule="median")
-    with pytest.raises(ValueError, match="at least 5"):
-        aggregate(g, clients[:4], [1] * 4, ALPHA, rule="krum")
     with pytest.raises(ValueError, match="one of"):
         aggregate(g, clients, [1] * 5, ALPHA, rule="geomedian")
+
+
+def test_krum_with_fewer_clients_than_2f_plus_3_tolerates_what_the_cohort_allows():
+    clients, g = _clients(4), _global()  # 4 < 2 * 1 + 3: f = 0, every client kept: the mean
+    got = aggregate(g, clients, [1] * 4, ALPHA, rule="krum", krum_f=1)
+    assert np.allclose(got[B], aggregate(g, clients, [1] * 4, ALPHA)[B])
+    poisoned = _clients(6, np.full((OUT, R), -1.0))  # 7 clients, f = 2 asked: both tolerated (7 >= 2 * 2 + 3)
+    assert abs(aggregate(g, poisoned, [1] * 7, ALPHA, rule="krum", krum_f=2)[B].mean() - 0.1) < 0.02
 
 
 def test_the_share_cap_bounds_one_heavy_client_in_the_merge():
