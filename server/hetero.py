@@ -139,6 +139,8 @@ def aggregate(
 def _coefficients(
     senders: list[int], weights: Sequence[float], steps: Sequence[int] | None, max_share: float
 ) -> list[float]:
+    """The senders' shares of one tensor's change: their weights normalized over them (step-normalized with
+    ``steps``), none above ``max_share`` of the round's clients (`robust.cap_shares`)."""
     if not senders:
         return []
     w = [float(weights[i]) for i in senders]
@@ -146,8 +148,10 @@ def _coefficients(
         total = sum(w)
         if not total > 0:
             raise ValueError(f"weights of clients {senders} sum to {total}: must be > 0")
-        return robust.cap_shares([x / total for x in w], max_share)
-    return robust.cap_shares(fednova_coefficients(w, [int(steps[i]) for i in senders]), max_share)
+        shares = [x / total for x in w]
+    else:
+        shares = fednova_coefficients(w, [int(steps[i]) for i in senders])
+    return robust.cap_shares(shares, max_share, clients=len(weights))
 
 
 def _validate(global_arrays: Mapping[str, np.ndarray], client: Mapping[str, np.ndarray], i: int) -> int:
@@ -266,6 +270,12 @@ def from_reply(
             raise ValueError(f"wrong shape for {name}: {tuple(d.shape)}, expected {tuple(start[name].shape)}")
         if not np.isfinite(d).all():
             raise ValueError(f"non-finite values (NaN or Inf) in {name}")
-    norm = float(np.sqrt(sum(np.sum(d.astype(np.float64) ** 2) for d in delta.values())))
+    # The change as it lands in the global adapter: a rank-r client's B is scaled by s(r) / s(r_max) there, so
+    # its RMS is judged at that size (a low rank must not carry a larger change past the norm bounds).
+    rank = client_rank(delta) if lora_modules(delta) else 0
+    r_max = client_rank({k: v for k, v in global_arrays.items() if k.endswith((_A, _B))}) if rank else 0
+    to_global = lora_scale(alpha, rank) / lora_scale(alpha, r_max) if rank else 1.0
+    landed = {k: d.astype(np.float64) * (to_global if k.endswith(_B) else 1.0) for k, d in delta.items()}
+    norm = float(np.sqrt(sum(np.sum(d**2) for d in landed.values())))
     size = sum(int(np.count_nonzero(d)) for d in delta.values())
     return {k: (start[k] + d).astype(start[k].dtype) for k, d in delta.items()}, norm / math.sqrt(max(1, size))

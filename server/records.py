@@ -27,6 +27,14 @@ _EVAL_FIELDS = {
 }
 
 
+# The fields a training reply's metrics may fill: what the client reports about its own work. The others (its
+# name, node, acceptance, share, norm, evaluation) are the server's to fill; a metric named like one goes to extra.
+_REPORTED = frozenset({
+    "examples", "steps", "tokens", "train_loss", "train_seconds", "startup_seconds", "load_seconds", "peak_rss_mb",
+    "resumed", "warm", "energy_j", "upload_bytes", "upload_seconds", "round_seconds", "deadline_s",
+})  # fmt: skip
+
+
 @dataclass
 class ClientRound:
     """One client's part of a round: who it is, what it reported, and what the server made of its update.
@@ -44,6 +52,7 @@ class ClientRound:
     plan: dict | None = None  # the training plan of an adaptive round (fedge.common.wire.TrainingPlan as a dict)
     # what its training reply reported
     examples: float = 0.0
+    examples_counted: float | None = None  # what the server weighted it by (a claim grown too fast is capped)
     steps: float | None = None
     tokens: float | None = None
     train_loss: float | None = None
@@ -96,17 +105,16 @@ class ClientRound:
         if plan:  # an adaptive round: what the device chose
             try:
                 entry.plan = wire.TrainingPlan.from_dict(json.loads(plan)).to_dict()
-            except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError) as err:
                 raise ValueError(f"client record {wire.Client.PLAN!r}: not a training plan ({str(err)[:80]})") from None
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         if len(metrics) > MAX_METRICS:
             raise ValueError(f"metrics: {len(metrics)} entries, at most {MAX_METRICS}")
         for key, value in metrics.items():
             value = _number(key, value)
             name = (_EVAL_FIELDS if evaluation else _METRIC_FIELDS).get(key, key.replace("-", "_"))
-            if name in names and (not evaluation or key in _EVAL_FIELDS):
+            if name in (_EVAL_FIELDS.values() if evaluation else _REPORTED):
                 setattr(entry, name, value)
-            elif name not in names:
+            else:  # a metric fedge has no field for, or one naming a field the server fills (kept aside, never used)
                 entry.extra[key] = value
         entry.examples = float(entry.examples or 0)
         return entry
@@ -167,12 +175,12 @@ class RoundRecord:
         cls, rnd: int, clients: list[ClientRound], evals: list[ClientRound], failures: list[Failure], seconds: float
     ) -> RoundRecord:
         """The round's record from its trained clients, the clients' evaluations and the failures."""
-        by_name = {c.name: c for c in clients}
+        by_node = {(c.node_id, c.name): c for c in clients}  # a name is the client's word: the node keeps them apart
         for e in evals:
-            by_name.setdefault(e.name, ClientRound(e.name, e.node_id, e.data)).add_evaluation(e)
+            by_node.setdefault((e.node_id, e.name), ClientRound(e.name, e.node_id, e.data)).add_evaluation(e)
         weights = [e.eval_examples or 0 for e in evals]
         accepted = [c for c in clients if c.accepted]
-        scores = [e.exact_match for e in evals if e.exact_match is not None]
+        scores = [e.exact_match for e, w in zip(evals, weights) if e.exact_match is not None and w > 0]
         return cls(
             round=rnd,
             exact_match=_weighted([e.exact_match for e in evals], weights),
@@ -187,7 +195,7 @@ class RoundRecord:
             bytes_up=int(sum(c.bytes_up or 0 for c in clients)),
             bytes_down=int(sum(c.bytes_down or 0 for c in clients)),
             seconds=round(seconds, 2),
-            clients=sorted(by_name.values(), key=lambda c: c.name),
+            clients=sorted(by_node.values(), key=lambda c: (c.name, c.node_id or 0)),
             failures=failures,
         )
 

@@ -35,17 +35,19 @@ def check_rule(rule: str, trim: float, krum_f: int) -> None:
         raise ValueError(f"krum's f must be >= 0, got {krum_f}")
 
 
-def cap_shares(shares: Sequence[float], max_share: float) -> list[float]:
-    """``shares`` (>= 0, summing to 1) with none above ``max(max_share, 1/n)``, the excess handed to the others
-    in proportion to their shares (water-filling), so the result still sums to 1.
+def cap_shares(shares: Sequence[float], max_share: float, clients: int | None = None) -> list[float]:
+    """``shares`` (>= 0, summing to 1) with none above ``cap = max(max_share, 1 / clients)``, the excess handed to
+    the others in proportion to their shares (water-filling).
 
-    A client that claims a huge weight (examples, or few steps under FedNova) then moves the global at most as
-    much as ``max_share`` of an average.
+    ``clients``: how many clients the round merges (default: ``len(shares)``). For a tensor only some of them sent
+    (clients that trained a few layers), fewer than ``1 / cap`` senders each get the cap and the tensor moves by
+    less than their average: a sole sender never owns a tensor. A client that claims a huge weight (examples, or
+    few steps) then moves any part of the global at most as much as ``cap`` of its change.
     """
     p = np.asarray(shares, np.float64)
     if p.size == 0:
         return []
-    cap = max(float(max_share), 1.0 / p.size)
+    cap = max(float(max_share), 1.0 / max(p.size, clients or p.size))
     capped = np.zeros(p.size, bool)
     while True:
         over = ~capped & (p > cap * (1 + 1e-12))
@@ -54,8 +56,10 @@ def cap_shares(shares: Sequence[float], max_share: float) -> list[float]:
         capped |= over
         p[capped] = cap
         free = ~capped
+        if not free.any():
+            return [float(x) for x in p]
         rest, room = float(p[free].sum()), 1.0 - cap * int(capped.sum())
-        p[free] = p[free] / rest * room if rest > 0 else room / max(1, int(free.sum()))
+        p[free] = p[free] / rest * room if rest > 0 else room / int(free.sum())
 
 
 def clip_scales(rms: Sequence[float], max_rms: float, factor: float) -> list[float]:

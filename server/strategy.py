@@ -57,7 +57,7 @@ class FedgeAvg(FedAvg):
             evals, failures = self._stage(
                 grid, self.configure_evaluate(0, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid)
             )
-            evaluated, bad = self._evaluations(evals)
+            evaluated, bad = self._evaluations(evals, wire.RoundSettings.from_config(evaluate_config))
             state.records.append(RoundRecord.summarize(0, [], evaluated, failures + bad, time.monotonic() - t0))
             save(state)
         for rnd in range(state.round + 1, num_rounds + 1):
@@ -73,7 +73,7 @@ class FedgeAvg(FedAvg):
                 grid, self.configure_evaluate(rnd, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid)
             )
             state.round = rnd
-            evaluated, bad = self._evaluations(evals)
+            evaluated, bad = self._evaluations(evals, wire.RoundSettings.from_config(evaluate_config))
             failures = train_failures + eval_failures + bad
             state.records.append(RoundRecord.summarize(rnd, clients, evaluated, failures, time.monotonic() - t0))
             save(state)
@@ -170,13 +170,14 @@ class FedgeAvg(FedAvg):
                 c.clip_scale = round(scale, 6)
                 start = for_client(state.arrays, client_rank(updates[i]), settings.lora_alpha, settings.lora_merge)
                 updates[i] = {k: (start[k] + scale * (v - start[k])).astype(v.dtype) for k, v in updates[i].items()}
-        examples, steps = [c.examples for c in clients], [int(c.steps or 1) for c in clients]
+        examples = [c.examples_counted or c.examples for c in clients]
+        steps = [int(c.steps or 1) for c in clients]
         state.arrays = hetero.aggregate(
             state.arrays, updates, examples, settings.lora_alpha, method=settings.lora_merge, steps=steps,
             server_lr=server.server_lr, max_share=server.max_share, rule=server.aggregation, trim=server.trim,
             krum_f=server.krum_f,
         )  # fmt: skip
-        if server.aggregation == "mean":
+        if server.aggregation == "mean":  # the other rules weigh clients equally per coordinate or select them
             shares = robust.cap_shares(hetero.fednova_coefficients(examples, steps), server.max_share)
             for c, share in zip(clients, shares):
                 c.share = round(share, 6)
@@ -184,22 +185,39 @@ class FedgeAvg(FedAvg):
         state.strategy["accepted_norms"] = history + [c.delta_rms for c in clients]
         declared = state.strategy.setdefault("declared_examples", {})
         for c in clients:
-            declared[c.name] = max(float(declared.get(c.name, 0)), c.examples)
+            key = str(c.node_id)
+            declared[key] = max(float(declared.get(key, 0)), c.examples_counted or c.examples)
 
-    def _evaluations(self, evals: list[Message]) -> tuple[list[ClientRound], list[Failure]]:
+    def _evaluations(
+        self, evals: list[Message], settings: wire.RoundSettings
+    ) -> tuple[list[ClientRound], list[Failure]]:
         """The evaluation replies' entries, and a failure for each one whose records are not what they must be."""
         entries, failures = [], []
         for reply in evals:
             node = reply.metadata.src_node_id
             try:
                 entry = client_round(reply, evaluation=True)
-                _check_evaluation(entry)
+                _check_evaluation(entry, settings)
                 entries.append(entry)
             except Exception as err:  # noqa: BLE001 (a bad report is that client's failure, not the round's)
                 if not isinstance(err, ValueError):
                     log.exception("could not handle the evaluation of node %s", node)
                 failures.append(self._failure(node, f"bad evaluation reply: {str(err)[:300]}"))
         return entries, failures
+
+    def _count_examples(self, entry: ClientRound, state: ServerState) -> None:
+        """The examples this reply is weighted by: its claim, but at most ``examples_growth`` x the most its node
+        was counted for before (a node's claims grow by at most that much a round; a first claim is bounded by the
+        share cap). Keyed by the node, which the SuperLink assigns: a client naming itself after another cannot
+        change what that one is counted for."""
+        before = state.strategy.get("declared_examples", {}).get(str(entry.node_id))
+        entry.examples_counted = entry.examples
+        if before and entry.examples > self.server.examples_growth * before:
+            entry.examples_counted = self.server.examples_growth * before
+            entry.flags.append(
+                f"claims {entry.examples:g} training examples, counted as {entry.examples_counted:g}: at most "
+                f"{self.server.examples_growth:g}x the {before:g} it was counted for before (examples_growth)"
+            )
 
     def _check_reply(
         self, reply: Message, state: ServerState, settings: wire.RoundSettings
@@ -216,10 +234,10 @@ class FedgeAvg(FedAvg):
         try:
             entry = client_round(reply)
             entry.flags = _implausible(entry, settings)
-            declared = state.strategy.get("declared_examples", {}).get(entry.name)
-            entry.reason = _claims(entry, settings, declared, self.server.examples_growth)
+            entry.reason = _claims(entry, settings)
             if entry.reason is not None:
                 return entry, {}
+            self._count_examples(entry, state)
             received = wire.read_record(reply.content[wire.ADAPTER], _max_reply_bytes(state.arrays))
             entry.bytes_up = wire.record_bytes(reply.content[wire.ADAPTER])
             update, entry.delta_rms = hetero.from_reply(
@@ -257,14 +275,19 @@ def _frozen_changed(update: dict, global_arrays: dict, settings: wire.RoundSetti
     return [k for k in a_keys if not np.allclose(update[k], start[k], rtol=1e-6, atol=1e-7)]
 
 
-def _check_evaluation(entry: ClientRound) -> None:
-    """ValueError if an evaluation reports the impossible (it would skew the round's weighted figures)."""
+MAX_LOSS = 100.0  # nats per token: a random-init model over a 1M-token vocabulary scores ~14
+
+
+def _check_evaluation(entry: ClientRound, settings: wire.RoundSettings) -> None:
+    """ValueError if an evaluation reports the impossible (it would skew the round's weighted figures): more
+    examples than the round asked each client to score, a fraction outside [0, 1], a loss no model has."""
     if entry.exact_match is not None and not 0 <= entry.exact_match <= 1:
         raise ValueError(f"exact-match {entry.exact_match} is not a fraction in [0, 1]")
-    if entry.heldout_loss is not None and entry.heldout_loss < 0:
-        raise ValueError(f"heldout-loss {entry.heldout_loss} is negative")
-    if entry.eval_examples is not None and not 0 <= entry.eval_examples <= MAX_EXAMPLES:
-        raise ValueError(f"eval-examples {entry.eval_examples} is not in 0..{MAX_EXAMPLES}")
+    if entry.heldout_loss is not None and not 0 <= entry.heldout_loss <= MAX_LOSS:
+        raise ValueError(f"heldout-loss {entry.heldout_loss} is not in 0..{MAX_LOSS:g}")
+    n = entry.eval_examples
+    if n is not None and (not 0 <= n <= settings.eval_examples or n != int(n)):
+        raise ValueError(f"eval-examples {n} is not a whole number in 0..{settings.eval_examples} (the round's)")
 
 
 def _reply_name(reply: Message) -> str | None:
@@ -276,17 +299,11 @@ def _reply_name(reply: Message) -> str | None:
     return name if isinstance(name, str) and 0 < len(name) <= 128 else None
 
 
-def _claims(entry: ClientRound, settings: wire.RoundSettings, declared: float | None, growth: float) -> str | None:
+def _claims(entry: ClientRound, settings: wire.RoundSettings) -> str | None:
     """Why the weight a training reply claims cannot be believed (None if it can): examples are what FedAvg
-    weights by, steps what FedNova divides by, so both must be whole, positive and no more than possible, and
-    examples no more than ``growth`` x what the client claimed in earlier accepted rounds (``declared``)."""
+    weights by, steps what FedNova divides by, so both must be whole, positive and no more than possible."""
     if not 1 <= entry.examples <= MAX_EXAMPLES or entry.examples != int(entry.examples):
         return f"claims {entry.examples:g} training examples: expected a whole number in 1..{MAX_EXAMPLES}"
-    if declared and entry.examples > growth * declared:
-        return (
-            f"claims {entry.examples:g} training examples, more than {growth:g}x the {declared:g} it claimed "
-            "before (examples_growth)"
-        )
     if entry.steps is None or not 1 <= entry.steps <= settings.steps or entry.steps != int(entry.steps):
         return f"claims {entry.steps} local steps: expected a whole number in 1..{settings.steps} (the round's)"
     return None

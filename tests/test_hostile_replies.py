@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from fedge.common import wire
 from fedge.quantization.codecs import HEADER_KEY, encode
 from fedge.server import hetero
-from fedge.server.records import ClientRound
+from fedge.server.records import ClientRound, RoundRecord
 from fedge.server.settings import ServerSettings
 from fedge.server.state import ServerState
 from fedge.server.strategy import FedgeAvg
@@ -168,9 +168,12 @@ def test_a_hostile_evaluation_is_a_failure_not_an_outage():
     bad = _reply(9, metrics=MetricRecord({wire.Metric.EXACT_MATCH: [1.0, 2.0]}))
     good = _reply(1, metrics=MetricRecord({wire.Metric.EXACT_MATCH: 0.5, wire.Metric.EVAL_EXAMPLES: 10}))
     implausible = _reply(8, metrics=MetricRecord({wire.Metric.EXACT_MATCH: 7.0, wire.Metric.EVAL_EXAMPLES: 10}))
-    entries, failures = strategy._evaluations([good, bad, implausible])
-    assert [e.node_id for e in entries] == [1] and [f.node_id for f in failures] == [9, 8]
-    assert all("exact-match" in f.reason for f in failures)
+    heavy = _reply(7, metrics=MetricRecord({wire.Metric.EXACT_MATCH: 1.0, wire.Metric.EVAL_EXAMPLES: 1e7}))
+    absurd = _reply(6, metrics=MetricRecord({wire.Metric.HELDOUT_LOSS: 1e15, wire.Metric.EVAL_EXAMPLES: 10}))
+    entries, failures = strategy._evaluations([good, bad, implausible, heavy, absurd], SETTINGS)
+    assert [e.node_id for e in entries] == [1] and [f.node_id for f in failures] == [9, 8, 7, 6]
+    assert ["exact-match" in f.reason for f in failures] == [True, True, False, False]
+    assert "the round's" in failures[2].reason and "heldout-loss" in failures[3].reason
 
 
 # --- fuzzing: whatever arrives, the only way out is a ValueError with a reason ---------------------------------
@@ -235,16 +238,46 @@ def test_a_client_claiming_every_example_and_one_step_moves_the_global_by_at_mos
     assert np.allclose(state.arrays[B], server.server_lr * (honest_part + server.max_share * 0.05), atol=1e-6)
 
 
-def test_examples_may_grow_only_so_much_over_what_a_client_claimed_before():
+def test_examples_count_at_most_so_much_over_what_a_node_was_counted_for_before():
     state, strategy = ServerState({}, arrays=_global()), FedgeAvg(ServerSettings(min_clients=1), 1.0)
-    strategy._check_and_average(state, [_reply(1), _reply(2)], 1, SETTINGS)  # client-2 claims 100
-    grown = _reply(2, metrics=MetricRecord({wire.Metric.EXAMPLES: 250, "steps": 10}))
-    before = state.arrays[B].copy()
+    strategy._check_and_average(state, [_reply(1), _reply(2)], 1, SETTINGS)  # node 2 counted for 100
+    grown = _reply(2, metrics=MetricRecord({wire.Metric.EXAMPLES: 1000, "steps": 10}))
     clients = strategy._check_and_average(state, [_reply(1), grown], 1, SETTINGS)
-    assert clients[1].accepted is False and "examples_growth" in clients[1].reason
-    fine = _reply(2, metrics=MetricRecord({wire.Metric.EXAMPLES: 200, "steps": 10}))
-    clients = strategy._check_and_average(state, [_reply(1), fine], 1, SETTINGS)
-    assert all(c.accepted for c in clients) and not np.array_equal(state.arrays[B], before)
+    assert clients[1].accepted and clients[1].examples_counted == 200  # 2x, flagged; it may grow again next round
+    assert any("examples_growth" in f for f in clients[1].flags) and clients[1].share == pytest.approx(0.5)  # cap
+    # a client calling itself client-2 from another node neither inherits nor lowers node 2's history
+    impostor = _reply(7, metrics=MetricRecord({wire.Metric.EXAMPLES: 1, "steps": 10}),
+                      client=ConfigRecord({wire.Client.NAME: "client-2"}))  # fmt: skip
+    strategy._check_and_average(state, [_reply(1), impostor], 1, SETTINGS)
+    clients = strategy._check_and_average(state, [_reply(1), _reply(2)], 1, SETTINGS)
+    assert clients[1].accepted and clients[1].examples_counted == 100 and not clients[1].flags
+
+
+def test_metrics_cannot_fill_the_fields_the_server_owns():
+    metrics = {wire.Metric.EXAMPLES: 100, "steps": 10, "name": 1.0, "accepted": 1.0, "share": 0.99, "plan": 1.0,
+               "clip-scale": 0.1, "node-id": 1.0, "exact-match": 7.0, "delta-rms": 0.0}  # fmt: skip
+    state = ServerState({}, arrays=_global())
+    clients = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(
+        state, [_reply(1), _reply(3, metrics=MetricRecord(metrics))], 1, SETTINGS
+    )
+    liar = clients[1]
+    assert liar.accepted, liar.reason
+    assert liar.name == "client-3" and liar.node_id == 3 and liar.plan is None and liar.clip_scale is None
+    assert liar.exact_match is None and liar.share == pytest.approx(0.5) and liar.delta_rms > 0
+    assert set(liar.extra) >= {"name", "accepted", "share", "plan", "clip-scale", "exact-match"}
+    RoundRecord.summarize(1, clients, [], [], 0.0)  # sorts and counts without tripping over anything
+
+
+def test_a_reused_name_does_not_overwrite_the_honest_clients_record():
+    impostor = _reply(9, arrays={A: _global()[A], B: np.full((OUT, R), np.nan, np.float32)},
+                      client=ConfigRecord({wire.Client.NAME: "client-1"}))  # fmt: skip
+    state = ServerState({}, arrays=_global())
+    clients = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(
+        state, [_reply(1), _reply(2), impostor], 1, SETTINGS
+    )
+    record = RoundRecord.summarize(1, clients, [], [], 0.0)
+    named = sorted((c.name, c.node_id, c.accepted) for c in record.clients)
+    assert named == [("client-1", 1, True), ("client-1", 9, False), ("client-2", 2, True)]
 
 
 @pytest.mark.parametrize("quiet", [[1e-9], [1e-9, 1e-9], [1e-9, 2e-9]], ids=["one", "duplicated", "two"])
@@ -283,3 +316,32 @@ def test_any_array_bytes_are_read_or_rejected_with_a_reason(data, cut, flip):
             assert str(err)
         else:
             assert arrays[B].dtype.kind in "biuf"
+
+
+def _encoded(delta: dict) -> dict:
+    return encode(delta, "none").to_arrays()
+
+
+def test_a_sole_sender_of_a_tensor_moves_it_by_at_most_its_capped_share():
+    """Four honest clients train only layer 1; the fifth sends a change of layer 0 alone. Normalized over the
+    tensor's senders it would own layer 0; capped, it moves it by at most max_share of its change."""
+    a1, b1 = A.replace("layers.0", "layers.1"), B.replace("layers.0", "layers.1")
+    rng = np.random.default_rng(1)
+    g = {**_global(), a1: rng.standard_normal((R, IN)).astype(np.float32), b1: np.zeros((OUT, R), np.float32)}
+    honest = [_reply(n, arrays=_encoded({b1: np.full((OUT, R), 0.01 * (n + 1), np.float32)})) for n in (1, 2, 3, 4)]
+    lone = _reply(9, arrays=_encoded({B: np.full((OUT, R), 0.09, np.float32)}))
+    state, server = ServerState({}, arrays=g), ServerSettings(min_clients=1)
+    clients = FedgeAvg(server, 1.0)._check_and_average(state, [*honest, lone], 1, SETTINGS)
+    assert all(c.accepted for c in clients)
+    assert np.abs(state.arrays[B]).max() <= server.server_lr * server.max_share * 0.09 + 1e-6
+
+
+def test_a_lower_rank_reply_is_judged_at_the_size_it_lands_in_the_global():
+    """Rank 1 of the global's 4: its B change is scaled by s(1) / s(4) = 4 in the merge, and judged at that size."""
+    low = _reply(9, arrays=_encoded({B: np.full((OUT, 1), 0.09, np.float32)}))
+    state = ServerState({}, arrays=_global())
+    clients = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(
+        state, [_reply(1), _reply(2), low], 1, SETTINGS
+    )
+    assert clients[2].accepted is False and "norm 0.36" in clients[2].reason, clients[2].reason
+    assert np.allclose(state.arrays[B], 0.025 * ServerSettings().server_lr, atol=1e-6)

@@ -215,7 +215,11 @@ class TrainingPlan:
                 or (kind is str and isinstance(value, str) and len(value) < 64)
                 or (kind is int and type(value) is int and 0 <= value < 2**31)
                 or (kind == "int?" and (value is None or type(value) is int and 0 <= value < 2**31))
-                or (kind is float and type(value) in (int, float) and math.isfinite(value))
+                or (
+                    kind is float
+                    and (type(value) is float or type(value) is int and abs(value) < 2**63)
+                    and math.isfinite(value)
+                )
             )
             if not ok:
                 raise ValueError(f"plan field {f.name!r}: {str(value)[:40]!r} is not a valid value")
