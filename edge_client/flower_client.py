@@ -56,7 +56,14 @@ def evaluate_round(msg: Message, context: Context) -> Message:
 
 
 def _work(device: Device, kind: str, config: dict, arrays: dict, rnd: int) -> tuple[dict, dict, int]:
-    """(arrays, metrics, 1 if the warm worker did it else 0)."""
+    """(arrays, metrics, 1 if the warm worker did it else 0). A device its background agent holds back (power,
+    heat, network, load, the owner: :mod:`fedge.edge_client.hold`) declines at once, so the server need not wait."""
+    from fedge.edge_client.hold import held
+    from fedge.edge_client.local_work import RoundDeclined
+
+    reason = held(device.state_dir)
+    if reason is not None:
+        raise RoundDeclined(f"not eligible: {reason}")
     if device.worker_port:
         from fedge.edge_client.worker import call
 

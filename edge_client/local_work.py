@@ -25,6 +25,7 @@ from fedge.common import wire
 from fedge.common.fsutil import atomic_write_bytes, atomic_write_text
 from fedge.common.modeling import ModelHolder, get_adapter, set_adapter
 from fedge.common.settings import from_config, setting, to_config
+from fedge.edge_client import hold
 from fedge.quantization import PRECISIONS
 
 UPDATE_FILE, METRICS_FILE, RESIDUAL_FILE = "update.npz", "metrics.json", "residual.npz"
@@ -170,15 +171,18 @@ def do_train(
     cfg = train_config(settings, rnd, plan)
     with EnergySession(interval_s=1.0) as meter, _emulated(profile, clock) as emulated_step:
         replanner = _replanner(plan, budget, started, clock)
-        result = train(
-            model,
-            epoch_maker(session.tokenizer, train_set, cfg),
-            cfg,
-            session.device,
-            state_dir=work,
-            run_id=f"{session.model_dir}|{data_id}",
-            on_step=_chain(emulated_step, replanner),
-        )
+        try:
+            result = train(
+                model,
+                epoch_maker(session.tokenizer, train_set, cfg),
+                cfg,
+                session.device,
+                state_dir=work,
+                run_id=f"{session.model_dir}|{data_id}",
+                on_step=_chain(emulated_step, replanner, _agent_step(device.state_dir, rnd, cfg.steps)),
+            )
+        finally:
+            hold.clear_progress(device.state_dir)
     trained = get_adapter(model)
     arrays, codec, feedback = _reply_arrays(device, settings, trained, start, global_arrays, profile, clock() - started)
     upload_bytes = sum(a.nbytes for a in arrays.values())
@@ -209,6 +213,19 @@ def do_train(
     _commit_residual(work, device, settings)
     _prune_work(work.parent)
     return arrays, {**metrics, wire.Metric.RESUMED: 0}
+
+
+def _agent_step(state_dir: Path, rnd: int, steps: int):
+    """The training loop's side of the background agent (:mod:`fedge.edge_client.hold`): progress after each step,
+    and a stop after the step during which the agent put a hold on the device (the round then sends what it
+    trained: the steps are not lost)."""
+    hold.write_progress(state_dir, "train", rnd, 0, steps)
+
+    def on_step(step: int, loss: float, tokens: int, seconds: float) -> bool:
+        hold.write_progress(state_dir, "train", rnd, step, steps)
+        return hold.held(state_dir) is not None
+
+    return on_step
 
 
 def _ran(plan, steps: int) -> str:
@@ -414,13 +431,17 @@ def do_evaluate(holder: ModelHolder, device: Device, settings: wire.RoundSetting
     session, model = open_adapter(holder, settings)
     set_adapter(model, global_arrays)
     load_seconds = time.time() - t0
-    result = evaluate(
-        model,
-        session.tokenizer,
-        eval_batches(session.tokenizer, heldout, settings.seq_len),
-        heldout,
-        session.device,
-    )
+    hold.write_progress(device.state_dir, "evaluate", 0, 0, 0)
+    try:
+        result = evaluate(
+            model,
+            session.tokenizer,
+            eval_batches(session.tokenizer, heldout, settings.seq_len),
+            heldout,
+            session.device,
+        )
+    finally:
+        hold.clear_progress(device.state_dir)
     metrics = {
         wire.Metric.EVAL_EXAMPLES: len(heldout),
         wire.Metric.HELDOUT_LOSS: result.loss,

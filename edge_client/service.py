@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -180,35 +181,16 @@ class ServerWatch:
         self.next_probe = now + (self.UP_EVERY_S if reason is None else min(self.DOWN_EVERY_S, self.grace_s))
 
 
-def start_client(
-    client: ClientSettings,
-    device: Device,
-    say,
-    log_path: Path | None = None,
-) -> int:
-    """Pull the model once, then run the SuperNode, restarting it with backoff whenever it exits.
+def start_client(client: ClientSettings, device: Device, say, log_path: Path | None = None) -> int:
+    """Pull the model once, then run the SuperNode and the warm worker until SIGINT or SIGTERM (`Supervisor`).
 
-    A SuperNode retries a lost connection by itself, but exits when a restarted SuperLink no longer knows
-    it (its node id died with the old server's memory); a fresh SuperNode registers again. SIGINT or SIGTERM
-    stops the client; a ``kill -9`` takes the SuperNode down with it (Linux). A server out of reach for
-    ``client.unreachable_after`` seconds is said on the console (`ServerWatch`), and the SuperNode keeps retrying.
+    A ``kill -9`` takes the SuperNode down with it (Linux). A server out of reach for ``client.unreachable_after``
+    seconds is said on the console (`ServerWatch`), and the SuperNode keeps retrying.
     """
     import signal
     import time
 
-    from flwr.common.constant import MAX_RETRY_DELAY
-
-    from fedge.common.models import pull_model
-    from fedge.common.procs import spawn, stop
-
-    device = prepare_device(dataclasses.replace(device, worker_port=free_port() if client.worker else 0))
-    cmd, env = supernode_command(client, device)
-    state_dir = device.state_dir
-    if client.model and client.model != "none":
-        pull_model(client.model, device.cache_dir, say)
-    say(f"joining {client.server} as {device.name} (node config: {state_dir / 'node-config.toml'})")
-    worker_cmd = worker_command(client, device, device.worker_port)
-    worker = spawn(worker_cmd, env, state_dir / "worker.log") if device.worker_port else None
+    supervisor = Supervisor(client, device, say, log_path)
     stopping = False
 
     def on_signal(signum, _frame) -> None:
@@ -217,25 +199,108 @@ def start_client(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    watch = ServerWatch(client.server, client.unreachable_after, MAX_RETRY_DELAY, say)
-    backoff, restarts = 1.0, 0
-    while True:
-        started = time.monotonic()
-        node = spawn(cmd, env, log_path)
-        while node.poll() is None and not stopping:
+    supervisor.start()
+    try:
+        while not stopping:
             time.sleep(0.5)
-            watch.check(time.monotonic())
-            if worker is not None and worker.poll() is not None:  # rounds fall back to in-process work meanwhile
-                say(f"warm worker exited (code {worker.returncode}); restarting it")
-                worker = spawn(worker_cmd, env, state_dir / "worker.log")
-        if stopping:
-            stop(node)
-            stop(worker)
-            return 0
-        if client.max_retries is not None and restarts >= client.max_retries:
-            raise FedgeError(f"the SuperNode exited with code {node.returncode} {restarts + 1} times; giving up")
-        if time.monotonic() - started > 300:
-            backoff = 1.0  # it ran for a while: this is a new outage
-        say(f"SuperNode exited (code {node.returncode}); rejoining in {backoff:.0f} s")
-        time.sleep(backoff)
-        backoff, restarts = min(60.0, backoff * 2), restarts + 1
+            supervisor.tick(time.monotonic())
+    finally:
+        supervisor.stop()
+    return 0
+
+
+class Supervisor:
+    """One device's SuperNode and warm worker, kept running: `tick` restarts what exited.
+
+    A SuperNode retries a lost connection by itself, but exits when a restarted SuperLink no longer knows it (its
+    node id died with the old server's memory); a fresh SuperNode registers again, after a backoff that doubles up
+    to a minute (FedgeError after ``client.max_retries`` restarts). The worker can be stopped on purpose
+    (`unload_worker`: the model leaves memory) and suspended (`suspend`: SIGSTOP, training halts at once and keeps
+    its progress in memory) by the background agent (:mod:`fedge.edge_client.agent`).
+    """
+
+    def __init__(self, client: ClientSettings, device: Device, say, log_path: Path | None = None) -> None:
+        from flwr.common.constant import MAX_RETRY_DELAY
+
+        from fedge.common.models import pull_model
+
+        self.client, self.say, self.log_path = client, say, log_path
+        self.device = prepare_device(dataclasses.replace(device, worker_port=free_port() if client.worker else 0))
+        self.cmd, self.env = supernode_command(client, self.device)
+        if client.model and client.model != "none":
+            pull_model(client.model, self.device.cache_dir, say)
+        self.worker_cmd = worker_command(client, self.device, self.device.worker_port)
+        self.watch = ServerWatch(client.server, client.unreachable_after, MAX_RETRY_DELAY, say)
+        self.node = self.worker = None
+        self.worker_wanted = bool(self.device.worker_port)
+        self.suspended = False
+        self.backoff, self.restarts, self.node_started, self.restart_at = 1.0, 0, 0.0, None
+
+    def start(self) -> None:
+        import time
+
+        self.say(f"joining {self.client.server} as {self.device.name} "
+                 f"(node config: {self.device.state_dir / 'node-config.toml'})")  # fmt: skip
+        if self.worker_wanted:
+            self.load_worker()
+        self._start_node(time.monotonic())
+
+    def tick(self, now: float) -> None:
+        """Restart what exited (the SuperNode after its backoff), and watch the server's reachability."""
+        from fedge.common.procs import spawn
+
+        self.watch.check(now)
+        if self.worker_wanted and self.worker is not None and self.worker.poll() is not None:
+            self.say(f"warm worker exited (code {self.worker.returncode}); restarting it")
+            self.worker, self.suspended = spawn(self.worker_cmd, self.env, self.device.state_dir / "worker.log"), False
+        if self.node is not None and self.node.poll() is not None and self.restart_at is None:
+            if self.client.max_retries is not None and self.restarts >= self.client.max_retries:
+                raise FedgeError(f"the SuperNode exited with code {self.node.returncode} {self.restarts + 1} "
+                                 "times; giving up")  # fmt: skip
+            if now - self.node_started > 300:
+                self.backoff = 1.0  # it ran for a while: this is a new outage
+            self.say(f"SuperNode exited (code {self.node.returncode}); rejoining in {self.backoff:.0f} s")
+            self.restart_at = now + self.backoff
+            self.backoff, self.restarts = min(60.0, self.backoff * 2), self.restarts + 1
+        if self.restart_at is not None and now >= self.restart_at:
+            self._start_node(now)
+
+    def _start_node(self, now: float) -> None:
+        from fedge.common.procs import spawn
+
+        self.node, self.node_started, self.restart_at = spawn(self.cmd, self.env, self.log_path), now, None
+
+    def load_worker(self) -> None:
+        """Start the warm worker (it loads the model) if it is not running."""
+        from fedge.common.procs import spawn
+
+        self.worker_wanted = bool(self.device.worker_port)
+        if self.worker_wanted and (self.worker is None or self.worker.poll() is not None):
+            self.worker, self.suspended = spawn(self.worker_cmd, self.env, self.device.state_dir / "worker.log"), False
+
+    def unload_worker(self) -> None:
+        """Stop the warm worker: its model leaves memory; rounds meanwhile run in the ClientApp (slower)."""
+        from fedge.common.procs import stop
+
+        self.worker_wanted = False
+        self.resume()
+        stop(self.worker)
+        self.worker = None
+
+    def suspend(self) -> None:
+        """Halt the worker where it is (SIGSTOP): no CPU, its training state kept in memory."""
+        if self.worker is not None and self.worker.poll() is None and not self.suspended:
+            self.worker.send_signal(signal.SIGSTOP)
+            self.suspended = True
+
+    def resume(self) -> None:
+        if self.worker is not None and self.worker.poll() is None and self.suspended:
+            self.worker.send_signal(signal.SIGCONT)
+        self.suspended = False
+
+    def stop(self) -> None:
+        from fedge.common.procs import stop
+
+        self.resume()
+        stop(self.node)
+        stop(self.worker)

@@ -40,7 +40,7 @@ class ServerSettings:
     )  # fmt: skip
     max_share: float = setting(0.5, "no client's share of an aggregate exceeds this (at least 1 / clients)")
     examples_growth: float = setting(
-        2.0, "a client's claimed training examples may be at most this x its largest earlier accepted claim"
+        2.0, "a node's training examples count at most this x what it was counted for in earlier rounds"
     )
     aggregation: str = setting(
         "mean", "how accepted changes combine: mean (FedAvg), trimmed-mean, median (per coordinate) or krum "
