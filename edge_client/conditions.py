@@ -56,6 +56,10 @@ class RunConditions:
     min_free_memory_mb: float = setting(0.0, "free memory a round needs to start (0: no check)")
     min_free_disk_mb: float = setting(1024.0, "free disk in the state directory a round needs to start")
     unknown_ok: bool = setting(False, "treat a condition that cannot be read on this device as satisfied")
+    source: Path | None = setting(
+        None, "a JSON file of readings to use instead of this device's sensors, {name: [ok, detail]} with ok true, "
+        "false or null (tests, demos)",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         for name in ("min_battery", "min_battery_continue", "max_load", "max_load_continue"):
@@ -103,6 +107,8 @@ class Sources:
 def check(conditions: RunConditions, device: Sources, load: LoadHistory, starting: bool) -> list[Reading]:
     """Every condition now, with the start thresholds (``starting``) or the continue ones."""
     c = conditions
+    if c.source is not None:
+        return from_file(c.source)
     readings = [
         power(device, c.require_ac and starting, c.min_battery if starting else c.min_battery_continue),
         heat(device, c.max_temp if starting else c.max_temp_continue),
@@ -118,6 +124,18 @@ def check(conditions: RunConditions, device: Sources, load: LoadHistory, startin
                                     f"{c.min_free_memory_mb:.0f} needed", "MemAvailable"))  # fmt: skip
         readings.append(disk(device.state_dir, c.min_free_disk_mb))
     return readings
+
+
+def from_file(path: Path) -> list[Reading]:
+    """Readings from a JSON file ``{name: [ok, detail]}``; an unreadable file is one unknown reading."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+        return [Reading(str(name), None if ok is None else bool(ok), str(detail), str(path))
+                for name, (ok, detail) in data.items()]  # fmt: skip
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        return [Reading("source", None, f"unreadable ({err})", str(path))]
 
 
 def failing(readings: Sequence[Reading], unknown_ok: bool) -> list[Reading]:
