@@ -83,7 +83,9 @@ class Agent:
         self.load = conditions.LoadHistory()
         self.paused = False
         self.state, self.readings, self.reason = "starting", [], None
-        self.held_since: float | None = None
+        self.held_since: float | None = None  # when a round under way was halted
+        self.held_from: float | None = None  # when the device was last held back (idle or not)
+        self.unloaded_for: str | None = None  # why the model is unloaded: "idle" or "held"
         self.last_work = time.monotonic()
         self.current: dict | None = None  # the round under way (hold.progress)
         self.rounds: deque = deque(maxlen=10)  # the last rounds it worked on
@@ -167,15 +169,29 @@ class Agent:
         self.current = current
 
     def _manage_model(self, now: float) -> None:
-        """Unload the model after ``unload_after`` idle seconds; load it again once the device may train."""
-        idle = self.current is None and now - self.last_work > self.settings.unload_after
-        if self.settings.unload_after and idle and self.supervisor.worker_wanted:
-            log.info("no round for %.0f s: unloading the model", now - self.last_work)
-            self.supervisor.unload_worker()
-        elif self.reason is None and not self.supervisor.worker_wanted and self.supervisor.device.worker_port:
-            log.info("eligible again: loading the model")
-            self.supervisor.load_worker()
-            self.last_work = now
+        """Unload the model (stop the warm worker) after ``unload_after`` seconds without a round or held back; load
+        it again when the device turns eligible after a hold, or when a round arrives (that round runs in the
+        ClientApp, the next ones in the worker again)."""
+        sup, limit = self.supervisor, self.settings.unload_after
+        if not sup.device.worker_port:
+            return
+        if self.reason is not None and self.held_from is None:
+            self.held_from = now
+        elif self.reason is None:
+            self.held_from = None
+        if sup.worker_wanted and limit and self.current is None:
+            idle = now - self.last_work > limit
+            held = self.held_from is not None and now - self.held_from > limit
+            if idle or held:
+                log.info("unloading the model: %s for %.0f s", "held back" if held else "no round", limit)
+                sup.unload_worker()
+                self.unloaded_for = "held" if held else "idle"
+        elif not sup.worker_wanted:
+            back = self.unloaded_for == "held" and self.reason is None
+            if back or self.current is not None:
+                log.info("loading the model: %s", "a round arrived" if self.current else "eligible again")
+                sup.load_worker()
+                self.last_work, self.unloaded_for = now, None
 
     # --- what the owner sees and does ---------------------------------------------------------------------------
 
