@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,10 +139,23 @@ class Failure:
     node_id: int | None
     name: str | None
     reason: str
+    declined: bool = False  # the client sat the round out on purpose (its run conditions, its plan), with a reason
 
     @classmethod
     def from_dict(cls, data: dict) -> Failure:
         return _from_dict(cls, {"node_id": None, "name": None, "reason": "", **data})
+
+    @classmethod
+    def from_error(cls, node_id: int | None, name: str | None, reason: str) -> Failure:
+        """From a Flower error reply's reason; an exception the ClientApp raised reads
+        ``<class 'MODULE.NAME'>:<'TEXT'>``: its text is the reason, and `RoundDeclined` makes it a decline."""
+        raised = _RAISED.match(reason)
+        if raised is None:
+            return cls(node_id, name, reason[:500])
+        kind, text = raised.group(1).rsplit(".", 1)[-1], raised.group(2)
+        if kind == "RoundDeclined":
+            return cls(node_id, name, text[:500], declined=True)
+        return cls(node_id, name, f"{kind}: {text}"[:500])
 
 
 @dataclass
@@ -159,6 +173,7 @@ class RoundRecord:
     clients_accepted: int = 0
     clients_rejected: int = 0
     clients_failed: int = 0
+    clients_declined: int = 0  # of the failed: sat the round out on purpose (see Failure.declined)
     bytes_up: int = 0
     bytes_down: int = 0
     seconds: float = 0.0
@@ -192,6 +207,7 @@ class RoundRecord:
             clients_accepted=len(accepted),
             clients_rejected=sum(1 for c in clients if c.accepted is False),
             clients_failed=len(failures),
+            clients_declined=sum(1 for f in failures if f.declined),
             bytes_up=int(sum(c.bytes_up or 0 for c in clients)),
             bytes_down=int(sum(c.bytes_down or 0 for c in clients)),
             seconds=round(seconds, 2),
@@ -225,6 +241,7 @@ def _weighted(values: list[float | None], weights: list[float]) -> float | None:
     return sum(v * w for v, w in pairs) / total if total else None
 
 
+_RAISED = re.compile(r"<class '([\w.]+)'>:<'(.*)'>", re.S)  # Flower's reason for a ClientApp's exception
 MAX_PLAN_CHARS = 64 * 1024
 MAX_METRICS = 256
 MAX_ABS_METRIC = 1e15  # bytes, joules, seconds, tokens: anything above is a lie or a bug

@@ -94,8 +94,12 @@ class FedgeAvg(FedAvg):
                 pending.discard(reply.metadata.reply_to_message_id)
                 node = reply.metadata.src_node_id
                 if reply.has_error():
-                    failures.append(self._failure(node, reply.error.reason))
-                    log.warning("node %s failed: %s", node, reply.error.reason)
+                    failure = Failure.from_error(node, self._names.get(node), str(reply.error.reason))
+                    failures.append(failure)
+                    if failure.declined:
+                        log.info("node %s declined: %s", node, failure.reason)
+                    else:
+                        log.warning("node %s failed: %s", node, failure.reason)
                 else:
                     name = _reply_name(reply)
                     if name is not None:

@@ -54,3 +54,17 @@ def test_failures_name_the_node_and_its_client():
         (2, "client-2", "RoundDeclined: no plan fits"),
         (3, "client-3", "no reply before the deadline"),
     }
+
+
+def test_a_declined_round_is_told_apart_from_a_failure():
+    from fedge.server.records import Failure, RoundRecord
+
+    declined = Failure.from_error(
+        3, "pi-1", "<class 'fedge.edge_client.local_work.RoundDeclined'>:<'not eligible: power: on battery at 34%'>"
+    )
+    assert declined == Failure(3, "pi-1", "not eligible: power: on battery at 34%", declined=True)
+    crashed = Failure.from_error(4, None, "<class 'ZeroDivisionError'>:<'division by zero'>")
+    assert crashed.reason == "ZeroDivisionError: division by zero" and not crashed.declined
+    assert Failure.from_error(5, None, "node unavailable").reason == "node unavailable"
+    record = RoundRecord.summarize(1, [], [], [declined, crashed], 1.0)
+    assert (record.clients_failed, record.clients_declined) == (2, 1)
