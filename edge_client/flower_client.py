@@ -63,7 +63,7 @@ def _work(device: Device, kind: str, config: dict, arrays: dict, rnd: int) -> tu
 
     reason = held(device.state_dir)
     if reason is not None:
-        raise RoundDeclined(f"not eligible: {reason}")
+        raise RoundDeclined(f"{device.name}: not eligible: {reason}")
     if device.worker_port:
         from fedge.edge_client.worker import call
 
