@@ -19,10 +19,12 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fedge.common.errors import DataError
+
+if TYPE_CHECKING:  # torch loads where batches are made: reading and checking data stays light (the agent)
+    import torch
 
 IGNORE = -100  # label value that cross-entropy skips
 ROLES = ("system", "user", "assistant")
@@ -245,6 +247,8 @@ def padded_batches(encoded: Sequence[Encoded], batch_size: int, pad_id: int, see
 
     Batches are built from sorted lengths, then shuffled with ``seed``; right-padded.
     """
+    import torch
+
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     groups = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     random.Random(seed).shuffle(groups)
@@ -270,6 +274,8 @@ def packed_batches(encoded: Sequence[Encoded], batch_size: int, seq_len: int, pa
     attention mask, so packed examples do not attend to each other. The tail of a row that no example
     fits is filled with padding as a separate "example" whose labels are ignored.
     """
+    import torch
+
     order = list(range(len(encoded)))
     random.Random(seed).shuffle(order)
     rows: list[tuple[list[int], list[int], list[int], int]] = []

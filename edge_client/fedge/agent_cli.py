@@ -12,6 +12,7 @@ The config file has the tables ``[client]`` (how it joins), ``[device]`` (what i
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -143,7 +144,9 @@ def cmd_agent_talk(args) -> int:
         raise FedgeError(f"no agent is running for {state_dir} (start it: fedge agent run, or install it)") from None
     if "error" in reply:
         raise FedgeError(reply["error"])
-    if getattr(args, "json", False):
+    if args.command == "stop":
+        console.print(f"the agent of {state_dir} is stopping")
+    elif getattr(args, "json", False):
         print(json.dumps(reply, indent=1))
     else:
         _print_status(reply)
@@ -151,20 +154,21 @@ def cmd_agent_talk(args) -> int:
 
 
 def _print_status(status: dict) -> None:
+    say = functools.partial(console.print, soft_wrap=True, highlight=False)  # a line per item, however narrow
     state = status.get("state", "?")
-    console.print(f"[bold]{status.get('device', '?')}[/] -> {status.get('server', '?')}: [bold]{state}[/]"
+    say(f"[bold]{status.get('device', '?')}[/] -> {status.get('server', '?')}: [bold]{state}[/]"
                   + (f" ({status['reason']})" if status.get("reason") else ""))  # fmt: skip
     current = status.get("round")
     if current and current.get("kind") == "train":
-        console.print(f"  training round {current.get('round')}, step {current.get('step')} of {current.get('steps')}")
+        say(f"  training round {current.get('round')}, step {current.get('step')} of {current.get('steps')}")
     elif current:
-        console.print(f"  evaluating round {current.get('round')}")
-    console.print(f"  model {status.get('model', '?')}")
+        say(f"  evaluating round {current.get('round')}")
+    say(f"  model {status.get('model', '?')}")
     for r in status.get("readings", []):
         mark = {True: "[green]ok[/]", False: "[red]no[/]", None: "[yellow]unknown[/]"}[r.get("ok")]
-        console.print(f"  {r.get('name'):8} {mark}  {r.get('detail')}  [dim]({r.get('source')})[/]")
+        say(f"  {r.get('name'):8} {mark}  {r.get('detail')}  [dim]({r.get('source')})[/]")
     for r in status.get("rounds", [])[-5:]:
-        console.print(f"  round {r.get('round')}: {r.get('kind')}, {r.get('step')} of {r.get('steps')} steps")
+        say(f"  round {r.get('round')}: {r.get('kind')}, {r.get('step')} of {r.get('steps')} steps")
 
 
 def cmd_agent_service(args) -> int:
