@@ -109,7 +109,9 @@ class Agent:
                 self.wake.clear()
                 now = time.monotonic()
                 self.supervisor.tick(now)
-                if now >= next_check or self.current is not None:
+                # a round under way is checked every half second (a progress file read: cheap), so a failing
+                # condition halts it within about that
+                if now >= next_check or self.current is not None or hold.progress(self.state_dir) is not None:
                     self.check(now)
                     next_check = now + self.settings.check_every
         finally:
