@@ -88,7 +88,7 @@ class Agent:
         self.unloaded_for: str | None = None  # why the model is unloaded: "idle" or "held"
         self.last_work = time.monotonic()
         self.current: dict | None = None  # the round under way (hold.progress)
-        self.rounds: deque = deque(maxlen=10)  # the last rounds it worked on
+        self.rounds: deque = deque(maxlen=50)  # the last rounds it worked on
         self.stopping = threading.Event()
         self.wake = threading.Event()
         self._lock = threading.Lock()

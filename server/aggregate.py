@@ -53,21 +53,24 @@ def norm_outliers(
 
     Each norm is judged against the others in the round, so one huge update cannot raise its own bar: the
     reference is the largest of the median of the others' norms (with two others or more: one peer cannot be told
-    from a liar), the median of ``history`` (accepted norms of earlier rounds) and ``floor``. Updates with the same
+    from a liar), the median of ``history`` (accepted norms of earlier rounds) and ``floor``, which bounds the
+    others from below but is never a reference alone. Updates with the same
     ``keys`` entry (identical updates) count once among the others. So near-zero or duplicated replies cannot get
     an honest one rejected: they lower a median that ``history`` and ``floor`` still bound from below. With no
-    reference at all (round 1, one or two clients, no floor) nothing is an outlier here; the absolute bound is
-    the strategy's.
+    reference at all (round 1 with one or two clients) nothing is an outlier here; the absolute bound is the
+    strategy's.
     """
     keys = list(keys) if keys is not None else list(range(len(norms)))
     flags = []
     for i, norm in enumerate(norms):
         others = list({keys[j]: n for j, n in enumerate(norms) if j != i and keys[j] != keys[i]}.values())
-        refs = [floor] + ([float(np.median(others))] if len(others) >= 2 else []) + (
+        refs = ([float(np.median(others))] if len(others) >= 2 else []) + (
             [float(np.median(history))] if len(history) else []
         )  # fmt: skip
-        reference = max(refs)
-        flags.append(reference > 0 and norm > factor * reference)
+        if not refs:  # nothing to compare with: the floor alone is no reference (it only bounds one from below)
+            flags.append(False)
+            continue
+        flags.append(norm > factor * max([floor, *refs]))
     return flags
 
 

@@ -36,11 +36,12 @@ def test_check_update_accepts_a_good_update():
 
 def test_norm_outliers_judge_each_against_the_others():
     assert aggregate.norm_outliers([1.0, 1.2, 0.9, 500.0], [], factor=10) == [False, False, False, True]
-    # two clients: the honest one is not rejected because of the huge one; the huge one is, against the floor
-    assert aggregate.norm_outliers([1.0, 1e6], [], factor=10, floor=0.5) == [False, True]
-    # ... or against earlier rounds; with neither, one peer cannot tell who lies (the absolute bound decides)
+    # two clients: the honest one is not rejected because of the huge one; the huge one is, against earlier rounds;
+    # without them one peer cannot tell who lies (the absolute bound decides), and the floor is no reference alone
     assert aggregate.norm_outliers([1.0, 1e6], [1.0], factor=10) == [False, True]
     assert aggregate.norm_outliers([1.0, 1e6], [], factor=10) == [False, False]
+    assert aggregate.norm_outliers([0.148, 0.14], [], factor=10, floor=0.01) == [False, False]
+    assert aggregate.norm_outliers([0.148], [], factor=10, floor=0.01) == [False]  # a sole client in round 1
     # alone in its round: judged against earlier rounds, or accepted when there is no history
     assert aggregate.norm_outliers([50.0], [1.0, 2.0], factor=10) == [True]
     assert aggregate.norm_outliers([50.0], [], factor=10) == [False]
