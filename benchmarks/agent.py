@@ -41,7 +41,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--work", type=Path, default=Path("/tmp/fedge-agent-bench"))
+    p.add_argument("--day-only", action="store_true", help="run only the day-in-the-life part, into the results")
+    p.add_argument("--day-rounds", type=int, default=8)
+    p.add_argument("--day-steps", type=int, default=400, help="local steps a round (tiny model: ~15 s of training)")
     args = p.parse_args()
+    if args.day_only:
+        results = json.loads((ROOT / "benchmarks/results/agent.json").read_text())
+        results["day"] = _day(args)
+        write_results("agent", results)
+        update_readme_section("agent", _table(results))
+        print(json.dumps(results["day"], indent=1))
+        return
     import shutil
 
     from fedge.common.models import default_cache_dir
@@ -78,7 +88,7 @@ def main() -> None:
 
     print("stop latency: a round under way, conditions flipped", flush=True)
     stops = _stop_latency(args, env, closed, cache)
-    results = {"idle": idle, "baseline_client_start": baseline, **stops, "day": None,
+    results = {"idle": idle, "baseline_client_start": baseline, **stops, "day": _day(args),
                "setup": {"model": args.model, "idle_seconds": args.idle_seconds, "steps": args.steps,
                          "cores": os.cpu_count()}}  # fmt: skip
     path = write_results("agent", results)
@@ -135,6 +145,90 @@ def _stop_latency(args, env: dict, server: str, cache: Path) -> dict:
         "round_steps": steps,
         "lost_steps": args.steps - steps,
     }
+
+
+# A day, compressed: seconds since the start -> which condition fails for which agent (the others hold).
+SCHEDULE = {
+    "laptop": [("power", 40, 100, "on battery at 31%")],
+    "pi": [("heat", 20, 35, "hottest 83°C (cpu-thermal)"), ("heat", 120, 140, "hottest 81°C (cpu-thermal)")],
+    "desk": [("window", 0, 60, "09:10 is outside 18:00-08:00")],
+}
+
+
+def _day(args) -> dict:
+    """Three agents on a tiny model (the protocol's behaviour, not quality) through a scripted schedule of
+    conditions: rounds joined, declined by reason, interrupted, and steps trained but never delivered."""
+    from fedge.common.procs import free_port
+    from tests.conftest import build_tiny_model_dir
+
+    work = args.work / "day"
+    work.mkdir(parents=True, exist_ok=True)
+    model = build_tiny_model_dir(work / "tiny")
+    port, steps = free_port(), args.day_steps
+    env = {**os.environ, "FEDGE_CACHE": str(work / "cache"), "XDG_RUNTIME_DIR": str(work / "run")}
+    server = _spawn(["server", "start", "--model", str(model), "--rounds", str(args.day_rounds), "--steps",
+                     str(steps), "--min-clients", "1", "--eval-examples", "8", "--rank", "4", "--state",
+                     str(work / "server"), "--address", f"127.0.0.1:{port}", "--stage-deadline", "120"],
+                    env, work / "server.log")  # fmt: skip
+    agents = {}
+    for name, domain in zip(SCHEDULE, ("finance", "iot", "education")):
+        _readings_at(work / f"{name}.json", name, 0.0)
+        config = work / f"{name}.toml"
+        config.write_text(
+            f'[client]\nserver = "127.0.0.1:{port}"\nmodel = "{model}"\n\n[device]\nname = "{name}"\n'
+            f'data = "demo:{domain}"\neval_data = "demo:{domain}:test"\nthreads = 1\nstate_dir = "{work / name}"\n\n'
+            f'[conditions]\nsource = "{work / f"{name}.json"}"\n\n[agent]\ncheck_every = 1.0\nunload_after = 0.0\n'
+        )
+        agents[name] = _spawn(["agent", "run", "--config", str(config)], env, work / f"{name}.log")
+    t0 = time.monotonic()
+    try:
+        while server.poll() is None and time.monotonic() - t0 < 1800:
+            for name in SCHEDULE:
+                _readings_at(work / f"{name}.json", name, time.monotonic() - t0)
+            time.sleep(0.5)
+        statuses = {name: _status(work / name) for name in SCHEDULE}
+    finally:
+        for proc in [*agents.values(), server]:
+            _stop(proc)
+    return _day_summary(work, statuses, steps)
+
+
+def _readings_at(path: Path, name: str, t: float) -> None:
+    failing = {cond: detail for cond, start, end, detail in SCHEDULE[name] if start <= t < end}
+    readings = {cond: [cond not in failing, failing.get(cond, "fine")] for cond in ("power", "heat", "window")}
+    text = json.dumps(readings)
+    if _read(path) != text:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+
+def _day_summary(work: Path, statuses: dict, steps: int) -> dict:
+    from fedge.server.state import read_records
+
+    records = [r.to_dict() for r in read_records(work / "server")]
+    out = {"rounds": len(records) - 1, "rounds_joined": 0, "declined": {}, "interrupted": 0, "lost_steps": 0,
+           "per_agent": {}}  # fmt: skip
+    for name in SCHEDULE:
+        accepted = {
+            r["round"]: c["steps"] for r in records for c in r["clients"] if c["name"] == name and c["accepted"]
+        }
+        declined = [f["reason"] for r in records for f in r["failures"] if f.get("declined")
+                    and f["reason"].startswith(f"{name}: ")]  # fmt: skip
+        halted = _read(work / name / "agent.log").count("round halted")
+        trained = {r["round"]: r["step"] for r in statuses[name].get("rounds", []) if r.get("kind") == "train"}
+        lost = sum(max(0, done - int(accepted.get(rnd) or 0)) for rnd, done in trained.items())
+        reasons: dict[str, int] = {}
+        for reason in declined:
+            cond = reason.split("not eligible: ", 1)[-1].split(":", 1)[0]
+            reasons[cond] = reasons.get(cond, 0) + 1
+            out["declined"][cond] = out["declined"].get(cond, 0) + 1
+        out["per_agent"][name] = {"joined": len(accepted), "declined": reasons, "interrupted": halted,
+                                  "lost_steps": lost}  # fmt: skip
+        out["rounds_joined"] += len(accepted)
+        out["interrupted"] += halted
+        out["lost_steps"] += lost
+    return out
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------
@@ -259,6 +353,20 @@ def _table(r: dict) -> str:
         f"No step while halted: {r['halted_rounds_kept_still']}. The round finished {r['round_steps']} of "
         f"{r['round_steps'] + r['lost_steps']} steps ({r['lost_steps']} lost).",
     ]
+    day = r.get("day")
+    if day:
+        head = "| agent | rounds joined | messages declined (by reason) | rounds halted mid-way | lost steps |"
+        rows += [
+            "",
+            f"A day, compressed (`SCHEDULE`: three agents on a tiny model, {day['rounds']} rounds, "
+            "conditions failing on a script):",
+            "",
+            head,
+            "|---|---|---|---|---|",
+        ]
+        for name, a in day["per_agent"].items():
+            why = ", ".join(f"{k}: {v}" for k, v in a["declined"].items()) or "-"
+            rows.append(f"| {name} | {a['joined']} | {why} | {a['interrupted']} | {a['lost_steps']} |")
     return "\n".join(rows)
 
 
