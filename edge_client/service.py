@@ -253,6 +253,11 @@ class Supervisor:
         if self.worker_wanted and self.worker is not None and self.worker.poll() is not None:
             self.say(f"warm worker exited (code {self.worker.returncode}); restarting it")
             self.worker, self.suspended = spawn(self.worker_cmd, self.env, self.device.state_dir / "worker.log"), False
+        if self.node is not None and self.node.poll() is None and self.node.forgotten.is_set():
+            from fedge.common.procs import stop
+
+            self.say("the server no longer knows this SuperNode (it restarted): starting a new one")
+            stop(self.node, grace=5.0)  # Flower's SuperNode can hang after its heartbeat is refused: not wait on it
         if self.node is not None and self.node.poll() is not None and self.restart_at is None:
             if self.client.max_retries is not None and self.restarts >= self.client.max_retries:
                 raise FedgeError(f"the SuperNode exited with code {self.node.returncode} {self.restarts + 1} "
@@ -266,9 +271,7 @@ class Supervisor:
             self._start_node(now)
 
     def _start_node(self, now: float) -> None:
-        from fedge.common.procs import spawn
-
-        self.node, self.node_started, self.restart_at = spawn(self.cmd, self.env, self.log_path), now, None
+        self.node, self.node_started, self.restart_at = _watched(self.cmd, self.env, self.log_path), now, None
 
     def load_worker(self) -> None:
         """Start the warm worker (it loads the model) if it is not running."""
@@ -304,3 +307,44 @@ class Supervisor:
         self.resume()
         stop(self.node)
         stop(self.worker)
+
+
+# What a SuperNode prints when a restarted SuperLink no longer knows its node id. Flower then means to exit, but its
+# process can hang in shutdown with its heartbeat thread dead (seen in CI): the supervisor restarts it instead.
+_FORGOTTEN = b"401 Unauthorized"
+
+
+def _watched(cmd: list[str], env: dict[str, str], log_path: Path | None):
+    """Start the SuperNode with its output copied to ``log_path`` (None: this process's stdout) by a thread that
+    sets ``proc.forgotten`` when the server has forgotten the node."""
+    import subprocess
+    import sys
+    import threading
+
+    from fedge.common.procs import _die_with_parent
+
+    out = open(log_path, "ab") if log_path is not None else sys.stdout.buffer  # noqa: SIM115 (closed by the thread)
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL,
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)  # fmt: skip
+    except FileNotFoundError:
+        raise FedgeError(
+            f"{cmd[0]} not found: is Flower installed in this environment? (pip install 'flwr>=1.41')"
+        ) from None
+    proc.forgotten = threading.Event()
+
+    def copy() -> None:
+        for line in iter(proc.stdout.readline, b""):
+            if _FORGOTTEN in line:
+                proc.forgotten.set()
+            try:
+                out.write(line)
+                out.flush()
+            except (OSError, ValueError):
+                pass
+        if out is not sys.stdout.buffer:
+            out.close()
+
+    threading.Thread(target=copy, name="fedge-supernode-output", daemon=True).start()
+    return proc

@@ -69,3 +69,32 @@ def test_the_watch_speaks_once_per_outage(monkeypatch):
     reachable["now"] = True
     watch.check(241.0)
     assert len(said) == 2
+
+
+def test_a_supernode_the_server_forgot_is_restarted_even_if_it_hangs(tmp_path):
+    """Flower's SuperNode can hang after a restarted SuperLink answers its heartbeat with 401 (seen in CI): the
+    supervisor sees the line in its output, stops it, and starts a new one after the backoff."""
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    from fedge.edge_client.service import Supervisor
+
+    hang = [sys.executable, "-c", "import time; print('httpx.HTTPStatusError: 401 Unauthorized', flush=True); "
+            "time.sleep(600)"]  # fmt: skip
+    sup = object.__new__(Supervisor)
+    said = []
+    sup.client = SimpleNamespace(max_retries=None, server="127.0.0.1:1")
+    sup.say, sup.log_path, sup.cmd, sup.env = said.append, tmp_path / "node.log", hang, None
+    sup.watch = SimpleNamespace(check=lambda now: None)
+    sup.worker_wanted, sup.worker = False, None
+    sup.backoff, sup.restarts, sup.restart_at = 1.0, 0, None
+    sup._start_node(time.monotonic())
+    first = sup.node
+    end = time.monotonic() + 30
+    while sup.node is first and time.monotonic() < end:
+        sup.tick(time.monotonic())
+        time.sleep(0.2)
+    assert first.poll() is not None and sup.node is not first, said
+    assert any("no longer knows" in m for m in said) and "401 Unauthorized" in (tmp_path / "node.log").read_text()
+    sup.node.kill()
