@@ -226,10 +226,10 @@ class Agent:
         raise ValueError(f"unknown command {cmd!r}: expected status, pause, resume or stop")
 
     def _write_status(self) -> None:
-        from fedge.common.fsutil import atomic_write_text
-
+        """Replaced by rename, without fsync: it is rewritten every half second during a round (an SD card's
+        wear), and it describes the present, which a crash makes stale anyway."""
         with contextlib.suppress(OSError):
-            atomic_write_text(self.state_dir / STATUS_FILE, json.dumps(self.status(), indent=1))
+            hold.write_json(self.state_dir / STATUS_FILE, self.status())
         rotate_logs(self.state_dir, self.settings.log_mb)
 
 

@@ -22,7 +22,7 @@ PROGRESS_FILE = "progress.json"
 
 
 def set_hold(state_dir: Path, reason: str) -> None:
-    _write(state_dir / HOLD_FILE, {"pid": os.getpid(), "reason": reason})
+    write_json(state_dir / HOLD_FILE, {"pid": os.getpid(), "reason": reason})
 
 
 def clear_hold(state_dir: Path) -> None:
@@ -40,7 +40,7 @@ def held(state_dir: Path) -> str | None:
 def write_progress(state_dir: Path, kind: str, rnd: int, step: int, steps: int) -> None:
     """Best effort: a state directory that cannot take it must not stop the training it describes."""
     try:
-        _write(state_dir / PROGRESS_FILE, {"kind": kind, "round": rnd, "step": step, "steps": steps,
+        write_json(state_dir / PROGRESS_FILE, {"kind": kind, "round": rnd, "step": step, "steps": steps,
                                            "pid": os.getpid(), "time": time.time()})  # fmt: skip
     except OSError:
         pass
@@ -56,7 +56,7 @@ def progress(state_dir: Path) -> dict | None:
     return p if p and _alive(p.get("pid")) else None
 
 
-def _write(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     """Replace ``path`` atomically (rename; no fsync: it describes the present, and a crash makes it stale anyway)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")

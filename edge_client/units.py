@@ -54,7 +54,6 @@ def systemd_unit(service: Service, user: str | None = None) -> str:
     lines = [
         "[Unit]",
         f"Description=fedge federated fine-tuning agent ({service.name})",
-        "Documentation=https://github.com/fedge/fedge#the-background-agent",
         "Wants=network-online.target",
         "After=network-online.target",
         "",
