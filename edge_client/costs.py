@@ -8,6 +8,7 @@ Pure arithmetic on a model's shape, used by the training planner (`fedge.edge_cl
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 GIB = 2**30
@@ -77,6 +78,7 @@ class RoundBudget:
     bytes_per_value: float = 4.0
     time_margin: float = 0.15  # plan for deadline x (1 - margin)
     memory_margin: float = 0.10  # plan for memory cap x (1 - margin)
+    energy_budget_j: float | None = None  # joules the device allows the round (its owner's setting, not the server's)
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -92,6 +94,8 @@ class RoundBudget:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 < self.label_fraction <= 1:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if self.energy_budget_j is not None and not (math.isfinite(self.energy_budget_j) and self.energy_budget_j > 0):
+            raise ValueError(f"energy_budget_j must be a finite number > 0, got {self.energy_budget_j}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -52,9 +53,12 @@ class DeviceProfile:
     uplink_bytes_per_s: float
     downlink_bytes_per_s: float
     latency_s: float
+    train_watts: float = 0.0  # power while training (0: unknown); an energy budget needs it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precisions", tuple(self.precisions))
+        if not (math.isfinite(self.train_watts) and self.train_watts >= 0):
+            raise ValueError(f"device {self.name!r}: train_watts must be a finite number >= 0, got {self.train_watts}")
         if self.threads < 1:
             raise ValueError(f"device {self.name!r}: threads must be >= 1, got {self.threads}")
         if not self.slowdown >= 1:
@@ -94,6 +98,8 @@ class DeviceProfile:
             downlink_bytes_per_s=self.downlink_bytes_per_s,
             latency_s=self.latency_s,
             overhead_s=overhead_s,
+            train_watts=self.train_watts or None,
+            watts_source=f"the {self.name} profile's power while training",
         )
 
 
@@ -106,12 +112,14 @@ PROFILES: dict[str, DeviceProfile] = {
     # bitsandbytes has no build for a 32/64-bit Pi: portable precisions only. Link: 2.4 GHz Wi-Fi
     # in a building, ~2 MB/s up / 5 MB/s down, ~30 ms.
     "pi4-2gb": DeviceProfile(
-        "pi4-2gb", 4, 17.0, int(1.6 * GIB), ("fp32", "int8", "int4"), False, 2 * MB, 5 * MB, 0.030
+        "pi4-2gb", 4, 17.0, int(1.6 * GIB), ("fp32", "int8", "int4"), False, 2 * MB, 5 * MB, 0.030, 6.0
     ),
     # Raspberry Pi 5, 8 GB: 4x Cortex-A76 @ 2.4 GHz (Armv8.2: fp16 and dot-product, no bf16); ~2-3x a Pi 4
     # per Raspberry Pi Ltd's launch figures and HPL runs (~30 GFLOP/s fp64), fp32 SGEMM ~50-60 GFLOP/s: ~6x.
     # 8 GB minus OS and a desktop-less service stack: 6 GiB for training. Link: 5 GHz Wi-Fi, ~5/10 MB/s.
-    "pi5-8gb": DeviceProfile("pi5-8gb", 4, 6.0, 6 * GIB, ("fp32", "int8", "int4"), False, 5 * MB, 10 * MB, 0.020),
+    "pi5-8gb": DeviceProfile(
+        "pi5-8gb", 4, 6.0, 6 * GIB, ("fp32", "int8", "int4"), False, 5 * MB, 10 * MB, 0.020, 8.0
+    ),
     # NVIDIA Jetson Orin Nano 8 GB: 6x Cortex-A78AE @ 1.5 GHz + a 1024-core Ampere GPU (bf16/fp16 tensor
     # cores, ~20 dense INT8 TOPS per NVIDIA's datasheet), 8 GB shared by CPU and GPU. Emulated as one
     # bf16-capable device at the reference machine's speed (slowdown 1): its GPU would train faster than
@@ -119,13 +127,14 @@ PROFILES: dict[str, DeviceProfile] = {
     # with the desktop off leaves ~5 GiB. No bitsandbytes wheel for JetPack's aarch64 torch: portable
     # precisions only. Link: LTE field deployment, ~0.75 MB/s up / 3 MB/s down, ~60 ms.
     "jetson-orin-nano": DeviceProfile(
-        "jetson-orin-nano", 6, 1.0, 5 * GIB, ("fp32", "bf16", "int8", "int4"), True, 750_000, 3 * MB, 0.060
+        "jetson-orin-nano", 6, 1.0, 5 * GIB, ("fp32", "bf16", "int8", "int4"), True, 750_000, 3 * MB, 0.060, 15.0
     ),
     # A typical laptop: 4 cores / 8 threads x86 with AVX2 and FMA at ~3 GHz (fp32 peak ~380 GFLOP/s, about
     # the reference machine's fp32), no AMX/AVX512-BF16, so bf16 is emulated and slow: fp32 compute.
     # 16 GB with a browser open: 6 GiB for training. bitsandbytes works on x86. Home Wi-Fi ~10/30 MB/s.
     "laptop": DeviceProfile(
-        "laptop", 4, 1.0, 6 * GIB, ("fp32", "int8", "int4", "bnb-int8", "bnb-nf4"), False, 10 * MB, 30 * MB, 0.015
+        "laptop", 4, 1.0, 6 * GIB, ("fp32", "int8", "int4", "bnb-int8", "bnb-nf4"), False, 10 * MB, 30 * MB, 0.015,
+        28.0,
     ),
 }
 
@@ -185,11 +194,11 @@ def profile_from_dict(data: dict, where: str = "profile") -> DeviceProfile:
         if base not in PROFILES:
             raise FedgeError(f"device profile {where}: base {base!r} is not one of {sorted(PROFILES)}")
         data = {**dataclasses.asdict(PROFILES[base]), **data}
-    missing = sorted(set(fields) - set(data))
+    missing = sorted(n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING)
     if missing:
         raise FedgeError(f"device profile {where}: missing field(s) {missing} (or give base = a built-in name)")
     try:
-        values = {name: _convert(name, data[name]) for name in fields}
+        values = {name: _convert(name, data[name]) for name in fields if name in data}
         return DeviceProfile(**values)
     except ValueError as err:
         raise FedgeError(f"device profile {where}: {err}") from None
@@ -424,7 +433,7 @@ def this_machine(name: str = "this-machine", host: HostCalibration = HOST, measu
 
     bf16 = cpu_supports_bf16()
     base = {"name": name, "threads": os.cpu_count() or 1, "memory_bytes": int(0.8 * psutil.virtual_memory().available),
-            "bf16_native": bf16}  # fmt: skip
+            "bf16_native": bf16, **_training_watts(measured)}  # fmt: skip
     matmul = {k: v["median"] for k, v in ((measured or {}).get("matmul_gflops") or {}).items() if v}
     if matmul.get("fp32"):
         source = f"measured: `fedge profile` of this device ({measured.get('created', 'undated')})"
@@ -434,6 +443,19 @@ def this_machine(name: str = "this-machine", host: HostCalibration = HOST, measu
         keys["bf16"] = "bf16"
     source = "the reference machine's calibration (no `fedge profile` of this device for this model)"
     return DeviceCaps(**base, train_gflops={p: host.train_gflops[k] for p, k in keys.items()}, source=source)
+
+
+def _training_watts(measured: dict | None) -> dict:
+    """This machine's power while training: its `fedge profile`'s measured mean, else its rated power (RAPL's
+    limit, a known board, or an assumed figure per core: `fedge.edge_client.energy.detect_tdp`)."""
+    from fedge.edge_client.energy import detect_tdp
+
+    training = (measured or {}).get("training")
+    watts = training.get("mean_power_w") if isinstance(training, dict) else None
+    if isinstance(watts, (int, float)) and math.isfinite(watts) and watts > 0:
+        return {"train_watts": float(watts), "watts_source": "measured by `fedge profile` of this device"}
+    tdp, source = detect_tdp()
+    return {"train_watts": tdp, "watts_source": source}
 
 
 PROFILE_DIR = "profiles"  # under the model cache: one `fedge profile` report per model, of this device

@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from fedge.quantization import PRECISIONS
 
 UPDATE_FILE, METRICS_FILE, RESIDUAL_FILE = "update.npz", "metrics.json", "residual.npz"
 KEEP_WORK_DIRS = 3
+log = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
 
 
@@ -59,6 +62,10 @@ class Device:
         "wall", "with --device-profile: sleep the device's slowness and link time (wall), or count them on its "
         "clock without sleeping (virtual: several emulated devices on one machine)", choices=("wall", "virtual"),
     )  # fmt: skip
+    energy_budget_j: float = setting(
+        0.0, "joules this device may spend on a round's training (0: no limit): the plan fits it, and training stops "
+        "before the step that would pass it", flag="--energy-budget-j", metavar="J",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         from fedge.common.models import default_cache_dir
@@ -70,6 +77,8 @@ class Device:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if not (math.isfinite(self.energy_budget_j) and self.energy_budget_j >= 0):
+            raise ValueError(f"energy_budget_j must be a finite number >= 0, got {self.energy_budget_j}")
         if not 0 <= self.worker_port < 65536:
             raise ValueError(f"worker_port must be in 0..65535, got {self.worker_port}")
         if self.emulated_time not in ("wall", "virtual"):
@@ -160,7 +169,7 @@ def do_train(
     profile = _profile(device)
     if settings.plan:
         plan, budget = settings.pinned_plan(), None  # trained as pinned: no re-planning
-    elif settings.deadline_s > 0:
+    elif settings.deadline_s > 0 or device.energy_budget_j > 0:
         plan, budget = _plan(device, settings, profile, _data_seq_len(holder, settings, train_set, data_id))
     else:
         plan, budget = None, None
@@ -179,7 +188,12 @@ def do_train(
                 session.device,
                 state_dir=work,
                 run_id=f"{session.model_dir}|{data_id}",
-                on_step=_chain(emulated_step, replanner, _agent_step(device.state_dir, rnd, cfg.steps)),
+                on_step=_chain(
+                    emulated_step,
+                    replanner,
+                    _energy_guard(device.energy_budget_j, profile, meter, clock, started),
+                    _agent_step(device.state_dir, rnd, cfg.steps),
+                ),
             )
         finally:
             hold.clear_progress(device.state_dir)
@@ -255,7 +269,7 @@ def _plan(device: Device, settings: wire.RoundSettings, profile, seq_len: int) -
     fits."""
     from fedge.edge_client.plan import make_plan
 
-    budget = round_budget(settings, seq_len)
+    budget = round_budget(settings, seq_len, device.energy_budget_j)
     caps = device_caps(device, profile, settings.model)
     plan = make_plan(caps, budget, model_shape(device.cache_dir, settings.model))
     if not plan.feasible:
@@ -273,11 +287,15 @@ def device_caps(device: Device, profile=None, model: str = ""):
     return this_machine(device.name, measured=saved_profile(device.cache_dir, model) if model else None)
 
 
-def round_budget(settings: wire.RoundSettings, seq_len: int):
-    """The round's `RoundBudget` as the server set it, with rows of ``seq_len`` (the data's length)."""
+def round_budget(settings: wire.RoundSettings, seq_len: int, energy_budget_j: float = 0.0):
+    """The round's `RoundBudget` as the server set it, with rows of ``seq_len`` (the data's length) and the
+    device's own energy budget (0: none). A round without a deadline has no time limit."""
     from fedge.edge_client.plan import RoundBudget
 
-    budget = RoundBudget.from_round_settings(settings, settings.deadline_s, label_fraction=0.15)
+    deadline = settings.deadline_s if settings.deadline_s > 0 else math.inf
+    budget = RoundBudget.from_round_settings(
+        settings, deadline, label_fraction=0.15, energy_budget_j=energy_budget_j or None
+    )
     return dataclasses.replace(budget, seq_len=seq_len)
 
 
@@ -338,6 +356,31 @@ def _replanner(plan, budget, started: float, clock: _DeviceClock):
     replanner = Replanner(plan, budget, started=started, clock=clock)
     replanner.start()
     return replanner
+
+
+def _energy_guard(budget_j: float, profile, meter, clock: _DeviceClock, started: float):
+    """An ``on_step`` that stops training before the step that would spend more than ``budget_j`` joules: the
+    energy meter's reading on a real device, the profile's power x its clock on an emulated one (None without a
+    budget). The plan keeps a round within the budget; this holds it there when the plan's power figure is low."""
+    if not budget_j:
+        return None
+    last = [0.0]
+
+    def spent() -> float:
+        if profile is not None:
+            return profile.train_watts * (clock() - started)
+        return meter.totals()[0]
+
+    def on_step(step: int, loss: float, tokens: int, seconds: float) -> bool:
+        now = spent()
+        step_j = now - last[0]
+        last[0] = now
+        if now + step_j > budget_j:
+            log.info("energy budget: %.0f J spent of %.0f J, a step costs %.0f J: training stops", now, budget_j, step_j)
+            return True
+        return False
+
+    return on_step
 
 
 def _chain(*callbacks):

@@ -79,6 +79,9 @@ class DeviceCaps:
     ``train_gflops`` maps each base precision the device runs to its effective training GFLOP/s (see
     `HostCalibration`); ``bf16_native`` says whether quantized weights compute in bf16 (else fp32).
     ``overhead_s`` is the fixed cost of a round before training (model load, startup), in seconds.
+    ``train_watts`` is the device's power while it trains (measured by `fedge profile`, or its rated power): with
+    it, a round's energy budget (`RoundBudget.energy_budget_j`) limits the plan. ``watts_source`` says where it
+    comes from.
     """
 
     name: str
@@ -91,6 +94,8 @@ class DeviceCaps:
     latency_s: float = 0.05
     overhead_s: float = 0.0
     source: str = "given"  # where the throughput figures come from; the plan's reasons name it
+    train_watts: float | None = None
+    watts_source: str = "given"
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -98,6 +103,8 @@ class DeviceCaps:
         for name in ("memory_bytes", "uplink_bytes_per_s", "downlink_bytes_per_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.train_watts is not None and not (math.isfinite(self.train_watts) and self.train_watts > 0):
+            raise ValueError(f"train_watts must be a finite number > 0, got {self.train_watts}")
         bad = {p: g for p, g in self.train_gflops.items() if not g > 0}
         if not self.train_gflops or bad:
             raise ValueError(f"train_gflops needs a positive GFLOP/s per precision, got {self.train_gflops}")
@@ -141,6 +148,8 @@ class Estimate:
     upload_bytes: float
     fixed_s: float  # overhead + download + upload, paid once per round
     upload_s: float  # the part of fixed_s still due after training
+    step_j: float = 0.0  # joules per optimizer step (0: the device's power is unknown)
+    fixed_j: float = 0.0  # joules of the round's fixed work (model load, startup)
 
 
 # --- prediction ------------------------------------------------------------------------------------------
@@ -166,7 +175,8 @@ def estimate(
     download = budget.r_max * model.layers * sum(i + o for i, o in map(model.module_dims, budget.targets)) * 4
     upload_s = caps.latency_s + upload / caps.uplink_bytes_per_s
     fixed = caps.overhead_s + caps.latency_s + download / caps.downlink_bytes_per_s + upload_s
-    return Estimate(step_s, max(train_peak, load_peak), upload, fixed, upload_s)
+    watts = caps.train_watts or 0.0  # the link's energy is left out: a radio's share is small next to training
+    return Estimate(step_s, max(train_peak, load_peak), upload, fixed, upload_s, step_s * watts, caps.overhead_s * watts)
 
 
 # --- search ----------------------------------------------------------------------------------------------
@@ -210,12 +220,21 @@ def _violation(est: Estimate, steps: int, caps: DeviceCaps, budget: RoundBudget)
     total = est.fixed_s + steps * est.step_s
     if total > allowed:
         return f"time: {total:.0f} s > {allowed:.0f} s usable"
+    if budget.energy_budget_j is not None:
+        if not caps.train_watts:
+            return "energy: the device's power while training is unknown (run `fedge profile`)"
+        joules, usable = est.fixed_j + steps * est.step_j, budget.energy_budget_j * (1 - budget.time_margin)
+        if joules > usable:
+            return f"energy: {joules:.0f} J > {usable:.0f} J usable of the round's budget"
     return None
 
 
 def _max_steps(est: Estimate, budget: RoundBudget) -> int:
-    allowed = budget.deadline_s * (1 - budget.time_margin) - est.fixed_s
-    return max(0, min(budget.steps, math.floor(allowed / est.step_s)))
+    """The most steps that fit the deadline (and the energy budget), at most the requested steps."""
+    fits = [(budget.deadline_s * (1 - budget.time_margin) - est.fixed_s) / est.step_s]
+    if budget.energy_budget_j is not None and est.step_j > 0:
+        fits.append((budget.energy_budget_j * (1 - budget.time_margin) - est.fixed_j) / est.step_j)
+    return max(0, min(budget.steps, math.floor(min(budget.steps, *fits))))
 
 
 def make_plan(caps: DeviceCaps, budget: RoundBudget, model: ModelShape, host: HostCalibration = HOST) -> TrainingPlan:
@@ -245,7 +264,8 @@ def make_plan(caps: DeviceCaps, budget: RoundBudget, model: ModelShape, host: Ho
     best = next((t for t in fitting if t[2] >= max(1, most - max(1, most // 10))), None)
     if best is not None and best[2] >= 1:
         k, est, steps = best
-        why = f"the requested {budget.steps} steps do not fit the deadline in any configuration"
+        limits = "the deadline" + (" and the energy budget" if budget.energy_budget_j is not None else "")
+        why = f"the requested {budget.steps} steps do not fit {limits} in any configuration"
         return _plan(k, est, steps, caps, budget, model, host, True, why)
     k, est = min(scored, key=lambda t: (t[1].peak_bytes, t[1].step_s))
     why = _violation(est, 1, caps, budget) or "no configuration fits"
@@ -276,8 +296,17 @@ def _plan(k, est, steps, caps, budget, model, host, feasible: bool, why: str) ->
             "feasible": why,
             "device": f"{caps.name}: speed from {caps.source}",
             **(_reasons(k, steps, caps, budget, model, host) if feasible else {}),
+            **({"energy": _energy_reason(est, steps, caps, budget)} if budget.energy_budget_j is not None else {}),
         },
     )
+
+
+def _energy_reason(est: Estimate, steps: int, caps: DeviceCaps, budget: RoundBudget) -> str:
+    if not caps.train_watts:
+        return "the device's power while training is unknown"
+    joules = est.fixed_j + steps * est.step_j
+    return (f"{joules:.0f} J predicted of the round's {budget.energy_budget_j:g} J budget at {caps.train_watts:.1f} W "
+            f"({caps.watts_source})")  # fmt: skip
 
 
 def _reasons(k: Knobs, steps: int, caps: DeviceCaps, budget: RoundBudget, model, host) -> dict[str, str]:
@@ -343,7 +372,7 @@ def replan(plan: TrainingPlan, measured_step_s: list[float], elapsed_s: float, b
     done = len(measured_step_s)
     step_s = statistics.median(measured_step_s[1:]) if done >= 2 else plan.predicted_step_s
     left = budget.deadline_s * (1 - budget.time_margin) - elapsed_s - plan.predicted_upload_s
-    steps = min(plan.requested_steps, done + max(0, math.floor(left / step_s)))
+    steps = min(plan.requested_steps, done + max(0, math.floor(min(left / step_s, plan.requested_steps))))
     steps = max(done, steps)
     return dataclasses.replace(
         plan,

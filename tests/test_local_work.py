@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import numpy as np
 import pytest
@@ -212,3 +213,38 @@ def test_a_planned_round_is_planned_for_the_model_it_trains(holder, device, tiny
     as_smollm2 = make_plan(caps, budget, SMOLLM2_135M)
     assert plan["predicted_peak_bytes"] < as_smollm2.predicted_peak_bytes
     assert plan["predicted_step_s"] < as_smollm2.predicted_step_s / 10
+
+
+def test_the_energy_guard_stops_before_the_step_that_would_pass_the_budget():
+    from fedge.edge_client.local_work import _energy_guard
+
+    class Meter:
+        joules = 0.0
+
+        def totals(self):
+            return self.joules, "test"
+
+    meter = Meter()
+    guard = _energy_guard(100.0, None, meter, time.monotonic, time.monotonic())
+    stops = []
+    for step in range(1, 20):
+        meter.joules += 30.0  # each step costs 30 J
+        stops.append(guard(step, 1.0, 10, 1.0))
+    assert stops.index(True) == 2  # after 90 J: one more step would pass 100 J
+    assert _energy_guard(0.0, None, meter, time.monotonic, 0.0) is None
+
+
+def test_a_device_with_an_energy_budget_plans_and_trains_within_it(holder, device, tiny_model_dir):
+    device.profile, device.emulated_time = "base=pi4-2gb,slowdown=40", "virtual"  # 6 W while training
+    settings = _settings(tiny_model_dir, steps=200)
+    initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+    _, free = local_work.do_train(holder, device, settings, initial, rnd=1)
+    assert free[wire.Metric.STEPS] == 200 and not free[wire.Client.PLAN]  # no deadline, no budget: no plan
+    spent_j = 6.0 * (free[wire.Metric.ROUND_SECONDS] - free[wire.Metric.UPLOAD_SECONDS])  # on the device's clock
+    device.energy_budget_j = spent_j / 4
+    _, limited = local_work.do_train(holder, device, settings, initial, rnd=2)
+    plan = json.loads(limited[wire.Client.PLAN])
+    assert "J predicted" in plan["reasons"]["energy"]
+    assert 1 <= limited[wire.Metric.STEPS] < 200 / 2
+    used_j = 6.0 * (limited[wire.Metric.ROUND_SECONDS] - limited[wire.Metric.UPLOAD_SECONDS])
+    assert used_j <= device.energy_budget_j * 1.1

@@ -334,3 +334,51 @@ def test_the_plan_follows_the_shape_of_the_model_it_trains():
     assert step_s["llama"] < step_s["qwen2"] and len(set(step_s.values())) == 3, step_s
     untied = ModelShape.from_hf_config(Qwen2Config(tie_word_embeddings=False))
     assert untied.embed_params == 2 * untied.vocab * untied.hidden
+
+
+# --- the device's energy budget --------------------------------------------------------------------------------
+
+SLOWISH = {"fp32": 50.0, "bf16": 50.0, "int8": 50.0, "int4": 50.0}  # GFLOP/s: a step takes seconds
+
+
+def test_an_energy_budget_cuts_the_plan_to_what_it_allows_and_says_so():
+    caps, budget = _caps(gflops=SLOWISH, train_watts=10.0), RoundBudget(deadline_s=1e6, steps=40)
+    free = make_plan(caps, budget, SMOLLM2_135M)
+    assert free.steps == 40 and "energy" not in free.reasons
+    full_j = free.predicted_step_s * free.steps * 10.0  # no overhead here: training time x power
+    limited = make_plan(caps, dataclasses.replace(budget, energy_budget_j=full_j / 3), SMOLLM2_135M)
+    assert limited.feasible and limited.predicted_step_s * limited.steps * 10 <= full_j / 3  # cheaper knobs first
+    assert _level(limited, caps, budget) > _level(free, caps, budget)
+    assert "J predicted" in limited.reasons["energy"]
+    starved = make_plan(caps, dataclasses.replace(budget, energy_budget_j=full_j / 300), SMOLLM2_135M)
+    assert starved.feasible and 0 < starved.steps < 40 and "energy budget" in starved.reasons["feasible"]
+    assert starved.predicted_step_s * starved.steps * 10.0 <= full_j / 300 * (1 - budget.time_margin)
+
+
+def test_an_energy_budget_without_a_power_figure_or_too_small_for_one_step_declines_with_the_reason():
+    budget = RoundBudget(deadline_s=1e6, steps=10, energy_budget_j=50.0)
+    unknown = make_plan(_caps(gflops=SLOWISH), budget, SMOLLM2_135M)
+    assert not unknown.feasible and "power while training is unknown" in unknown.reasons["feasible"]
+    tiny = make_plan(_caps(gflops=SLOWISH, train_watts=1e4), budget, SMOLLM2_135M)
+    assert not tiny.feasible and "energy:" in tiny.reasons["feasible"]
+
+
+def test_a_round_without_a_deadline_plans_for_the_energy_budget_alone():
+    caps = _caps(gflops=SLOWISH, train_watts=10.0)
+    plan = make_plan(caps, RoundBudget(deadline_s=float("inf"), steps=1000, energy_budget_j=2000.0), SMOLLM2_135M)
+    assert plan.feasible and 0 < plan.steps < 1000
+    assert plan.predicted_step_s * plan.steps * 10.0 <= 2000.0 * 0.85
+    replanned = replan(plan, [1.0, 1.0], 2.0, RoundBudget(deadline_s=float("inf"), steps=1000))
+    assert replanned.steps == 1000  # no deadline: time never cuts it (the energy guard does, from the meter)
+
+
+def test_emulated_profiles_carry_their_power_and_files_may_leave_it_out(tmp_path):
+    from fedge.edge_client.devices import load_profile
+
+    assert PROFILES["pi4-2gb"].caps().train_watts == 6.0
+    path = tmp_path / "board.json"
+    path.write_text(json.dumps({**dataclasses.asdict(PROFILES["pi5-8gb"]), "name": "board", "train_watts": 0}))
+    assert load_profile(str(path)).caps().train_watts is None
+    assert load_profile("base=pi5-8gb,train_watts=3.5").caps().train_watts == 3.5
+    with pytest.raises(Exception, match="train_watts"):
+        load_profile("base=pi5-8gb,train_watts=-1")
