@@ -54,6 +54,10 @@ class AgentSettings:
     unload_after: float = setting(600.0, "seconds without a round after which the model is unloaded (0: never)")
     nice: int = setting(10, "CPU niceness of the agent and everything it starts (0-19; IO priority: idle class)")
     log_mb: float = setting(10.0, "size in MB at which each log is rotated (one old copy kept)")
+    interrupted: str = setting(
+        "send", "a round cut short by a failing condition: send the steps it trained (a partial update the server "
+        "weighs by its steps) or decline it (the steps stay on the device)", choices=hold.INTERRUPTED,
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         for name in ("check_every", "max_pause", "log_mb"):
@@ -61,6 +65,8 @@ class AgentSettings:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if not (math.isfinite(self.unload_after) and self.unload_after >= 0):
             raise ValueError(f"unload_after must be a finite number >= 0, got {self.unload_after}")
+        if self.interrupted not in hold.INTERRUPTED:
+            raise ValueError(f"interrupted must be one of {', '.join(hold.INTERRUPTED)}, got {self.interrupted!r}")
         if not 0 <= self.nice <= 19:
             raise ValueError(f"nice must be in 0..19, got {self.nice}")
 
@@ -141,7 +147,7 @@ class Agent:
             self._write_status()
 
     def _hold(self, now: float, training: bool) -> None:
-        hold.set_hold(self.state_dir, self.reason)
+        hold.set_hold(self.state_dir, self.reason, self.settings.interrupted)
         if not training:
             self.state = "paused" if self.paused else "waiting"
             return

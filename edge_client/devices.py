@@ -117,9 +117,7 @@ PROFILES: dict[str, DeviceProfile] = {
     # Raspberry Pi 5, 8 GB: 4x Cortex-A76 @ 2.4 GHz (Armv8.2: fp16 and dot-product, no bf16); ~2-3x a Pi 4
     # per Raspberry Pi Ltd's launch figures and HPL runs (~30 GFLOP/s fp64), fp32 SGEMM ~50-60 GFLOP/s: ~6x.
     # 8 GB minus OS and a desktop-less service stack: 6 GiB for training. Link: 5 GHz Wi-Fi, ~5/10 MB/s.
-    "pi5-8gb": DeviceProfile(
-        "pi5-8gb", 4, 6.0, 6 * GIB, ("fp32", "int8", "int4"), False, 5 * MB, 10 * MB, 0.020, 8.0
-    ),
+    "pi5-8gb": DeviceProfile("pi5-8gb", 4, 6.0, 6 * GIB, ("fp32", "int8", "int4"), False, 5 * MB, 10 * MB, 0.020, 8.0),
     # NVIDIA Jetson Orin Nano 8 GB: 6x Cortex-A78AE @ 1.5 GHz + a 1024-core Ampere GPU (bf16/fp16 tensor
     # cores, ~20 dense INT8 TOPS per NVIDIA's datasheet), 8 GB shared by CPU and GPU. Emulated as one
     # bf16-capable device at the reference machine's speed (slowdown 1): its GPU would train faster than
@@ -133,7 +131,15 @@ PROFILES: dict[str, DeviceProfile] = {
     # the reference machine's fp32), no AMX/AVX512-BF16, so bf16 is emulated and slow: fp32 compute.
     # 16 GB with a browser open: 6 GiB for training. bitsandbytes works on x86. Home Wi-Fi ~10/30 MB/s.
     "laptop": DeviceProfile(
-        "laptop", 4, 1.0, 6 * GIB, ("fp32", "int8", "int4", "bnb-int8", "bnb-nf4"), False, 10 * MB, 30 * MB, 0.015,
+        "laptop",
+        4,
+        1.0,
+        6 * GIB,
+        ("fp32", "int8", "int4", "bnb-int8", "bnb-nf4"),
+        False,
+        10 * MB,
+        30 * MB,
+        0.015,
         28.0,
     ),
 }

@@ -3,9 +3,10 @@ beyond the standard library, so the per-message ClientApp stays light.
 
 In the device's state directory:
 
-- ``hold.json``: present while the agent does not allow training: ``{"pid": the agent's pid, "reason": why}``. A
-  round that arrives is declined at once with the reason; a round under way ends after its current step and sends
-  what it trained. A hold whose agent is gone (kill -9) counts for nothing.
+- ``hold.json``: present while the agent does not allow training: ``{"pid": the agent's pid, "reason": why,
+  "interrupted": "send" or "decline"}``. A round that arrives is declined at once with the reason; a round under
+  way ends after its current step and sends what it trained, or declines (its steps kept in the work directory),
+  as the owner chose. A hold whose agent is gone (kill -9) counts for nothing.
 - ``progress.json``: written by the training loop after each step (round, step, steps) and removed at the end:
   how the agent knows a round is under way (continue thresholds apply) and what `fedge agent status` shows.
 """
@@ -21,8 +22,11 @@ HOLD_FILE = "hold.json"
 PROGRESS_FILE = "progress.json"
 
 
-def set_hold(state_dir: Path, reason: str) -> None:
-    write_json(state_dir / HOLD_FILE, {"pid": os.getpid(), "reason": reason})
+INTERRUPTED = ("send", "decline")  # what a round cut short by a hold does: send what it trained, or decline
+
+
+def set_hold(state_dir: Path, reason: str, interrupted: str = "send") -> None:
+    write_json(state_dir / HOLD_FILE, {"pid": os.getpid(), "reason": reason, "interrupted": interrupted})
 
 
 def clear_hold(state_dir: Path) -> None:
@@ -35,6 +39,13 @@ def held(state_dir: Path) -> str | None:
     if not hold or not _alive(hold.get("pid")):
         return None
     return str(hold.get("reason") or "held by the agent")
+
+
+def interrupted_policy(state_dir: Path) -> str:
+    """What a round the agent cut short does: "send" what it trained (the default, also without an agent) or
+    "decline" (its steps stay in the device's work directory, and a resent round goes on from them)."""
+    hold = _read(state_dir / HOLD_FILE) or {}
+    return hold.get("interrupted") if hold.get("interrupted") in INTERRUPTED else "send"
 
 
 def write_progress(state_dir: Path, kind: str, rnd: int, step: int, steps: int) -> None:

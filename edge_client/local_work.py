@@ -197,6 +197,7 @@ def do_train(
             )
         finally:
             hold.clear_progress(device.state_dir)
+    _decline_if_interrupted(device, result.steps, cfg.steps)
     trained = get_adapter(model)
     arrays, codec, feedback = _reply_arrays(device, settings, trained, start, global_arrays, profile, clock() - started)
     upload_bytes = sum(a.nbytes for a in arrays.values())
@@ -240,6 +241,14 @@ def _agent_step(state_dir: Path, rnd: int, steps: int):
         return hold.held(state_dir) is not None
 
     return on_step
+
+
+def _decline_if_interrupted(device: Device, steps: int, planned: int) -> None:
+    """A round the agent cut short declines when its owner chose so (`fedge.edge_client.hold.interrupted_policy`);
+    by default it goes on and sends what it trained. Its checkpoint stays in the work directory either way."""
+    reason = hold.held(device.state_dir)
+    if reason is not None and steps < planned and hold.interrupted_policy(device.state_dir) == "decline":
+        raise RoundDeclined(f"{device.name}: interrupted after {steps} of {planned} steps: {reason}")
 
 
 def _ran(plan, steps: int) -> str:
@@ -376,7 +385,9 @@ def _energy_guard(budget_j: float, profile, meter, clock: _DeviceClock, started:
         step_j = now - last[0]
         last[0] = now
         if now + step_j > budget_j:
-            log.info("energy budget: %.0f J spent of %.0f J, a step costs %.0f J: training stops", now, budget_j, step_j)
+            log.info(
+                "energy budget: %.0f J spent of %.0f J, a step costs %.0f J: training stops", now, budget_j, step_j
+            )
             return True
         return False
 

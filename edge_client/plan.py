@@ -176,7 +176,9 @@ def estimate(
     upload_s = caps.latency_s + upload / caps.uplink_bytes_per_s
     fixed = caps.overhead_s + caps.latency_s + download / caps.downlink_bytes_per_s + upload_s
     watts = caps.train_watts or 0.0  # the link's energy is left out: a radio's share is small next to training
-    return Estimate(step_s, max(train_peak, load_peak), upload, fixed, upload_s, step_s * watts, caps.overhead_s * watts)
+    return Estimate(
+        step_s, max(train_peak, load_peak), upload, fixed, upload_s, step_s * watts, caps.overhead_s * watts
+    )
 
 
 # --- search ----------------------------------------------------------------------------------------------

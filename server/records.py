@@ -140,6 +140,7 @@ class Failure:
     name: str | None
     reason: str
     declined: bool = False  # the client sat the round out on purpose (its run conditions, its plan), with a reason
+    retry_after_s: float | None = None  # a decline: the server asks the node again after this many seconds
 
     @classmethod
     def from_dict(cls, data: dict) -> Failure:
@@ -174,6 +175,7 @@ class RoundRecord:
     clients_rejected: int = 0
     clients_failed: int = 0
     clients_declined: int = 0  # of the failed: sat the round out on purpose (see Failure.declined)
+    clients_deferred: int = 0  # not asked this round: they declined an earlier one and their retry window is open
     bytes_up: int = 0
     bytes_down: int = 0
     seconds: float = 0.0
@@ -187,7 +189,13 @@ class RoundRecord:
 
     @classmethod
     def summarize(
-        cls, rnd: int, clients: list[ClientRound], evals: list[ClientRound], failures: list[Failure], seconds: float
+        cls,
+        rnd: int,
+        clients: list[ClientRound],
+        evals: list[ClientRound],
+        failures: list[Failure],
+        seconds: float,
+        deferred: int = 0,
     ) -> RoundRecord:
         """The round's record from its trained clients, the clients' evaluations and the failures."""
         by_node = {(c.node_id, c.name): c for c in clients}  # a name is the client's word: the node keeps them apart
@@ -208,6 +216,7 @@ class RoundRecord:
             clients_rejected=sum(1 for c in clients if c.accepted is False),
             clients_failed=len(failures),
             clients_declined=sum(1 for f in failures if f.declined),
+            clients_deferred=deferred,
             bytes_up=int(sum(c.bytes_up or 0 for c in clients)),
             bytes_down=int(sum(c.bytes_down or 0 for c in clients)),
             seconds=round(seconds, 2),

@@ -45,8 +45,10 @@ def round_line(record: RoundRecord, rounds: int) -> str:
     client follows (`client_line`), then one per failed client.
     """
     clients = f"{record.clients_accepted}/{record.clients_replied}" if record.round else "base"
-    if record.clients_rejected or record.clients_failed:
-        clients += f" ({record.clients_rejected}r {record.clients_failed}f)"
+    if record.clients_rejected or record.clients_failed or record.clients_deferred:
+        declined = f" {record.clients_declined}d" if record.clients_declined else ""
+        deferred = f" {record.clients_deferred}w" if record.clients_deferred else ""
+        clients += f" ({record.clients_rejected}r {record.clients_failed}f{declined}{deferred})"
     cells = (
         f"{record.round}/{rounds}",
         _fmt(record.exact_match, ".1%"),

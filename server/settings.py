@@ -54,6 +54,10 @@ class ServerSettings:
     clip_factor: float = setting(
         0.0, "scale down a change whose RMS is above this x the median of the others' (0: no clipping)"
     )
+    retry_after: float = setting(
+        0.0, "seconds before a client that declined is asked again (0: the next round); a decline then costs the "
+        "server no message and the device no wake-up until its window", metavar="SECONDS",
+    )  # fmt: skip
     server_lr: float = setting(2.0, "scales the averaged change (1: plain FedAvg; 2 measured best, benchmarks/README)")
     insecure: bool = setting(False, "allow plaintext (no TLS) on an address other than loopback")
     ssl_certfile: Path | None = setting(None, "server certificate (PEM): enables TLS")
@@ -88,6 +92,8 @@ class ServerSettings:
             raise ValueError(f"krum_f must be >= 0, got {self.krum_f}")
         if not (math.isfinite(self.trim) and 0 <= self.trim < 0.5):
             raise ValueError(f"trim must be in [0, 0.5), got {self.trim}")
+        if not (math.isfinite(self.retry_after) and self.retry_after >= 0):
+            raise ValueError(f"retry_after must be a finite number of seconds >= 0, got {self.retry_after}")
         if self.stage_deadline is not None and not (math.isfinite(self.stage_deadline) and self.stage_deadline > 0):
             raise ValueError(f"stage_deadline must be a finite number of seconds > 0, got {self.stage_deadline}")
         tls = (self.ssl_certfile, self.ssl_keyfile, self.ssl_ca_certfile)

@@ -57,34 +57,86 @@ class FedgeAvg(FedAvg):
             evals, failures = self._stage(
                 grid, self.configure_evaluate(0, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid)
             )
+            self._ask_back(state, failures)
             evaluated, bad = self._evaluations(evals, wire.RoundSettings.from_config(evaluate_config))
             state.records.append(RoundRecord.summarize(0, [], evaluated, failures + bad, time.monotonic() - t0))
             save(state)
         for rnd in range(state.round + 1, num_rounds + 1):
             t0 = time.monotonic()
+            deferred = self._wait_for_eligible(grid, state)
             sent = wire.to_record(state.arrays)
             replies, train_failures = self._stage(
-                grid, self.configure_train(rnd, sent, ConfigRecord(train_config), grid)
+                grid, self.configure_train(rnd, sent, ConfigRecord(train_config), grid), deferred
             )
+            deferred |= self._ask_back(state, train_failures)
             clients = self._check_and_average(
                 state, replies, wire.record_bytes(sent), wire.RoundSettings.from_config(train_config)
             )
             evals, eval_failures = self._stage(
-                grid, self.configure_evaluate(rnd, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid)
+                grid,
+                self.configure_evaluate(rnd, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid),
+                deferred,
             )
+            self._ask_back(state, eval_failures)
             state.round = rnd
             evaluated, bad = self._evaluations(evals, wire.RoundSettings.from_config(evaluate_config))
             failures = train_failures + eval_failures + bad
-            state.records.append(RoundRecord.summarize(rnd, clients, evaluated, failures, time.monotonic() - t0))
+            skipped = len(deferred - {f.node_id for f in failures})
+            state.records.append(
+                RoundRecord.summarize(rnd, clients, evaluated, failures, time.monotonic() - t0, skipped)
+            )
             save(state)
         return state
 
-    def _stage(self, grid: Grid, messages: Iterable[Message]) -> tuple[list[Message], list[Failure]]:
-        """Send, then collect replies until all are in or the deadline passes: (good replies, failures).
+    # --- retry windows: a client that declined is asked again after --retry-after seconds ---------------------
+
+    def _ask_back(self, state: ServerState, failures: list[Failure]) -> set[int]:
+        """Give each node that declined its window (kept in the strategy state: it survives a restart); the nodes
+        given one."""
+        if not self.server.retry_after:
+            return set()
+        retry_at = state.strategy.setdefault("retry_at", {})
+        nodes = set()
+        for f in failures:
+            if f.declined and f.node_id is not None:
+                f.retry_after_s = self.server.retry_after
+                retry_at[str(f.node_id)] = time.time() + self.server.retry_after
+                nodes.add(f.node_id)
+        return nodes
+
+    def _deferred(self, state: ServerState) -> dict[int, float]:
+        """Nodes whose window is still open: {node: unix time it closes}; closed (or unreadable) windows dropped."""
+        retry_at, now, open_ = state.strategy.get("retry_at") or {}, time.time(), {}
+        for node, until in list(retry_at.items()):
+            if isinstance(until, (int, float)) and until > now and node.isdigit():
+                open_[int(node)] = until
+            else:
+                del retry_at[node]
+        return open_
+
+    def _wait_for_eligible(self, grid: Grid, state: ServerState) -> set[int]:
+        """The nodes to leave out of this round. While every connected node is in its window, the round waits
+        (checking each second) rather than running empty: the first window to close, or a new node, starts it."""
+        said = False
+        while True:
+            deferred = self._deferred(state)
+            if not deferred or set(grid.get_node_ids()) - set(deferred):
+                return set(deferred)
+            if not said:
+                wait = min(deferred.values()) - time.time()
+                log.info("every client is asked to come back later: the round starts in at most %.0f s", wait)
+                said = True
+            time.sleep(min(1.0, max(0.0, min(deferred.values()) - time.time())))
+
+    def _stage(
+        self, grid: Grid, messages: Iterable[Message], skip: set[int] = frozenset()
+    ) -> tuple[list[Message], list[Failure]]:
+        """Send (not to the nodes in ``skip``), then collect replies until all are in or the deadline passes:
+        (good replies, failures).
 
         A failure names its node and, once the node has replied in this run, its client.
         """
-        sent = list(messages)
+        sent = [m for m in messages if m.metadata.dst_node_id not in skip]
         pending = set(grid.push_messages(sent))
         to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}  # push filled in the ids
         end = time.monotonic() + self.stage_deadline_s

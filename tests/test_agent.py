@@ -165,7 +165,8 @@ def test_logs_rotate_by_copy_and_truncate_so_their_writers_go_on(tmp_path):
 
 
 @pytest.mark.parametrize(("kwargs", "named"), [(dict(nice=20), "nice"), (dict(check_every=0), "check_every"),
-                                               (dict(unload_after=-1), "unload_after")])  # fmt: skip
+                                               (dict(unload_after=-1), "unload_after"),
+                                               (dict(interrupted="maybe"), "interrupted")])  # fmt: skip
 def test_bad_agent_settings_are_refused_naming_the_field(kwargs, named):
     with pytest.raises(ValueError, match=named):
         AgentSettings(**kwargs)

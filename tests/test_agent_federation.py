@@ -47,7 +47,7 @@ def _wait_for(fed: Federation, name: str, want, timeout: float = 400) -> list:
 
 def test_the_agent_declines_trains_pauses_and_rejoins_after_kill_9(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
-    fed = Federation(tmp_path, tiny_model_dir, rounds=12, steps=2, min_clients=1, stage_deadline=900)
+    fed = Federation(tmp_path, tiny_model_dir, rounds=12, steps=2, min_clients=1, stage_deadline=900, retry_after=15)
     fed.env["XDG_RUNTIME_DIR"] = str(tmp_path / "run")
     readings = tmp_path / "readings.json"
     _readings(readings, power=False, network=True)
@@ -98,5 +98,9 @@ def test_the_agent_declines_trains_pauses_and_rejoins_after_kill_9(tmp_path, tin
         assert not (tmp_path / "pi" / "hold.json").exists()  # a stopped agent holds nothing back
     finally:
         fed.close()
-    for record in fed.records():  # the plain client trained every round, whatever the agent did
+    records = fed.records()
+    declines = [f for r in records for f in r["failures"] if f["declined"]]
+    assert declines and all(f["retry_after_s"] == 15 for f in declines)  # asked back in 15 s ...
+    assert sum(r["clients_deferred"] for r in records) >= 1  # ... and not sent rounds meanwhile
+    for record in records:  # the plain client trained every round, whatever the agent did
         assert any(c["name"] == "a" and c.get("accepted") for c in record["clients"]) or record["round"] == 0

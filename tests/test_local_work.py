@@ -248,3 +248,24 @@ def test_a_device_with_an_energy_budget_plans_and_trains_within_it(holder, devic
     assert 1 <= limited[wire.Metric.STEPS] < 200 / 2
     used_j = 6.0 * (limited[wire.Metric.ROUND_SECONDS] - limited[wire.Metric.UPLOAD_SECONDS])
     assert used_j <= device.energy_budget_j * 1.1
+
+
+@pytest.mark.parametrize("interrupted", ["send", "decline"])
+def test_a_round_the_agent_cuts_short_sends_its_steps_or_declines_as_the_owner_chose(
+    holder, device, tiny_model_dir, interrupted
+):
+    from fedge.edge_client import hold
+
+    settings = _settings(tiny_model_dir, steps=6)
+    initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+    hold.set_hold(device.state_dir, "heat: 91 C >= 85 C", interrupted)  # this process stands in for the agent
+    try:
+        if interrupted == "decline":
+            with pytest.raises(local_work.RoundDeclined, match=r"interrupted after 1 of 6 steps: heat: 91 C"):
+                local_work.do_train(holder, device, settings, initial, rnd=1)
+            assert list((device.state_dir / "work").glob("*/*")), "the trained step is kept on the device"
+        else:
+            _, metrics = local_work.do_train(holder, device, settings, initial, rnd=1)
+            assert metrics[wire.Metric.STEPS] == 1
+    finally:
+        hold.clear_hold(device.state_dir)

@@ -68,3 +68,37 @@ def test_a_declined_round_is_told_apart_from_a_failure():
     assert Failure.from_error(5, None, "node unavailable").reason == "node unavailable"
     record = RoundRecord.summarize(1, [], [], [declined, crashed], 1.0)
     assert (record.clients_failed, record.clients_declined) == (2, 1)
+
+
+def test_a_client_that_declined_is_asked_back_after_its_window_and_the_window_survives_a_restart(tmp_path):
+    import time
+
+    import pytest
+
+    from fedge.server.records import Failure
+    from fedge.server.state import ServerState
+
+    strategy = FedgeAvg(ServerSettings(min_clients=1, retry_after=60.0), stage_deadline_s=0.01)
+    state, grid = ServerState(settings={}), FakeGrid()
+    grid.get_node_ids = lambda: [1, 2, 3]
+    declined = Failure(2, "pi", "not eligible: heat", declined=True)
+    assert strategy._ask_back(state, [declined, Failure(3, None, "no reply before the deadline")]) == {2}
+    assert declined.retry_after_s == 60.0
+    skip = strategy._wait_for_eligible(grid, state)
+    assert skip == {2}
+    replies, _ = strategy._stage(grid, _messages(), skip)
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 3]  # node 2 was not sent the round
+
+    state.save(tmp_path)
+    resumed = ServerState.load(tmp_path)
+    assert strategy._wait_for_eligible(grid, resumed) == {2}
+    resumed.strategy["retry_at"].update({"2": time.time() - 1, "junk": "x", "3": "soon"})  # closed, and garbage
+    assert strategy._wait_for_eligible(grid, resumed) == set() and resumed.strategy["retry_at"] == {}
+
+    # Every connected node in its window: the round waits for the first window to close, it does not run empty.
+    grid.get_node_ids = lambda: [2]
+    resumed.strategy["retry_at"] = {"2": time.time() + 0.3}
+    assert strategy._wait_for_eligible(grid, resumed) == set()
+    with pytest.raises(ValueError, match="retry_after"):
+        ServerSettings(retry_after=-1)
+    assert FedgeAvg(ServerSettings(), 0.01)._ask_back(state, [declined]) == set()  # off by default
