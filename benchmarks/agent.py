@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--work", type=Path, default=Path("/tmp/fedge-agent-bench"))
     p.add_argument("--day-only", action="store_true", help="run only the day-in-the-life part, into the results")
+    p.add_argument("--idle-only", action="store_true", help="run only the idle parts, into the results")
     p.add_argument("--day-rounds", type=int, default=8)
     p.add_argument("--day-steps", type=int, default=400, help="local steps a round (tiny model: ~15 s of training)")
     args = p.parse_args()
@@ -86,9 +87,29 @@ def main() -> None:
         _stop(agent)
     print(f"  {idle}", flush=True)
 
+    print("agent: held back past sleep_after, its SuperNode out of the federation", flush=True)
+    _readings(readings, False)
+    config = _config(args.work / "asleep.toml", closed, args.model, args.work / "asleep", readings, unload_after=5,
+                     sleep_after=5)  # fmt: skip
+    agent = _spawn(["agent", "run", "--config", str(config)], env, args.work / "asleep.log")
+    try:
+        _wait(lambda: _status(args.work / "asleep").get("state") == "asleep", 120, "the agent to leave")
+        time.sleep(5)
+        asleep = _tree_usage(agent.pid, args.idle_seconds)
+    finally:
+        _stop(agent)
+    print(f"  {asleep}", flush=True)
+    if args.idle_only:
+        results = json.loads((ROOT / "benchmarks/results/agent.json").read_text())
+        results.update(idle=idle, idle_asleep=asleep, baseline_client_start=baseline)
+        results["setup"]["idle_seconds"] = args.idle_seconds
+        write_results("agent", results)
+        update_readme_section("agent", _table(results))
+        return
+
     print("stop latency: a round under way, conditions flipped", flush=True)
     stops = _stop_latency(args, env, closed, cache)
-    results = {"idle": idle, "baseline_client_start": baseline, **stops, "day": _day(args),
+    results = {"idle": idle, "idle_asleep": asleep, "baseline_client_start": baseline, **stops, "day": _day(args),
                "setup": {"model": args.model, "idle_seconds": args.idle_seconds, "steps": args.steps,
                          "cores": os.cpu_count()}}  # fmt: skip
     path = write_results("agent", results)
@@ -234,11 +255,13 @@ def _day_summary(work: Path, statuses: dict, steps: int) -> dict:
 # --- helpers ----------------------------------------------------------------------------------------------------
 
 
-def _config(path: Path, server: str, model: str, state: Path, readings: Path, unload_after: float) -> Path:
+def _config(
+    path: Path, server: str, model: str, state: Path, readings: Path, unload_after: float, sleep_after: float = 0
+) -> Path:
     path.write_text(
         f'[client]\nserver = "{server}"\nmodel = "{model}"\n\n'
         f'[device]\nname = "bench"\ndata = "demo:iot"\nstate_dir = "{state}"\n\n'
-        f'[conditions]\nsource = "{readings}"\n\n[agent]\nunload_after = {unload_after}\n'
+        f'[conditions]\nsource = "{readings}"\n\n[agent]\nunload_after = {unload_after}\nsleep_after = {sleep_after}\n'
     )
     return path
 
@@ -347,6 +370,15 @@ def _table(r: dict) -> str:
         f"| fedge agent run, waiting, model unloaded | {i['cpu_percent']} | {i['rss_mb']} | {i['uss_mb']} | "
         f"{i['processes']} |",
         *[f"| - {name} | {v['cpu_percent']} | {v['rss_mb']} | {v['uss_mb']} | |" for name, v in i["each"].items()],
+        *(
+            [
+                f"| fedge agent run, held back past `sleep_after` (SuperNode out) | {a['cpu_percent']} | "
+                f"{a['rss_mb']} | "
+                f"{a['uss_mb']} | {a['processes']} |"
+            ]
+            if (a := r.get("idle_asleep"))
+            else []
+        ),
         "",
         f"Stop latency (a condition fails mid-round -> the worker halted), {len(r['stop_latencies_s'])} trials: "
         f"median {r['stop_latency_s']} s (all: {', '.join(map(str, r['stop_latencies_s']))}; target <= 5 s). "

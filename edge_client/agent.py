@@ -52,6 +52,10 @@ class AgentSettings:
         300.0, "seconds a halted round waits for the conditions to return before it ends and sends what it trained"
     )
     unload_after: float = setting(600.0, "seconds without a round after which the model is unloaded (0: never)")
+    sleep_after: float = setting(
+        1800.0, "seconds held back (conditions failing or paused) after which the SuperNode leaves the federation "
+        "too, until the conditions return: the agent alone waits, in ~70 MB (0: never)",
+    )  # fmt: skip
     nice: int = setting(10, "CPU niceness of the agent and everything it starts (0-19; IO priority: idle class)")
     log_mb: float = setting(10.0, "size in MB at which each log is rotated (one old copy kept)")
     interrupted: str = setting(
@@ -63,12 +67,38 @@ class AgentSettings:
         for name in ("check_every", "max_pause", "log_mb"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
-        if not (math.isfinite(self.unload_after) and self.unload_after >= 0):
-            raise ValueError(f"unload_after must be a finite number >= 0, got {self.unload_after}")
+        for name in ("unload_after", "sleep_after"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.interrupted not in hold.INTERRUPTED:
             raise ValueError(f"interrupted must be one of {', '.join(hold.INTERRUPTED)}, got {self.interrupted!r}")
         if not 0 <= self.nice <= 19:
             raise ValueError(f"nice must be in 0..19, got {self.nice}")
+
+
+# What `fedge agent status` shows of a finished round: its key there -> the `wire.Metric` its training saved.
+COST_KEYS = {"steps": "steps", "train_seconds": "train-seconds", "energy_j": "energy-j",
+             "upload_bytes": "upload-bytes", "peak_rss_mb": "peak-rss-mb"}  # fmt: skip
+
+
+def round_cost(state_dir: Path, since: float) -> dict:
+    """What the round that ended cost the device, from the metrics its training saved with its update (the newest
+    work directory's, written after ``since``); {} for an evaluation or a round that sent nothing."""
+    newest = None
+    for path in (Path(state_dir) / "work").glob("*/metrics.json"):
+        with contextlib.suppress(OSError):
+            mtime = path.stat().st_mtime
+            if mtime >= since - 1 and (newest is None or mtime > newest[0]):
+                newest = (mtime, path)
+    if newest is None:
+        return {}
+    try:
+        metrics = json.loads(newest[1].read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(metrics, dict):
+        return {}
+    return {key: metrics[name] for key, name in COST_KEYS.items() if isinstance(metrics.get(name), (int, float))}
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -141,9 +171,12 @@ class Agent:
                 self.reason = "; ".join(f"{r.name}: {r.detail}" for r in failing) or None
             if self.reason is None:
                 self._release()
+                self.held_from = None
             else:
                 self._hold(now, training)
+                self.held_from = now if self.held_from is None else self.held_from
             self._manage_model(now)
+            self._manage_node(now)
             self._write_status()
 
     def _hold(self, now: float, training: bool) -> None:
@@ -171,9 +204,14 @@ class Agent:
     def _track_rounds(self, now: float) -> None:
         current = hold.progress(self.state_dir)
         if self.current is not None and (current is None or current.get("round") != self.current.get("round")):
-            self.rounds.append({**self.current, "ended": time.time()})
+            ended = time.time()
+            started = self.current.get("started", ended)
+            self.rounds.append({**self.current, "ended": ended, "seconds": round(ended - started, 1),
+                                **round_cost(self.state_dir, started)})  # fmt: skip
         if current is not None:
             self.last_work = now
+            same = self.current is not None and current.get("round") == self.current.get("round")
+            current["started"] = self.current.get("started", time.time()) if same else time.time()
         self.current = current
 
     def _manage_model(self, now: float) -> None:
@@ -183,10 +221,6 @@ class Agent:
         sup, limit = self.supervisor, self.settings.unload_after
         if not sup.device.worker_port:
             return
-        if self.reason is not None and self.held_from is None:
-            self.held_from = now
-        elif self.reason is None:
-            self.held_from = None
         if sup.worker_wanted and limit and self.current is None:
             idle = now - self.last_work > limit
             held = self.held_from is not None and now - self.held_from > limit
@@ -201,6 +235,20 @@ class Agent:
                 sup.load_worker()
                 self.last_work, self.unloaded_for = now, None
 
+    def _manage_node(self, now: float) -> None:
+        """Stop the SuperNode after ``sleep_after`` seconds held back with no round under way (the server sees the
+        node leave, as if the device were off); start it again when the conditions return."""
+        sup, limit = self.supervisor, self.settings.sleep_after
+        if sup.node_wanted and limit and self.current is None and self.held_from is not None:
+            if now - self.held_from > limit:
+                log.info("leaving the federation until the conditions return: held back for %.0f s", limit)
+                sup.sleep_node()
+        elif not sup.node_wanted and self.reason is None:
+            log.info("conditions back: rejoining the federation")
+            sup.wake_node(now)
+        if not sup.node_wanted:
+            self.state = "asleep"
+
     # --- what the owner sees and does ---------------------------------------------------------------------------
 
     def status(self) -> dict:
@@ -213,6 +261,7 @@ class Agent:
             "readings": [dataclasses.asdict(r) for r in self.readings],
             "round": self.current,
             "model": "loaded" if sup.worker_wanted else "unloaded",
+            "node": "joined" if sup.node_wanted else "left until the conditions return",
             "rounds": list(self.rounds),
             "pid": os.getpid(),
             "logs": {name: str(self.state_dir / name) for name in LOGS},

@@ -233,6 +233,7 @@ class Supervisor:
         self.watch = ServerWatch(client.server, client.unreachable_after, MAX_RETRY_DELAY, say)
         self.node = self.worker = None
         self.worker_wanted = bool(self.device.worker_port)
+        self.node_wanted = True  # False while the agent keeps the SuperNode stopped (`sleep_node`)
         self.suspended = False
         self.backoff, self.restarts, self.node_started, self.restart_at = 1.0, 0, 0.0, None
 
@@ -258,6 +259,8 @@ class Supervisor:
 
             self.say("the server no longer knows this SuperNode (it restarted): starting a new one")
             stop(self.node, grace=5.0)  # Flower's SuperNode can hang after its heartbeat is refused: not wait on it
+        if not self.node_wanted:
+            return
         if self.node is not None and self.node.poll() is not None and self.restart_at is None:
             if self.client.max_retries is not None and self.restarts >= self.client.max_retries:
                 raise FedgeError(f"the SuperNode exited with code {self.node.returncode} {self.restarts + 1} "
@@ -272,6 +275,21 @@ class Supervisor:
 
     def _start_node(self, now: float) -> None:
         self.node, self.node_started, self.restart_at = _watched(self.cmd, self.env, self.log_path), now, None
+
+    def sleep_node(self) -> None:
+        """Stop the SuperNode (the server sees the node leave and sends it nothing) until `wake_node`: during a
+        long hold the device then costs only the agent's own memory."""
+        from fedge.common.procs import stop
+
+        self.node_wanted = False
+        stop(self.node)
+        self.node, self.restart_at = None, None
+
+    def wake_node(self, now: float) -> None:
+        """Start the SuperNode again after `sleep_node`: it registers with the server as it did at the start."""
+        if not self.node_wanted:
+            self.node_wanted, self.backoff = True, 1.0
+            self._start_node(now)
 
     def load_worker(self) -> None:
         """Start the warm worker (it loads the model) if it is not running."""

@@ -28,7 +28,15 @@ class FakeSupervisor:
     def __init__(self, state_dir: Path) -> None:
         self.device = SimpleNamespace(state_dir=state_dir, name="clinic-3", worker_port=1234)
         self.client = SimpleNamespace(server="fed.example.org:9092")
-        self.worker_wanted, self.suspended, self.calls = True, False, []
+        self.worker_wanted, self.node_wanted, self.suspended, self.calls = True, True, False, []
+
+    def sleep_node(self) -> None:
+        self.node_wanted = False
+        self.calls.append("sleep")
+
+    def wake_node(self, now: float) -> None:
+        self.node_wanted = True
+        self.calls.append("wake")
 
     def suspend(self) -> None:
         self.suspended = True
@@ -121,6 +129,37 @@ def test_pause_and_resume_from_the_owner_over_the_control_socket(tmp_path, monke
     finally:
         server.close()
     assert not path.exists()
+
+
+def test_a_long_hold_takes_the_node_out_of_the_federation_until_the_conditions_return(tmp_path):
+    agent, readings = _agent(tmp_path, unload_after=100.0, sleep_after=1000.0)
+    agent.last_work = 0.0
+    _conditions(readings, power=False)
+    agent.check(10.0)
+    hold.write_progress(agent.state_dir, "train", 1, 0, 10)  # a round under way: never asleep in the middle
+    agent.check(2000.0)
+    assert "sleep" not in agent.supervisor.calls
+    hold.clear_progress(agent.state_dir)
+    agent.check(2001.0)
+    assert agent.supervisor.calls[-1] == "sleep" and agent.state == "asleep"
+    assert json.loads((agent.state_dir / "agent-status.json").read_text())["node"].startswith("left")
+    agent.paused = True  # the owner pausing it keeps it out too
+    _conditions(readings, power=True)
+    agent.check(2100.0)
+    assert agent.supervisor.calls[-1] == "sleep" and agent.state == "asleep"
+    agent.paused = False
+    agent.check(2101.0)
+    assert agent.supervisor.calls[-1] == "wake" and agent.state == "ready" and agent.supervisor.node_wanted
+    _conditions(readings, power=False)
+    agent.check(2102.0)
+    agent.check(2900.0)  # held again, for less than sleep_after: stays in
+    assert agent.supervisor.calls[-1] != "sleep"
+    (tmp_path / "never").mkdir()
+    never, readings = _agent(tmp_path / "never", sleep_after=0.0)
+    _conditions(readings, power=False)
+    never.check(0.0)
+    never.check(1e6)
+    assert "sleep" not in never.supervisor.calls
 
 
 def test_the_model_is_unloaded_when_idle_or_held_and_loaded_again(tmp_path):
@@ -247,3 +286,22 @@ def test_the_control_directory_must_be_the_owners_alone(tmp_path):
     agent, _ = _agent(tmp_path)
     with pytest.raises(Exception, match="only this user"):
         ControlServer(run / "a.sock", agent)
+
+
+def test_a_finished_round_is_listed_with_what_it_cost_the_device(tmp_path):
+    agent, _ = _agent(tmp_path)
+    hold.write_progress(agent.state_dir, "train", 4, 3, 10)
+    agent.check(0.0)
+    work = agent.state_dir / "work" / "abc"
+    work.mkdir(parents=True)
+    metrics = {"steps": 10, "train-seconds": 41.5, "energy-j": 612.0, "upload-bytes": 2_600_000, "name": "x"}
+    (work / "metrics.json").write_text(json.dumps(metrics))
+    hold.clear_progress(agent.state_dir)
+    agent.check(1.0)
+    (last,) = agent.status()["rounds"]
+    assert last["round"] == 4 and last["energy_j"] == 612.0 and last["upload_bytes"] == 2_600_000
+    assert last["steps"] == 10 and last["seconds"] >= 0 and "name" not in last
+    (work / "metrics.json").write_text("{not json")
+    from fedge.edge_client.agent import round_cost
+
+    assert round_cost(agent.state_dir, 0.0) == {}

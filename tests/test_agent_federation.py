@@ -47,7 +47,7 @@ def _wait_for(fed: Federation, name: str, want, timeout: float = 400) -> list:
 
 def test_the_agent_declines_trains_pauses_and_rejoins_after_kill_9(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
-    fed = Federation(tmp_path, tiny_model_dir, rounds=12, steps=2, min_clients=1, stage_deadline=900, retry_after=15)
+    fed = Federation(tmp_path, tiny_model_dir, rounds=40, steps=2, min_clients=1, stage_deadline=900, retry_after=15)
     fed.env["XDG_RUNTIME_DIR"] = str(tmp_path / "run")
     readings = tmp_path / "readings.json"
     _readings(readings, power=False, network=True)
@@ -56,7 +56,7 @@ def test_the_agent_declines_trains_pauses_and_rejoins_after_kill_9(tmp_path, tin
         f'[client]\nserver = "127.0.0.1:{fed.port}"\nmodel = "{tiny_model_dir}"\n\n'
         f'[device]\nname = "pi"\ndata = "demo:iot"\neval_data = "demo:iot:test"\nthreads = 1\n'
         f'state_dir = "{tmp_path / "pi"}"\n\n[conditions]\nsource = "{readings}"\n\n'
-        "[agent]\ncheck_every = 1.0\nunload_after = 0.0\n"
+        "[agent]\ncheck_every = 1.0\nunload_after = 0.0\nsleep_after = 40.0\n"
     )
 
     def start_agent() -> subprocess.Popen:
@@ -93,6 +93,21 @@ def test_the_agent_declines_trains_pauses_and_rejoins_after_kill_9(tmp_path, tin
         _wait_for(fed, "pi", lambda what: what == "accepted" and accepted < sum(
             1 for _, w in _agent_rounds(fed, "pi") if w == "accepted"))  # fmt: skip
         assert talk("status")["state"] in ("ready", "training", "evaluating")
+
+        # Held back for longer than sleep_after: its SuperNode leaves, and the server runs rounds without it (a
+        # stage would wait 900 s for a node it still counted); conditions back: it rejoins and trains.
+        _readings(readings, power=False, network=True)
+        end = time.monotonic() + 120
+        while talk("status")["state"] != "asleep" and time.monotonic() < end:
+            time.sleep(1)
+        status = talk("status")
+        assert status["state"] == "asleep" and status["node"].startswith("left"), status
+        asleep_from = max(r["round"] for r in fed.records())
+        fed.wait_for_round(asleep_from + 2, timeout=120)
+        accepted = sum(1 for _, what in _agent_rounds(fed, "pi") if what == "accepted")
+        _readings(readings, power=True, network=True)
+        _wait_for(fed, "pi", lambda what: what == "accepted" and accepted < sum(
+            1 for _, w in _agent_rounds(fed, "pi") if w == "accepted"))  # fmt: skip
         talk("stop")
         assert fed.clients["pi"].wait(60) == 0
         assert not (tmp_path / "pi" / "hold.json").exists()  # a stopped agent holds nothing back

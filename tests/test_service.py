@@ -87,7 +87,7 @@ def test_a_supernode_the_server_forgot_is_restarted_even_if_it_hangs(tmp_path):
     sup.client = SimpleNamespace(max_retries=None, server="127.0.0.1:1")
     sup.say, sup.log_path, sup.cmd, sup.env = said.append, tmp_path / "node.log", hang, None
     sup.watch = SimpleNamespace(check=lambda now: None)
-    sup.worker_wanted, sup.worker = False, None
+    sup.worker_wanted, sup.worker, sup.node_wanted = False, None, True
     sup.backoff, sup.restarts, sup.restart_at = 1.0, 0, None
     sup._start_node(time.monotonic())
     first = sup.node
@@ -97,4 +97,14 @@ def test_a_supernode_the_server_forgot_is_restarted_even_if_it_hangs(tmp_path):
         time.sleep(0.2)
     assert first.poll() is not None and sup.node is not first, said
     assert any("no longer knows" in m for m in said) and "401 Unauthorized" in (tmp_path / "node.log").read_text()
+
+    # The agent keeps the SuperNode out during a long hold: stopped, not restarted, until it wakes it.
+    second = sup.node
+    sup.sleep_node()
+    assert second.poll() is not None and sup.node is None
+    for _ in range(5):
+        sup.tick(time.monotonic() + 3600)
+    assert sup.node is None
+    sup.wake_node(time.monotonic())
+    assert sup.node is not None and sup.node.poll() is None
     sup.node.kill()

@@ -168,7 +168,14 @@ def _print_status(status: dict) -> None:
         mark = {True: "[green]ok[/]", False: "[red]no[/]", None: "[yellow]unknown[/]"}[r.get("ok")]
         say(f"  {r.get('name'):8} {mark}  {r.get('detail')}  [dim]({r.get('source')})[/]")
     for r in status.get("rounds", [])[-5:]:
-        say(f"  round {r.get('round')}: {r.get('kind')}, {r.get('step')} of {r.get('steps')} steps")
+        cost = [
+            f"{r['seconds']:.0f} s" if isinstance(r.get("seconds"), (int, float)) else None,
+            f"{r['energy_j']:.0f} J" if isinstance(r.get("energy_j"), (int, float)) else None,
+            f"{r['upload_bytes'] / 1e6:.1f} MB up" if isinstance(r.get("upload_bytes"), (int, float)) else None,
+        ]
+        cost_text = ", ".join(c for c in cost if c)
+        say(f"  round {r.get('round')}: {r.get('kind')}, {r.get('step')} of {r.get('steps')} steps"
+            + (f" ({cost_text})" if cost_text else ""))  # fmt: skip
 
 
 def cmd_agent_service(args) -> int:
