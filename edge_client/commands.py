@@ -107,6 +107,10 @@ def run_train(args: argparse.Namespace, cache_dir: Path, console: Console) -> in
 
 
 def run_eval(args: argparse.Namespace, cache_dir: Path, console: Console) -> int:
+    from fedge.edge_client.runtimes import open_runtime_kind
+
+    if args.model and open_runtime_kind(Path(args.model)) in ("ort", "gguf"):
+        return _eval_export(args, cache_dir, console)
     examples = load_examples(args.data)[: args.limit]
     meta = adapters.read_meta(args.adapter) if args.adapter else {}
     if args.adapter and not (args.adapter / "adapter_config.json").is_file():
@@ -129,6 +133,29 @@ def run_eval(args: argparse.Namespace, cache_dir: Path, console: Console) -> int
         import json
 
         print(json.dumps({**result.to_dict(), "seconds": time.perf_counter() - t0}))
+    else:
+        _report(console, None, result, None, None)
+    return 0
+
+
+def _eval_export(args: argparse.Namespace, cache_dir: Path, console: Console) -> int:
+    """Exact match of an export (ONNX, GGUF) on its runtime, by the same greedy loop as every runtime
+    (`fedge.edge_client.runtimes.score`); held-out loss needs the PyTorch model (evaluate the adapter for it)."""
+    from fedge.edge_client.runtimes import open_runtime, score
+
+    if args.adapter:
+        raise FedgeError(f"--model {args.model} is an export, with its adapter merged in: leave out --adapter")
+    examples = [ex for ex in load_examples(args.data)[: args.limit] if ex.text is None]
+    if not examples:
+        raise FedgeError(f"--data {args.data}: no chat examples to score an export on")
+    runtime = open_runtime(Path(args.model), cache_dir)
+    t0 = time.perf_counter()
+    with console.status(f"evaluating {len(examples)} examples on {runtime.name}"):
+        result = EvalResult(exact_match=score(runtime, examples, args.max_new_tokens), n_generated=len(examples))
+    if args.json:
+        import json
+
+        print(json.dumps({**result.to_dict(), "runtime": runtime.name, "seconds": time.perf_counter() - t0}))
     else:
         _report(console, None, result, None, None)
     return 0

@@ -85,3 +85,30 @@ def test_demo_federation_on_the_real_model(cache_dir, tmp_path):
     assert {c["name"] for c in last["clients"]} == {"healthcare", "finance"}
     assert all(c["load_seconds"] > 0 and c["startup_seconds"] > 0 for c in last["clients"])
     assert (out / "rounds.png").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_export_the_real_model_for_onnx_runtime_and_llama_cpp_and_run_it(cache_dir, tmp_path):
+    adapter = tmp_path / "adapter"
+    done = _fedge("train", "--data", "demo:healthcare", "--steps", "3", "--batch", "4", "--out", str(adapter),
+                  cache=cache_dir)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    onnx = tmp_path / "onnx-int8"
+    args = ["--adapter", str(adapter), "--format", "onnx", "--quantize", "int8", "--out", str(onnx)]
+    done = _fedge("export", *args, "--eval-data", "demo:healthcare:test", "--eval-examples", "20", "--json",
+                  cache=cache_dir)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads(done.stdout.strip().splitlines()[-1])
+    assert manifest["parity"]["runtime"] == "ort" and manifest["parity"]["top1_agree"] >= 3
+    assert manifest["files"]["model.onnx.data"] < 0.36 * 540e6  # int8 weights and embeddings: about a third of fp32
+    assert abs(manifest["exact_match"]["export"] - manifest["exact_match"]["merged"]) <= 0.15
+    done = _fedge("generate", "--model", str(onnx), "--prompt", "What is the capital of France?", "--json",
+                  cache=cache_dir)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Paris" in json.loads(done.stdout.strip().splitlines()[-1])["reply"]
+
+    gguf_dir = tmp_path / "gguf"
+    done = _fedge("export", "--adapter", str(adapter), "--format", "gguf", "--quantize", "int8", "--out",
+                  str(gguf_dir), "--json", cache=cache_dir)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads(done.stdout.strip().splitlines()[-1])
+    assert manifest["parity"]["top1_agree"] >= 3 and manifest["size_mb"] < 0.3 * 540

@@ -173,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_command(sub)
     _add_federation_commands(sub)
     from fedge.agent_cli import add_agent_commands
+    from fedge.export_cli import add_export_commands
 
     add_agent_commands(sub)
+    add_export_commands(sub)
     return parser
 
 
@@ -207,6 +209,13 @@ def _add_profile_command(sub) -> None:
         metavar="SECONDS",
         help=f"target run time: fewer timed repetitions on a slow device (default: {d.budget_s:g}; 0: no limit)",
     )
+    prof.add_argument(
+        "--inference", action="store_true", help="measure generation: first token, decode tokens/s, RSS per runtime"
+    )
+    prof.add_argument(
+        "--export", type=Path, action="append", default=[], metavar="DIR",
+        help="with --inference: an export (fedge export) to measure too; repeatable",
+    )  # fmt: skip
     _add_runtime_args(prof)
     prof.set_defaults(run=cmd_profile)
 
@@ -337,6 +346,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_profile(args) -> int:
+    if args.inference:
+        return _profile_inference(args)
     from fedge.edge_client.inventory import split_missing
     from fedge.edge_client.profiling import ProfilePlan, render_table, run_profile, save_for_planner
 
@@ -366,6 +377,28 @@ def cmd_profile(args) -> int:
         Console().print(render_table(report, unavailable))
         if args.plot:
             console.print(f"timeline: {args.plot}")
+    return 0
+
+
+def _profile_inference(args) -> int:
+    from rich.table import Table
+
+    from fedge.common.models import DEFAULT_MODEL, cached_model
+    from fedge.export_cli import inference_profile
+
+    models = [Path(cached_model(args.model or DEFAULT_MODEL, _cache(args))), *args.export]
+    rows = inference_profile(models, _cache(args), args.gen_tokens, 3)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    table = Table("model", "runtime", "first token ms", "decode tok/s", "peak RSS MB", "J/token")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["model"], "-", f"[red]{escape(r['error'])}[/]", "", "", "")
+            continue
+        figures = (f"{r['first_token_ms']:.0f}", f"{r['decode_tokens_per_s']:.1f}", f"{r['peak_rss_mb']:.0f}")
+        table.add_row(Path(r["model"]).name, r["runtime"], *figures, f"{r['j_per_token']:.3f}")
+    Console().print(table)
     return 0
 
 

@@ -143,6 +143,23 @@ def list_models(cache_dir: Path) -> list[CachedModel]:
     return list(found.values())
 
 
+def cached_model(source: str, cache_dir: Path) -> Path:
+    """The model directory of ``source`` without fetching anything (an export or a run on the device uses the model
+    already there): a directory as it is, a .gguf file converted once (local work), a built-in name or hub id
+    only if the cache holds it. ModelError naming the pull command otherwise."""
+    path = Path(source).expanduser()
+    if path.is_dir() or path.is_file():
+        return pull_model(source, cache_dir)
+    name = source if source in BUILTIN_MODELS else source.replace("/", "--")
+    entry = Path(cache_dir) / "models" / name
+    if not _entry_ready(entry):
+        raise ModelError(
+            f"the base model {source!r} is not in the model cache {cache_dir}: `fedge model pull {source}` first, "
+            "or give --model DIR"
+        )
+    return entry
+
+
 def _entry_ready(entry: Path) -> bool:
     """True if ``entry`` is a completed cache entry whose files are all present at their sizes."""
     marker = entry / MARKER
