@@ -41,7 +41,10 @@ PARITY_PROMPTS = (
     "List three colours.",
     "Translate 'good morning' into Spanish.",
 )
-FP32_LOGIT_TOLERANCE = 1e-2  # max |logit difference| an fp32 export may show against the merged model
+# Max |logit difference| an fp32 export may show against the merged model. Measured on SmolLM2-135M: ONNX Runtime
+# 9e-5; llama.cpp 0.014 (its KV cache is f16). A broken conversion (a wrong q/k permutation, a missing tensor)
+# differs by whole units.
+FP32_LOGIT_TOLERANCE = 0.05
 
 
 @dataclass

@@ -245,21 +245,28 @@ class LlamaCppRuntime(Runtime):
 
     name = "llama_cpp"
 
-    def __init__(self, path: Path, tokenizer_dir: Path | None) -> None:
+    def __init__(self, path: Path) -> None:
         try:
             from llama_cpp import Llama
         except ImportError:
             raise FedgeError(f"{path}: a GGUF model runs on llama.cpp: pip install llama-cpp-python") from None
-        from fedge.common.modeling import load_tokenizer
+        from transformers import AutoTokenizer
 
-        self.llm = Llama(model_path=str(path), n_ctx=2048, logits_all=False, verbose=False)
-        self.tokenizer = load_tokenizer(tokenizer_dir or Path(path).parent)
+        path = Path(path)
+        try:
+            self.llm = Llama(model_path=str(path), n_ctx=2048, logits_all=False, verbose=False)
+            # the GGUF's own vocabulary and chat template, as transformers reads them: the same ids as PyTorch
+            self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as err:  # llama.cpp raises ValueError, transformers several types, for unreadable files
+            raise FedgeError(f"{path}: llama.cpp cannot load it ({type(err).__name__}: {err})") from None
         self.eos = frozenset({self.llm.token_eos()})
 
     def last_logits(self, ids):
         self.llm.reset()
         self.llm.eval(ids)
-        return np.asarray(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float32)
+        # the binding keeps only sampled tokens unless every row's logits are kept (logits_all: n_ctx x vocab floats);
+        # the context's own buffer holds the last row
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),)).astype(np.float32)
 
     def generate(self, ids, max_new_tokens, sampling=None, stop_at_eos=True):
         kwargs = {"temp": 0.0} if sampling is None else {"temp": sampling.temperature, "top_p": sampling.top_p}
@@ -310,7 +317,7 @@ def open_runtime(path: Path, cache_dir: Path | None = None, dtype: str = "fp32")
     if kind == "gguf":
         gguf = sorted(path.glob("*.gguf"))[0] if path.is_dir() else path
         if importlib.util.find_spec("llama_cpp") is not None:
-            return LlamaCppRuntime(gguf, path if path.is_dir() else None)
+            return LlamaCppRuntime(gguf)
         return TorchRuntime.load_gguf(gguf)
     if kind == "torch":
         return TorchRuntime.load(path, dtype, cache_dir)

@@ -165,13 +165,15 @@ def test_console_script_runs_without_traceback(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv", [["--help"], ["client", "start", "--help"], ["server", "start", "--help"], ["--version"]]
-)
+    "argv",
+    [["--help"], ["client", "start", "--help"], ["server", "start", "--help"], ["export", "--help"],
+     ["generate", "--help"], ["--version"]],
+)  # fmt: skip
 def test_help_and_version_do_not_import_torch(argv):
     # `fedge --help` on a Raspberry Pi should answer at once: torch alone takes seconds to import there.
     code = (
         f"import sys\nfrom fedge.cli import main\ntry: main({argv!r})\nexcept SystemExit: pass\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'flwr') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'transformers', 'flwr', 'onnxruntime') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[]"
