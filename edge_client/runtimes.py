@@ -81,8 +81,12 @@ class TorchRuntime(Runtime):
     """Eager PyTorch with a KV cache, one token per forward pass (the baseline every export is compared with)."""
 
     def __init__(self, model, tokenizer, dtype: str) -> None:
+        import inspect
+
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, f"torch_{dtype}"
         self.eos = _eos_ids(tokenizer, getattr(model.config, "eos_token_id", None))
+        # transformers 5.2x calls the KV cache `cache`; earlier versions `past_key_values`
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @classmethod
     def load(cls, path: Path, dtype: str = "fp32", cache_dir: Path | None = None) -> TorchRuntime:
@@ -131,8 +135,11 @@ class TorchRuntime(Runtime):
         import torch
 
         with torch.inference_mode():
-            out = self.model(torch.tensor([ids]), past_key_values=past, use_cache=True)
-        return out.logits[0, -1].float(), out.past_key_values
+            out = self.model(
+                torch.tensor([ids]), use_cache=True, **({self._cache_arg: past} if past is not None else {})
+            )
+        cache = getattr(out, "cache", None)
+        return out.logits[0, -1].float(), cache if cache is not None else out.past_key_values
 
     def last_logits(self, ids: list[int]) -> np.ndarray:
         return self._step(ids, None)[0].numpy()
@@ -281,6 +288,7 @@ class LlamaCppRuntime(Runtime):
         return out
 
     def timed(self, ids, new_tokens):
+        self.llm.reset()  # else the binding reuses the KV cache of a matching prompt prefix: no prompt work timed
         t0 = time.perf_counter()
         t1, n = None, 0
         for _ in self.llm.generate(ids, reset=True, temp=0.0):
@@ -344,8 +352,6 @@ BENCH_PROMPT = "Explain in a few sentences why the sky is blue, for a curious te
 def bench(path: Path, cache_dir: Path | None, dtype: str, new_tokens: int, reps: int) -> dict:
     """First-token latency, decode tokens/s at batch 1 (``new_tokens`` forced past the end token), peak RSS and
     joules per decoded token of one runtime; medians of ``reps`` runs after one warm-up."""
-    import resource
-
     from fedge.edge_client.energy import EnergySession
 
     t0 = time.perf_counter()
@@ -369,10 +375,26 @@ def bench(path: Path, cache_dir: Path | None, dtype: str, new_tokens: int, reps:
         "first_token_ms": round(statistics.median(first) * 1000, 1),
         "decode_tokens_per_s": round(statistics.median(decode), 2),
         "decode_tokens_per_s_all": [round(v, 2) for v in decode],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
         "j_per_token": round(phase.joules / (reps * new_tokens), 4),
         "energy_method": meter.result.method,
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM where Linux has it (``ru_maxrss`` survives exec, so a process
+    started from a large parent would report the parent's peak), else ``ru_maxrss``."""
+    import resource
+    import sys
+
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    scale = 2**20 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
 
 
 def main(argv: list[str] | None = None) -> int:

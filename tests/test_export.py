@@ -194,3 +194,15 @@ def test_a_failed_export_leaves_the_previous_one_and_no_partial_files(tiny_adapt
         _export(tiny_adapter, out, "hf")
     assert json.loads((out / MANIFEST).read_text()) == first
     assert sorted(p.name for p in out.parent.iterdir()) == ["model"]  # no staging or work directories
+
+
+def test_inference_profile_measures_each_runtime_in_its_own_process(tiny_model_dir, tiny_adapter, tmp_path):
+    from fedge.export_cli import inference_profile
+
+    _export(tiny_adapter, tmp_path / "int8", "onnx", "int8")
+    rows = inference_profile([tiny_model_dir, tmp_path / "int8", tmp_path / "nothing"], tmp_path / "c", 6, 1)
+    assert [r.get("runtime") for r in rows] == ["torch_fp32", "torch_bf16", "ort", None]
+    for row in rows[:3]:
+        assert row["decode_tokens_per_s"] > 0 and row["first_token_ms"] > 0 and row["peak_rss_mb"] > 50
+        assert row["new_tokens"] == 6 and row["j_per_token"] >= 0
+    assert "not a model fedge can run" in rows[3]["error"]
