@@ -70,6 +70,7 @@ class ExportRequest:
 def export(req: ExportRequest, cache_dir: Path, say: Callable[[str], None] = print) -> dict:
     """Write the export to ``req.out`` (atomically) and return its manifest."""
     from fedge.common.adapters import check_writable, read_meta
+    from fedge.common.fsutil import publish_dir
     from fedge.common.models import cached_model
 
     adapter = Path(req.adapter)
@@ -94,7 +95,7 @@ def export(req: ExportRequest, cache_dir: Path, say: Callable[[str], None] = pri
         scores = _exact_match(req, merged, staging, cache_dir, say) if req.eval_data else None
         manifest = _manifest(req, source, adapter, files, parity, scores, time.monotonic() - started)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _publish(staging, req.out)
+        publish_dir(staging, req.out)
     except OSError as err:
         raise FedgeError(f"--out {req.out}: could not write the export ({err.strerror or err})") from None
     finally:
@@ -282,28 +283,3 @@ def adapter_fingerprint(adapter: Path) -> str:
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """fsync every file, then rename the staging directory to ``out`` (a previous export there is replaced)."""
-    from fedge.common.fsutil import fsync_dir
-
-    for path in staging.iterdir():
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}-old-{os.getpid()}")
-        out.rename(old)
-    staging.rename(out)
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def read_manifest(path: Path) -> dict | None:
-    try:
-        data = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

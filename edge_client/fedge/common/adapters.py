@@ -7,7 +7,6 @@ or a full disk never leaves a half-written adapter where a finished one is expec
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fedge.common.errors import FedgeError
-from fedge.common.fsutil import fsync_dir
+from fedge.common.fsutil import publish_dir
 
 META_FILE = "fedge_adapter.json"
 
@@ -43,17 +42,7 @@ def save_adapter(model: torch.nn.Module, out_dir: Path, meta: dict) -> Path:
         model.save_pretrained(staging)
         meta = {**meta, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
-        for f in staging.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}-old-{os.getpid()}")
-            out_dir.rename(old)
-        staging.rename(out_dir)
-        fsync_dir(out_dir.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_dir(staging, out_dir)
     except (OSError, _safetensors_error()) as err:  # a full disk can surface as either
         reason = getattr(err, "strerror", None) or err
         raise FedgeError(f"{out_dir}: could not save the adapter ({reason}); a previous one there is intact") from None
