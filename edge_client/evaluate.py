@@ -19,6 +19,7 @@ class EvalResult:
     exact_match: float | None = None
     n_loss: int = 0  # labelled tokens behind ``loss``
     n_generated: int = 0  # examples behind ``exact_match``
+    n_decoded: int = 0  # of those, decided by generating token by token (the rest by one teacher-forced pass)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -91,6 +92,75 @@ def answer_token_limit(tokenizer, examples: Sequence[Example]) -> int:
     return longest + ANSWER_SLACK_TOKENS
 
 
+@dataclass
+class MatchCheck:
+    """What `teacher_forced_matches` decided: a verdict per example (None: generation must decide) and how many
+    needed generation."""
+
+    verdicts: list[bool | None]
+
+    @property
+    def undecided(self) -> list[int]:
+        return [i for i, v in enumerate(self.verdicts) if v is None]
+
+
+@torch.no_grad()
+def teacher_forced_matches(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    device: torch.device,
+    max_new_tokens: int,
+    batch_size: int = 16,
+) -> MatchCheck:
+    """Whether greedy decoding would reproduce each reference reply, from one forward pass over prompt + reference.
+
+    Greedy decoding writes the reference and stops iff at every reference position (and the end token after it)
+    the argmax is that token: then it is a match. Where the argmax first differs, greedy has written the reference's
+    first k tokens and another one; if that text, normalized, is no prefix of the normalized reference, no later
+    token can make it one (byte-level pieces only append text): not a match. Anything else (a different split of
+    the same text, a reply longer than ``max_new_tokens``, a partial character) is left to generation (None).
+    """
+    model.eval()
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    verdicts: list[bool | None] = [None] * len(examples)
+    rows = []
+    for i, ex in enumerate(examples):
+        prompt = tokenizer(prompt_text(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
+        reply = tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
+        if (
+            eos is None
+            or len(reply) + 1 > max_new_tokens
+            or normalize_answer(tokenizer.decode(reply)) != (normalize_answer(ex.answer))
+        ):
+            continue  # generation decides
+        rows.append((i, prompt, reply))
+    rows.sort(key=lambda r: len(r[1]) + len(r[2]))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(p) + len(r) for _, p, r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (_, prompt, reply) in enumerate(chunk):
+            seq = prompt + reply
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for row, (i, prompt, reply) in enumerate(chunk):
+            targets = reply + [eos]
+            picks = logits[row, len(prompt) - 1 : len(prompt) - 1 + len(targets)].argmax(-1).tolist()
+            k = next((t for t, (a, b) in enumerate(zip(picks, targets)) if a != b), None)
+            if k is None:
+                verdicts[i] = True
+                continue
+            text = normalize_answer(tokenizer.decode(reply[:k] + [picks[k]], skip_special_tokens=True))
+            reference = normalize_answer(examples[i].answer)
+            if "\ufffd" not in text and not reference.startswith(text) and not (k == len(reply) and text == reference):
+                verdicts[i] = False
+    return MatchCheck(verdicts)
+
+
 def exact_match(predictions: Sequence[str], examples: Sequence[Example]) -> float:
     """Fraction of predictions equal to the reference reply after :func:`normalize_answer`."""
     if not examples:
@@ -118,7 +188,11 @@ def evaluate(
     chats = [ex for ex in gen_examples if ex.text is None]
     if chats:
         limit = max_new_tokens or answer_token_limit(tokenizer, chats)
-        predictions = generate_answers(model, tokenizer, chats, device, max_new_tokens=limit)
-        result.exact_match = exact_match(predictions, chats)
-        result.n_generated = len(chats)
+        check = teacher_forced_matches(model, tokenizer, chats, device, limit)
+        rest = [chats[i] for i in check.undecided]
+        replies = iter(generate_answers(model, tokenizer, rest, device, max_new_tokens=limit) if rest else [])
+        hits = [v if v is not None else normalize_answer(next(replies)) == normalize_answer(ex.answer)
+                for v, ex in zip(check.verdicts, chats)]  # fmt: skip
+        result.exact_match = sum(hits) / len(chats)
+        result.n_generated, result.n_decoded = len(chats), len(rest)
     return result

@@ -435,7 +435,8 @@ def _reply_arrays(
 ) -> tuple[Arrays, str, object]:  # fmt: skip
     """What goes back: (arrays, codec spec, the error feedback to save once the update is saved).
 
-    The whole adapter (``codec == ""``) or the encoded change, with error feedback.
+    The whole adapter (``codec == ""``) or the encoded change, with error feedback. Frozen tensors never travel
+    up: with LoRA A frozen (the default) an uncoded reply is the change of B alone, exact in fp32 (codec "none").
 
     ``"auto"`` picks the least lossy codec whose upload fits the deadline's remaining time on the device's
     link (an emulated profile's; on a real device without a link model, int8); ``"auto:C"`` starts the search
@@ -445,7 +446,8 @@ def _reply_arrays(
     from fedge.quantization.codecs import LADDER
     from fedge.quantization.updates import ErrorFeedback, make_delta, pick_codec
 
-    if not settings.codec and set(trained) == set(global_arrays) and _same_shapes(trained, global_arrays):
+    whole = not settings.codec and set(trained) == set(global_arrays) and _same_shapes(trained, global_arrays)
+    if whole and not settings.lora_freeze_a:
         return trained, "", None
     # A plan that trains part of the adapter (lower rank, fewer layers) always sends its change: the whole
     # adapter would not have the global's shapes.

@@ -54,6 +54,8 @@ class ServerSettings:
     clip_factor: float = setting(
         0.0, "scale down a change whose RMS is above this x the median of the others' (0: no clipping)"
     )
+    eval_every: int = setting(1, "score the global adapter every N rounds (and after the last): evaluation is the "
+                              "costliest stage after training", metavar="N")  # fmt: skip
     retry_after: float = setting(
         0.0, "seconds before a client that declined is asked again (0: the next round); a decline then costs the "
         "server no message and the device no wake-up until its window", metavar="SECONDS",
@@ -92,6 +94,8 @@ class ServerSettings:
             raise ValueError(f"krum_f must be >= 0, got {self.krum_f}")
         if not (math.isfinite(self.trim) and 0 <= self.trim < 0.5):
             raise ValueError(f"trim must be in [0, 0.5), got {self.trim}")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1, got {self.eval_every}")
         if not (math.isfinite(self.retry_after) and self.retry_after >= 0):
             raise ValueError(f"retry_after must be a finite number of seconds >= 0, got {self.retry_after}")
         if self.stage_deadline is not None and not (math.isfinite(self.stage_deadline) and self.stage_deadline > 0):

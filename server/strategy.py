@@ -72,11 +72,13 @@ class FedgeAvg(FedAvg):
             clients = self._check_and_average(
                 state, replies, wire.record_bytes(sent), wire.RoundSettings.from_config(train_config)
             )
-            evals, eval_failures = self._stage(
-                grid,
-                self.configure_evaluate(rnd, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid),
-                deferred,
-            )
+            evals, eval_failures = [], []
+            if rnd % self.server.eval_every == 0 or rnd == num_rounds:
+                evals, eval_failures = self._stage(
+                    grid,
+                    self.configure_evaluate(rnd, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid),
+                    deferred,
+                )
             self._ask_back(state, eval_failures)
             state.round = rnd
             evaluated, bad = self._evaluations(evals, wire.RoundSettings.from_config(evaluate_config))

@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 
 from fedge.common import wire
 from fedge.edge_client.flower_client import evaluate_round, train_round
+from fedge.quantization.codecs import HEADER_KEY, Encoded, decode, encode
 
 
 def poison(msg: Message, context: Context, call_next) -> Message:
@@ -23,14 +24,21 @@ def poison(msg: Message, context: Context, call_next) -> Message:
     if context.node_config.get("name") != "poison" or msg.metadata.message_type != "train":
         return reply
     arrays = wire.from_record(reply.content[wire.ADAPTER])
-    name = next(iter(arrays))
+    encoded = HEADER_KEY in arrays  # an uncoded reply with A frozen is B's change, in the codec's "none" form
+    if encoded:
+        arrays = decode(Encoded.from_arrays(arrays))
+    name = next(k for k in arrays if "lora_B" in k)
     rnd = int(msg.content[wire.CONFIG][wire.Cfg.ROUND])
-    if rnd == 1:
+    if rnd == 1 and not encoded:
         arrays[name] = np.full_like(arrays[name], np.nan)
     elif rnd == 2:
         arrays = {k: v * 1e4 + 1.0 if "lora_B" in k else v for k, v in arrays.items()}
-    else:
+    elif rnd == 3:
         arrays[name] = np.zeros((3, 3), np.float32)
+    if encoded:  # fedge's encoder refuses NaN: the payload's floats are overwritten after it
+        arrays = encode(arrays, "none").to_arrays()
+        if rnd == 1:
+            arrays = {k: np.full_like(v, np.nan) if v.dtype == np.float32 else v for k, v in arrays.items()}
     reply.content[wire.ADAPTER] = wire.to_record(arrays)
     return reply
 

@@ -40,3 +40,38 @@ def test_a_model_that_learned_long_answers_scores_them(fresh_session):
     assert result.exact_match == 1.0
     capped = evaluate(model, fresh_session.tokenizer, [], LONG, torch.device("cpu"), max_new_tokens=16)
     assert capped.exact_match == 0.0  # what a fixed 16-token cap scored
+
+
+def _generation_only(model, tok, examples, limit) -> list[bool]:
+    from fedge.edge_client.evaluate import generate_answers, normalize_answer
+
+    replies = generate_answers(model, tok, examples, torch.device("cpu"), max_new_tokens=limit)
+    return [normalize_answer(r) == normalize_answer(ex.answer) for r, ex in zip(replies, examples)]
+
+
+def test_the_teacher_forced_check_decides_exact_match_as_generation_does(fresh_session):
+    # References the model reproduces (its own greedy replies, trimmed to end where it ends), references it does not
+    # (the demo's), and the same with a changed last character: every verdict must equal generation's.
+    from fedge.edge_client import demo_data
+    from fedge.edge_client.evaluate import generate_answers, teacher_forced_matches
+
+    lora = LoraSettings(r=16, alpha=32, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"))
+    cfg = TrainConfig(steps=40, micro_batch=4, lr=1e-2, warmup_steps=0, lr_schedule="constant", seq_len=64, lora=lora)
+    model = add_lora(fresh_session.model, cfg.lora, seed=0)
+    train(model, epoch_maker(fresh_session.tokenizer, LONG, cfg), cfg, torch.device("cpu"))
+    tok, cpu = fresh_session.tokenizer, torch.device("cpu")
+    demo = [Example(messages=(("user", r["instruction"] + "\n\n" + r["input"]), ("assistant", r["output"])))
+            for r in demo_data.generate("finance")[:12]]  # fmt: skip
+    own = generate_answers(model, tok, LONG + demo, cpu, max_new_tokens=30)
+    mine = [Example(messages=(ex.messages[0], ("assistant", reply))) for ex, reply in zip(LONG + demo, own) if reply]
+    changed = [Example(messages=(ex.messages[0], ("assistant", ex.answer[:-1] + "#"))) for ex in mine]
+    examples = LONG + demo + mine + changed
+    limit = answer_token_limit(tok, examples)
+    check = teacher_forced_matches(model, tok, examples, cpu, limit)
+    truth = _generation_only(model, tok, examples, limit)
+    decided = [(i, v) for i, v in enumerate(check.verdicts) if v is not None]
+    assert all(truth[i] == v for i, v in decided), [(i, v, truth[i]) for i, v in decided if truth[i] != v]
+    assert any(v for _, v in decided) and any(not v for _, v in decided)
+    assert len(check.undecided) <= len(examples) // 4, check.undecided  # generation left for the few
+    result = evaluate(model, tok, [], examples, cpu, max_new_tokens=limit)
+    assert result.exact_match == sum(truth) / len(truth) and result.n_decoded == len(check.undecided)

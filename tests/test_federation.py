@@ -191,10 +191,10 @@ def test_rounds_go_on_past_a_killed_client_and_poisoned_updates(federation):
     records = fed.records()
     assert [r["round"] for r in records] == [0, 1, 2, 3]
     by_round = {r["round"]: {c["name"]: c for c in r["clients"]} for r in records}
-    expected = {1: "non-finite", 2: "update norm", 3: "wrong shape"}
-    for rnd, reason in expected.items():
+    expected = {1: ("non-finite",), 2: ("update norm",), 3: ("wrong shape", "LoRA ranks")}
+    for rnd, reasons in expected.items():
         poisoned = by_round[rnd]["poison"]
-        assert poisoned["accepted"] is False and reason in poisoned["reason"], poisoned
+        assert poisoned["accepted"] is False and any(r in poisoned["reason"] for r in reasons), poisoned
         assert by_round[rnd]["healthcare"]["accepted"] and by_round[rnd]["finance"]["accepted"]
         assert records[rnd]["clients_rejected"] == 1
     assert records[1]["clients_failed"] >= 1  # the killed client's message came back as "node unavailable"

@@ -33,14 +33,30 @@ def _settings(model_dir, **kw) -> wire.RoundSettings:
     return wire.RoundSettings(model=str(model_dir), **{**base, **kw})
 
 
-def test_whole_adapter_reply_by_default(holder, device, tiny_model_dir):
-    settings = _settings(tiny_model_dir)
+def test_whole_adapter_reply_when_a_trains_too(holder, device, tiny_model_dir):
+    settings = _settings(tiny_model_dir, lora_freeze_a=False)
     initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
     arrays, metrics = local_work.do_train(holder, device, settings, initial, rnd=1)
     assert set(arrays) == set(initial) and HEADER_KEY not in arrays
     assert metrics[wire.Metric.UPLOAD_BYTES] == sum(a.nbytes for a in initial.values())
     update, norm = hetero.from_reply(arrays, initial, settings.lora_alpha)
     assert norm > 0 and set(update) == set(initial)
+
+
+def test_frozen_tensors_never_travel_up(holder, device, tiny_model_dir):
+    # LoRA A frozen (the default): the reply is B's change alone, lossless, and the server rebuilds the adapter.
+    from fedge.quantization.codecs import Encoded, decode
+
+    settings = _settings(tiny_model_dir)
+    assert settings.lora_freeze_a and not settings.codec
+    initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+    arrays, metrics = local_work.do_train(holder, device, settings, initial, rnd=1)
+    sent = decode(Encoded.from_arrays(arrays))
+    assert sent and all("lora_B" in k for k in sent) and metrics[wire.Client.CODEC] == "none"
+    b_bytes = sum(a.nbytes for k, a in initial.items() if "lora_B" in k)
+    assert metrics[wire.Metric.UPLOAD_BYTES] <= b_bytes * 1.01 + 4096
+    update, norm = hetero.from_reply(arrays, initial, settings.lora_alpha)
+    assert norm > 0 and set(update) == {k for k in initial if "lora_B" in k}  # A: the global's, untouched
 
 
 def test_encoded_change_with_error_feedback_decodes_to_the_trained_adapter(holder, device, tiny_model_dir):

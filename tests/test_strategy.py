@@ -102,3 +102,23 @@ def test_a_client_that_declined_is_asked_back_after_its_window_and_the_window_su
     with pytest.raises(ValueError, match="retry_after"):
         ServerSettings(retry_after=-1)
     assert FedgeAvg(ServerSettings(), 0.01)._ask_back(state, [declined]) == set()  # off by default
+
+
+def test_eval_every_scores_every_nth_round_and_the_last(monkeypatch):
+    import numpy as np
+
+    from fedge.server.records import RoundRecord
+    from fedge.server.state import ServerState
+
+    strategy, stages = FedgeAvg(ServerSettings(min_clients=1, eval_every=3), stage_deadline_s=0.01), []
+    monkeypatch.setattr(strategy, "configure_train", lambda rnd, *a: [("train", rnd)])
+    monkeypatch.setattr(strategy, "configure_evaluate", lambda rnd, *a: [("evaluate", rnd)])
+    monkeypatch.setattr(strategy, "_stage", lambda grid, msgs, skip=frozenset(): (stages.extend(msgs), ([], []))[1])
+    monkeypatch.setattr(strategy, "_check_and_average", lambda *a: [])
+    monkeypatch.setattr(strategy, "_wait_for_eligible", lambda grid, state: set())
+    state = ServerState(settings={}, arrays={"a": np.zeros(2, np.float32)}, records=[RoundRecord(0)])
+    config = wire.RoundSettings(model="m").to_config()
+    strategy.run(None, state, 7, config, config, save=lambda s: None)
+    assert [r for kind, r in stages if kind == "evaluate"] == [3, 6, 7]
+    assert [r for kind, r in stages if kind == "train"] == list(range(1, 8))
+    assert [rec.exact_match for rec in state.records[1:]] == [None] * 7 and state.round == 7
