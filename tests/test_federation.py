@@ -219,7 +219,7 @@ def test_replies_corrupted_in_transit_are_rejected_and_the_rounds_go_on(federati
 
     records = fed.records()
     assert [r["round"] for r in records] == [0, 1, 2, 3]
-    expected = {1: ("non-finite", "update norm"), 2: ("bytes, ",), 3: ("not a numpy array",)}
+    expected = {1: ("non-finite", "update norm", "unreadable codec header"), 2: ("bytes, ",), 3: ("not a numpy array",)}
     for rnd, reasons in expected.items():
         by_name = {c["name"]: c for c in records[rnd]["clients"]}
         garbled = by_name["garbled"]
