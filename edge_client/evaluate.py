@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from fedge.edge_client.data import Batch, Example, prompt_text
-from fedge.edge_client.train import lean_loss
+from fedge.edge_client.train import body_and_head, lean_loss
 
 
 @dataclass
@@ -137,6 +137,7 @@ def teacher_forced_matches(
             continue  # generation decides
         rows.append((i, prompt, reply))
     rows.sort(key=lambda r: len(r[1]) + len(r[2]))
+    body, head = body_and_head(model)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         width = max(len(p) + len(r) for _, p, r in chunk)
@@ -146,10 +147,12 @@ def teacher_forced_matches(
             seq = prompt + reply
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        # the LM head only where a reply token is predicted: full-vocabulary logits at every position would cost
+        # more than the generation this replaces
+        hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
         for row, (i, prompt, reply) in enumerate(chunk):
             targets = reply + [eos]
-            picks = logits[row, len(prompt) - 1 : len(prompt) - 1 + len(targets)].argmax(-1).tolist()
+            picks = head(hidden[row, len(prompt) - 1 : len(prompt) - 1 + len(targets)]).argmax(-1).tolist()
             k = next((t for t, (a, b) in enumerate(zip(picks, targets)) if a != b), None)
             if k is None:
                 verdicts[i] = True

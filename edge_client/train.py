@@ -112,7 +112,7 @@ def compile_layers(model: torch.nn.Module) -> None:
     that of one layer (~40 s on 2 cores), not of the whole model. On CPU most of a LoRA step is not the
     matmuls but norms, rotary, casts and LoRA's adds, which the compiler fuses into a few loops.
     """
-    body, _ = _body_and_head(model)
+    body, _ = body_and_head(model)
     layers = getattr(body, "layers", None)
     if layers is None:
         body.compile()
@@ -121,7 +121,7 @@ def compile_layers(model: torch.nn.Module) -> None:
         layer.compile()
 
 
-def _body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The decoder stack (ending in its final norm) and the LM head of a (peft-wrapped) causal LM."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     return lm.get_decoder(), lm.get_output_embeddings()
@@ -133,7 +133,7 @@ def lean_loss(model: torch.nn.Module, batch: Batch, chunk: int) -> tuple[torch.T
     Returns (loss_sum, n_labels); divide by the step's total labels for a mean. Logits are built only
     for labelled positions, ``chunk`` at a time, in fp32 for a stable log-softmax.
     """
-    body, head = _body_and_head(model)
+    body, head = body_and_head(model)
     hidden = body(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
