@@ -81,6 +81,10 @@ def export(req: ExportRequest, cache_dir: Path, say: Callable[[str], None] = pri
         raise FedgeError(f"--adapter {adapter}: its fedge_adapter.json names no base model; give --model")
     base = cached_model(source, cache_dir)
     check_writable(req.out)
+    if req.eval_data:
+        from fedge.edge_client.data import load_examples
+
+        load_examples(req.eval_data)  # a bad data file is refused now, not after minutes of merging and building
     started = time.monotonic()
     parent = req.out.resolve().parent
     staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{req.out.name}-"))

@@ -175,6 +175,10 @@ def test_unsupported_architecture_unwritable_out_and_not_an_adapter_are_refused(
     done = _fedge("export", "--adapter", str(tiny_adapter), "--format", "hf", "--quantize", "int8", "--out",
                   str(tmp_path / "o"), env_cache=tmp_path / "c")  # fmt: skip
     assert done.returncode == 2 and "--quantize needs --format onnx or gguf" in done.stderr
+    done = _fedge("export", "--adapter", str(tiny_adapter), "--format", "onnx", "--out", str(tmp_path / "o"),
+                  "--eval-data", str(tmp_path / "missing.jsonl"), env_cache=tmp_path / "c")  # fmt: skip
+    assert done.returncode == 2 and "missing.jsonl: no such file" in done.stderr and not (tmp_path / "o").exists()
+    assert "merging" not in done.stdout + done.stderr  # refused before any work
     done = _fedge("generate", "--model", str(tmp_path / "nothing"), "--prompt", "hi", env_cache=tmp_path / "c")
     assert done.returncode == 2 and "not a model fedge can run" in done.stderr
 
