@@ -74,6 +74,12 @@ def main() -> None:
         help="also score the mean of the last K global adapters for each K listed (e.g. 2,3): iterate averaging",
     )
     p.add_argument("--train-a", action="store_true", help="train LoRA A too (default: A frozen, FFA-LoRA)")
+    p.add_argument(
+        "--score-rounds",
+        action="store_true",
+        help="score the global adapter after every round too (the curve, and the rounds, examples and client "
+        "seconds to reach 50%% and 80%% exact match)",
+    )
     only = p.add_mutually_exclusive_group()  # exploration runs: each needs --tag, the full run owns the table
     only.add_argument("--federated-only", action="store_true", help="skip the baselines (for trying FedAvg settings)")
     only.add_argument("--centralized-only", action="store_true", help="only the centralized baseline (e.g. other lr)")
@@ -170,14 +176,16 @@ def main() -> None:
         return {**score(arrays), "train_loss": loss}
 
     def federated(server_lr: float) -> dict:
-        global_arrays, moments, history = initial, {}, []
+        global_arrays, moments, history, curve, client_s = initial, {}, [], [], 0.0
         client_optimizers: dict[str, dict | None] = {d: {} if args.keep_client_optimizer else None for d in DOMAINS}
         for rnd in range(1, args.rounds + 1):
             lr = round_lr(args.lr, args.round_lr_min, rnd, args.rounds)
+            t0 = time.perf_counter()
             updates = [
                 run_train(global_arrays, train_sets[d], steps_per_round, rnd * 100 + i, lr, client_optimizers[d])[0]
                 for i, d in enumerate(DOMAINS)
             ]
+            client_s += time.perf_counter() - t0
             weights = [len(train_sets[d]) for d in DOMAINS]
             if merge_keep is None:
                 average = weighted_average(updates, weights)
@@ -187,10 +195,19 @@ def main() -> None:
                 global_arrays, average, args.server_opt, server_lr, moments, tau=args.server_tau
             )
             history.append(global_arrays)
+            if args.score_rounds and rnd < args.rounds:
+                curve.append(_curve_point(rnd, score(global_arrays), client_s, rnd * n_clients * steps_per_round))
         tails = {f"last_{k}": score(weighted_average(history[-k:], [1] * len(history[-k:]))) for k in tail_averages}
         for name, t in tails.items():
             print(f"  mean of the {name.replace('_', ' ')} global adapters: {t['exact_match']:.1%}", flush=True)
-        return {**score(global_arrays), **({"tail_averages": tails} if tails else {})}
+        final = score(global_arrays)
+        extra = {"tail_averages": tails} if tails else {}
+        if args.score_rounds:
+            curve.append(_curve_point(args.rounds, final, client_s, args.rounds * n_clients * steps_per_round))
+            extra |= {"curve": curve, "to_target": to_target(curve, args.batch)}
+            for target, hit in extra["to_target"].items():
+                print(f"  {target}: {hit or 'not reached'}", flush=True)
+        return {**final, **extra}
 
     def local_only() -> dict:
         per_client = {}
@@ -259,6 +276,25 @@ def main() -> None:
     path = write_results(f"federated_quality{args.tag}", results)
     update_readme_section("federated_quality", _table(results))
     print(f"wrote {path}")
+
+
+def _curve_point(rnd: int, scored: dict, client_s: float, steps: int) -> dict:
+    print(f"  round {rnd}: {scored['exact_match']:.1%} exact match", flush=True)
+    return {"round": rnd, "exact_match": scored["exact_match"], "heldout_loss": scored["heldout_loss"],
+            "client_steps": steps, "client_seconds": round(client_s, 1)}  # fmt: skip
+
+
+def to_target(curve: list[dict], batch: int, targets=(0.5, 0.8)) -> dict:
+    """For each exact-match target, the first round that reaches it: round, client steps and examples in all, and
+    client training seconds (all clients, one after another on this machine); None if no round does."""
+    out = {}
+    for target in targets:
+        hit = next((c for c in curve if c["exact_match"] >= target), None)
+        out[f"{target:.0%}"] = hit and {
+            "round": hit["round"], "client_steps": hit["client_steps"], "examples": hit["client_steps"] * batch,
+            "client_seconds": hit["client_seconds"],
+        }  # fmt: skip
+    return out
 
 
 def round_lr(peak: float, floor: float | None, rnd: int, rounds: int) -> float:

@@ -75,7 +75,9 @@ def _work(device: Device, kind: str, config: dict, arrays: dict, rnd: int) -> tu
     settings = wire.RoundSettings.from_config(config)
     holder = _holder(device)
     if kind == "train":
-        out, metrics = local_work.do_train(holder, device, settings, arrays, rnd)
+        from fedge.edge_client.worker import score_first
+
+        out, metrics = local_work.do_train(holder, device, settings, arrays, rnd, score_first(config))
         return out, metrics, 0
     return {}, local_work.do_evaluate(holder, device, settings, arrays), 0
 

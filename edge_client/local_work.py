@@ -142,9 +142,14 @@ def local_data(device: Device, seed: int) -> tuple[list, list]:
 
 
 def do_train(
-    holder: ModelHolder, device: Device, settings: wire.RoundSettings, global_arrays: Arrays, rnd: int
-) -> tuple[Arrays, dict]:
+    holder: ModelHolder, device: Device, settings: wire.RoundSettings, global_arrays: Arrays, rnd: int,
+    score_first: bool = False,
+) -> tuple[Arrays, dict]:  # fmt: skip
     """Train the global adapter for the round on local data: (the reply's arrays, metrics).
+
+    With ``score_first`` the received adapter is scored on the held-out examples before training (`do_evaluate`),
+    and the metrics carry that evaluation under the `wire.Metric.PRIOR` prefix: the server then needs no separate
+    evaluate message for it.
 
     With ``settings.deadline_s`` the device first plans the round (`fedge.edge_client.plan`) and re-plans from its
     measured steps; with ``settings.codec`` it replies with its encoded change instead of the whole adapter.
@@ -158,7 +163,6 @@ def do_train(
     from fedge.edge_client.train import train
 
     clock = _DeviceClock(virtual=device.emulated_time == "virtual")
-    started = clock()
     train_set, _ = local_data(device, settings.seed)
     data_id = fingerprint(train_set)
     work = device.state_dir / "work" / _work_key(global_arrays, settings, f"{data_id}|{device.profile}|{rnd}")
@@ -166,6 +170,10 @@ def do_train(
         arrays, metrics = _load_update(work)
         _commit_residual(work, device, settings)  # in case the restart came before it was in place
         return arrays, {**metrics, wire.Metric.RESUMED: 1}
+    prior = {}
+    if score_first:  # before the round's clock starts: scoring is not training time
+        prior = {wire.Metric.PRIOR + k: v for k, v in do_evaluate(holder, device, settings, global_arrays).items()}
+    started = clock()
     profile = _profile(device)
     if settings.plan:
         plan, budget = settings.pinned_plan(), None  # trained as pinned: no re-planning
@@ -220,6 +228,7 @@ def do_train(
         wire.Client.CODEC: codec,
         wire.Client.PLAN: _ran(replanner.plan if replanner is not None else plan, result.steps),
         wire.Client.PROFILE: profile.name if profile is not None else "",
+        **prior,
     }
     # Before replying: a lost reply costs a resend, not the training. The new residual is saved with the update (it
     # belongs to it: what this update left out); it replaces the live one only once the update is complete, and a
@@ -502,6 +511,7 @@ def do_evaluate(holder: ModelHolder, device: Device, settings: wire.RoundSetting
         wire.Metric.EVAL_EXAMPLES: len(heldout),
         wire.Metric.HELDOUT_LOSS: result.loss,
         wire.Metric.LOAD_SECONDS: load_seconds,
+        wire.Metric.EVAL_SECONDS: time.time() - t0 - load_seconds,
     }
     if result.exact_match is not None:
         metrics[wire.Metric.EXACT_MATCH] = result.exact_match

@@ -86,11 +86,18 @@ def _handle(holder, request: dict) -> dict:
         device = local_work.Device.from_node_config(request["node"])
         settings = wire.RoundSettings.from_config(request["config"])
         if request["kind"] == "train":
-            arrays, metrics = local_work.do_train(holder, device, settings, request["arrays"], request["round"])
+            arrays, metrics = local_work.do_train(
+                holder, device, settings, request["arrays"], request["round"], score_first(request["config"])
+            )
             return {"arrays": arrays, "metrics": metrics}
         return {"arrays": {}, "metrics": local_work.do_evaluate(holder, device, settings, request["arrays"])}
     except Exception:  # noqa: BLE001 (sent back to the ClientApp, which reports it to the server)
         return {"error": traceback.format_exc(limit=8)}
+
+
+def score_first(config: dict) -> bool:
+    """Whether the round asks the client to score the received adapter before training (`wire.Cfg.SCORE_FIRST`)."""
+    return config.get(wire.Cfg.SCORE_FIRST) == 1
 
 
 def main() -> None:

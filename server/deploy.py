@@ -193,7 +193,7 @@ def _follow(runner, superlink, state_dir: Path, rounds: int, console: Console, l
         finished = runner.poll() is not None
         if not finished and superlink.poll() is not None:
             raise FedgeError(f"the SuperLink exited with code {superlink.returncode}:\n{tail(logs / 'superlink.log')}")
-        for record in new_records(state_dir, shown):
+        for record in new_records(state_dir, shown, finished):
             console.print(round_line(record, rounds), highlight=False, soft_wrap=True)
         if finished:
             return

@@ -25,6 +25,7 @@ _EVAL_FIELDS = {
     wire.Metric.EVAL_EXAMPLES: "eval_examples",
     wire.Metric.STARTUP_SECONDS: "eval_startup_seconds",
     wire.Metric.LOAD_SECONDS: "eval_load_seconds",
+    wire.Metric.EVAL_SECONDS: "eval_seconds",
 }
 
 
@@ -83,6 +84,7 @@ class ClientRound:
     eval_examples: float | None = None
     eval_startup_seconds: float | None = None
     eval_load_seconds: float | None = None
+    eval_seconds: float | None = None
     extra: dict = field(default_factory=dict)  # metrics a reply sent that fedge has no field for (e.g. your mods')
 
     @classmethod
@@ -110,6 +112,8 @@ class ClientRound:
                 raise ValueError(f"client record {wire.Client.PLAN!r}: not a training plan ({str(err)[:80]})") from None
         if len(metrics) > MAX_METRICS:
             raise ValueError(f"metrics: {len(metrics)} entries, at most {MAX_METRICS}")
+        if not evaluation:  # the evaluation a train reply carries is `prior_evaluation`'s
+            metrics = {k: v for k, v in metrics.items() if not k.startswith(wire.Metric.PRIOR)}
         for key, value in metrics.items():
             value = _number(key, value)
             name = (_EVAL_FIELDS if evaluation else _METRIC_FIELDS).get(key, key.replace("-", "_"))
@@ -119,6 +123,14 @@ class ClientRound:
                 entry.extra[key] = value
         entry.examples = float(entry.examples or 0)
         return entry
+
+    @classmethod
+    def prior_evaluation(cls, node_id: int, info: dict, metrics: dict) -> ClientRound | None:
+        """The evaluation of the received adapter a train reply carries (`wire.Cfg.SCORE_FIRST`), as an evaluate
+        reply's entry; None if it carries none. ValueError as `from_reply`."""
+        n = len(wire.Metric.PRIOR)
+        prior = {k[n:]: v for k, v in metrics.items() if isinstance(k, str) and k.startswith(wire.Metric.PRIOR)}
+        return cls.from_reply(node_id, info, prior, evaluation=True) if prior else None
 
     def add_evaluation(self, evaluated: ClientRound) -> None:
         """Fold this client's evaluation of the new global adapter (from `from_reply(..., evaluation=True)`) in."""
@@ -222,6 +234,14 @@ class RoundRecord:
             seconds=round(seconds, 2),
             clients=sorted(by_node.values(), key=lambda c: (c.name, c.node_id or 0)),
             failures=failures,
+        )
+
+    def with_evaluations(self, evals: list[ClientRound], failures: list[Failure]) -> RoundRecord:
+        """This record with its global adapter's evaluations, made after it was written (the next round's train
+        replies carry them: `wire.Cfg.SCORE_FIRST`); the failures are those of the stage that carried them."""
+        clients = [dataclasses.replace(c, extra=dict(c.extra)) for c in self.clients]
+        return RoundRecord.summarize(
+            self.round, clients, evals, self.failures + failures, self.seconds, self.clients_deferred
         )
 
     def to_dict(self) -> dict:

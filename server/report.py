@@ -104,11 +104,21 @@ def _last_line(text, width: int = 100) -> str:
     return last if len(last) <= width else last[: width - 3] + "..."
 
 
-def new_records(state_dir: Path, shown: set[int]) -> list[RoundRecord]:
-    """Round records in ``state_dir`` whose round is not in ``shown`` yet; their rounds are added to it."""
+def new_records(state_dir: Path, shown: set[int], done: bool = True) -> list[RoundRecord]:
+    """Round records in ``state_dir`` whose round is not in ``shown`` yet; their rounds are added to it.
+
+    Unless ``done``, the latest record waits while it has no evaluation: the next round's train replies may still
+    bring it (`ServerSettings.eval_in_train`); it is shown with them, when the next record lands.
+    """
     from fedge.server.state import read_records
 
-    fresh = [r for r in read_records(state_dir) if r.round not in shown]
+    records = read_records(state_dir)
+    latest = max((r.round for r in records), default=-1)
+
+    def final(r: RoundRecord) -> bool:
+        return done or r.round < latest or r.exact_match is not None or r.heldout_loss is not None
+
+    fresh = [r for r in records if r.round not in shown and final(r)]
     shown.update(r.round for r in fresh)
     return fresh
 
@@ -119,12 +129,12 @@ def watch_records(finished, state_dir: Path, rounds: int, console: Console) -> N
 
     shown: set[int] = set()
     console.print(round_header(), highlight=False, soft_wrap=True)
-    with console.status("round 0: every client evaluates the base model") as status:
+    with console.status("round 1: the clients score the base model and train") as status:
         while True:
             done = finished()
-            for record in new_records(state_dir, shown):
+            for record in new_records(state_dir, shown, done):
                 console.print(round_line(record, rounds), highlight=False, soft_wrap=True)
-                status.update(f"round {record.round + 1}: clients train, then evaluate the new global adapter")
+                status.update(f"round {record.round + 1} done; the clients train and score the next adapters")
             if done:
                 return
             time.sleep(1.0)

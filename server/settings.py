@@ -56,6 +56,10 @@ class ServerSettings:
     )
     eval_every: int = setting(1, "score the global adapter every N rounds (and after the last): evaluation is the "
                               "costliest stage after training", metavar="N")  # fmt: skip
+    eval_in_train: bool = setting(
+        True, "clients score the global adapter they receive before training on it, in the train message: one "
+        "message per round instead of a train and an evaluate message (the last round keeps its evaluate stage)",
+    )  # fmt: skip
     retry_after: float = setting(
         0.0, "seconds before a client that declined is asked again (0: the next round); a decline then costs the "
         "server no message and the device no wake-up until its window", metavar="SECONDS",

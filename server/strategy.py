@@ -51,8 +51,17 @@ class FedgeAvg(FedAvg):
         evaluate_config: dict,
         save: Callable[[ServerState], None],
     ) -> ServerState:
-        """Run rounds ``state.round + 1 .. num_rounds``; round 0 evaluates the initial adapter. Saves each round."""
-        if state.round == 0 and not state.records:
+        """Run rounds ``state.round + 1 .. num_rounds``; round 0 evaluates the initial adapter. Saves each round.
+
+        With ``eval_in_train`` a round's train message asks the clients to score the adapter they receive before
+        training on it (`wire.Cfg.SCORE_FIRST`): round r's record gets its evaluation from round r + 1's replies,
+        and only the last round has an evaluate stage of its own.
+        """
+        fused = self.server.eval_in_train
+        if state.round == 0 and not state.records and fused:
+            state.records.append(RoundRecord(0))  # scored by round 1's train replies
+            save(state)
+        elif state.round == 0 and not state.records:
             t0 = time.monotonic()
             evals, failures = self._stage(
                 grid, self.configure_evaluate(0, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid)
@@ -65,15 +74,22 @@ class FedgeAvg(FedAvg):
             t0 = time.monotonic()
             deferred = self._wait_for_eligible(grid, state)
             sent = wire.to_record(state.arrays)
+            last = state.records[-1] if state.records else None
+            score_prev = fused and self._scores(rnd - 1, num_rounds) and last is not None and last.round == rnd - 1
+            score_prev = score_prev and last.exact_match is None and last.heldout_loss is None
+            config = {**train_config, wire.Cfg.SCORE_FIRST: 1} if score_prev else train_config
             replies, train_failures = self._stage(
-                grid, self.configure_train(rnd, sent, ConfigRecord(train_config), grid), deferred
+                grid, self.configure_train(rnd, sent, ConfigRecord(config), grid), deferred
             )
             deferred |= self._ask_back(state, train_failures)
+            if score_prev:  # the previous round's global adapter, scored by this round's clients before training
+                prior, bad = self._prior_evaluations(replies, wire.RoundSettings.from_config(evaluate_config))
+                state.records[-1] = state.records[-1].with_evaluations(prior, bad)
             clients = self._check_and_average(
                 state, replies, wire.record_bytes(sent), wire.RoundSettings.from_config(train_config)
             )
             evals, eval_failures = [], []
-            if rnd % self.server.eval_every == 0 or rnd == num_rounds:
+            if (not fused and self._scores(rnd, num_rounds)) or rnd == num_rounds:
                 evals, eval_failures = self._stage(
                     grid,
                     self.configure_evaluate(rnd, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid),
@@ -89,6 +105,34 @@ class FedgeAvg(FedAvg):
             )
             save(state)
         return state
+
+    def _scores(self, rnd: int, num_rounds: int) -> bool:
+        """Whether round ``rnd``'s global adapter is scored: round 0, every ``eval_every``-th, and the last."""
+        return rnd % self.server.eval_every == 0 or rnd == num_rounds
+
+    def _prior_evaluations(
+        self, replies: list[Message], settings: wire.RoundSettings
+    ) -> tuple[list[ClientRound], list[Failure]]:
+        """The evaluations of the received adapter that train replies carry, checked like evaluate replies; a reply
+        without one, or with a bad one, is a failure of the evaluation (its update is judged on its own)."""
+        entries, failures = [], []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            try:
+                content = reply.content
+                info = dict(content[wire.CLIENT]) if wire.CLIENT in content else {}
+                metrics = dict(content[wire.METRICS]) if wire.METRICS in content else {}
+                entry = ClientRound.prior_evaluation(node, info, metrics)
+                if entry is None:
+                    raise ValueError("the train reply carries no evaluation of the adapter it was sent")
+                _check_evaluation(entry, settings)
+                entries.append(entry)
+            except Exception as err:  # noqa: BLE001 (a bad report is that client's failure, not the round's)
+                if not isinstance(err, ValueError):
+                    log.exception("could not handle the evaluation in the train reply of node %s", node)
+                reason = f"bad evaluation in the train reply: {str(err)[:300]}"
+                failures.append(Failure(node, self._names.get(node) or _reply_name(reply), reason))
+        return entries, failures
 
     # --- retry windows: a client that declined is asked again after --retry-after seconds ---------------------
 

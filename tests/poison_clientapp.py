@@ -5,7 +5,8 @@ left as the round froze it, so the norm check is what must catch it), round 3 a 
 
 ``garble`` (clients named ``garbled``): the reply's bytes corrupted as a broken link or middlebox would: round 1
 overwrites every array's payload with random bytes (its .npy header kept), round 2 cuts every array short, round 3
-breaks every .npy header; its evaluation reports an exact match of 37.5. The server must reject each and go on.
+breaks every .npy header; its evaluations (evaluate replies, and the score a train reply carries) report an
+exact match of 37.5. The server must reject each and go on.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def garble(msg: Message, context: Context, call_next) -> Message:
     if msg.metadata.message_type != "train":
         reply.content[wire.METRICS][wire.Metric.EXACT_MATCH] = 37.5
         return reply
+    if wire.Metric.PRIOR + wire.Metric.EXACT_MATCH in reply.content[wire.METRICS]:  # its score of what it received
+        reply.content[wire.METRICS][wire.Metric.PRIOR + wire.Metric.EXACT_MATCH] = 37.5
     rnd = int(msg.content[wire.CONFIG][wire.Cfg.ROUND])
     rng = np.random.default_rng(rnd)
     for array in reply.content[wire.ADAPTER].values():

@@ -103,6 +103,20 @@ class Federation:
             time.sleep(0.5)
         pytest.fail(f"round {rnd} did not complete; server log:\n{self.log('server')}")
 
+    def wait_for_training(self, name: str, rnd: int, timeout: float = 600) -> None:
+        """Until client ``name`` trains in round ``rnd`` (its round's progress file says so)."""
+        from fedge.edge_client.hold import progress
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            now = progress(self.tmp / "clients" / name)
+            if now and now["kind"] == "train" and now["round"] >= rnd:
+                return
+            if self.server.poll() is not None:
+                break
+            time.sleep(0.2)
+        pytest.fail(f"{name} did not train in round {rnd}; server log:\n{self.log('server')}")
+
     def wait_for_state(self, rnd: int, timeout: float = 600) -> ServerState:
         """The server's saved state once it holds round ``rnd``: state.json is written last, so the round is saved
         in full (its record in rounds.json comes before)."""
@@ -182,7 +196,7 @@ def test_rounds_go_on_past_a_killed_client_and_poisoned_updates(federation):
         ("poison", "education"),
     ):
         fed.start_client(name, domain)
-    fed.wait_for_round(0)  # every client evaluated the base model: round 1's train messages are out
+    fed.wait_for_training("doomed", 1)  # round 1's train messages are out, and it is working on its own
     fed.clients["doomed"].send_signal(signal.SIGKILL)
     fed.wait_for_round(1)
     fed.start_client("doomed", "iot")  # it rejoins (as a new SuperNode) for the next rounds
@@ -257,7 +271,11 @@ def test_server_killed_mid_round_resumes_at_the_right_round(federation):
     assert f"resuming from {state_dir} after round 1" in resumed_run, resumed_run[-3000:]
     records = fed.records()
     assert [r["round"] for r in records] == [0, 1, 2, 3]  # nothing lost, nothing repeated
-    assert records[:2] == before_kill  # rounds 0 and 1 are the first run's, not run again
+    # rounds 0 and 1 are the first run's, not run again; round 1's score came with round 2's replies, after the kill
+    assert records[0] == before_kill[0] and before_kill[1]["heldout_loss"] is None
+    assert {k: v for k, v in records[1].items() if k != "clients" and "exact" not in k and "heldout" not in k} == {
+        k: v for k, v in before_kill[1].items() if k != "clients" and "exact" not in k and "heldout" not in k
+    }
     losses = [r["heldout_loss"] for r in records]
     assert losses[3] < losses[1] < losses[0]  # it keeps improving after the restart
     assert ServerState.load(state_dir).round == 3

@@ -285,3 +285,20 @@ def test_a_round_the_agent_cuts_short_sends_its_steps_or_declines_as_the_owner_c
             assert metrics[wire.Metric.STEPS] == 1
     finally:
         hold.clear_hold(device.state_dir)
+
+
+def test_score_first_reports_the_received_adapters_evaluation_with_the_training(holder, device, tiny_model_dir):
+    # A train message with Cfg.SCORE_FIRST: the reply carries, under Metric.PRIOR, exactly what an evaluate message
+    # for the same adapter would have said; the trained update is the same as without it.
+    settings = _settings(tiny_model_dir, eval_examples=6)
+    initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+    received = {k: v + (0.05 if "lora_B" in k else 0.0) for k, v in initial.items()}  # an adapter that did train
+    evaluated = local_work.do_evaluate(holder, device, settings, received)
+    plain, plain_metrics = local_work.do_train(holder, device, settings, received, rnd=1)
+    scored, metrics = local_work.do_train(holder, device, dataclasses.replace(settings, steps=2), received, 1, True)
+    prior = {k[len(wire.Metric.PRIOR) :]: v for k, v in metrics.items() if k.startswith(wire.Metric.PRIOR)}
+    for key in (wire.Metric.EXACT_MATCH, wire.Metric.HELDOUT_LOSS, wire.Metric.EVAL_EXAMPLES):
+        assert prior[key] == pytest.approx(evaluated[key], abs=1e-6), key
+    assert prior[wire.Metric.EVAL_EXAMPLES] == 6 and prior[wire.Metric.EVAL_SECONDS] > 0
+    assert not any(k.startswith(wire.Metric.PRIOR) for k in plain_metrics)  # not asked: not scored
+    assert metrics[wire.Metric.STEPS] == 2 and plain_metrics[wire.Metric.STEPS] == 3

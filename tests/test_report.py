@@ -69,3 +69,18 @@ def test_report_module_imports_without_torch():
     code = "import sys, fedge.server.report, fedge.server.deploy; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_the_latest_record_waits_for_its_evaluation_from_the_next_rounds_replies(tmp_path):
+    # eval_in_train: round r's record lands first without its score, which round r + 1's train replies bring.
+    from fedge.server.report import new_records
+    from fedge.server.state import write_records as save
+
+    shown: set[int] = set()
+    save(tmp_path, [RoundRecord(0)])
+    assert new_records(tmp_path, shown, done=False) == []  # not scored yet: wait
+    save(tmp_path, [RoundRecord(0, exact_match=0.0), RoundRecord(1)])
+    assert [r.exact_match for r in new_records(tmp_path, shown, done=False)] == [0.0]
+    save(tmp_path, [RoundRecord(0, exact_match=0.0), RoundRecord(1), RoundRecord(2)])  # 1: not scored
+    assert [r.round for r in new_records(tmp_path, shown, done=False)] == [1]
+    assert [r.round for r in new_records(tmp_path, shown, done=True)] == [2]  # the run ended: show what there is

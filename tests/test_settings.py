@@ -33,7 +33,7 @@ NON_DEFAULT = {
         norm_factor=5.0, max_change_rms=0.5, insecure=True, server_lr=1.5, ssl_certfile=Path("/c.pem"),
         ssl_keyfile=Path("/k.pem"), ssl_ca_certfile=Path("/ca.pem"), auth_key=[Path("/a.pub"), Path("/b.pub")],
         clientapp="my.mods:app", norm_floor=0.02, max_share=0.6, examples_growth=3.0, aggregation="trimmed-mean",
-        trim=0.1, krum_f=2, clip_rms=0.5, clip_factor=4.0, retry_after=60.0, eval_every=2,
+        trim=0.1, krum_f=2, clip_rms=0.5, clip_factor=4.0, retry_after=60.0, eval_every=2, eval_in_train=False,
     ),
     ClientSettings: dict(
         server="10.0.0.1:9000", model="none", root_certificates=Path("/ca.pem"), auth_key=Path("/node.key"),

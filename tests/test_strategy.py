@@ -110,7 +110,8 @@ def test_eval_every_scores_every_nth_round_and_the_last(monkeypatch):
     from fedge.server.records import RoundRecord
     from fedge.server.state import ServerState
 
-    strategy, stages = FedgeAvg(ServerSettings(min_clients=1, eval_every=3), stage_deadline_s=0.01), []
+    settings = ServerSettings(min_clients=1, eval_every=3, eval_in_train=False)
+    strategy, stages = FedgeAvg(settings, stage_deadline_s=0.01), []
     monkeypatch.setattr(strategy, "configure_train", lambda rnd, *a: [("train", rnd)])
     monkeypatch.setattr(strategy, "configure_evaluate", lambda rnd, *a: [("evaluate", rnd)])
     monkeypatch.setattr(strategy, "_stage", lambda grid, msgs, skip=frozenset(): (stages.extend(msgs), ([], []))[1])
@@ -122,3 +123,54 @@ def test_eval_every_scores_every_nth_round_and_the_last(monkeypatch):
     assert [r for kind, r in stages if kind == "evaluate"] == [3, 6, 7]
     assert [r for kind, r in stages if kind == "train"] == list(range(1, 8))
     assert [rec.exact_match for rec in state.records[1:]] == [None] * 7 and state.round == 7
+
+
+def _train_reply(node: int, metrics: dict):
+    from flwr.app import ConfigRecord, MetricRecord
+
+    return SimpleNamespace(
+        metadata=SimpleNamespace(src_node_id=node),
+        content={wire.CLIENT: ConfigRecord({wire.Client.NAME: f"client-{node}"}), wire.METRICS: MetricRecord(metrics)},
+    )
+
+
+def test_eval_in_train_scores_each_adapter_in_the_next_rounds_train_replies(monkeypatch):
+    """With eval_in_train (the default) round r's train message asks the clients to score the adapter they receive
+    (round r - 1's) first; their figures fill round r - 1's record, and only the last round has an evaluate stage."""
+    import numpy as np
+
+    from fedge.server.state import ServerState
+
+    strategy, stages = FedgeAvg(ServerSettings(min_clients=1, eval_every=2), stage_deadline_s=0.01), []
+    monkeypatch.setattr(strategy, "configure_train", lambda rnd, arrays, config, grid: [("train", rnd, dict(config))])
+    monkeypatch.setattr(strategy, "configure_evaluate", lambda rnd, *a: [("evaluate", rnd, {})])
+    prior = wire.Metric.PRIOR
+
+    def stage(grid, msgs, skip=frozenset()):
+        stages.extend(msgs)
+        kind, rnd, config = msgs[0]
+        if kind == "evaluate" or config.get(wire.Cfg.SCORE_FIRST) != 1:
+            return [], []
+        return [
+            _train_reply(1, {prior + wire.Metric.EXACT_MATCH: rnd / 10, prior + wire.Metric.EVAL_EXAMPLES: 10}),
+            _train_reply(2, {prior + wire.Metric.EXACT_MATCH: 3.0}),  # impossible: that client's evaluation fails
+            _train_reply(3, {wire.Metric.EXAMPLES: 5}),  # no evaluation at all: a failure of the evaluation too
+        ], []
+
+    monkeypatch.setattr(strategy, "_stage", stage)
+    monkeypatch.setattr(strategy, "_check_and_average", lambda *a: [])
+    monkeypatch.setattr(strategy, "_wait_for_eligible", lambda grid, state: set())
+    state, saved = ServerState(settings={}, arrays={"a": np.zeros(2, np.float32)}, records=[]), []
+    config = wire.RoundSettings(model="m", eval_examples=10).to_config()
+    strategy.run(None, state, 5, config, config, save=lambda s: saved.append([r.exact_match for r in s.records]))
+    trains = [(rnd, c.get(wire.Cfg.SCORE_FIRST)) for kind, rnd, c in stages if kind == "train"]
+    assert trains == [(1, 1), (2, None), (3, 1), (4, None), (5, 1)]  # scores rounds 0, 2, 4 (eval_every 2)
+    assert [rnd for kind, rnd, _ in stages if kind == "evaluate"] == [5]  # the last round: its own stage
+    assert [r.round for r in state.records] == [0, 1, 2, 3, 4, 5]
+    # round r - 1's record holds what round r's replies said: client 1's score, the bad and the missing one failed
+    assert [r.exact_match for r in state.records] == [0.1, None, 0.3, None, 0.5, None]
+    assert saved[0] == [None] and saved[1] == [0.1, None]  # the base record, then filled in with round 1
+    base = state.records[0]
+    assert base.clients[0].eval_examples == 10 and base.clients_failed == 2
+    assert {f.name for f in base.failures} == {"client-2", "client-3"}
+    assert "not a fraction" in " ".join(f.reason for f in base.failures)

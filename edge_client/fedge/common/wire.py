@@ -40,6 +40,9 @@ class Cfg:
     """ConfigRecord keys, server -> client, beyond `RoundSettings`' own (whose keys are its field names)."""
 
     ROUND = "server-round"  # Flower's FedAvg sets this one itself
+    # 1: before training, score the received global adapter on the held-out data and send that evaluation in the
+    # train reply's metrics under `Metric.PRIOR` (one message per round instead of a train and an evaluate message)
+    SCORE_FIRST = "score-first"
 
 
 class Metric:
@@ -63,6 +66,8 @@ class Metric:
     UPLOAD_SECONDS = "upload-seconds"  # emulated link time of the upload (0 on a real link: Flower sends it)
     ROUND_SECONDS = "round-seconds"  # the round on the device: load, train, encode, upload
     DEADLINE_S = "deadline-s"  # the deadline the client planned for (0: none)
+    EVAL_SECONDS = "eval-seconds"  # scoring the global adapter on the held-out examples
+    PRIOR = "prior-"  # prefixes a train reply's evaluation of the adapter it received (`Cfg.SCORE_FIRST`)
 
 
 class Client:
