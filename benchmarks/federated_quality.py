@@ -119,6 +119,7 @@ def main() -> None:
     from fedge.edge_client.local_work import open_adapter, train_config
     from fedge.edge_client.session import epoch_maker, eval_batches
     from fedge.edge_client.train import train
+    from fedge.server.report import cost_to_target
 
     torch.set_num_threads(torch.get_num_threads())
     n_clients = len(DOMAINS)
@@ -196,15 +197,19 @@ def main() -> None:
             )
             history.append(global_arrays)
             if args.score_rounds and rnd < args.rounds:
-                curve.append(_curve_point(rnd, score(global_arrays), client_s, rnd * n_clients * steps_per_round))
+                curve.append(
+                    _curve_point(rnd, score(global_arrays), client_s, rnd * n_clients * steps_per_round, args.batch)
+                )
         tails = {f"last_{k}": score(weighted_average(history[-k:], [1] * len(history[-k:]))) for k in tail_averages}
         for name, t in tails.items():
             print(f"  mean of the {name.replace('_', ' ')} global adapters: {t['exact_match']:.1%}", flush=True)
         final = score(global_arrays)
         extra = {"tail_averages": tails} if tails else {}
         if args.score_rounds:
-            curve.append(_curve_point(args.rounds, final, client_s, args.rounds * n_clients * steps_per_round))
-            extra |= {"curve": curve, "to_target": to_target(curve, args.batch)}
+            curve.append(
+                _curve_point(args.rounds, final, client_s, args.rounds * n_clients * steps_per_round, args.batch)
+            )
+            extra |= {"curve": curve, "to_target": cost_to_target(curve)}
             for target, hit in extra["to_target"].items():
                 print(f"  {target}: {hit or 'not reached'}", flush=True)
         return {**final, **extra}
@@ -278,23 +283,12 @@ def main() -> None:
     print(f"wrote {path}")
 
 
-def _curve_point(rnd: int, scored: dict, client_s: float, steps: int) -> dict:
+def _curve_point(rnd: int, scored: dict, client_s: float, steps: int, batch: int) -> dict:
+    """A round's global adapter: its score, and the client steps, examples and training seconds spent to reach it
+    (all clients, one after another on this machine)."""
     print(f"  round {rnd}: {scored['exact_match']:.1%} exact match", flush=True)
     return {"round": rnd, "exact_match": scored["exact_match"], "heldout_loss": scored["heldout_loss"],
-            "client_steps": steps, "client_seconds": round(client_s, 1)}  # fmt: skip
-
-
-def to_target(curve: list[dict], batch: int, targets=(0.5, 0.8)) -> dict:
-    """For each exact-match target, the first round that reaches it: round, client steps and examples in all, and
-    client training seconds (all clients, one after another on this machine); None if no round does."""
-    out = {}
-    for target in targets:
-        hit = next((c for c in curve if c["exact_match"] >= target), None)
-        out[f"{target:.0%}"] = hit and {
-            "round": hit["round"], "client_steps": hit["client_steps"], "examples": hit["client_steps"] * batch,
-            "client_seconds": hit["client_seconds"],
-        }  # fmt: skip
-    return out
+            "client_steps": steps, "examples": steps * batch, "client_seconds": round(client_s, 1)}  # fmt: skip
 
 
 def round_lr(peak: float, floor: float | None, rnd: int, rounds: int) -> float:

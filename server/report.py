@@ -140,16 +140,44 @@ def watch_records(finished, state_dir: Path, rounds: int, console: Console) -> N
             time.sleep(1.0)
 
 
+TARGETS = (0.5, 0.8)  # exact match targets the cost to reach is reported for (EdgeFlowerTune's cost to target)
+
+
+def cumulative_costs(records: list[RoundRecord]) -> list[dict]:
+    """Per round, the global adapter's exact match and what the federation had spent by then: ``wall_s`` (the
+    rounds' seconds), ``client_s`` (training and scoring, summed over the clients), ``bytes`` (up and down) and
+    ``energy_j`` (the clients' training, each by its own energy method)."""
+    curve, wall, client_s, nbytes, joules = [], 0.0, 0.0, 0, 0.0
+    for r in sorted(records, key=lambda r: r.round):
+        wall += r.seconds
+        client_s += sum((c.train_seconds or 0) + (c.eval_seconds or 0) for c in r.clients)
+        joules += sum(c.energy_j or 0 for c in r.clients)
+        nbytes += r.bytes_up + r.bytes_down
+        curve.append({"round": r.round, "exact_match": r.exact_match, "wall_s": round(wall, 1),
+                      "client_s": round(client_s, 1), "bytes": nbytes, "energy_j": round(joules, 1)})  # fmt: skip
+    return curve
+
+
+def cost_to_target(curve: list[dict], targets: tuple[float, ...] = TARGETS) -> dict:
+    """For each exact-match target ("50%": ...), the first point of ``curve`` that reaches it; None if none does."""
+    reached = [p for p in curve if p.get("exact_match") is not None]
+    return {f"{t:.0%}": next((p for p in reached if p["exact_match"] >= t), None) for t in targets}
+
+
 def build_report(records: list[RoundRecord], meta: dict) -> dict:
-    """``report.json``: the run's settings and a ``rounds`` list (global metrics plus per-client entries)."""
+    """``report.json``: the run's settings, the cost to reach each exact-match target (``to_target``), the
+    cumulative costs per round (``costs``) and a ``rounds`` list (global metrics plus per-client entries)."""
     rounds = sorted(records, key=lambda r: r.round)
     base, last = (rounds[0], rounds[-1]) if rounds else (None, None)
+    costs = cumulative_costs(rounds)
     return {
         **meta,
         "base_exact_match": base and base.exact_match,
         "final_exact_match": last and last.exact_match,
         "base_heldout_loss": base and base.heldout_loss,
         "final_heldout_loss": last and last.heldout_loss,
+        "to_target": cost_to_target(costs),
+        "costs": costs,
         "rounds": [r.to_dict() for r in rounds],
     }
 

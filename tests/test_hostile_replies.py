@@ -96,7 +96,7 @@ HOSTILE = {
     "npy of pickled objects": lambda: _reply(9, adapter=_raw_adapter(
         _npy({"descr": "|O", "fortran_order": False, "shape": (1,)}, b"\x80\x04N."))),
     "npy truncated in transit": lambda: _reply(9, adapter=_raw_adapter(
-        bytes(wire.to_record({B: np.zeros((OUT, R), np.float32)})[B].data)[:-7])),
+        bytes(wire.to_record({B: np.zeros((OUT, R), np.float32)}, packed=False)[B].data)[:-7])),
     "npy bytes garbled in transit": lambda: _reply(9, adapter=_raw_adapter(bytes(range(256)) * 2)),
     "array of another serialization": lambda: _reply(9, adapter=_raw_adapter(b"\0" * 80, stype="torch.Tensor")),
     "adapter larger than the global": lambda: _reply(9, adapter=ArrayRecord(
@@ -307,7 +307,7 @@ def test_implausible_reports_are_flagged_and_weigh_nothing():
 @given(data=st.binary(max_size=400), cut=st.integers(0, 200), flip=st.integers(0, 255))
 def test_any_array_bytes_are_read_or_rejected_with_a_reason(data, cut, flip):
     """Random bytes, and a real array's bytes cut short or with one byte changed, as a transit error would."""
-    real = bytearray(wire.to_record({B: np.ones((OUT, R), np.float32)})[B].data)
+    real = bytearray(wire.to_record({B: np.ones((OUT, R), np.float32)}, packed=False)[B].data)
     real[cut % len(real)] ^= flip
     for blob in (data, bytes(real), bytes(real[:cut])):
         try:

@@ -84,3 +84,23 @@ def test_the_latest_record_waits_for_its_evaluation_from_the_next_rounds_replies
     save(tmp_path, [RoundRecord(0, exact_match=0.0), RoundRecord(1), RoundRecord(2)])  # 1: not scored
     assert [r.round for r in new_records(tmp_path, shown, done=False)] == [1]
     assert [r.round for r in new_records(tmp_path, shown, done=True)] == [2]  # the run ended: show what there is
+
+
+def test_cost_to_target_is_the_first_round_at_each_target_with_what_was_spent_by_then(tmp_path):
+    from fedge.server.report import cost_to_target, cumulative_costs
+
+    def rnd(i, em, seconds, train_s, eval_s, joules, up):
+        clients = [{"name": n, "train_seconds": train_s, "eval_seconds": eval_s, "energy_j": joules} for n in "ab"]
+        return RoundRecord.from_dict({"round": i, "exact_match": em, "seconds": seconds, "bytes_up": up,
+                                      "bytes_down": 2 * up, "clients": clients})  # fmt: skip
+
+    records = [rnd(0, 0.0, 10, None, 1.0, None, 0), rnd(1, 0.6, 100, 40.0, 2.0, 50.0, 10), rnd(2, None, 100, 40.0,
+               None, 50.0, 10), rnd(3, 0.85, 100, 40.0, 2.0, 50.0, 10)]  # fmt: skip
+    curve = cumulative_costs(records[::-1])  # in round order whatever order they come in
+    assert [p["wall_s"] for p in curve] == [10, 110, 210, 310] and [p["bytes"] for p in curve] == [0, 30, 60, 90]
+    assert [p["client_s"] for p in curve] == [2.0, 86.0, 166.0, 250.0] and curve[-1]["energy_j"] == 300.0
+    hit = cost_to_target(curve)
+    assert hit["50%"]["round"] == 1 and hit["80%"]["round"] == 3 and hit["80%"]["wall_s"] == 310
+    assert cost_to_target(curve[:3])["80%"] is None  # not reached: said so, not left out
+    report = write_report(tmp_path, records, {})
+    assert report["to_target"] == hit and json.loads((tmp_path / "report.json").read_text())["costs"] == curve

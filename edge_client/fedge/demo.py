@@ -101,6 +101,7 @@ def run_demo(
             f"{', sends its change encoded (' + r.codec + ')' if r.codec else ''}",
             soft_wrap=True,
         )
+    started = time.monotonic()
     with console.status(f"fetching {r.model} (once)"):
         pull_model(r.model, cache, lambda m: console.print(f"[dim]{m}[/]"))
     t0 = time.monotonic()
@@ -110,7 +111,7 @@ def run_demo(
         server = run_simulation(demo.simulation, r, server, demo.devices, out, cache, console)
     else:
         server = _run_processes(demo, r, server, out, cache, console)
-    return _finish(demo, r, server, out, time.monotonic() - t0, console)
+    return _finish(demo, r, server, out, time.monotonic() - t0, t0 - started, console)
 
 
 def _fedge(cache: Path, *args: str) -> list[str]:
@@ -172,7 +173,7 @@ def _run_processes(
 
 def _finish(
     demo: DemoSettings, round_settings: RoundSettings, server: ServerSettings, out: Path, seconds: float,
-    console: Console,
+    pull_seconds: float, console: Console,
 ) -> int:  # fmt: skip
     from fedge.server.app import FINAL_ADAPTER
     from fedge.server.report import write_report
@@ -188,6 +189,7 @@ def _finish(
         "rounds_planned": server.rounds,
         "mode": f"simulation ({demo.simulation} virtual clients)" if demo.simulation else "processes on loopback",
         "seconds": round(seconds, 1),
+        "pull_seconds": round(pull_seconds, 1),  # fetching the model (nothing to fetch once it is in the cache)
     }
     report = write_report(out, records, meta)
     if (state_dir / FINAL_ADAPTER).is_dir():
@@ -196,7 +198,20 @@ def _finish(
     console.print(
         f"[green]done in {seconds / 60:.1f} min:[/] exact match on the clients' held-out data "
         f"{_pct(base)} (base model) -> {_pct(final)} after {len(records) - 1} rounds"
+        f"{f' (+ {pull_seconds:.0f} s fetching the model)' if pull_seconds >= 1 else ''}"
     )
+    rounds_s = report["costs"][-1]["wall_s"] if report["costs"] else 0.0
+    for target, hit in report["to_target"].items():
+        if hit is None:
+            console.print(f"{target} exact match: not reached")
+            continue
+        since_start = pull_seconds + seconds - (rounds_s - hit["wall_s"])  # the rounds after it had not run yet
+        console.print(
+            f"{target} exact match at round {hit['round']}: {since_start / 60:.1f} min after the command started; "
+            f"{hit['client_s'] / 60:.1f} client-minutes of training and scoring, {hit['bytes'] / 2**20:.0f} MB "
+            f"moved, {hit['energy_j'] / 1000:.1f} kJ of training",
+            soft_wrap=True,
+        )
     console.print(
         f"report: {out / 'report.json'}, plots: {out / 'rounds.png'}, {out / 'clients.png'}, adapter: {out / 'adapter'}"
     )

@@ -82,19 +82,34 @@ class Client:
     ENERGY_METHOD = "energy-method"  # how energy-j was had: "rapl", "pmic", "ina3221", "battery", "estimated", ...
 
 
-def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    """Adapter arrays -> ArrayRecord (names kept, order kept)."""
+# A packed record: every tensor's bytes in one uint8 array, and a JSON index of [name, dtype, shape] in another.
+# Flower moves each Array of a record as its own objects (one request per object on every hop: SuperLink,
+# SuperNode, ClientApp), so a LoRA adapter of 420 tensors cost ~850 requests a message; packed, it is a handful.
+PACKED_INDEX, PACKED_DATA = "fedge.index", "fedge.data"
+
+
+def to_record(arrays: dict[str, np.ndarray], packed: bool = True) -> ArrayRecord:
+    """Adapter arrays -> ArrayRecord, packed (see `PACKED_INDEX`) or one Array per tensor; names and order kept."""
     from flwr.app import Array, ArrayRecord
 
-    return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+    if not packed:
+        return ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in arrays.items()})
+    index = json.dumps([[name, a.dtype.str, list(a.shape)] for name, a in arrays.items()]).encode()
+    data = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays.values())
+    return ArrayRecord(
+        {PACKED_INDEX: Array(np.frombuffer(index, np.uint8)), PACKED_DATA: Array(np.frombuffer(data, np.uint8))}
+    )
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """ArrayRecord -> adapter arrays (numpy, copies)."""
+    """ArrayRecord (packed or not) -> adapter arrays (numpy, copies)."""
+    if set(record) == {PACKED_INDEX, PACKED_DATA}:
+        return _unpack(_read_npy(PACKED_INDEX, record[PACKED_INDEX]), _read_npy(PACKED_DATA, record[PACKED_DATA]))
     return {name: array.numpy() for name, array in record.items()}
 
 
 MAX_ARRAYS = 100_000  # tensors in one adapter record (a 7B model's LoRA on every projection has ~1,500)
+MAX_NAME = 400  # characters in a tensor's name (PEFT's longest for the models fedge knows: ~80)
 _NUMERIC = "biuf"  # numpy dtype kinds a record may carry: no objects, strings or structured dtypes
 
 
@@ -114,7 +129,60 @@ def read_record(record: object, max_bytes: int) -> dict[str, np.ndarray]:
     sizes = [len(a.data) if isinstance(a.data, bytes) else -1 for a in record.values()]
     if min(sizes, default=0) < 0 or sum(sizes) > max_bytes:
         raise ValueError(f"the adapter record holds {sum(sizes)} bytes, at most {max_bytes} expected")
+    if PACKED_INDEX in record or PACKED_DATA in record:
+        if set(record) != {PACKED_INDEX, PACKED_DATA}:
+            raise ValueError(f"a packed adapter record holds {PACKED_INDEX!r} and {PACKED_DATA!r}, nothing else")
+        return _unpack(_read_npy(PACKED_INDEX, record[PACKED_INDEX]), _read_npy(PACKED_DATA, record[PACKED_DATA]))
     return {str(name): _read_npy(str(name)[:200], array) for name, array in record.items()}
+
+
+def _unpack(index: np.ndarray, data: np.ndarray) -> dict[str, np.ndarray]:
+    """A packed record's tensors; ValueError naming what is wrong with its index (each entry checked before any
+    tensor is cut out, and the index must account for every byte of the data)."""
+    if index.dtype != np.uint8 or data.dtype != np.uint8 or index.ndim != 1 or data.ndim != 1:
+        raise ValueError(f"a packed record's {PACKED_INDEX} and {PACKED_DATA} must be 1-D uint8 arrays")
+    try:
+        entries = json.loads(index.tobytes())
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{PACKED_INDEX}: not JSON ({str(err)[:80]})") from None
+    if not isinstance(entries, list) or len(entries) > MAX_ARRAYS:
+        raise ValueError(f"{PACKED_INDEX}: expected a list of at most {MAX_ARRAYS} [name, dtype, shape] entries")
+    layout, offset = [], 0
+    for i, entry in enumerate(entries):
+        name, dtype, shape = _index_entry(i, entry)
+        size = math.prod(shape) * dtype.itemsize
+        layout.append((name, dtype, shape, offset))
+        offset += size
+        if offset > data.size:
+            break
+    if offset != data.size:
+        raise ValueError(f"{PACKED_INDEX} describes {offset} bytes of tensors, {PACKED_DATA} holds {data.size}")
+    if len({name for name, *_ in layout}) != len(layout):
+        raise ValueError(f"{PACKED_INDEX}: a tensor name appears twice")
+    buf = data.tobytes()
+    return {
+        name: np.frombuffer(buf, dtype, math.prod(shape), offset).reshape(shape).copy()
+        for name, dtype, shape, offset in layout
+    }
+
+
+def _index_entry(i: int, entry: object) -> tuple[str, np.dtype, tuple[int, ...]]:
+    """One [name, dtype, shape] entry of a packed record's index, checked; ValueError naming it otherwise."""
+    where = f"{PACKED_INDEX} entry {i}"
+    if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[1], str)):
+        raise ValueError(f"{where}: expected [name, dtype, shape], got {str(entry)[:80]}")
+    name, code, shape = entry
+    if not 0 < len(name) <= MAX_NAME:
+        raise ValueError(f"{where}: a tensor name must have 1..{MAX_NAME} characters")
+    if not (isinstance(shape, list) and len(shape) <= 8 and all(type(d) is int and 0 <= d < 2**40 for d in shape)):
+        raise ValueError(f"{where} ({name[:80]}): shape {str(shape)[:80]} is not a list of at most 8 sizes")
+    try:
+        dtype = np.dtype(code) if len(code) <= 8 else None
+    except (TypeError, ValueError):
+        dtype = None
+    if dtype is None or dtype.kind not in _NUMERIC or dtype.hasobject or dtype.fields is not None:
+        raise ValueError(f"{where} ({name[:80]}): dtype {code[:20]!r} is not a plain number type")
+    return name, dtype, tuple(shape)
 
 
 def _read_npy(name: str, array) -> np.ndarray:
