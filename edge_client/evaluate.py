@@ -7,8 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from fedge.edge_client.data import Batch, Example, prompt_text
+from fedge.edge_client.data import Batch, Example, encode, prompt_text
 from fedge.edge_client.train import body_and_head, lean_loss
 
 
@@ -94,10 +95,12 @@ def answer_token_limit(tokenizer, examples: Sequence[Example]) -> int:
 
 @dataclass
 class MatchCheck:
-    """What `teacher_forced_matches` decided: a verdict per example (None: generation must decide) and how many
-    needed generation."""
+    """What `teacher_forced_matches` decided: a verdict per example (None: generation must decide), and the
+    held-out loss of the references (reply and end token) the same pass measured."""
 
     verdicts: list[bool | None]
+    loss_sum: float = 0.0
+    n_loss: int = 0
 
     @property
     def undecided(self) -> list[int]:
@@ -120,48 +123,56 @@ def teacher_forced_matches(
     first k tokens and another one; if that text, normalized, is no prefix of the normalized reference, no later
     token can make it one (byte-level pieces only append text): not a match. Anything else (a different split of
     the same text, a reply longer than ``max_new_tokens``, a partial character) is left to generation (None).
+
+    The same pass scores every reference (reply and end token, as training's rows label them): the held-out loss
+    of these examples, with no pass of its own.
     """
     model.eval()
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    verdicts: list[bool | None] = [None] * len(examples)
+    check = MatchCheck([None] * len(examples))
     rows = []
     for i, ex in enumerate(examples):
         prompt = tokenizer(prompt_text(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
         reply = tokenizer(ex.answer, add_special_tokens=False)["input_ids"]
-        if (
-            eos is None
-            or len(reply) + 1 > max_new_tokens
-            or normalize_answer(tokenizer.decode(reply)) != (normalize_answer(ex.answer))
-        ):
-            continue  # generation decides
-        rows.append((i, prompt, reply))
+        decidable = (
+            eos is not None
+            and len(reply) + 1 <= max_new_tokens
+            and normalize_answer(tokenizer.decode(reply)) == normalize_answer(ex.answer)
+        )  # else generation decides
+        rows.append((i, prompt, reply, decidable))
     rows.sort(key=lambda r: len(r[1]) + len(r[2]))
     body, head = body_and_head(model)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        width = max(len(p) + len(r) for _, p, r in chunk)
+        width = max(len(p) + len(r) for _, p, r, _ in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (_, prompt, reply) in enumerate(chunk):
+        for row, (_, prompt, reply, _) in enumerate(chunk):
             seq = prompt + reply
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
         # the LM head only where a reply token is predicted: full-vocabulary logits at every position would cost
         # more than the generation this replaces
         hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).last_hidden_state
-        for row, (i, prompt, reply) in enumerate(chunk):
-            targets = reply + [eos]
-            picks = head(hidden[row, len(prompt) - 1 : len(prompt) - 1 + len(targets)]).argmax(-1).tolist()
+        for row, (i, prompt, reply, decidable) in enumerate(chunk):
+            targets = reply + ([eos] if eos is not None else [])
+            logits = head(hidden[row, len(prompt) - 1 : len(prompt) - 1 + len(targets)]).float()
+            wanted = torch.tensor(targets, device=logits.device)
+            check.loss_sum += F.cross_entropy(logits, wanted, reduction="sum").item()
+            check.n_loss += len(targets)
+            if not decidable:
+                continue
+            picks = logits.argmax(-1).tolist()
             k = next((t for t, (a, b) in enumerate(zip(picks, targets)) if a != b), None)
             if k is None:
-                verdicts[i] = True
+                check.verdicts[i] = True
                 continue
             text = normalize_answer(tokenizer.decode(reply[:k] + [picks[k]], skip_special_tokens=True))
             reference = normalize_answer(examples[i].answer)
             if "\ufffd" not in text and not reference.startswith(text) and not (k == len(reply) and text == reference):
-                verdicts[i] = False
-    return MatchCheck(verdicts)
+                check.verdicts[i] = False
+    return check
 
 
 def exact_match(predictions: Sequence[str], examples: Sequence[Example]) -> float:
@@ -175,23 +186,37 @@ def exact_match(predictions: Sequence[str], examples: Sequence[Example]) -> floa
 def evaluate(
     model: torch.nn.Module,
     tokenizer,
-    loss_batches: Sequence[Batch],
+    loss_batches: Sequence[Batch] | None,
     gen_examples: Sequence[Example],
     device: torch.device,
     max_new_tokens: int | None = None,
+    seq_len: int | None = None,
 ) -> EvalResult:
     """Held-out loss on ``loss_batches`` and exact match on the chat examples in ``gen_examples``.
 
-    ``max_new_tokens``: the generation limit for exact match (None: `answer_token_limit` of the references).
+    ``loss_batches`` None: the held-out loss of ``gen_examples`` themselves (rows of at most ``seq_len`` tokens, as
+    `fedge.edge_client.session.eval_batches` makes them), taken from the pass that decides exact match when every
+    example is a chat whose row fits, else from a pass of its own. ``max_new_tokens``: the generation limit for
+    exact match (None: `answer_token_limit` of the references).
     """
     result = EvalResult()
+    chats = [ex for ex in gen_examples if ex.text is None]
+    shared = loss_batches is None and bool(chats) and len(chats) == len(gen_examples)
+    if shared and seq_len is not None:
+        shared = all(len(enc.input_ids) < seq_len for ex in chats for enc in encode(tokenizer, ex, seq_len))
+    if loss_batches is None and not shared:
+        from fedge.edge_client.session import eval_batches
+
+        loss_batches = eval_batches(tokenizer, gen_examples, seq_len or 256)
     if loss_batches:
         result.loss, result.n_loss = heldout_loss(model, loss_batches, device)
         result.perplexity = math.exp(min(result.loss, 50.0))
-    chats = [ex for ex in gen_examples if ex.text is None]
     if chats:
         limit = max_new_tokens or answer_token_limit(tokenizer, chats)
         check = teacher_forced_matches(model, tokenizer, chats, device, limit)
+        if shared and check.n_loss:
+            result.loss, result.n_loss = check.loss_sum / check.n_loss, check.n_loss
+            result.perplexity = math.exp(min(result.loss, 50.0))
         rest = [chats[i] for i in check.undecided]
         replies = iter(generate_answers(model, tokenizer, rest, device, max_new_tokens=limit) if rest else [])
         hits = [v if v is not None else normalize_answer(next(replies)) == normalize_answer(ex.answer)

@@ -488,7 +488,6 @@ def _same_shapes(a: Arrays, b: Arrays) -> bool:
 def do_evaluate(holder: ModelHolder, device: Device, settings: wire.RoundSettings, global_arrays: Arrays) -> dict:
     """Held-out loss and exact match of the global adapter on this device's held-out examples."""
     from fedge.edge_client.evaluate import evaluate
-    from fedge.edge_client.session import eval_batches
 
     _, heldout = local_data(device, settings.seed)
     heldout = heldout[:: max(1, len(heldout) // settings.eval_examples)][: settings.eval_examples]
@@ -498,13 +497,8 @@ def do_evaluate(holder: ModelHolder, device: Device, settings: wire.RoundSetting
     load_seconds = time.time() - t0
     hold.write_progress(device.state_dir, "evaluate", 0, 0, 0)
     try:
-        result = evaluate(
-            model,
-            session.tokenizer,
-            eval_batches(session.tokenizer, heldout, settings.seq_len),
-            heldout,
-            session.device,
-        )
+        # the held-out loss comes from the pass that decides exact match (loss batches None)
+        result = evaluate(model, session.tokenizer, None, heldout, session.device, seq_len=settings.seq_len)
     finally:
         hold.clear_progress(device.state_dir)
     metrics = {

@@ -75,3 +75,14 @@ def test_the_teacher_forced_check_decides_exact_match_as_generation_does(fresh_s
     assert len(check.undecided) <= len(examples) // 4, check.undecided  # generation left for the few
     result = evaluate(model, tok, [], examples, cpu, max_new_tokens=limit)
     assert result.exact_match == sum(truth) / len(truth) and result.n_decoded == len(check.undecided)
+    # the held-out loss from the same pass: as the loss batches measure it, every labelled token counted once
+    from fedge.edge_client.session import eval_batches
+
+    separate = evaluate(model, tok, eval_batches(tok, examples, 256), examples, cpu, max_new_tokens=limit)
+    shared = evaluate(model, tok, None, examples, cpu, max_new_tokens=limit, seq_len=256)
+    assert shared.exact_match == separate.exact_match and shared.n_loss == separate.n_loss > 0
+    assert abs(shared.loss - separate.loss) <= 1e-4 * separate.loss
+    # rows longer than seq_len are cut as training cuts them: then the loss has a pass of its own, on those rows
+    cut = evaluate(model, tok, None, examples, cpu, max_new_tokens=limit, seq_len=20)
+    assert cut.n_loss == evaluate(model, tok, eval_batches(tok, examples, 20), [], cpu).n_loss != shared.n_loss
+    assert cut.exact_match == shared.exact_match
