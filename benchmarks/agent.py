@@ -132,7 +132,7 @@ def _stop_latency(args, env: dict, server: str, cache: Path) -> dict:
     _readings(readings, True)
     config = _config(args.work / "agent-stop.toml", server, args.model, state, readings, unload_after=0)
     agent = _spawn(["agent", "run", "--config", str(config)], env, args.work / "agent-stop.log")
-    settings = wire.RoundSettings(model=args.model, steps=args.steps, seed=0)
+    settings = wire.RoundSettings(model=args.model, steps=args.steps, seed=0, batch=8)
     initial = ModelHolder(cache).initial_adapter(args.model, settings.lora(), settings.seed)
     latencies, frozen_ok, done = [], [], {}
     try:

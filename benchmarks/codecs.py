@@ -45,7 +45,7 @@ def make_real_delta(cache: Path, path: Path) -> None:
     from fedge.edge_client.train import train
     from fedge.quantization.updates import make_delta
 
-    settings = wire.RoundSettings(steps=10)
+    settings = wire.RoundSettings(steps=10, batch=8)
     session, model = open_adapter(ModelHolder(cache), settings)
     global_arrays = get_adapter(model)
     full = sum(a.nbytes for a in global_arrays.values())

@@ -1,9 +1,11 @@
-"""Exact match of a round's evaluation: batched greedy generation (the baseline) against one teacher-forced pass with
-generation only for the examples it leaves undecided (`fedge.edge_client.evaluate.teacher_forced_matches`).
+"""A round's evaluation: the held-out loss pass and batched greedy generation (the baseline) against fedge's one
+teacher-forced pass that measures the loss and decides exact match together, generating only the replies it leaves
+undecided (`fedge.edge_client.evaluate.evaluate` with no loss batches, as every client's round runs it).
 
 The real model with an adapter (default: a ``fedge demo`` output's), each domain's held-out examples as a client
-evaluates them (``--per-domain`` each), both paths in the same run on the same examples, fp32 on the CPU. Reports
-the seconds of each (median of ``--reps``), the speed-up, and whether every example's verdict is the same.
+evaluates them (``--per-domain`` each), both paths in the same run on the same examples, at the precision a client
+trains and scores in (``--precision``, default bf16). Reports the seconds of each (median of ``--reps``), the
+speed-up, whether every example's verdict is the same, and both held-out losses.
 
     python benchmarks/evaluation.py --adapter /tmp/demo-run/adapter [--per-domain 50] [--reps 3]
 
@@ -25,6 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import update_readme_section, write_results  # noqa: E402
 
+SEQ_LEN = 256  # the round's row limit (RoundSettings.seq_len)
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -32,21 +36,19 @@ def main() -> None:
     p.add_argument("--per-domain", type=int, default=50)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     args = p.parse_args()
     import torch
 
     from fedge.common.models import default_cache_dir
     from fedge.edge_client import demo_data
     from fedge.edge_client.data import load_examples
-    from fedge.edge_client.evaluate import (
-        answer_token_limit,
-        generate_answers,
-        normalize_answer,
-        teacher_forced_matches,
-    )
+    from fedge.edge_client.evaluate import answer_token_limit, evaluate, generate_answers, heldout_loss
+    from fedge.edge_client.evaluate import normalize_answer as norm
     from fedge.edge_client.runtimes import TorchRuntime
+    from fedge.edge_client.session import eval_batches
 
-    runtime = TorchRuntime.load(args.adapter, "fp32", args.cache_dir or default_cache_dir())
+    runtime = TorchRuntime.load(args.adapter, args.precision, args.cache_dir or default_cache_dir())
     model, tok, cpu = runtime.model, runtime.tokenizer, torch.device("cpu")
     rows = {}
     for domain in demo_data.DOMAINS:
@@ -55,22 +57,21 @@ def main() -> None:
         slow, fast = [], []
         for _ in range(args.reps):
             t0 = time.perf_counter()
+            loss, _ = heldout_loss(model, eval_batches(tok, examples, SEQ_LEN), cpu)
             replies = generate_answers(model, tok, examples, cpu, max_new_tokens=limit)
-            truth = [normalize_answer(r) == normalize_answer(ex.answer) for r, ex in zip(replies, examples)]
+            truth = [norm(r) == norm(ex.answer) for r, ex in zip(replies, examples)]
             slow.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            check = teacher_forced_matches(model, tok, examples, cpu, limit)
-            rest = [examples[i] for i in check.undecided]
-            more = iter(generate_answers(model, tok, rest, cpu, max_new_tokens=limit) if rest else [])
-            verdicts = [v if v is not None else normalize_answer(next(more)) == normalize_answer(ex.answer)
-                        for v, ex in zip(check.verdicts, examples)]  # fmt: skip
+            result = evaluate(model, tok, None, examples, cpu, max_new_tokens=limit, seq_len=SEQ_LEN)
             fast.append(time.perf_counter() - t0)
         rows[domain] = {
             "examples": len(examples),
             "exact_match_generation": round(100 * sum(truth) / len(truth), 1),
-            "exact_match_teacher_forced": round(100 * sum(verdicts) / len(verdicts), 1),
-            "same_verdicts": sum(a == b for a, b in zip(truth, verdicts)),
-            "undecided": len(check.undecided),
+            "exact_match_teacher_forced": round(100 * result.exact_match, 1),
+            "same_verdicts": sum(a == b for a, b in zip(truth, result.hits)),
+            "undecided": result.n_decoded,
+            "loss_own_pass": round(loss, 5),
+            "loss_shared_pass": round(result.loss, 5),
             "generation_s": round(statistics.median(slow), 2),
             "teacher_forced_s": round(statistics.median(fast), 2),
             "speedup": round(statistics.median(slow) / statistics.median(fast), 2),
@@ -80,6 +81,7 @@ def main() -> None:
     total["speedup"] = round(total["generation_s"] / total["teacher_forced_s"], 2)
     results = {"domains": rows, "total": total,
                "setup": {"adapter": str(args.adapter), "per_domain": args.per_domain, "reps": args.reps,
+                         "precision": args.precision,
                          "threads": torch.get_num_threads(), "cores": os.cpu_count()}}  # fmt: skip
     write_results("evaluation", results)
     update_readme_section("evaluation", _table(results))
@@ -88,23 +90,24 @@ def main() -> None:
 def _table(r: dict) -> str:
     s = r["setup"]
     rows = [
-        f"### Round evaluation: generation against the teacher-forced check ({s['cores']} cores)",
+        f"### Round evaluation: loss pass and generation against one shared teacher-forced pass ({s['cores']} cores)",
         "",
-        f"The demo's adapter on SmolLM2-135M, fp32, {s['per_domain']} held-out examples per domain, median of "
-        f"{s['reps']}. Baseline: batched greedy generation of every reply.",
+        f"The demo's adapter on SmolLM2-135M, {s.get('precision', 'fp32')}, {s['per_domain']} held-out examples per "
+        f"domain, median of {s['reps']}. Baseline: the held-out loss pass, then batched greedy generation of every "
+        "reply.",
         "",
-        "| domain | exact match, generation % | teacher-forced % | same verdicts | left to generation | generation s | "
-        "teacher-forced s | speed-up |",
-        "|---|---|---|---|---|---|---|---|",
+        "| domain | exact match, generation % | teacher-forced % | same verdicts | left to generation | "
+        "loss, own pass | loss, shared pass | baseline s | fedge s | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in r["domains"].items():
         rows.append(
             f"| {name} | {v['exact_match_generation']} | {v['exact_match_teacher_forced']} | "
-            f"{v['same_verdicts']}/{v['examples']} | {v['undecided']} | {v['generation_s']} | "
-            f"{v['teacher_forced_s']} | {v['speedup']}x |"
+            f"{v['same_verdicts']}/{v['examples']} | {v['undecided']} | {v.get('loss_own_pass', '')} | "
+            f"{v.get('loss_shared_pass', '')} | {v['generation_s']} | {v['teacher_forced_s']} | {v['speedup']}x |"
         )
     t = r["total"]
-    rows.append(f"| all | | | | | {t['generation_s']} | {t['teacher_forced_s']} | {t['speedup']}x |")
+    rows.append(f"| all | | | | | | | {t['generation_s']} | {t['teacher_forced_s']} | {t['speedup']}x |")
     return "\n".join(rows)
 
 

@@ -32,6 +32,7 @@ Writes benchmarks/results/heterogeneous.json and the table in benchmarks/README.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 import time
@@ -67,11 +68,11 @@ def main() -> None:
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     cache = args.cache_dir or default_cache_dir()
     pull_model(args.model, cache)
-    fixed = wire.RoundSettings(model=args.model)
+    fixed = wire.RoundSettings(model=args.model, steps=15, batch=8)  # the rounds this benchmark was measured on
     settings = {
         "fixed": fixed,
-        "adaptive": wire.RoundSettings(model=args.model, deadline_s=args.deadline, codec=args.codec),
-        "adaptive_uncompressed": wire.RoundSettings(model=args.model, deadline_s=args.deadline, codec="none"),
+        "adaptive": dataclasses.replace(fixed, deadline_s=args.deadline, codec=args.codec),
+        "adaptive_uncompressed": dataclasses.replace(fixed, deadline_s=args.deadline, codec="none"),
     }
     scorer = Scorer(args.model, cache, DOMAINS[: len(devices)], args.eval_per_domain)
     results: dict = {}
@@ -264,7 +265,7 @@ class Scorer:
         from fedge.edge_client.data import load_examples
         from fedge.edge_client.local_work import open_adapter
 
-        self.settings = wire.RoundSettings(model=model)
+        self.settings = wire.RoundSettings(model=model, steps=15, batch=8)
         self.session, self.model = open_adapter(ModelHolder(cache), self.settings)
         self.tests = {}
         for d in domains:

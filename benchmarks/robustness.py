@@ -131,7 +131,7 @@ class Bench:
 
         torch.set_num_threads(torch.get_num_threads())
         self.args = args
-        self.settings = wire.RoundSettings(model=args.model, steps=args.steps, seed=args.seed)
+        self.settings = wire.RoundSettings(model=args.model, steps=args.steps, seed=args.seed, batch=8)
         self.session, self.model = open_adapter(ModelHolder(args.cache_dir or default_cache_dir()), self.settings)
         self.initial = get_adapter(self.model)
         domains = sorted(set(CLIENTS))

@@ -21,7 +21,7 @@ STAGE_SLACK_S = 60.0
 class ServerSettings:
     """The federation's server: rounds, who must reply, how updates are merged, where it listens and keeps state."""
 
-    rounds: int = setting(3, "federated rounds")
+    rounds: int = setting(10, "federated rounds")
     min_clients: int = setting(2, "clients needed to start a round and to close it")
     address: str = setting("0.0.0.0:9092", "HOST:PORT the clients connect to")
     state: Path = setting(Path("fedge-server"), "checkpoints and round records (resumes from it after a crash)")

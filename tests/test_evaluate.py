@@ -49,7 +49,7 @@ def _generation_only(model, tok, examples, limit) -> list[bool]:
     return [normalize_answer(r) == normalize_answer(ex.answer) for r, ex in zip(replies, examples)]
 
 
-def test_the_teacher_forced_check_decides_exact_match_as_generation_does(fresh_session):
+def test_the_teacher_forced_check_decides_exact_match_as_generation_does(fresh_session, monkeypatch):
     # References the model reproduces (its own greedy replies, trimmed to end where it ends), references it does not
     # (the demo's), and the same with a changed last character: every verdict must equal generation's.
     from fedge.edge_client import demo_data
@@ -86,3 +86,17 @@ def test_the_teacher_forced_check_decides_exact_match_as_generation_does(fresh_s
     cut = evaluate(model, tok, None, examples, cpu, max_new_tokens=limit, seq_len=20)
     assert cut.n_loss == evaluate(model, tok, eval_batches(tok, examples, 20), [], cpu).n_loss != shared.n_loss
     assert cut.exact_match == shared.exact_match
+    # near ties (bf16 or quantized weights: `tie_margin`) are left to generation: with every gap a tie, all are
+    from fedge.edge_client import evaluate as ev
+
+    monkeypatch.setattr(ev, "tie_margin", lambda *modules: float("inf"))
+    assert ev.teacher_forced_matches(model, tok, examples, cpu, limit).verdicts == [None] * len(examples)
+    tied = evaluate(model, tok, [], examples, cpu, max_new_tokens=limit)
+    assert tied.n_decoded == len(examples) and tied.exact_match == result.exact_match
+
+
+def test_tie_margin_is_wider_where_the_arithmetic_is_not_exact():
+    from fedge.edge_client.evaluate import tie_margin
+
+    fp32, bf16 = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16)
+    assert tie_margin(fp32) < 0.01 < tie_margin(fp32, bf16) == tie_margin(bf16)
