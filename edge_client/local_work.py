@@ -165,14 +165,12 @@ def do_train(
     clock = _DeviceClock(virtual=device.emulated_time == "virtual")
     train_set, _ = local_data(device, settings.seed)
     data_id = fingerprint(train_set)
-    work = device.state_dir / "work" / _work_key(global_arrays, settings, f"{data_id}|{device.profile}|{rnd}")
+    key = f"{data_id}|{device.profile}|{rnd}|{int(score_first)}"
+    work = device.state_dir / "work" / _work_key(global_arrays, settings, key)
     if (work / UPDATE_FILE).is_file():  # finished before a restart: reply with that work
         arrays, metrics = _load_update(work)
         _commit_residual(work, device, settings)  # in case the restart came before it was in place
         return arrays, {**metrics, wire.Metric.RESUMED: 1}
-    prior = {}
-    if score_first:  # before the round's clock starts: scoring is not training time
-        prior = {wire.Metric.PRIOR + k: v for k, v in do_evaluate(holder, device, settings, global_arrays).items()}
     started = clock()
     profile = _profile(device)
     if settings.plan:
@@ -181,10 +179,15 @@ def do_train(
         plan, budget = _plan(device, settings, profile, _data_seq_len(holder, settings, train_set, data_id))
     else:
         plan, budget = None, None
+    # scored once the round is planned (a round declined costs no scoring), on the round's clock: the re-planner
+    # sees the seconds it took against the deadline
+    t0 = clock()
+    prior = _score_received(holder, device, settings, global_arrays) if score_first else {}
+    scoring_seconds = clock() - t0
     session, model = open_adapter(holder, settings, plan)
     start = _start_arrays(global_arrays, settings, get_adapter(model))
     set_adapter(model, start)
-    load_seconds = clock() - started
+    load_seconds = clock() - started - scoring_seconds
     cfg = train_config(settings, rnd, plan)
     with EnergySession(interval_s=1.0) as meter, _emulated(profile, clock) as emulated_step:
         replanner = _replanner(plan, budget, started, clock)
@@ -237,6 +240,17 @@ def do_train(
     _commit_residual(work, device, settings)
     _prune_work(work.parent)
     return arrays, {**metrics, wire.Metric.RESUMED: 0}
+
+
+def _score_received(holder: ModelHolder, device: Device, settings: wire.RoundSettings, arrays: Arrays) -> dict:
+    """`do_evaluate` of the adapter a train message brought, as `wire.Metric.PRIOR` metrics; {} if scoring fails
+    (the server then records no evaluation from this client; the update still goes)."""
+    try:
+        metrics = do_evaluate(holder, device, settings, arrays)
+    except Exception:  # noqa: BLE001 (an evaluation problem must not cost the round's training)
+        log.warning("%s: could not score the received adapter", device.name, exc_info=True)
+        return {}
+    return {wire.Metric.PRIOR + k: v for k, v in metrics.items() if v is not None}
 
 
 def _agent_step(state_dir: Path, rnd: int, steps: int):

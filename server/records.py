@@ -15,6 +15,8 @@ from typing import Any
 
 from fedge.common import wire
 
+# How a failure of the evaluation a train reply carries (`ClientRound.prior_evaluation`) begins its reason.
+PRIOR_FAILURE = "bad evaluation in the train reply"
 # A training reply's MetricRecord key -> the ClientRound field it fills (the rest map by name, hyphens to
 # underscores).
 _METRIC_FIELDS = {wire.Metric.EXAMPLES: "examples"}
@@ -240,9 +242,8 @@ class RoundRecord:
         """This record with its global adapter's evaluations, made after it was written (the next round's train
         replies carry them: `wire.Cfg.SCORE_FIRST`); the failures are those of the stage that carried them."""
         clients = [dataclasses.replace(c, extra=dict(c.extra)) for c in self.clients]
-        return RoundRecord.summarize(
-            self.round, clients, evals, self.failures + failures, self.seconds, self.clients_deferred
-        )
+        kept = [f for f in self.failures if not f.reason.startswith(PRIOR_FAILURE)]  # scored again after a resume
+        return RoundRecord.summarize(self.round, clients, evals, kept + failures, self.seconds, self.clients_deferred)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedge.common import wire
 from fedge.common.lora import A_SUFFIX, client_rank, for_client
 from fedge.server import aggregate, hetero, robust
-from fedge.server.records import ClientRound, Failure, RoundRecord
+from fedge.server.records import PRIOR_FAILURE, ClientRound, Failure, RoundRecord
 from fedge.server.settings import ServerSettings
 from fedge.server.state import ServerState
 
@@ -130,7 +130,7 @@ class FedgeAvg(FedAvg):
             except Exception as err:  # noqa: BLE001 (a bad report is that client's failure, not the round's)
                 if not isinstance(err, ValueError):
                     log.exception("could not handle the evaluation in the train reply of node %s", node)
-                reason = f"bad evaluation in the train reply: {str(err)[:300]}"
+                reason = f"{PRIOR_FAILURE}: {str(err)[:300]}"
                 failures.append(Failure(node, self._names.get(node) or _reply_name(reply), reason))
         return entries, failures
 

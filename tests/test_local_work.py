@@ -302,3 +302,16 @@ def test_score_first_reports_the_received_adapters_evaluation_with_the_training(
     assert prior[wire.Metric.EVAL_EXAMPLES] == 6 and prior[wire.Metric.EVAL_SECONDS] > 0
     assert not any(k.startswith(wire.Metric.PRIOR) for k in plain_metrics)  # not asked: not scored
     assert metrics[wire.Metric.STEPS] == 2 and plain_metrics[wire.Metric.STEPS] == 3
+
+
+def test_a_scoring_failure_does_not_cost_the_rounds_update(holder, device, tiny_model_dir, monkeypatch):
+    settings = _settings(tiny_model_dir)
+    initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+
+    def broken(*args):
+        raise OSError("held-out file vanished")
+
+    monkeypatch.setattr(local_work, "do_evaluate", broken)
+    arrays, metrics = local_work.do_train(holder, device, settings, initial, 1, score_first=True)
+    assert arrays and metrics[wire.Metric.STEPS] == 3
+    assert not any(k.startswith(wire.Metric.PRIOR) for k in metrics)  # the server records no evaluation from it

@@ -174,3 +174,14 @@ def test_eval_in_train_scores_each_adapter_in_the_next_rounds_train_replies(monk
     assert base.clients[0].eval_examples == 10 and base.clients_failed == 2
     assert {f.name for f in base.failures} == {"client-2", "client-3"}
     assert "not a fraction" in " ".join(f.reason for f in base.failures)
+
+
+def test_scoring_a_record_again_replaces_its_earlier_evaluation_failures():
+    # A server that crashed after saving an amended record scores that round again on resume: its failures once.
+    from fedge.server.records import PRIOR_FAILURE, Failure, RoundRecord
+
+    timed_out = Failure(9, "slow", "no reply before the deadline")
+    bad = Failure(2, "client-2", f"{PRIOR_FAILURE}: exact-match 3 is not a fraction in [0, 1]")
+    first = RoundRecord(4, failures=[timed_out]).with_evaluations([], [bad])
+    again = first.with_evaluations([], [bad])
+    assert again.failures == [timed_out, bad] and again.clients_failed == 2

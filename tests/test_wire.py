@@ -62,6 +62,8 @@ def _packed(index: object, data: bytes = b"", extra: dict | None = None):
         (lambda: _packed([["a", "f4,i4", [1]]], b"\0" * 8), "not a plain number type"),
         (lambda: _packed([["a", "<U4", [1]]], b"\0" * 16), "not a plain number type"),
         (lambda: _packed([["a", "<f3", [1]]], b"\0" * 4), "not a plain number type"),
+        (lambda: _packed([["a", ",f4", [1]]], b"\0" * 4), "not a plain number type"),  # numpy: SyntaxError
+        (lambda: _packed([["a", "i4,(", [1]]], b"\0" * 4), "not a plain number type"),
         (lambda: _packed([["a", "<f4", [-1]]], b"\0" * 4), "not a list of at most 8 sizes"),
         (lambda: _packed([["a", "<f4", [2**39] * 8]], b"\0" * 4), "describes"),  # claims far more than sent
         (lambda: _packed([["a", "<f4", [2]]], b"\0" * 4), "describes 8 bytes of tensors, fedge.data holds 4"),
@@ -74,6 +76,12 @@ def _packed(index: object, data: bytes = b"", extra: dict | None = None):
 def test_a_hostile_packed_record_is_refused_naming_the_problem(record, message):
     with pytest.raises(ValueError, match=message):
         wire.read_record(record(), max_bytes=1 << 20)
+
+
+def test_an_oversized_packed_index_is_refused_before_it_is_parsed():
+    index = b"[" + b"[]," * (wire.MAX_INDEX_BYTES // 3) + b"[]]"  # parsing it would take ~20x its size
+    with pytest.raises(ValueError, match="at most 4194304"):
+        wire.read_record(_packed(index), max_bytes=1 << 23)
 
 
 def test_round_settings_round_trip_through_a_config_record():

@@ -11,6 +11,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -110,6 +112,10 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 MAX_ARRAYS = 100_000  # tensors in one adapter record (a 7B model's LoRA on every projection has ~1,500)
 MAX_NAME = 400  # characters in a tensor's name (PEFT's longest for the models fedge knows: ~80)
+# a packed record's index: ~130 bytes a tensor (a 7B model's LoRA on every projection: ~1,500 tensors, ~200 KB);
+# capped because parsing JSON takes ~20x its size
+MAX_INDEX_BYTES = 4 << 20
+_DTYPE_CODE = re.compile(r"[<>|][biuf][0-9]{1,2}")
 _NUMERIC = "biuf"  # numpy dtype kinds a record may carry: no objects, strings or structured dtypes
 
 
@@ -141,6 +147,8 @@ def _unpack(index: np.ndarray, data: np.ndarray) -> dict[str, np.ndarray]:
     tensor is cut out, and the index must account for every byte of the data)."""
     if index.dtype != np.uint8 or data.dtype != np.uint8 or index.ndim != 1 or data.ndim != 1:
         raise ValueError(f"a packed record's {PACKED_INDEX} and {PACKED_DATA} must be 1-D uint8 arrays")
+    if index.size > MAX_INDEX_BYTES:
+        raise ValueError(f"{PACKED_INDEX}: {index.size} bytes, at most {MAX_INDEX_BYTES}")
     try:
         entries = json.loads(index.tobytes())
     except (ValueError, RecursionError) as err:
@@ -159,9 +167,8 @@ def _unpack(index: np.ndarray, data: np.ndarray) -> dict[str, np.ndarray]:
         raise ValueError(f"{PACKED_INDEX} describes {offset} bytes of tensors, {PACKED_DATA} holds {data.size}")
     if len({name for name, *_ in layout}) != len(layout):
         raise ValueError(f"{PACKED_INDEX}: a tensor name appears twice")
-    buf = data.tobytes()
     return {
-        name: np.frombuffer(buf, dtype, math.prod(shape), offset).reshape(shape).copy()
+        name: np.frombuffer(data, dtype, math.prod(shape), offset).reshape(shape).copy()
         for name, dtype, shape, offset in layout
     }
 
@@ -170,15 +177,17 @@ def _index_entry(i: int, entry: object) -> tuple[str, np.dtype, tuple[int, ...]]
     """One [name, dtype, shape] entry of a packed record's index, checked; ValueError naming it otherwise."""
     where = f"{PACKED_INDEX} entry {i}"
     if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[1], str)):
-        raise ValueError(f"{where}: expected [name, dtype, shape], got {str(entry)[:80]}")
+        raise ValueError(f"{where}: expected [name, dtype, shape], got {reprlib.repr(entry)}")
     name, code, shape = entry
     if not 0 < len(name) <= MAX_NAME:
         raise ValueError(f"{where}: a tensor name must have 1..{MAX_NAME} characters")
     if not (isinstance(shape, list) and len(shape) <= 8 and all(type(d) is int and 0 <= d < 2**40 for d in shape)):
-        raise ValueError(f"{where} ({name[:80]}): shape {str(shape)[:80]} is not a list of at most 8 sizes")
+        raise ValueError(f"{where} ({name[:80]}): shape {reprlib.repr(shape)} is not a list of at most 8 sizes")
+    # only a canonical code (what numpy's dtype.str gives: byte order, kind, size) reaches np.dtype, which parses
+    # anything else as a type expression (and raises SyntaxError on some)
     try:
-        dtype = np.dtype(code) if len(code) <= 8 else None
-    except (TypeError, ValueError):
+        dtype = np.dtype(code) if _DTYPE_CODE.fullmatch(code) else None
+    except TypeError:  # a size numpy has no type of (<f3)
         dtype = None
     if dtype is None or dtype.kind not in _NUMERIC or dtype.hasobject or dtype.fields is not None:
         raise ValueError(f"{where} ({name[:80]}): dtype {code[:20]!r} is not a plain number type")
