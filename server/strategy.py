@@ -83,7 +83,7 @@ class FedgeAvg(FedAvg):
             )
             deferred |= self._ask_back(state, train_failures)
             if score_prev:  # the previous round's global adapter, scored by this round's clients before training
-                prior, bad = self._prior_evaluations(replies, wire.RoundSettings.from_config(evaluate_config))
+                prior, bad = self._evaluations(replies, wire.RoundSettings.from_config(evaluate_config), prior=True)
                 state.records[-1] = state.records[-1].with_evaluations(prior, bad)
             clients = self._check_and_average(
                 state, replies, wire.record_bytes(sent), wire.RoundSettings.from_config(train_config)
@@ -109,30 +109,6 @@ class FedgeAvg(FedAvg):
     def _scores(self, rnd: int, num_rounds: int) -> bool:
         """Whether round ``rnd``'s global adapter is scored: round 0, every ``eval_every``-th, and the last."""
         return rnd % self.server.eval_every == 0 or rnd == num_rounds
-
-    def _prior_evaluations(
-        self, replies: list[Message], settings: wire.RoundSettings
-    ) -> tuple[list[ClientRound], list[Failure]]:
-        """The evaluations of the received adapter that train replies carry, checked like evaluate replies; a reply
-        without one, or with a bad one, is a failure of the evaluation (its update is judged on its own)."""
-        entries, failures = [], []
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            try:
-                content = reply.content
-                info = dict(content[wire.CLIENT]) if wire.CLIENT in content else {}
-                metrics = dict(content[wire.METRICS]) if wire.METRICS in content else {}
-                entry = ClientRound.prior_evaluation(node, info, metrics)
-                if entry is None:
-                    raise ValueError("the train reply carries no evaluation of the adapter it was sent")
-                _check_evaluation(entry, settings)
-                entries.append(entry)
-            except Exception as err:  # noqa: BLE001 (a bad report is that client's failure, not the round's)
-                if not isinstance(err, ValueError):
-                    log.exception("could not handle the evaluation in the train reply of node %s", node)
-                reason = f"{PRIOR_FAILURE}: {str(err)[:300]}"
-                failures.append(Failure(node, self._names.get(node) or _reply_name(reply), reason))
-        return entries, failures
 
     # --- retry windows: a client that declined is asked again after --retry-after seconds ---------------------
 
@@ -291,20 +267,25 @@ class FedgeAvg(FedAvg):
             declared[key] = max(float(declared.get(key, 0)), c.examples_counted or c.examples)
 
     def _evaluations(
-        self, evals: list[Message], settings: wire.RoundSettings
+        self, replies: list[Message], settings: wire.RoundSettings, prior: bool = False
     ) -> tuple[list[ClientRound], list[Failure]]:
-        """The evaluation replies' entries, and a failure for each one whose records are not what they must be."""
+        """The evaluation replies' entries, and a failure for each one whose records are not what they must be.
+
+        ``prior``: the evaluations of the received adapter that train replies carry (`wire.Cfg.SCORE_FIRST`); a
+        reply without one is a failure of the evaluation too (its update is judged on its own).
+        """
+        what = PRIOR_FAILURE if prior else "bad evaluation reply"
         entries, failures = [], []
-        for reply in evals:
+        for reply in replies:
             node = reply.metadata.src_node_id
             try:
-                entry = client_round(reply, evaluation=True)
+                entry = client_round(reply, evaluation=True, prior=prior)
                 _check_evaluation(entry, settings)
                 entries.append(entry)
             except Exception as err:  # noqa: BLE001 (a bad report is that client's failure, not the round's)
                 if not isinstance(err, ValueError):
                     log.exception("could not handle the evaluation of node %s", node)
-                failures.append(self._failure(node, f"bad evaluation reply: {str(err)[:300]}"))
+                failures.append(Failure(node, self._names.get(node) or _reply_name(reply), f"{what}: {str(err)[:300]}"))
         return entries, failures
 
     def _count_examples(self, entry: ClientRound, state: ServerState) -> None:
@@ -428,9 +409,15 @@ def _implausible(entry: ClientRound, settings: wire.RoundSettings) -> list[str]:
     return flags
 
 
-def client_round(reply: Message, evaluation: bool = False) -> ClientRound:
-    """The per-client part of a round record, from a train or (``evaluation``) evaluate reply."""
+def client_round(reply: Message, evaluation: bool = False, prior: bool = False) -> ClientRound:
+    """The per-client part of a round record, from a train or (``evaluation``) evaluate reply; with ``prior`` the
+    evaluation a train reply carries (ValueError if it carries none)."""
     content = reply.content
     info = dict(content[wire.CLIENT]) if wire.CLIENT in content else {}
     metrics = dict(content[wire.METRICS]) if wire.METRICS in content else {}
-    return ClientRound.from_reply(reply.metadata.src_node_id, info, metrics, evaluation)
+    if not prior:
+        return ClientRound.from_reply(reply.metadata.src_node_id, info, metrics, evaluation)
+    entry = ClientRound.prior_evaluation(reply.metadata.src_node_id, info, metrics)
+    if entry is None:
+        raise ValueError("the train reply carries no evaluation of the adapter it was sent")
+    return entry
