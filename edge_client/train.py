@@ -105,13 +105,21 @@ def compile_available(device: torch.device) -> bool:
     return False
 
 
-def compile_layers(model: torch.nn.Module) -> None:
+def compile_layers(model: torch.nn.Module, device: torch.device | None = None) -> None:
     """Compile each decoder layer in place ("regional" compilation).
 
     The layers share one class and shapes, so one compiled graph serves all of them: compile time is
     that of one layer (~40 s on 2 cores), not of the whole model. On CPU most of a LoRA step is not the
     matmuls but norms, rotary, casts and LoRA's adds, which the compiler fuses into a few loops.
+
+    On CPU the model switches to eager attention first: the compiler cannot look into SDPA's CPU flash
+    kernel, whose masked backward alone took a third of a bf16 step (4 x 256 packed tokens, 2 cores),
+    while eager attention's mask, softmax and casts fuse around two batched matmuls: 1.4-1.5x faster
+    steps, padded or packed (benchmarks/train_step.py). The switch stays after training (switching back
+    would recompile every layer).
     """
+    if device is not None and device.type == "cpu":
+        _use_eager_attention(model)
     body, _ = body_and_head(model)
     layers = getattr(body, "layers", None)
     if layers is None:
@@ -119,6 +127,12 @@ def compile_layers(model: torch.nn.Module) -> None:
         return
     for layer in layers:
         layer.compile()
+
+
+def _use_eager_attention(model: torch.nn.Module) -> None:
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(lm.config, "_attn_implementation", "eager") != "eager" and hasattr(lm, "set_attn_implementation"):
+        lm.set_attn_implementation("eager")
 
 
 def body_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -213,7 +227,7 @@ def train(
     elif getattr(model, "is_gradient_checkpointing", False):  # a kept model: an earlier run (plan) turned it on
         model.gradient_checkpointing_disable()
     if cfg.compile:
-        compile_layers(model)
+        compile_layers(model, device)
     model.train()
     start_step, losses, tokens, seconds = 0, [], 0, 0.0
     if state_dir is not None:
