@@ -66,6 +66,10 @@ class Device:
         0.0, "joules this device may spend on a round's training (0: no limit): the plan fits it, and training stops "
         "before the step that would pass it", flag="--energy-budget-j", metavar="J",
     )  # fmt: skip
+    turns: str = setting(
+        "", "clients sharing this machine's cores take turns: at most N of the clients naming the directory DIR do a "
+        "round's work at once (fedge demo: one per core)", metavar="DIR:N",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         from fedge.common.models import default_cache_dir
@@ -83,6 +87,10 @@ class Device:
             raise ValueError(f"worker_port must be in 0..65535, got {self.worker_port}")
         if self.emulated_time not in ("wall", "virtual"):
             raise ValueError(f"emulated_time must be wall or virtual, got {self.emulated_time!r}")
+        if self.turns:
+            from fedge.edge_client.turns import parse_turns
+
+            parse_turns(self.turns)  # ValueError saying what is expected
 
     @classmethod
     def from_node_config(cls, config) -> Device:
@@ -146,6 +154,21 @@ def do_train(
     score_first: bool = False,
 ) -> tuple[Arrays, dict]:  # fmt: skip
     """Train the global adapter for the round on local data: (the reply's arrays, metrics).
+
+    With ``device.turns`` the work waits for its turn on this machine first (`fedge.edge_client.turns`); the round's
+    clock starts once it has it.
+    """
+    from fedge.edge_client.turns import turn
+
+    with turn(device.turns):
+        return _train_turn(holder, device, settings, global_arrays, rnd, score_first)
+
+
+def _train_turn(
+    holder: ModelHolder, device: Device, settings: wire.RoundSettings, global_arrays: Arrays, rnd: int,
+    score_first: bool,
+) -> tuple[Arrays, dict]:  # fmt: skip
+    """`do_train`'s work, once it is this client's turn.
 
     With ``score_first`` the received adapter is scored on the held-out examples before training (`do_evaluate`),
     and the metrics carry that evaluation under the `wire.Metric.PRIOR` prefix: the server then needs no separate
@@ -246,7 +269,7 @@ def _score_received(holder: ModelHolder, device: Device, settings: wire.RoundSet
     """`do_evaluate` of the adapter a train message brought, as `wire.Metric.PRIOR` metrics; {} if scoring fails
     (the server then records no evaluation from this client; the update still goes)."""
     try:
-        metrics = do_evaluate(holder, device, settings, arrays)
+        metrics = _evaluate_turn(holder, device, settings, arrays)  # in do_train's turn already
     except Exception:  # noqa: BLE001 (an evaluation problem must not cost the round's training)
         log.warning("%s: could not score the received adapter", device.name, exc_info=True)
         return {}
@@ -500,7 +523,15 @@ def _same_shapes(a: Arrays, b: Arrays) -> bool:
 
 
 def do_evaluate(holder: ModelHolder, device: Device, settings: wire.RoundSettings, global_arrays: Arrays) -> dict:
-    """Held-out loss and exact match of the global adapter on this device's held-out examples."""
+    """Held-out loss and exact match of the global adapter on this device's held-out examples (in its turn, as
+    `do_train`)."""
+    from fedge.edge_client.turns import turn
+
+    with turn(device.turns):
+        return _evaluate_turn(holder, device, settings, global_arrays)
+
+
+def _evaluate_turn(holder: ModelHolder, device: Device, settings: wire.RoundSettings, global_arrays: Arrays) -> dict:
     from fedge.edge_client.evaluate import evaluate
 
     _, heldout = local_data(device, settings.seed)

@@ -83,7 +83,18 @@ def prepare_device(device: Device) -> Device:
         state_dir=state_dir,
         cache_dir=device.cache_dir.resolve(),
         profile=profile,
+        turns=_absolute_turns(device.turns),
     )
+
+
+def _absolute_turns(spec: str) -> str:
+    """``DIR:N`` with DIR absolute: clients started from other directories must lock the same files."""
+    from fedge.edge_client.turns import parse_turns
+
+    if not spec:
+        return spec
+    directory, count = parse_turns(spec)
+    return f"{directory.resolve()}:{count}"
 
 
 def _absolute(source: str) -> str:

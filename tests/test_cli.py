@@ -332,6 +332,24 @@ def test_the_demo_reports_the_settings_it_ran_with(tmp_path):
     assert all(c.server == server.address and d.cache_dir == tmp_path / "cache" for c, d in clients)
 
 
+@pytest.mark.parametrize("cores, clients, threads, turns", [(2, 4, 1, 2), (8, 4, 2, None), (2, 2, 1, None)])
+def test_the_demo_gives_its_clients_one_turn_per_core_when_they_outnumber_the_cores(
+    cores, clients, threads, turns, tmp_path, monkeypatch
+):
+    from fedge.common.wire import RoundSettings
+    from fedge.demo import DemoSettings, demo_processes
+    from fedge.server.settings import ServerSettings
+
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    server, placed = demo_processes(
+        DemoSettings(clients=clients), RoundSettings(deadline_s=100), ServerSettings(), tmp_path, tmp_path, 4242
+    )
+    assert {d.threads for _, d in placed} == {threads}
+    assert {d.turns for _, d in placed} == ({f"{tmp_path / 'turns'}:{turns}"} if turns else {""})
+    waves = -(-clients // turns) if turns else 1  # with turns the server waits for every wave's deadline
+    assert server.stage_deadline_s(100) == ServerSettings().stage_deadline_s(100, waves)
+
+
 def test_a_port_in_use_is_refused_before_anything_starts(tmp_path, capsys):
     import socket
 

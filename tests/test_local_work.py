@@ -311,7 +311,7 @@ def test_a_scoring_failure_does_not_cost_the_rounds_update(holder, device, tiny_
     def broken(*args):
         raise OSError("held-out file vanished")
 
-    monkeypatch.setattr(local_work, "do_evaluate", broken)
+    monkeypatch.setattr(local_work, "_evaluate_turn", broken)
     arrays, metrics = local_work.do_train(holder, device, settings, initial, 1, score_first=True)
     assert arrays and metrics[wire.Metric.STEPS] == 3
     assert not any(k.startswith(wire.Metric.PRIOR) for k in metrics)  # the server records no evaluation from it

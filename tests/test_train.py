@@ -226,3 +226,19 @@ def test_compiled_training_on_cpu_uses_eager_attention_and_matches_uncompiled(ti
         runs[compiled] = (model.get_base_model().config._attn_implementation, result.losses)
     assert runs[False][0] == "sdpa" and runs[True][0] == "eager"
     assert runs[True][1] == pytest.approx(runs[False][1], rel=1e-4)
+
+
+def test_compile_on_cpu_takes_eager_attention_only_while_its_weights_fit(fresh_session):
+    # eager attention keeps (rows, heads, seq, seq) weights per layer for backward: long rows go back to SDPA
+    from fedge.edge_client.train import EAGER_ATTENTION_BYTES, compile_layers
+
+    model = add_lora(fresh_session.model, LoraSettings(r=4))
+    config = model.get_base_model().config
+    per_row = config.num_hidden_layers * config.num_attention_heads * 4
+    fits = int((EAGER_ATTENTION_BYTES / per_row) ** 0.5)  # the longest single row that fits
+    compile_layers(model, CPU, rows=1, seq_len=fits)
+    assert config._attn_implementation == "eager"
+    compile_layers(model, CPU, rows=2, seq_len=fits)
+    assert config._attn_implementation == "sdpa"
+    compile_layers(model, None, rows=1, seq_len=16)  # no device: the attention is left as it is
+    assert config._attn_implementation == "sdpa"

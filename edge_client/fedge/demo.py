@@ -133,14 +133,25 @@ def demo_processes(
 ) -> tuple[ServerSettings, list[tuple[ClientSettings, Device]]]:
     """The server's settings and each client's (client, device) settings for a demo on loopback ``port``."""
     server = dataclasses.replace(server, address=f"127.0.0.1:{port}", state=out / "server", min_clients=demo.clients)
-    threads = max(1, (os.cpu_count() or 1) // demo.clients)
+    cores = os.cpu_count() or 1
+    threads, turns = max(1, cores // demo.clients), ""
+    if demo.clients > cores:
+        # one thread each, and at most one client per core at work: 4 clients' round on 2 cores took 46 s in turns
+        # two at a time, 55 s all at once and over 180 s with 2 threads each (benchmarks/thread_layout.py)
+        turns = f"{out / 'turns'}:{cores}"
+        if round_settings.deadline_s > 0:  # clients work in waves: the server waits for all of them
+            waves = -(-demo.clients // cores)
+            server = dataclasses.replace(
+                server, stage_deadline=server.stage_deadline_s(round_settings.deadline_s, waves)
+            )
     # the model is pulled already: the client only preloads it in its warm worker
     client = ClientSettings(server=server.address, model=round_settings.model)
     clients = []
     for i in range(demo.clients):
         domain = DOMAINS[i % len(DOMAINS)]
         name = domain if i < len(DOMAINS) else f"{domain}-{i}"
-        clients.append((client, demo_device(i, name, out, cache, threads, demo.devices)))
+        device = demo_device(i, name, out, cache, threads, demo.devices)
+        clients.append((client, dataclasses.replace(device, turns=turns)))
     return server, clients
 
 
