@@ -2,7 +2,8 @@
 
 All plans train SmolLM2-135M with LoRA r=8 on q_proj/v_proj on the same batches (built-in demo data of
 all domains, packed into rows of 256 tokens, 4 rows a step, loss on reply tokens) for the same steps.
-Each plan runs in a fresh process so its peak RSS is its own (model load included).
+Each plan runs in a fresh process so its peak RSS is its own (model load included). "fast-sdpa" is the fast
+plan with SDPA attention kept (the ablation); the table states this machine's bound, measured matmul peak / 4N.
 
     python benchmarks/train_step.py [--steps 30] [--model smollm2-135m]
 
@@ -28,6 +29,8 @@ SEQ_LEN, ROWS, WARMUP = 256, 4, 2
 # Each fedge plan is a precision for the base weights plus TrainConfig overrides.
 PLANS = {
     "fast": {"precision": "bf16", "train": {"compile": True}},
+    # The ablation: the fast plan with the model's SDPA attention kept (compile_layers without the CPU swap).
+    "fast-sdpa": {"precision": "bf16", "train": {}, "compile_keeping_sdpa": True},
     # int4 weights computing in bf16. (fp32 compute measured 1621 MB peak against 999 MB, at 0.03% vs ~0.1% loss.)
     "lean": {
         "precision": "int4",
@@ -49,6 +52,8 @@ def worker(plan: str, model_source: str, cache_dir: Path, steps: int, threads: i
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    if plan == "bound":
+        return _bound(model_source, cache_dir)
     t_load = time.perf_counter()
     if plan == "naive":
         result = _naive(model_source, cache_dir, steps)
@@ -58,6 +63,39 @@ def worker(plan: str, model_source: str, cache_dir: Path, steps: int, threads: i
 
     result.update(peak_rss_mb=peak_rss_mb(), wall_s=time.perf_counter() - t_load)
     return result
+
+
+def _bound(model_source: str, cache_dir: Path) -> dict:
+    """The machine's compute bound for a LoRA step: measured matmul peak / 4N FLOP per token.
+
+    A frozen base costs 2N FLOP per token forward and 2N backward (gradients of the activations only; N
+    parameters in matmuls, the tied LM head counted). The peak is the best of 20 matmuls of one step's
+    tokens by the model's MLP shapes, in fp32 and bf16, on this process's threads.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fedge.common.models import pull_model
+
+    path = pull_model(model_source, cache_dir)
+    with torch.device("meta"):
+        n_params = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)).num_parameters()
+    config = AutoConfig.from_pretrained(path)
+    m, k, n = ROWS * SEQ_LEN, config.hidden_size, config.intermediate_size
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        times = []
+        for _ in range(23):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        peaks[name] = 2 * m * k * n / min(times[3:])
+    return {
+        "n_params": n_params,
+        "matmul_peak_flops": peaks,
+        "bound_tokens_per_s": {name: peak / (4 * n_params) for name, peak in peaks.items()},
+    }
 
 
 def _summary(step_times: list[float], step_tokens: list[int], losses: list[float]) -> dict:
@@ -115,7 +153,7 @@ def _fedge(plan: str, model_source: str, cache_dir: Path, steps: int) -> dict:
 
     from fedge.common.modeling import LoraSettings, add_lora, open_model
     from fedge.edge_client.data import Batch
-    from fedge.edge_client.train import TrainConfig, train
+    from fedge.edge_client.train import TrainConfig, compile_layers, train
 
     spec = PLANS[plan]
     dtype = getattr(torch, spec["compute_dtype"]) if "compute_dtype" in spec else None
@@ -134,6 +172,8 @@ def _fedge(plan: str, model_source: str, cache_dir: Path, steps: int) -> dict:
         **settings,
     )
     model = add_lora(session.model, cfg.lora)
+    if spec.get("compile_keeping_sdpa"):
+        compile_layers(model)  # no device: the attention is left as loaded
     batches = make_batches(session.tokenizer, steps)
     # Split each 4-row step into micro-batches when the plan accumulates: the same rows, the same step.
     micro = [
@@ -171,8 +211,12 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.model, cache, args.steps, args.threads)))
         return
-    results = {}
-    for plan in ("naive", "fast", "lean"):
+    results = {
+        "bound": run_worker(
+            Path(__file__), ["bound", "--threads", str(args.threads), "--model", args.model, "--cache-dir", str(cache)]
+        )
+    }
+    for plan in ("naive", "fast", "fast-sdpa", "lean"):
         print(f"running {plan} ...", flush=True)
         results[plan] = run_worker(
             Path(__file__),
@@ -193,8 +237,13 @@ def main() -> None:
             f"final loss {results[plan]['final_loss']:.4f}",
             flush=True,
         )
+    bound = results["bound"]["bound_tokens_per_s"]
+    for plan in ("naive", "fast", "fast-sdpa", "lean"):
+        r = results[plan]
+        r["compute"] = "fp32" if r["precision"] == "fp32" else "bf16"  # int4 weights compute in bf16 (PLANS)
+        r["share_of_bound"] = r["tokens_per_s"] / bound[r["compute"]]
     naive = results["naive"]
-    for plan in ("fast", "lean"):
+    for plan in ("fast", "fast-sdpa", "lean"):
         r = results[plan]
         r["speedup_vs_naive"] = r["tokens_per_s"] / naive["tokens_per_s"]
         r["rss_ratio_vs_naive"] = r["peak_rss_mb"] / naive["peak_rss_mb"]
@@ -214,19 +263,26 @@ def main() -> None:
 
 
 def _table(results: dict) -> str:
-    s = results["setup"]
+    s, b = results["setup"], results["bound"]
+    peak, bound = b["matmul_peak_flops"], b["bound_tokens_per_s"]
     lines = [
         f"### Training step: {s['model']}, LoRA {s['lora']}, {s['rows_per_step']} x {s['seq_len']} tokens/step, "
         f"{s['steps']} steps, {s['threads']} threads",
         "",
-        "| plan | base weights | tokens/s | x naive | peak RSS (MB) | RSS / naive | final loss | loss diff |",
-        "|---|---|---|---|---|---|---|---|",
+        f"This machine's bound (measured matmul peak / 4N FLOP per token, N = {b['n_params'] / 1e6:.1f}M): "
+        f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s -> {bound['fp32']:.0f} tokens/s; "
+        f"bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s -> {bound['bf16']:.0f} tokens/s.",
+        "",
+        "| plan | base weights | tokens/s | x naive | of bound | peak RSS (MB) | RSS / naive | final loss "
+        "| loss diff |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for plan in ("naive", "fast", "lean"):
+    for plan in ("naive", "fast", "fast-sdpa", "lean"):
         r = results[plan]
         lines.append(
             f"| {plan} | {r['precision']} | {r['tokens_per_s']:.0f} | {r.get('speedup_vs_naive', 1.0):.2f} | "
-            f"{r['peak_rss_mb']:.0f} | {r.get('rss_ratio_vs_naive', 1.0):.0%} | {r['final_loss']:.4f} | "
+            f"{r['share_of_bound']:.0%} ({r['compute']}) | {r['peak_rss_mb']:.0f} | "
+            f"{r.get('rss_ratio_vs_naive', 1.0):.0%} | {r['final_loss']:.4f} | "
             f"{r.get('loss_rel_diff_vs_naive', 0.0):.2%} |"
         )
     return "\n".join(lines)
