@@ -1,12 +1,14 @@
 """Machine-wide turns: clients that share one machine's cores do their round's work at most N at a time.
 
-Four demo clients on two cores, each with one torch thread, finish a round's client work sooner taking turns two
-at a time than all four at once (`benchmarks/thread_layout.py`; the processes that wait do not evict the
-workers' caches or share their cores), and far sooner than with every client using every core (spinning
-threads). A turn is one of N lock files in a directory the clients share, held with ``flock`` while the work
-runs: the kernel releases it when its holder exits, however it exits, so a crashed or killed client never
-keeps a turn. Every client must name the same directory: `fedge client start` makes it absolute. POSIX only
-(elsewhere the clients work at once, with a warning).
+Four demo clients on two cores, each with one torch thread, finish a round's client work as soon taking turns two
+at a time as all four at once, and far sooner than with every client using every core (spinning threads;
+`benchmarks/thread_layout.py`); in turns, each client's clock times its own work on a core of its own, so a
+client planning to a deadline plans from its real step times.
+
+A turn is one of N lock files in a directory the clients share, held with ``flock`` while the work runs: the
+kernel releases it when its holder exits, however it exits, so a crashed or killed client never keeps a turn.
+Every client must name the same directory: `fedge client start` makes it absolute. POSIX only (elsewhere the
+clients work at once, with a warning).
 
     with turn("/tmp/demo/turns:2"):
         ...  # at most 2 processes naming that directory are in here at once

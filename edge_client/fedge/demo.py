@@ -136,8 +136,9 @@ def demo_processes(
     cores = os.cpu_count() or 1
     threads, turns = max(1, cores // demo.clients), ""
     if demo.clients > cores:
-        # one thread each, and at most one client per core at work: 4 clients' round on 2 cores took 46 s in turns
-        # two at a time, 55 s all at once and over 180 s with 2 threads each (benchmarks/thread_layout.py)
+        # one thread each, at most one client per core at work: as fast as all at once (47.6 s against 47.9 s for 4
+        # clients' round on 2 cores; 2 threads each: over 120 s; benchmarks/thread_layout.py), and each client's
+        # clock then times its own work on a core of its own, not a share of a crowded one
         turns = f"{out / 'turns'}:{cores}"
         if round_settings.deadline_s > 0:  # clients work in waves: the server waits for all of them
             waves = -(-demo.clients // cores)
