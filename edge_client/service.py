@@ -88,13 +88,19 @@ def prepare_device(device: Device) -> Device:
 
 
 def _absolute_turns(spec: str) -> str:
-    """``DIR:N`` with DIR absolute: clients started from other directories must lock the same files."""
+    """``DIR:N`` with DIR absolute (clients started from other directories must lock the same files) and made now:
+    a directory that cannot be is a FedgeError here, not a failed round later."""
     from fedge.edge_client.turns import parse_turns
 
     if not spec:
         return spec
     directory, count = parse_turns(spec)
-    return f"{directory.resolve()}:{count}"
+    directory = directory.resolve()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FedgeError(f"--turns {directory}: cannot create ({err.strerror})") from None
+    return f"{directory}:{count}"
 
 
 def _absolute(source: str) -> str:

@@ -82,6 +82,15 @@ def test_client_start_makes_the_turns_directory_absolute(tmp_path, monkeypatch):
     assert device.turns == f"{tmp_path / 'shared' / 'turns'}:2"
 
 
+def test_client_start_refuses_a_turns_directory_it_cannot_make(tmp_path):
+    from fedge.common.errors import FedgeError
+    from fedge.edge_client.service import prepare_device
+
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(FedgeError, match=r"--turns .*file/turns: cannot create"):
+        prepare_device(Device("c", "demo:iot", state_dir=tmp_path / "s", turns=f"{tmp_path / 'file' / 'turns'}:2"))
+
+
 @pytest.mark.parametrize("spec", ["turns", "dir:0", "dir:two", ":2", "dir:", "dir:\u00b2", "dir:9999999"])
 def test_a_bad_turns_spec_says_what_is_expected(spec, tmp_path):
     with pytest.raises(ValueError, match=r"turns must be DIR:N"):
