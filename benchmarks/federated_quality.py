@@ -93,6 +93,12 @@ def main() -> None:
         default=None,
         help="client lr follows a cosine over rounds from --lr down to this (FlowerTune-style); default: constant",
     )
+    p.add_argument(
+        "--server-lr-min",
+        type=float,
+        default=None,
+        help="the server lr follows a cosine over rounds from its --server-lrs value down to this; default: constant",
+    )
     p.add_argument("--tag", default="", help="suffix for the results file (exploration runs)")
     args = p.parse_args()
     if (args.federated_only or args.centralized_only or args.local_only) and not args.tag:
@@ -106,6 +112,8 @@ def main() -> None:
         raise SystemExit(f"--tail-averages must each be in 2..--rounds ({args.rounds}), got {args.tail_averages!r}")
     if args.round_lr_min is not None and not 0 < args.round_lr_min <= args.lr:
         raise SystemExit(f"--round-lr-min must be in (0, --lr], got {args.round_lr_min}")
+    if args.server_lr_min is not None and not args.server_lr_min > 0:
+        raise SystemExit(f"--server-lr-min must be > 0, got {args.server_lr_min}")
 
     import numpy as np
     import torch
@@ -193,8 +201,9 @@ def main() -> None:
                 average = weighted_average(updates, weights)
             else:
                 average = sign_merge(global_arrays, updates, weights, merge_keep)
+            step = round_lr(server_lr, args.server_lr_min, rnd, args.rounds)
             global_arrays, moments = server_optimizer_step(
-                global_arrays, average, args.server_opt, server_lr, moments, tau=args.server_tau
+                global_arrays, average, args.server_opt, step, moments, tau=args.server_tau
             )
             history.append(global_arrays)
             if args.score_rounds and rnd < args.rounds:
@@ -241,6 +250,7 @@ def main() -> None:
         "lora_freeze_a": settings.lora_freeze_a,
         "server_opt": args.server_opt,
         "round_lr_min": args.round_lr_min,
+        "server_lr_min": args.server_lr_min,
         "merge": args.merge,
         "keep_client_optimizer": args.keep_client_optimizer,
         "eval_per_domain": args.eval_per_domain,
