@@ -42,7 +42,7 @@ NON_DEFAULT = {
     Device: dict(
         name="clinic-3", data="/data/notes.jsonl", eval_data="/data/held.jsonl", state_dir=Path("/var/fedge"),
         cache_dir=Path("/cache"), precision="int4", threads=2, worker_port=4321, profile="pi4-2gb",
-        emulated_time="virtual", energy_budget_j=1500.0,
+        emulated_time="virtual", energy_budget_j=1500.0, turns="/run/fedge/turns:2",
     ),
     DemoSettings: dict(clients=2, devices=["pi4-2gb", "laptop"], out=Path("/tmp/demo-out"), simulation=2),
 }  # fmt: skip
