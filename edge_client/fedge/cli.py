@@ -66,6 +66,7 @@ def route_library_notices() -> Path | None:
     from logging.handlers import RotatingFileHandler
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars
+    os.environ.setdefault("TQDM_DISABLE", "1")  # plain tqdm bars (GGUF de-quantizing); read when tqdm is imported
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its advisory notices
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")  # children
