@@ -1,7 +1,7 @@
 """Thread layout: how several clients sharing one machine should split its cores.
 
 ``--clients`` K processes each do one demo round's client work with fedge's own code (``local_work.do_train``
-with the round's default settings: score the received adapter, then train 20 steps of 4): the work a
+with the round's default settings: score the received adapter, then train; measured at 20 steps of 4): the work a
 ``fedge demo`` client does each round. Each process loads its model first (as the demo's warm workers do);
 then the clock starts and the layout decides who works when:
 
