@@ -116,7 +116,7 @@ def table(results: dict) -> str:
     first = runs[0]
     rows = [
         f"### `fedge demo` (defaults: {first['rounds']} rounds x {first['steps']} steps of {first['batch']}), "
-        f"{len(runs)} seeds, 2 cores",
+        f"{len(runs)} seed{'s' * (len(runs) != 1)}, 2 cores",
         "",
         "| seed | exact match | minutes (pull included) | 50% at round (min) | 80% at round (min) | model pull s | "
         "fixed cost / client / round, median s |",

@@ -1,7 +1,7 @@
 """Federated quality: FedAvg against centralized LoRA and local-only training, same total training steps.
 
 Four clients hold one built-in demo domain each (healthcare, finance, education, iot). With a budget of
-T optimizer steps in total (fedge's batch of 4, LoRA r=16 on every projection, the same learning rate everywhere):
+T optimizer steps in total (fedge's batch of 2, LoRA r=16 on every projection, the same learning rate everywhere):
 
 - **centralized** (the upper baseline): one adapter, T steps on the union of the four domains;
 - **federated**: R rounds of FedAvg; each round every client trains S = T / (4R) steps from the global
@@ -13,13 +13,14 @@ T optimizer steps in total (fedge's batch of 4, LoRA r=16 on every projection, t
 Every model is scored on the same held-out set: ``--eval-per-domain`` test examples of each domain (exact
 match of greedy answers, and held-out loss). Local-only models are scored on all domains and averaged.
 
-    python benchmarks/federated_quality.py [--total-steps 480] [--rounds 6] [--eval-per-domain 50] [--score-rounds]
+    python benchmarks/federated_quality.py [--total-steps 960] [--rounds 6] [--eval-per-domain 50] [--score-rounds]
 
 Writes benchmarks/results/federated_quality.json and the table in benchmarks/README.md. Exploration runs
 (``--federated-only``, ``--centralized-only``, ``--local-only``, with ``--tag``) write their own result files and
 leave the table alone: client lr and batch, server lr and optimizer (``--server-opt``), the merge rule
 (``--merge ties:KEEP``), clients that keep their AdamW moments, iterate averaging (``--tail-averages``) and
-``--seed`` for the spread. Runs before session 21 used batch 8 and 240 steps (``--batch 8 --total-steps 240``);
+``--seed`` for the spread. Session 21-22 runs used batch 4 and 480 steps (``--batch 4 --total-steps 480``), runs
+before session 21 batch 8 and 240 steps (``--batch 8 --total-steps 240``): 1,920 examples in every case;
 ``--batch 8 --federated-only --total-steps 960 --rounds 24`` (and ``--local-only``) was the step-equal reading then:
 each client trained as many steps as the 240-step centralized run.
 """
@@ -42,11 +43,11 @@ from benchmarks.common import update_readme_section, write_results  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--total-steps", type=int, default=480, help="optimizer steps in all (480 of 4: 1,920 examples)")
+    p.add_argument("--total-steps", type=int, default=960, help="optimizer steps in all (960 of 2: 1,920 examples)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0, help="seeds the adapter's init and every data order")
-    p.add_argument("--batch", type=int, default=4, help="examples per optimizer step, for every model (fedge's: 4)")
+    p.add_argument("--batch", type=int, default=2, help="examples per optimizer step, for every model (fedge's: 2)")
     p.add_argument("--eval-per-domain", type=int, default=50)
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--server-lrs", default="2", help="FedAvg variants to run: server learning rates (e.g. 1,2,4)")
