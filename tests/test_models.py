@@ -191,7 +191,9 @@ def test_two_processes_pulling_one_model_do_the_work_once(tiny_gguf, tmp_path):
 def test_the_cli_pulling_a_gguf_file_shows_fedges_lines_not_the_converters_bar(tiny_gguf, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
     cmd = [sys.executable, "-m", "fedge", "--cache-dir", str(tmp_path), "model", "pull", str(tiny_gguf)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**env, "XDG_STATE_HOME": str(tmp_path)})
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env={**env, "XDG_STATE_HOME": str(tmp_path)}, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert "converting tiny-qwen2.gguf" in done.stderr + done.stdout
     assert "de-quantizing" not in done.stderr + done.stdout  # transformers' tqdm bar over the GGUF tensors
