@@ -38,8 +38,8 @@ from fedge.simulate import demo_device
 # `fedge demo --devices`' default round deadline, for the default model (SmolLM2-135M): set when rounds were 15
 # steps of 8 x 256, long enough that every built-in profile planned all 15 steps at full rank, short enough that
 # they had to choose differently to make it (Pi 4: int8 base, 64-token rows; Pi 5: fp32, 128; Jetson: bf16, batch
-# 8; laptop: fp32, batch 4). Rounds of 40 steps of 2 cost less: not re-measured since (benchmarks/heterogeneous.py
-# pins its own round settings).
+# 8; laptop: fp32, batch 4). Rounds of 40 steps of 2 (80 examples, not 120) should cost less: not re-measured
+# since (benchmarks/heterogeneous.py pins its own round settings).
 DEVICES_DEADLINE_S = 240.0
 # ServerSettings fields the demo sets itself: one loopback server, its state in --out, every client needed.
 DEMO_SETS = ("address", "state", "min_clients", "ssl_certfile", "ssl_keyfile", "ssl_ca_certfile", "auth_key")
