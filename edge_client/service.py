@@ -37,6 +37,10 @@ class ClientSettings:
     auth_key: Path | None = setting(None, "this device's private key for SuperNode authentication (needs TLS)")
     max_retries: int | None = setting(None, "give up after N reconnects (default: never)")
     worker: bool = setting(True, "keep the model loaded between rounds in a warm worker process")
+    launcher: bool = setting(
+        True, "start each message's ClientApp process by forking one that has Flower and fedge imported (fedge's "
+        "launcher) instead of a fresh flwr-clientapp process (Flower's subprocess isolation)",
+    )  # fmt: skip
     unreachable_after: float = setting(
         UNREACHABLE_AFTER_S, "say so on the console once the server has been unreachable this long (it keeps "
         "retrying)", metavar="SECONDS",
@@ -107,16 +111,22 @@ def _absolute(source: str) -> str:
     return str(Path(source).resolve()) if Path(source).exists() else source
 
 
-def supernode_command(client: ClientSettings, device: Device) -> tuple[list[str], dict[str, str]]:
+def supernode_command(
+    client: ClientSettings, device: Device, runtime_port: int | None = None
+) -> tuple[list[str], dict[str, str]]:
     """The ``flower-supernode`` command for a prepared ``device`` and its environment; the node config (the
-    device's settings) goes in a TOML file in its state directory."""
+    device's settings) goes in a TOML file in its state directory. ``runtime_port``: its Runtime API's, on
+    loopback (None: a free one). With ``client.launcher`` the node starts no ClientApp itself (``--isolation
+    process``): `launcher_command` does, its tasks guarded by a secret only the two processes read."""
     import tomli_w
 
     parse_address(client.server, "--server")
     node_config = device.state_dir / "node-config.toml"
     atomic_write_text(node_config, tomli_w.dumps(device.to_node_config()))
-    cmd = ["flower-supernode", "--superlink", client.server, "--port", str(free_port()),
+    cmd = ["flower-supernode", "--superlink", client.server, "--port", str(runtime_port or free_port()),
            "--node-config", str(node_config)]  # fmt: skip
+    if client.launcher:
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(_launcher_secret(device))]
     if client.root_certificates:
         if not client.root_certificates.is_file():
             raise FedgeError(f"--root-certificates {client.root_certificates}: no such file")
@@ -130,6 +140,30 @@ def supernode_command(client: ClientSettings, device: Device) -> tuple[list[str]
     if client.max_retries is not None:
         cmd += ["--max-retries", str(client.max_retries)]
     return cmd, flwr_env(device.state_dir / "flwr")
+
+
+def launcher_command(device: Device, runtime_port: int, node_pid: int) -> list[str]:
+    """fedge's ClientApp launcher (:mod:`fedge.edge_client.launcher`) for the SuperNode ``node_pid`` whose Runtime
+    API listens on ``runtime_port``; it exits with that node."""
+    import sys
+
+    # -P: not the working directory first on sys.path (a user's psutil.py there must not stand in for psutil)
+    return [sys.executable, "-P", "-m", "fedge.edge_client.launcher",
+            "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(node_pid),
+            "--superexec-auth-secret-file", str(_launcher_secret(device))]  # fmt: skip
+
+
+def _launcher_secret(device: Device) -> Path:
+    """The secret the SuperNode and its launcher share, made once per state directory: without it another local
+    process could take the node's tasks from its Runtime API. Readable by this user only (mkstemp's 0600)."""
+    import secrets
+
+    from fedge.common.fsutil import atomic_write_bytes
+
+    path = device.state_dir / "launcher.secret"
+    if not path.is_file() or path.stat().st_size == 0:
+        atomic_write_bytes(path, secrets.token_hex(32).encode())
+    return path
 
 
 def _profile_spec(spec: str) -> str:
@@ -243,12 +277,13 @@ class Supervisor:
 
         self.client, self.say, self.log_path = client, say, log_path
         self.device = prepare_device(dataclasses.replace(device, worker_port=free_port() if client.worker else 0))
-        self.cmd, self.env = supernode_command(client, self.device)
+        self.runtime_port = free_port()
+        self.cmd, self.env = supernode_command(client, self.device, self.runtime_port)
         if client.model and client.model != "none":
             pull_model(client.model, self.device.cache_dir, say)
         self.worker_cmd = worker_command(client, self.device, self.device.worker_port)
         self.watch = ServerWatch(client.server, client.unreachable_after, MAX_RETRY_DELAY, say)
-        self.node = self.worker = None
+        self.node = self.worker = self.launcher = None
         self.worker_wanted = bool(self.device.worker_port)
         self.node_wanted = True  # False while the agent keeps the SuperNode stopped (`sleep_node`)
         self.suspended = False
@@ -278,6 +313,10 @@ class Supervisor:
             stop(self.node, grace=5.0)  # Flower's SuperNode can hang after its heartbeat is refused: not wait on it
         if not self.node_wanted:
             return
+        node_up = self.node is not None and self.node.poll() is None
+        if node_up and self.launcher is not None and self.launcher.poll() is not None:
+            self.say(f"ClientApp launcher exited (code {self.launcher.returncode}); restarting it")
+            self._start_launcher()
         if self.node is not None and self.node.poll() is not None and self.restart_at is None:
             if self.client.max_retries is not None and self.restarts >= self.client.max_retries:
                 raise FedgeError(f"the SuperNode exited with code {self.node.returncode} {self.restarts + 1} "
@@ -291,7 +330,19 @@ class Supervisor:
             self._start_node(now)
 
     def _start_node(self, now: float) -> None:
+        from fedge.common.procs import stop
+
+        stop(self.launcher)  # the old node's, if it outlived it
         self.node, self.node_started, self.restart_at = _watched(self.cmd, self.env, self.log_path), now, None
+        if self.client.launcher:
+            self._start_launcher()
+
+    def _start_launcher(self) -> None:
+        """The node's ClientApp launcher (`launcher_command`), its output in the node's log."""
+        from fedge.common.procs import spawn
+
+        cmd = launcher_command(self.device, self.runtime_port, self.node.pid)
+        self.launcher = spawn(cmd, self.env, self.log_path)
 
     def sleep_node(self) -> None:
         """Stop the SuperNode (the server sees the node leave and sends it nothing) until `wake_node`: during a
@@ -300,7 +351,8 @@ class Supervisor:
 
         self.node_wanted = False
         stop(self.node)
-        self.node, self.restart_at = None, None
+        stop(self.launcher)
+        self.node, self.launcher, self.restart_at = None, None, None
 
     def wake_node(self, now: float) -> None:
         """Start the SuperNode again after `sleep_node`: it registers with the server as it did at the start."""
@@ -341,6 +393,7 @@ class Supervisor:
 
         self.resume()
         stop(self.node)
+        stop(self.launcher)
         stop(self.worker)
 
 

@@ -184,6 +184,9 @@ def test_a_round_runs_from_a_directory_whose_files_are_named_like_fedges_folders
     assert all(c.get("warm") == 1 for c in last["clients"]), "the warm worker did not do the round's work"
     for log in (tmp_path / "clients").rglob("*.log"):
         assert "was imported" not in log.read_text(errors="replace"), log
+    for name in ("a", "b"):  # each message's ClientApp process was forked by fedge's launcher, not started afresh
+        log = (tmp_path / f"client-{name}.log").read_text(errors="replace")
+        assert "forked by fedge's launcher" in log and "Start `flwr-clientapp` process" not in log, log[-3000:]
 
 
 def test_rounds_go_on_past_a_killed_client_and_poisoned_updates(federation):

@@ -84,8 +84,9 @@ def test_a_supernode_the_server_forgot_is_restarted_even_if_it_hangs(tmp_path):
             "time.sleep(600)"]  # fmt: skip
     sup = object.__new__(Supervisor)
     said = []
-    sup.client = SimpleNamespace(max_retries=None, server="127.0.0.1:1")
+    sup.client = SimpleNamespace(max_retries=None, server="127.0.0.1:1", launcher=False)
     sup.say, sup.log_path, sup.cmd, sup.env = said.append, tmp_path / "node.log", hang, None
+    sup.launcher = None
     sup.watch = SimpleNamespace(check=lambda now: None)
     sup.worker_wanted, sup.worker, sup.node_wanted = False, None, True
     sup.backoff, sup.restarts, sup.restart_at = 1.0, 0, None
@@ -108,3 +109,43 @@ def test_a_supernode_the_server_forgot_is_restarted_even_if_it_hangs(tmp_path):
     sup.wake_node(time.monotonic())
     assert sup.node is not None and sup.node.poll() is None
     sup.node.kill()
+
+
+def test_the_clientapp_launcher_runs_beside_the_supernode_and_is_restarted_while_the_node_lives(tmp_path, monkeypatch):
+    """fedge's launcher (fedge.edge_client.launcher) starts with the node, told the node's pid; one that exits while
+    the node runs is started again; it stops with the node."""
+    from types import SimpleNamespace
+
+    from fedge.edge_client import service
+    from fedge.edge_client.service import Supervisor
+
+    started = []
+
+    def fake_launcher(device, runtime_port, node_pid):
+        started.append((runtime_port, node_pid))
+        return [sys.executable, "-c", "import time; time.sleep(600)"]
+
+    monkeypatch.setattr(service, "launcher_command", fake_launcher)
+    sup = object.__new__(Supervisor)
+    said = []
+    sup.client = SimpleNamespace(max_retries=None, server="127.0.0.1:1", launcher=True)
+    sup.say, sup.log_path, sup.env = said.append, tmp_path / "node.log", None
+    sup.cmd = [sys.executable, "-c", "import time; time.sleep(600)"]
+    sup.device, sup.runtime_port, sup.launcher = None, 4321, None
+    sup.watch = SimpleNamespace(check=lambda now: None)
+    sup.worker_wanted, sup.worker, sup.node_wanted = False, None, True
+    sup.backoff, sup.restarts, sup.restart_at, sup.suspended = 1.0, 0, None, False
+    try:
+        sup._start_node(time.monotonic())
+        first = sup.launcher
+        assert first.poll() is None and started == [(4321, sup.node.pid)]
+        first.kill()
+        first.wait()
+        sup.tick(time.monotonic())
+        assert sup.launcher is not first and sup.launcher.poll() is None and len(started) == 2
+        assert any("launcher exited" in m for m in said), said
+        second = sup.launcher
+        sup.sleep_node()
+        assert second.poll() is not None and sup.launcher is None and sup.node is None
+    finally:
+        sup.stop()

@@ -37,14 +37,15 @@ NON_DEFAULT = {
     ),
     ClientSettings: dict(
         server="10.0.0.1:9000", model="none", root_certificates=Path("/ca.pem"), auth_key=Path("/node.key"),
-        max_retries=4, worker=False, unreachable_after=5.0,
+        max_retries=4, worker=False, launcher=False, unreachable_after=5.0,
     ),
     Device: dict(
         name="clinic-3", data="/data/notes.jsonl", eval_data="/data/held.jsonl", state_dir=Path("/var/fedge"),
         cache_dir=Path("/cache"), precision="int4", threads=2, worker_port=4321, profile="pi4-2gb",
         emulated_time="virtual", energy_budget_j=1500.0, turns="/run/fedge/turns:2",
     ),
-    DemoSettings: dict(clients=2, devices=["pi4-2gb", "laptop"], out=Path("/tmp/demo-out"), simulation=2),
+    DemoSettings: dict(clients=2, devices=["pi4-2gb", "laptop"], out=Path("/tmp/demo-out"), simulation=2,
+                       launcher=False),
 }  # fmt: skip
 
 

@@ -59,6 +59,10 @@ class DemoSettings:
     simulation: int | None = setting(
         None, "run N virtual clients on Flower's simulation engine instead of processes", metavar="N"
     )
+    launcher: bool = setting(
+        True, "clients start each message's ClientApp by forking a pre-imported process (fedge's launcher); "
+        "--no-launcher: a fresh flwr-clientapp process per message, as Flower does (the baseline)",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         self.devices = _device_list(self.devices)
@@ -146,7 +150,7 @@ def demo_processes(
                 server, stage_deadline=server.stage_deadline_s(round_settings.deadline_s, waves)
             )
     # the model is pulled already: the client only preloads it in its warm worker
-    client = ClientSettings(server=server.address, model=round_settings.model)
+    client = ClientSettings(server=server.address, model=round_settings.model, launcher=demo.launcher)
     clients = []
     for i in range(demo.clients):
         domain = DOMAINS[i % len(DOMAINS)]
