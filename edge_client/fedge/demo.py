@@ -26,7 +26,7 @@ from rich.console import Console
 
 from fedge.common.errors import FedgeError
 from fedge.common.fsutil import atomic_write_text
-from fedge.common.procs import free_port, stop, tail
+from fedge.common.procs import free_port, parse_address, stop, tail, wait_for_port
 from fedge.common.settings import setting, to_toml_table
 from fedge.common.wire import RoundSettings
 from fedge.edge_client.demo_data import DOMAINS
@@ -170,6 +170,14 @@ def _run_processes(
     server, clients = demo_processes(demo, round_settings, server, out, cache, free_port())
     config = write_config(out / "server.toml", round=round_settings, server=server)
     server_proc = spawn(_fedge(cache, "server", "start", "--config", str(config)), env, logs / "server.log")
+    # Clients start once the SuperLink listens: each picks free ports of its own (SuperNode, worker), and one of
+    # those picked while the SuperLink was still starting could be the port it was about to take (seen once).
+    host, port = parse_address(server.address, "--address")
+    try:
+        wait_for_port(host, port, server_proc, logs / "server.log", timeout=300)
+    except FedgeError as err:
+        stop(server_proc)
+        raise FedgeError(f"the server did not start: {err}") from None
     procs = []
     for client, device in clients:
         config = write_config(out / "clients" / f"{device.name}.toml", client=client, device=device)
