@@ -7,8 +7,12 @@ was empty), and per round of each run its cost breakdown: the slowest client's t
 scoring and fixed cost (ClientApp process start to handler, and getting the model ready), and the rest of the
 round (Flower's message transport and polling, and the server's aggregation).
 
-    python benchmarks/demo.py --seeds 0,1,2 [--cache-dir DIR] [-- extra fedge demo flags]
-    python benchmarks/demo.py --reports /tmp/fresh-demo /tmp/seed1 /tmp/seed2
+Baseline in the same run: ``fedge demo --no-launcher`` on ``--baseline-seeds`` (each message's ClientApp in a fresh
+``flwr-clientapp`` process, as Flower starts it, where fedge's launcher forks it from a process that has done the
+imports; ``--baseline-reports DIR ...`` reads finished ones).
+
+    python benchmarks/demo.py --seeds 0,1,2 --baseline-seeds 0 [--cache-dir DIR] [-- extra fedge demo flags]
+    python benchmarks/demo.py --reports /tmp/fresh-demo /tmp/seed1 /tmp/seed2 --baseline-reports /tmp/nolaunch0
 
 Targets (issue "The main job, fast"): >= 80% exact match within 15 minutes including the model pull; fixed cost
 < 3 s per client per round. Writes benchmarks/results/demo.json and its table in benchmarks/README.md.
@@ -34,27 +38,38 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--reports", nargs="*", type=Path, default=None, help="finished demo directories to read instead")
+    p.add_argument("--baseline-seeds", default="0", help="seeds to run with --no-launcher ('': none)")
+    p.add_argument("--baseline-reports", nargs="*", type=Path, default=None, help="finished --no-launcher runs")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("extra", nargs="*", help="more `fedge demo` flags (after --)")
     args = p.parse_args()
-    dirs = args.reports
-    if dirs is None:
-        dirs = []
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            out = Path(tempfile.mkdtemp(prefix=f"fedge-demo-seed{seed}-"))
-            cache = ["--cache-dir", str(args.cache_dir)] if args.cache_dir else []
-            cmd = [sys.executable, "-m", "fedge", *cache, "demo", "--seed", str(seed), "--out", str(out), *args.extra]
-            subprocess.run(cmd, check=True)
-            dirs.append(out)
+    dirs = args.reports if args.reports is not None else run_demos(args.seeds, args.cache_dir, args.extra)
+    baseline_dirs = args.baseline_reports
+    if baseline_dirs is None:
+        baseline_dirs = run_demos(args.baseline_seeds, args.cache_dir, [*args.extra, "--no-launcher"])
     runs = [summarize(json.loads((d / "report.json").read_text()), d) for d in dirs]
-    results = {"runs": runs, "across_seeds": across(runs)}
+    baseline = [summarize(json.loads((d / "report.json").read_text()), d, launcher=False) for d in baseline_dirs]
+    results = {"runs": runs, "across_seeds": across(runs), "baseline_no_launcher": baseline}
     write_results("demo", results)
     update_readme_section("demo", table(results))
     print(table(results))
 
 
-def summarize(report: dict, where: Path) -> dict:
-    """One run: settings, totals, cost to target and the per-round breakdown."""
+def run_demos(seeds: str, cache_dir: Path | None, extra: list[str]) -> list[Path]:
+    """``fedge demo`` once per seed in ``seeds`` ("0,1,2"; "": none); the output directories."""
+    dirs = []
+    for seed in [int(s) for s in seeds.split(",") if s.strip()]:
+        out = Path(tempfile.mkdtemp(prefix=f"fedge-demo-seed{seed}-"))
+        cache = ["--cache-dir", str(cache_dir)] if cache_dir else []
+        subprocess.run([sys.executable, "-m", "fedge", *cache, "demo", "--seed", str(seed), "--out", str(out), *extra],
+                       check=True)  # fmt: skip
+        dirs.append(out)
+    return dirs
+
+
+def summarize(report: dict, where: Path, launcher: bool | None = None) -> dict:
+    """One run: settings, totals, cost to target and the per-round breakdown. ``launcher``: whether its ClientApp
+    processes were forked by fedge's launcher (None: as its report says; reports from before it: yes)."""
     total_s = report["seconds"] + report.get("pull_seconds", 0.0)
     rounds_s = report["costs"][-1]["wall_s"] if report.get("costs") else 0.0
     hits = {}
@@ -73,7 +88,8 @@ def summarize(report: dict, where: Path) -> dict:
         if not trained:
             continue
         fixed = [(c.get("startup_seconds") or 0) + (c.get("load_seconds") or 0) for c in trained]
-        all_fixed += fixed
+        if r["round"] > 1:  # round 1's is the warm workers still loading the model: once, not per round
+            all_fixed += fixed
         # scored during this round: with eval_in_train the previous adapter (in the train message); its own
         # adapter in an evaluate stage (every round without eval_in_train, else the last)
         scoring = (scored(prev) if fused else 0.0) + (scored(r) if not fused or r is records[-1] else 0.0)
@@ -92,6 +108,9 @@ def summarize(report: dict, where: Path) -> dict:
         "batch": s.get("batch"), "final_exact_match": report["final_exact_match"],
         "minutes": round(total_s / 60, 2), "pull_seconds": report.get("pull_seconds", 0.0), "to_target": hits,
         "fixed_s_median": round(statistics.median(all_fixed), 2) if all_fixed else None,
+        "fixed_s_max": round(max(all_fixed), 2) if all_fixed else None,
+        "round_s_median": round(statistics.median(b["seconds"] for b in breakdown), 1) if breakdown else None,
+        "launcher": report.get("launcher", True) if launcher is None else launcher,
         "rounds_detail": breakdown,
     }  # fmt: skip
 
@@ -119,7 +138,7 @@ def table(results: dict) -> str:
         f"{len(runs)} seed{'s' * (len(runs) != 1)}, 2 cores",
         "",
         "| seed | exact match | minutes (pull included) | 50% at round (min) | 80% at round (min) | model pull s | "
-        "fixed cost / client / round, median s |",
+        "fixed cost / client / round after round 1, median s |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in runs:
@@ -151,6 +170,22 @@ def table(results: dict) -> str:
             f"| {b['round']} | {em_cell} | {b['seconds']:.0f} | {b['train_s_max']} | {b['eval_s_median']} | "
             f"{b['fixed_s_median']} / {b['fixed_s_max']} | {b['rest_s']} |"
         )
+    if results.get("baseline_no_launcher"):
+        rows += [
+            "",
+            "Fixed cost per client and round (after round 1) against the baseline in the same run: each message's "
+            "ClientApp in a fresh `flwr-clientapp` process as Flower starts it (`--no-launcher`).",
+            "",
+            "| seed | ClientApp processes | fixed cost / client / round, median (max) s | round s, median | "
+            "exact match | minutes |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in [*runs, *results["baseline_no_launcher"]]:
+            how = "forked by fedge's launcher" if r["launcher"] else "fresh `flwr-clientapp` (baseline)"
+            rows.append(
+                f"| {r['seed']} | {how} | {r['fixed_s_median']} ({r['fixed_s_max']}) | {r['round_s_median']} | "
+                f"{100 * r['final_exact_match']:.1f}% | {r['minutes']:.1f} |"
+            )
     return "\n".join(rows)
 
 

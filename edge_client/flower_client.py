@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedge.common import wire
+from fedge.edge_client.frozen_a import complete
 from fedge.edge_client.local_work import Device
 
 app = ClientApp()
@@ -83,6 +84,7 @@ def _work(device: Device, kind: str, config: dict, arrays: dict, rnd: int) -> tu
     reason = held(device.state_dir)
     if reason is not None:
         raise RoundDeclined(f"{device.name}: not eligible: {reason}")
+    arrays = complete(arrays, config, device.state_dir)  # LoRA A from this node's store if the message left it out
     if device.worker_port:
         from fedge.edge_client.worker import call
 

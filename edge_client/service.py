@@ -125,7 +125,7 @@ def supernode_command(
     atomic_write_text(node_config, tomli_w.dumps(device.to_node_config()))
     cmd = ["flower-supernode", "--superlink", client.server, "--port", str(runtime_port or free_port()),
            "--node-config", str(node_config)]  # fmt: skip
-    if client.launcher:
+    if uses_launcher(client):
         cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(_launcher_secret(device))]
     if client.root_certificates:
         if not client.root_certificates.is_file():
@@ -140,6 +140,14 @@ def supernode_command(
     if client.max_retries is not None:
         cmd += ["--max-retries", str(client.max_retries)]
     return cmd, flwr_env(device.state_dir / "flwr")
+
+
+def uses_launcher(client: ClientSettings) -> bool:
+    """Whether ClientApps start by fedge's launcher: asked for, and the platform can fork from a fork server
+    (POSIX; elsewhere Flower's own subprocess isolation)."""
+    import multiprocessing
+
+    return client.launcher and "forkserver" in multiprocessing.get_all_start_methods()
 
 
 def launcher_command(device: Device, runtime_port: int, node_pid: int) -> list[str]:
@@ -334,7 +342,7 @@ class Supervisor:
 
         stop(self.launcher)  # the old node's, if it outlived it
         self.node, self.node_started, self.restart_at = _watched(self.cmd, self.env, self.log_path), now, None
-        if self.client.launcher:
+        if uses_launcher(self.client):
             self._start_launcher()
 
     def _start_launcher(self) -> None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -63,9 +64,8 @@ class FedgeAvg(FedAvg):
             save(state)
         elif state.round == 0 and not state.records:
             t0 = time.monotonic()
-            evals, failures = self._stage(
-                grid, self.configure_evaluate(0, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid)
-            )
+            messages, _ = self._messages(self.configure_evaluate, 0, state, evaluate_config, grid)
+            evals, failures = self._stage(grid, messages, state=state)
             self._ask_back(state, failures)
             evaluated, bad = self._evaluations(evals, wire.RoundSettings.from_config(evaluate_config))
             state.records.append(RoundRecord.summarize(0, [], evaluated, failures + bad, time.monotonic() - t0))
@@ -73,28 +73,21 @@ class FedgeAvg(FedAvg):
         for rnd in range(state.round + 1, num_rounds + 1):
             t0 = time.monotonic()
             deferred = self._wait_for_eligible(grid, state)
-            sent = wire.to_record(state.arrays)
             last = state.records[-1] if state.records else None
             score_prev = fused and self._scores(rnd - 1, num_rounds) and last is not None and last.round == rnd - 1
             score_prev = score_prev and last.exact_match is None and last.heldout_loss is None
             config = {**train_config, wire.Cfg.SCORE_FIRST: 1} if score_prev else train_config
-            replies, train_failures = self._stage(
-                grid, self.configure_train(rnd, sent, ConfigRecord(config), grid), deferred
-            )
+            messages, bytes_down = self._messages(self.configure_train, rnd, state, config, grid)
+            replies, train_failures = self._stage(grid, messages, deferred, state)
             deferred |= self._ask_back(state, train_failures)
             if score_prev:  # the previous round's global adapter, scored by this round's clients before training
                 prior, bad = self._evaluations(replies, wire.RoundSettings.from_config(evaluate_config), prior=True)
                 state.records[-1] = state.records[-1].with_evaluations(prior, bad)
-            clients = self._check_and_average(
-                state, replies, wire.record_bytes(sent), wire.RoundSettings.from_config(train_config)
-            )
+            clients = self._check_and_average(state, replies, bytes_down, wire.RoundSettings.from_config(train_config))
             evals, eval_failures = [], []
             if (not fused and self._scores(rnd, num_rounds)) or rnd == num_rounds:
-                evals, eval_failures = self._stage(
-                    grid,
-                    self.configure_evaluate(rnd, wire.to_record(state.arrays), ConfigRecord(evaluate_config), grid),
-                    deferred,
-                )
+                messages, _ = self._messages(self.configure_evaluate, rnd, state, evaluate_config, grid)
+                evals, eval_failures = self._stage(grid, messages, deferred, state)
             self._ask_back(state, eval_failures)
             state.round = rnd
             evaluated, bad = self._evaluations(evals, wire.RoundSettings.from_config(evaluate_config))
@@ -150,11 +143,58 @@ class FedgeAvg(FedAvg):
                 said = True
             time.sleep(min(1.0, max(0.0, min(deferred.values()) - time.time())))
 
+    # --- LoRA A goes to a node once: with A frozen it never changes (fedge.edge_client.frozen_a) -------------------
+
+    def _messages(
+        self, configure: Callable, rnd: int, state: ServerState, config: dict, grid: Grid
+    ) -> tuple[list[Message], dict[int, int]]:
+        """A stage's messages, by Flower's ``configure_train`` or ``configure_evaluate``, and the bytes each node is
+        sent. With LoRA A frozen, the nodes that hold it (`_holders`) get B and A's fingerprint only."""
+        full = wire.to_record(state.arrays)
+        sizes = defaultdict(lambda: wire.record_bytes(full))  # node -> bytes it is sent
+        a = {k: v for k, v in state.arrays.items() if k.endswith(A_SUFFIX)}
+        if not (wire.RoundSettings.from_config(config).lora_freeze_a and a):
+            return list(configure(rnd, full, ConfigRecord(config), grid)), sizes
+        digest = wire.fingerprint(a)
+        lean = wire.to_record({k: v for k, v in state.arrays.items() if not k.endswith(A_SUFFIX)})
+        holders = self._holders(state, digest)
+        messages = []
+        for m in configure(rnd, lean, ConfigRecord({**config, wire.Cfg.LORA_A: digest}), grid):
+            node = m.metadata.dst_node_id
+            if node not in holders:  # Flower's messages share one content: this node's gets its own, with A
+                content = RecordDict({wire.ADAPTER: full, wire.CONFIG: m.content[wire.CONFIG]})
+                m = Message(content=content, dst_node_id=node, message_type=m.metadata.message_type)
+            messages.append(m)
+            sizes[node] = wire.record_bytes(m.content[wire.ADAPTER])
+        return messages, sizes
+
+    @staticmethod
+    def _holders(state: ServerState, digest: str) -> set[int]:
+        """The nodes known to hold the LoRA A with this fingerprint: each replied without error since it was
+        sent one (kept in the strategy state; a new fingerprint starts the set afresh)."""
+        held = state.strategy.get("lora_a")
+        if not isinstance(held, dict) or held.get("digest") != digest or not isinstance(held.get("nodes"), list):
+            held = state.strategy["lora_a"] = {"digest": digest, "nodes": []}
+        return {n for n in held["nodes"] if isinstance(n, int)}
+
+    @staticmethod
+    def _learn_holders(state: ServerState, sent: list[Message], replies: list[Message], failures: list) -> None:
+        """After a stage: a node that replied holds A (it stored it, or used what it held); one that failed, or
+        did not reply, may not (a new state directory, a damaged store): it is sent A next time. A decline says
+        nothing either way (a held device declines before it reads the adapter)."""
+        held = state.strategy.get("lora_a")
+        if not isinstance(held, dict) or not any(wire.Cfg.LORA_A in m.content[wire.CONFIG] for m in sent[:1]):
+            return
+        nodes = {n for n in held.get("nodes", []) if isinstance(n, int)}
+        nodes |= {r.metadata.src_node_id for r in replies}
+        nodes -= {f.node_id for f in failures if not f.declined}
+        held["nodes"] = sorted(nodes)
+
     def _stage(
-        self, grid: Grid, messages: Iterable[Message], skip: set[int] = frozenset()
+        self, grid: Grid, messages: Iterable[Message], skip: set[int] = frozenset(), state: ServerState | None = None
     ) -> tuple[list[Message], list[Failure]]:
         """Send (not to the nodes in ``skip``), then collect replies until all are in or the deadline passes:
-        (good replies, failures).
+        (good replies, failures). With ``state``, learn from them which nodes hold LoRA A (`_learn_holders`).
 
         A failure names its node and, once the node has replied in this run, its client.
         """
@@ -181,19 +221,22 @@ class FedgeAvg(FedAvg):
                     replies.append(reply)
             time.sleep(0.5)
         failures += [self._failure(to_node.get(mid), "no reply before the deadline") for mid in pending]
+        if state is not None:
+            self._learn_holders(state, sent, replies, failures)
         return replies, failures
 
     def _failure(self, node: int | None, reason: str) -> Failure:
         return Failure(node, self._names.get(node) if node is not None else None, reason)
 
     def _check_and_average(
-        self, state: ServerState, replies: list[Message], bytes_down: int, settings: wire.RoundSettings
+        self, state: ServerState, replies: list[Message], bytes_down: dict[int, int], settings: wire.RoundSettings
     ) -> list[ClientRound]:
-        """Validate each update against the global adapter and merge the accepted ones into ``state``."""
+        """Validate each update against the global adapter and merge the accepted ones into ``state``;
+        ``bytes_down``: what each node was sent."""
         clients, updates = [], []
         for reply in replies:
             entry, update = self._check_reply(reply, state, settings)
-            entry.bytes_down = bytes_down
+            entry.bytes_down = bytes_down[reply.metadata.src_node_id]
             clients.append(entry)
             updates.append(update)
         self._judge_sizes(state, clients, updates)

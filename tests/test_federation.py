@@ -218,6 +218,11 @@ def test_rounds_go_on_past_a_killed_client_and_poisoned_updates(federation):
     assert "doomed" not in {n for n, c in by_round[1].items() if c.get("accepted")}
     assert by_round[3]["doomed"]["accepted"]  # rejoined
     assert records[3]["heldout_loss"] < records[0]["heldout_loss"]
+    # LoRA A (frozen) goes to a node until it has replied; then B only. The rejoined node is a new one: A again.
+    full = by_round[1]["healthcare"]["bytes_down"]
+    assert by_round[2]["healthcare"]["bytes_down"] < 0.75 * full and by_round[3]["finance"]["bytes_down"] < 0.75 * full
+    rejoined = [by_round[r]["doomed"] for r in (2, 3) if by_round[r].get("doomed", {}).get("bytes_down")]
+    assert rejoined and rejoined[0]["bytes_down"] == full, rejoined
     for c in by_round[2].values():
         if c.get("accepted"):
             assert c["steps"] == 30 and c["bytes_up"] > 0 and c["startup_seconds"] > 0 and c["load_seconds"] > 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import zlib
+from collections import defaultdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -31,6 +32,7 @@ R, IN, OUT = 4, 6, 5
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 SETTINGS = wire.RoundSettings(steps=10, lora_r=R, lora_alpha=2 * R)
+SENT = defaultdict(lambda: 1)  # bytes each node was sent
 
 
 def _global() -> dict:
@@ -128,7 +130,7 @@ def _run(hostile) -> tuple[list, ServerState]:
     state = ServerState({}, arrays=_global())
     strategy = FedgeAvg(ServerSettings(min_clients=1), stage_deadline_s=1.0)
     replies = [_reply(1), _reply(2), hostile]
-    clients = strategy._check_and_average(state, replies, bytes_down=1, settings=SETTINGS)
+    clients = strategy._check_and_average(state, replies, bytes_down=SENT, settings=SETTINGS)
     return clients, state
 
 
@@ -146,7 +148,7 @@ def test_a_hostile_reply_is_rejected_with_a_reason_and_the_honest_ones_are_merge
 
 def test_the_honest_pair_alone_merges_the_same():
     state = ServerState({}, arrays=_global())
-    FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(state, [_reply(1), _reply(2)], 1, SETTINGS)
+    FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(state, [_reply(1), _reply(2)], SENT, SETTINGS)
     assert np.allclose(state.arrays[B], 0.025 * ServerSettings().server_lr, atol=1e-6)
 
 
@@ -155,11 +157,11 @@ def test_a_sole_replier_is_bounded_and_min_clients_is_strict():
     g = _global()
     huge = _reply(9, arrays={A: g[A], B: g[B] + 1e3})
     state = ServerState({}, arrays=_global())
-    (entry,) = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(state, [huge], 1, SETTINGS)
+    (entry,) = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(state, [huge], SENT, SETTINGS)
     assert entry.accepted is False and "absolute bound" in entry.reason and np.array_equal(state.arrays[B], g[B])
     # Fewer acceptable updates than --min-clients: the global stays, even when every reply was fine.
     state = ServerState({}, arrays=_global())
-    FedgeAvg(ServerSettings(min_clients=3), 1.0)._check_and_average(state, [_reply(1), _reply(2)], 1, SETTINGS)
+    FedgeAvg(ServerSettings(min_clients=3), 1.0)._check_and_average(state, [_reply(1), _reply(2)], SENT, SETTINGS)
     assert np.array_equal(state.arrays[B], g[B])
 
 
@@ -229,7 +231,7 @@ def _liar(change: float, examples: float = 1e7, steps: int = 1) -> SimpleNamespa
 def test_a_client_claiming_every_example_and_one_step_moves_the_global_by_at_most_its_capped_share():
     state, server = ServerState({}, arrays=_global()), ServerSettings(min_clients=1)
     honest = [_reply(n) for n in (1, 2, 3)]  # B + 0.02, 0.03, 0.04: 100 examples, 10 steps each
-    clients = FedgeAvg(server, 1.0)._check_and_average(state, [*honest, _liar(0.05)], 1, SETTINGS)
+    clients = FedgeAvg(server, 1.0)._check_and_average(state, [*honest, _liar(0.05)], SENT, SETTINGS)
     liar = next(c for c in clients if c.node_id == 9)
     assert all(c.accepted for c in clients)
     assert liar.share == pytest.approx(server.max_share)  # uncapped it would be 0.9999
@@ -240,16 +242,16 @@ def test_a_client_claiming_every_example_and_one_step_moves_the_global_by_at_mos
 
 def test_examples_count_at_most_so_much_over_what_a_node_was_counted_for_before():
     state, strategy = ServerState({}, arrays=_global()), FedgeAvg(ServerSettings(min_clients=1), 1.0)
-    strategy._check_and_average(state, [_reply(1), _reply(2)], 1, SETTINGS)  # node 2 counted for 100
+    strategy._check_and_average(state, [_reply(1), _reply(2)], SENT, SETTINGS)  # node 2 counted for 100
     grown = _reply(2, metrics=MetricRecord({wire.Metric.EXAMPLES: 1000, "steps": 10}))
-    clients = strategy._check_and_average(state, [_reply(1), grown], 1, SETTINGS)
+    clients = strategy._check_and_average(state, [_reply(1), grown], SENT, SETTINGS)
     assert clients[1].accepted and clients[1].examples_counted == 200  # 2x, flagged; it may grow again next round
     assert any("examples_growth" in f for f in clients[1].flags) and clients[1].share == pytest.approx(0.5)  # cap
     # a client calling itself client-2 from another node neither inherits nor lowers node 2's history
     impostor = _reply(7, metrics=MetricRecord({wire.Metric.EXAMPLES: 1, "steps": 10}),
                       client=ConfigRecord({wire.Client.NAME: "client-2"}))  # fmt: skip
-    strategy._check_and_average(state, [_reply(1), impostor], 1, SETTINGS)
-    clients = strategy._check_and_average(state, [_reply(1), _reply(2)], 1, SETTINGS)
+    strategy._check_and_average(state, [_reply(1), impostor], SENT, SETTINGS)
+    clients = strategy._check_and_average(state, [_reply(1), _reply(2)], SENT, SETTINGS)
     assert clients[1].accepted and clients[1].examples_counted == 100 and not clients[1].flags
 
 
@@ -258,7 +260,7 @@ def test_metrics_cannot_fill_the_fields_the_server_owns():
                "clip-scale": 0.1, "node-id": 1.0, "exact-match": 7.0, "delta-rms": 0.0}  # fmt: skip
     state = ServerState({}, arrays=_global())
     clients = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(
-        state, [_reply(1), _reply(3, metrics=MetricRecord(metrics))], 1, SETTINGS
+        state, [_reply(1), _reply(3, metrics=MetricRecord(metrics))], SENT, SETTINGS
     )
     liar = clients[1]
     assert liar.accepted, liar.reason
@@ -273,7 +275,7 @@ def test_a_reused_name_does_not_overwrite_the_honest_clients_record():
                       client=ConfigRecord({wire.Client.NAME: "client-1"}))  # fmt: skip
     state = ServerState({}, arrays=_global())
     clients = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(
-        state, [_reply(1), _reply(2), impostor], 1, SETTINGS
+        state, [_reply(1), _reply(2), impostor], SENT, SETTINGS
     )
     record = RoundRecord.summarize(1, clients, [], [], 0.0)
     named = sorted((c.name, c.node_id, c.accepted) for c in record.clients)
@@ -287,7 +289,9 @@ def test_near_zero_replies_do_not_get_an_honest_peer_rejected(quiet):
     g, zeros = _global(), len(quiet)
     quiet = [_reply(5 + i, arrays={A: g[A], B: g[B] + q}) for i, q in enumerate(quiet)]
     state = ServerState({}, arrays=_global())
-    clients = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(state, [_reply(1), *quiet], 1, SETTINGS)
+    clients = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(
+        state, [_reply(1), *quiet], SENT, SETTINGS
+    )
     assert clients[0].accepted, clients[0].reason
     assert state.arrays[B].mean() > 0.01 / (zeros + 1)  # the honest change arrived
 
@@ -296,7 +300,7 @@ def test_implausible_reports_are_flagged_and_weigh_nothing():
     metrics = MetricRecord({wire.Metric.EXAMPLES: 100, "steps": 10, "tokens": 1e9, "energy-j": -3.0})
     state = ServerState({}, arrays=_global())
     clients = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(
-        state, [_reply(1), _reply(2, metrics=metrics)], 1, SETTINGS
+        state, [_reply(1), _reply(2, metrics=metrics)], SENT, SETTINGS
     )
     assert clients[1].accepted and len(clients[1].flags) == 2, clients[1].flags
     assert any("tokens" in f for f in clients[1].flags) and any("energy_j" in f for f in clients[1].flags)
@@ -331,7 +335,7 @@ def test_a_sole_sender_of_a_tensor_moves_it_by_at_most_its_capped_share():
     honest = [_reply(n, arrays=_encoded({b1: np.full((OUT, R), 0.01 * (n + 1), np.float32)})) for n in (1, 2, 3, 4)]
     lone = _reply(9, arrays=_encoded({B: np.full((OUT, R), 0.09, np.float32)}))
     state, server = ServerState({}, arrays=g), ServerSettings(min_clients=1)
-    clients = FedgeAvg(server, 1.0)._check_and_average(state, [*honest, lone], 1, SETTINGS)
+    clients = FedgeAvg(server, 1.0)._check_and_average(state, [*honest, lone], SENT, SETTINGS)
     assert all(c.accepted for c in clients)
     assert np.abs(state.arrays[B]).max() <= server.server_lr * server.max_share * 0.09 + 1e-6
 
@@ -341,7 +345,7 @@ def test_a_lower_rank_reply_is_judged_at_the_size_it_lands_in_the_global():
     low = _reply(9, arrays=_encoded({B: np.full((OUT, 1), 0.09, np.float32)}))
     state = ServerState({}, arrays=_global())
     clients = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(
-        state, [_reply(1), _reply(2), low], 1, SETTINGS
+        state, [_reply(1), _reply(2), low], SENT, SETTINGS
     )
     assert clients[2].accepted is False and "norm 0.36" in clients[2].reason, clients[2].reason
     assert np.allclose(state.arrays[B], 0.025 * ServerSettings().server_lr, atol=1e-6)
@@ -353,5 +357,5 @@ def test_two_honest_clients_with_large_changes_are_both_merged_in_round_one():
     g = _global()
     big = [_reply(n, arrays={A: g[A], B: g[B] + change}) for n, change in ((1, 0.148), (2, 0.14))]
     state = ServerState({}, arrays=_global())
-    clients = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(state, big, 1, SETTINGS)
+    clients = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(state, big, SENT, SETTINGS)
     assert all(c.accepted for c in clients), [c.reason for c in clients]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from fedge.common.procs import free_port
 from fedge.edge_client.service import ServerWatch
@@ -149,3 +150,21 @@ def test_the_clientapp_launcher_runs_beside_the_supernode_and_is_restarted_while
         assert second.poll() is not None and sup.launcher is None and sup.node is None
     finally:
         sup.stop()
+
+
+def test_with_the_launcher_the_supernode_starts_no_clientapp_itself_and_shares_a_private_secret(tmp_path):
+    from fedge.edge_client.local_work import Device
+    from fedge.edge_client.service import ClientSettings, launcher_command, prepare_device, supernode_command
+
+    device = prepare_device(Device(data="demo:iot", state_dir=tmp_path / "state"))
+    cmd, _ = supernode_command(ClientSettings("127.0.0.1:9092"), device, runtime_port=4321)
+    assert cmd[cmd.index("--isolation") + 1] == "process" and cmd[cmd.index("--port") + 1] == "4321"
+    secret = Path(cmd[cmd.index("--superexec-auth-secret-file") + 1])
+    assert secret.stat().st_mode & 0o077 == 0 and len(secret.read_bytes()) == 64
+    launcher = launcher_command(device, 4321, node_pid=99)
+    assert launcher[launcher.index("--runtime-api-address") + 1] == "127.0.0.1:4321"
+    assert launcher[launcher.index("--parent-pid") + 1] == "99"
+    assert launcher[launcher.index("--superexec-auth-secret-file") + 1] == str(secret)
+    # Flower's own: the SuperNode starts a flwr-clientapp per message (its SuperExec), no secret
+    cmd, _ = supernode_command(ClientSettings("127.0.0.1:9092", launcher=False), device)
+    assert "--isolation" not in cmd and "--superexec-auth-secret-file" not in cmd

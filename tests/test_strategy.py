@@ -114,7 +114,7 @@ def test_eval_every_scores_every_nth_round_and_the_last(monkeypatch):
     strategy, stages = FedgeAvg(settings, stage_deadline_s=0.01), []
     monkeypatch.setattr(strategy, "configure_train", lambda rnd, *a: [("train", rnd)])
     monkeypatch.setattr(strategy, "configure_evaluate", lambda rnd, *a: [("evaluate", rnd)])
-    monkeypatch.setattr(strategy, "_stage", lambda grid, msgs, skip=frozenset(): (stages.extend(msgs), ([], []))[1])
+    monkeypatch.setattr(strategy, "_stage", lambda grid, msgs, *rest: (stages.extend(msgs), ([], []))[1])
     monkeypatch.setattr(strategy, "_check_and_average", lambda *a: [])
     monkeypatch.setattr(strategy, "_wait_for_eligible", lambda grid, state: set())
     state = ServerState(settings={}, arrays={"a": np.zeros(2, np.float32)}, records=[RoundRecord(0)])
@@ -146,7 +146,7 @@ def test_eval_in_train_scores_each_adapter_in_the_next_rounds_train_replies(monk
     monkeypatch.setattr(strategy, "configure_evaluate", lambda rnd, *a: [("evaluate", rnd, {})])
     prior = wire.Metric.PRIOR
 
-    def stage(grid, msgs, skip=frozenset()):
+    def stage(grid, msgs, skip=frozenset(), state=None):
         stages.extend(msgs)
         kind, rnd, config = msgs[0]
         if kind == "evaluate" or config.get(wire.Cfg.SCORE_FIRST) != 1:
@@ -185,3 +185,57 @@ def test_scoring_a_record_again_replaces_its_earlier_evaluation_failures():
     first = RoundRecord(4, failures=[timed_out]).with_evaluations([], [bad])
     again = first.with_evaluations([], [bad])
     assert again.failures == [timed_out, bad] and again.clients_failed == 2
+
+
+def test_frozen_lora_a_goes_to_each_node_until_it_has_replied_then_only_b(monkeypatch):
+    """With A frozen (the default) a node is sent A until it replies without error; afterwards B and A's
+    fingerprint only. A node that fails (a lost store, a new state directory) is sent A again."""
+    import json
+
+    import numpy as np
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedge.common.lora import A_SUFFIX
+    from fedge.server.records import Failure
+    from fedge.server.state import ServerState
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 7)  # Flower makes messages inside a ServerApp run, on its node
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    grid = SimpleNamespace(get_node_ids=lambda: [1, 2, 3])
+    arrays = {
+        "m.q_proj.lora_A.weight": np.ones((4, 8), np.float32), "m.q_proj.lora_B.weight": np.zeros((8, 4), np.float32),
+    }  # fmt: skip
+    strategy = FedgeAvg(ServerSettings(min_clients=1), stage_deadline_s=0.01)
+    state = ServerState(settings={}, arrays=arrays)
+    config = wire.RoundSettings(model="m").to_config()
+
+    def send(rnd: int) -> dict[int, bool]:
+        messages, sizes = strategy._messages(strategy.configure_train, rnd, state, config, grid)
+        with_a = {}
+        for m in messages:
+            sent = wire.from_record(m.content[wire.ADAPTER])
+            assert m.content[wire.CONFIG][wire.Cfg.LORA_A] == wire.fingerprint({k: arrays[k] for k in arrays
+                                                                                  if k.endswith(A_SUFFIX)})  # fmt: skip
+            assert sizes[m.metadata.dst_node_id] == wire.record_bytes(m.content[wire.ADAPTER])
+            with_a[m.metadata.dst_node_id] = any(k.endswith(A_SUFFIX) for k in sent)
+        return with_a
+
+    def replied(*nodes: int):
+        return [SimpleNamespace(metadata=SimpleNamespace(src_node_id=n)) for n in nodes]
+
+    first = send(1)
+    assert first == {1: True, 2: True, 3: True}
+    sent_first, _ = strategy._messages(strategy.configure_train, 1, state, config, grid)
+    strategy._learn_holders(state, sent_first, replied(1, 2), [Failure(3, None, "no reply before the deadline")])
+    assert send(2) == {1: False, 2: False, 3: True}
+    strategy._learn_holders(state, sent_first, replied(2, 3), [Failure(1, None, "MissingLoraA: not held")])
+    assert send(3) == {1: True, 2: False, 3: False}
+    strategy._learn_holders(state, sent_first, [], [Failure(2, None, "not eligible: on battery", declined=True)])
+    assert send(4) == {1: True, 2: False, 3: False}  # a decline: node 2 still holds A
+    json.dumps(state.strategy)  # saved in state.json with the rest: it survives a restart
+    # A that trains (lora_freeze_a off) goes to every node, every time
+    config = wire.RoundSettings(model="m", lora_freeze_a=False).to_config()
+    messages, _ = strategy._messages(strategy.configure_train, 5, state, config, grid)
+    assert all(wire.Cfg.LORA_A not in m.content[wire.CONFIG] for m in messages)
+    assert all("m.q_proj.lora_A.weight" in wire.from_record(m.content[wire.ADAPTER]) for m in messages)

@@ -45,6 +45,9 @@ class Cfg:
     # 1: before training, score the received global adapter on the held-out data and send that evaluation in the
     # train reply's metrics under `Metric.PRIOR` (one message per round instead of a train and an evaluate message)
     SCORE_FIRST = "score-first"
+    # the fingerprint (`fingerprint`) of the frozen LoRA A the adapter record leaves out: the node holds it from an
+    # earlier message (fedge.edge_client.frozen_a); absent when the record carries the whole adapter
+    LORA_A = "lora-a"
 
 
 class Metric:
