@@ -45,8 +45,12 @@ def main() -> None:
     args = p.parse_args()
     dirs = args.reports if args.reports is not None else run_demos(args.seeds, args.cache_dir, args.extra)
     baseline_dirs = args.baseline_reports
-    if baseline_dirs is None:
-        baseline_dirs = run_demos(args.baseline_seeds, args.cache_dir, [*args.extra, "--no-launcher"])
+    if baseline_dirs is None:  # with --reports, finished runs only: none unless --baseline-reports names them
+        baseline_dirs = (
+            []
+            if args.reports is not None
+            else run_demos(args.baseline_seeds, args.cache_dir, [*args.extra, "--no-launcher"])
+        )
     runs = [summarize(json.loads((d / "report.json").read_text()), d) for d in dirs]
     baseline = [summarize(json.loads((d / "report.json").read_text()), d, launcher=False) for d in baseline_dirs]
     results = {"runs": runs, "across_seeds": across(runs), "baseline_no_launcher": baseline}

@@ -51,8 +51,9 @@ def train_round(msg: Message, context: Context) -> Message:
     config = dict(msg.content[wire.CONFIG])
     arrays = wire.from_record(msg.content[wire.ADAPTER])
     rnd = int(config.get(wire.Cfg.ROUND, 0))
-    arrays, metrics, warm = _work(device, "train", config, arrays, rnd)
+    arrays, metrics, warm, holds = _work(device, "train", config, arrays, rnd)
     info = {k: metrics.pop(k) for k in [k for k, v in metrics.items() if isinstance(v, str)]}  # e.g. energy method
+    info.update(holds)
     content = RecordDict(
         {
             wire.ADAPTER: wire.to_record(arrays),
@@ -69,28 +70,30 @@ def evaluate_round(msg: Message, context: Context) -> Message:
     startup = _since_process_start()
     device = Device.from_node_config(context.node_config)
     config = dict(msg.content[wire.CONFIG])
-    _, metrics, warm = _work(device, "evaluate", config, wire.from_record(msg.content[wire.ADAPTER]), 0)
+    _, metrics, warm, holds = _work(device, "evaluate", config, wire.from_record(msg.content[wire.ADAPTER]), 0)
     metrics = {**metrics, wire.Metric.STARTUP_SECONDS: startup, wire.Metric.WARM: warm}
-    content = RecordDict({wire.METRICS: MetricRecord(metrics), wire.CLIENT: _client_info(device)})
+    content = RecordDict({wire.METRICS: MetricRecord(metrics), wire.CLIENT: _client_info(device, holds)})
     return Message(content, reply_to=msg)
 
 
-def _work(device: Device, kind: str, config: dict, arrays: dict, rnd: int) -> tuple[dict, dict, int]:
-    """(arrays, metrics, 1 if the warm worker did it else 0). A device its background agent holds back (power,
-    heat, network, load, the owner: :mod:`fedge.edge_client.hold`) declines at once, so the server need not wait."""
+def _work(device: Device, kind: str, config: dict, arrays: dict, rnd: int) -> tuple[dict, dict, int, dict]:
+    """(arrays, metrics, 1 if the warm worker did it else 0, what the reply's client record adds: the LoRA A this
+    node holds). A device its background agent holds back (power, heat, network, load, the owner:
+    :mod:`fedge.edge_client.hold`) declines at once, so the server need not wait."""
     from fedge.edge_client.hold import held
     from fedge.edge_client.local_work import RoundDeclined
 
     reason = held(device.state_dir)
     if reason is not None:
         raise RoundDeclined(f"{device.name}: not eligible: {reason}")
-    arrays = complete(arrays, config, device.state_dir)  # LoRA A from this node's store if the message left it out
+    arrays, lora_a = complete(arrays, config, device.state_dir)  # A from this node's store if the message left it out
+    holds = {wire.Client.LORA_A: lora_a} if lora_a else {}
     if device.worker_port:
         from fedge.edge_client.worker import call
 
         done = call(device, kind, config, arrays, rnd)
         if done is not None:
-            return done[0], done[1], 1
+            return done[0], done[1], 1, holds
     from fedge.edge_client import local_work
 
     settings = wire.RoundSettings.from_config(config)
@@ -99,8 +102,8 @@ def _work(device: Device, kind: str, config: dict, arrays: dict, rnd: int) -> tu
         from fedge.edge_client.worker import score_first
 
         out, metrics = local_work.do_train(holder, device, settings, arrays, rnd, score_first(config))
-        return out, metrics, 0
-    return {}, local_work.do_evaluate(holder, device, settings, arrays), 0
+        return out, metrics, 0, holds
+    return {}, local_work.do_evaluate(holder, device, settings, arrays), 0, holds
 
 
 _HOLDERS: dict[tuple, object] = {}  # this process's model, when it does the work itself (see _holder)

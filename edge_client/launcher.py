@@ -6,8 +6,9 @@ two cores: 3-6 s per client and round, ``benchmarks/demo.py``). fedge's client t
 ``--isolation process`` and this launcher beside it: Flower's own SuperExec loop (``run_superexec``: it takes
 the node's tasks and launches them), given an executor that starts each ClientApp process by forking it from a
 fork server that imported Flower's ClientApp runtime and fedge's ClientApp once (:mod:`multiprocessing`'s
-forkserver: the fork server is single-threaded, so forking it is safe). Each message still gets a process of
-its own, as Flower means it to (what one round leaks or crashes on ends with it); only the imports are shared.
+forkserver: a process that only imports and forks, never this one with its HTTP client and watcher threads).
+Each message still gets a process of its own, as Flower means it to (what one round leaks or crashes on ends
+with it); only the imports are shared.
 Task types other than ClientApp go to Flower's own subprocess executor.
 
     python -m fedge.edge_client.launcher --runtime-api-address 127.0.0.1:PORT --parent-pid PID
@@ -71,13 +72,18 @@ class ForkExecutor:
         return LaunchResult.accepted()
 
     def reconcile(self) -> None:
-        """Reap finished ClientApp processes (their exit status is Flower's to report, by the Runtime API)."""
+        """Let go of finished ClientApp processes (the fork server waits for them; their outcome is Flower's to
+        report, by the Runtime API)."""
         for process in [p for p in self.running if p.exitcode is not None]:
             process.close()
             self.running.remove(process)
 
     def close(self) -> None:
-        """Leave running ClientApps be: each watches the launcher (``parent_pid``) and stops when it goes."""
+        """Stop the ClientApps still running (SIGTERM: each reports its task failed): the launcher goes when its
+        SuperNode does, and their work has nowhere to go."""
+        for process in self.running:
+            if process.exitcode is None:
+                process.terminate()
 
 
 def _nothing() -> None:
@@ -116,7 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     import importlib
 
     from flwr.supercore.auth import load_superexec_auth_secret
+    from flwr.supercore.utils import disable_process_dumping
 
+    disable_process_dumping(strict=False)  # it holds the node's secret and task tokens, as flower-superexec does
     flower = importlib.import_module("flwr.supercore.superexec.run_superexec")
     try:
         secret = load_superexec_auth_secret(secret_file=args.superexec_auth_secret_file)

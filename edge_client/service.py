@@ -171,6 +171,8 @@ def _launcher_secret(device: Device) -> Path:
     path = device.state_dir / "launcher.secret"
     if not path.is_file() or path.stat().st_size == 0:
         atomic_write_bytes(path, secrets.token_hex(32).encode())
+    elif path.stat().st_mode & 0o077:  # e.g. a state directory copied with looser permissions
+        path.chmod(0o600)
     return path
 
 
@@ -292,6 +294,7 @@ class Supervisor:
         self.worker_cmd = worker_command(client, self.device, self.device.worker_port)
         self.watch = ServerWatch(client.server, client.unreachable_after, MAX_RETRY_DELAY, say)
         self.node = self.worker = self.launcher = None
+        self.launcher_started, self.launcher_backoff, self.launcher_restart_at = 0.0, 1.0, None
         self.worker_wanted = bool(self.device.worker_port)
         self.node_wanted = True  # False while the agent keeps the SuperNode stopped (`sleep_node`)
         self.suspended = False
@@ -319,12 +322,9 @@ class Supervisor:
 
             self.say("the server no longer knows this SuperNode (it restarted): starting a new one")
             stop(self.node, grace=5.0)  # Flower's SuperNode can hang after its heartbeat is refused: not wait on it
+        self._watch_launcher(now)
         if not self.node_wanted:
             return
-        node_up = self.node is not None and self.node.poll() is None
-        if node_up and self.launcher is not None and self.launcher.poll() is not None:
-            self.say(f"ClientApp launcher exited (code {self.launcher.returncode}); restarting it")
-            self._start_launcher()
         if self.node is not None and self.node.poll() is not None and self.restart_at is None:
             if self.client.max_retries is not None and self.restarts >= self.client.max_retries:
                 raise FedgeError(f"the SuperNode exited with code {self.node.returncode} {self.restarts + 1} "
@@ -342,15 +342,38 @@ class Supervisor:
 
         stop(self.launcher)  # the old node's, if it outlived it
         self.node, self.node_started, self.restart_at = _watched(self.cmd, self.env, self.log_path), now, None
+        self.launcher, self.launcher_restart_at = None, None
         if uses_launcher(self.client):
-            self._start_launcher()
+            self._start_launcher(now)
 
-    def _start_launcher(self) -> None:
+    def _start_launcher(self, now: float | None = None) -> None:
         """The node's ClientApp launcher (`launcher_command`), its output in the node's log."""
+        import time
+
         from fedge.common.procs import spawn
 
         cmd = launcher_command(self.device, self.runtime_port, self.node.pid)
-        self.launcher = spawn(cmd, self.env, self.log_path)
+        self.launcher, self.launcher_started = spawn(cmd, self.env, self.log_path), now or time.monotonic()
+
+    def _watch_launcher(self, now: float) -> None:
+        """Reap an exited launcher at once (its ClientApps watch its pid, which a zombie keeps alive) and, while
+        the node runs, start it again after a backoff that doubles to a minute if it keeps exiting."""
+        if self.launcher is None or self.launcher.poll() is None:
+            return
+        node_up = self.node is not None and self.node.poll() is None
+        if not node_up:
+            self.launcher = None  # it goes with its node; the node's restart starts a new one
+            return
+        if self.launcher_restart_at is None:
+            if now - self.launcher_started > 300:
+                self.launcher_backoff = 1.0  # it ran for a while: this is a new failure
+            self.say(f"ClientApp launcher exited (code {self.launcher.returncode}); restarting it in "
+                     f"{self.launcher_backoff:.0f} s")  # fmt: skip
+            self.launcher_restart_at = now + self.launcher_backoff
+            self.launcher_backoff = min(60.0, self.launcher_backoff * 2)
+        elif now >= self.launcher_restart_at:
+            self.launcher_restart_at = None
+            self._start_launcher(now)
 
     def sleep_node(self) -> None:
         """Stop the SuperNode (the server sees the node leave and sends it nothing) until `wake_node`: during a

@@ -157,7 +157,7 @@ class FedgeAvg(FedAvg):
             return list(configure(rnd, full, ConfigRecord(config), grid)), sizes
         digest = wire.fingerprint(a)
         lean = wire.to_record({k: v for k, v in state.arrays.items() if not k.endswith(A_SUFFIX)})
-        holders = self._holders(state, digest)
+        holders = self._holders(state, digest, set(grid.get_node_ids()))
         messages = []
         for m in configure(rnd, lean, ConfigRecord({**config, wire.Cfg.LORA_A: digest}), grid):
             node = m.metadata.dst_node_id
@@ -169,25 +169,31 @@ class FedgeAvg(FedAvg):
         return messages, sizes
 
     @staticmethod
-    def _holders(state: ServerState, digest: str) -> set[int]:
-        """The nodes known to hold the LoRA A with this fingerprint: each replied without error since it was
-        sent one (kept in the strategy state; a new fingerprint starts the set afresh)."""
+    def _holders(state: ServerState, digest: str, connected: set[int]) -> set[int]:
+        """The connected nodes known to hold the LoRA A with this fingerprint (kept in the strategy state; a new
+        fingerprint starts afresh, and nodes gone from the grid are dropped: each rejoin is a new node id)."""
         held = state.strategy.get("lora_a")
         if not isinstance(held, dict) or held.get("digest") != digest or not isinstance(held.get("nodes"), list):
             held = state.strategy["lora_a"] = {"digest": digest, "nodes": []}
-        return {n for n in held["nodes"] if isinstance(n, int)}
+        held["nodes"] = sorted(n for n in held["nodes"] if isinstance(n, int) and n in connected)
+        return set(held["nodes"])
 
     @staticmethod
-    def _learn_holders(state: ServerState, sent: list[Message], replies: list[Message], failures: list) -> None:
-        """After a stage: a node that replied holds A (it stored it, or used what it held); one that failed, or
-        did not reply, may not (a new state directory, a damaged store): it is sent A next time. A decline says
-        nothing either way (a held device declines before it reads the adapter)."""
+    def _learn_holders(state: ServerState, replies: list[Message], failures: list[Failure]) -> None:
+        """After a stage: a node whose reply names the current A (`wire.Client.LORA_A`: it kept it) holds it; one
+        whose reply does not (it could not keep it), or that failed for want of it (`MissingLoraA`), is sent A
+        next time. Other failures say nothing either way."""
         held = state.strategy.get("lora_a")
-        if not isinstance(held, dict) or not any(wire.Cfg.LORA_A in m.content[wire.CONFIG] for m in sent[:1]):
+        if not isinstance(held, dict) or not isinstance(held.get("nodes"), list):
             return
-        nodes = {n for n in held.get("nodes", []) if isinstance(n, int)}
-        nodes |= {r.metadata.src_node_id for r in replies}
-        nodes -= {f.node_id for f in failures if not f.declined}
+        nodes = {n for n in held["nodes"] if isinstance(n, int)}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if _reply_lora_a(reply) == held.get("digest"):
+                nodes.add(node)
+            else:
+                nodes.discard(node)
+        nodes -= {f.node_id for f in failures if f.reason.startswith("MissingLoraA")}
         held["nodes"] = sorted(nodes)
 
     def _stage(
@@ -222,7 +228,7 @@ class FedgeAvg(FedAvg):
             time.sleep(0.5)
         failures += [self._failure(to_node.get(mid), "no reply before the deadline") for mid in pending]
         if state is not None:
-            self._learn_holders(state, sent, replies, failures)
+            self._learn_holders(state, replies, failures)
         return replies, failures
 
     def _failure(self, node: int | None, reason: str) -> Failure:
@@ -414,6 +420,15 @@ def _check_evaluation(entry: ClientRound, settings: wire.RoundSettings) -> None:
     n = entry.eval_examples
     if n is not None and (not 0 <= n <= settings.eval_examples or n != int(n)):
         raise ValueError(f"eval-examples {n} is not a whole number in 0..{settings.eval_examples} (the round's)")
+
+
+def _reply_lora_a(reply: Message) -> str | None:
+    """The fingerprint of the LoRA A a reply says its node holds, if it names one."""
+    try:
+        value = reply.content[wire.CLIENT].get(wire.Client.LORA_A) if wire.CLIENT in reply.content else None
+    except Exception:  # noqa: BLE001 (a record of the wrong kind: it holds nothing we know of)
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _reply_name(reply: Message) -> str | None:

@@ -29,17 +29,23 @@ def _lean(adapter: dict) -> tuple[dict, dict]:
 def test_a_message_with_a_is_stored_and_a_later_one_without_it_is_completed(tmp_path):
     full = _adapter()
     lean, config = _lean(full)
-    assert complete(full, config, tmp_path) is full  # sent whole: used as sent, and A kept
+    assert complete(full, config, tmp_path) == (full, config[wire.Cfg.LORA_A])  # used as sent, A kept and named
     assert len(list((tmp_path / STORE).glob("*.npz"))) == 1
-    completed = complete(lean, config, tmp_path)
-    assert set(completed) == set(full)
+    completed, holds = complete(lean, config, tmp_path)
+    assert holds == config[wire.Cfg.LORA_A] and set(completed) == set(full)
     assert all(np.array_equal(completed[k], full[k]) for k in full)
 
 
 def test_without_a_fingerprint_the_adapter_is_the_whole_one_and_nothing_is_stored(tmp_path):
     full = _adapter()
-    assert complete(full, {}, tmp_path) is full
+    assert complete(full, {}, tmp_path) == (full, "")
     assert not (tmp_path / STORE).exists()
+
+
+def test_a_node_that_cannot_keep_a_still_does_the_round_and_does_not_claim_it(tmp_path):
+    full = _adapter()
+    (tmp_path / STORE).write_text("a file where the store's directory should be")
+    assert complete(full, _lean(full)[1], tmp_path) == (full, "")  # the server keeps sending it A
 
 
 def test_a_node_that_does_not_hold_the_a_named_refuses_the_message(tmp_path):
@@ -65,8 +71,8 @@ def test_a_damaged_store_is_not_used_and_the_next_a_sent_replaces_it(tmp_path, d
         stored.write_bytes(b"")
     with pytest.raises(MissingLoraA):
         complete(lean, config, tmp_path)
-    complete(full, config, tmp_path)  # the server sends A again: the damaged file is replaced
-    assert np.array_equal(complete(lean, config, tmp_path)[A1], full[A1])
+    assert complete(full, config, tmp_path)[1]  # the server sends A again: the damaged file is replaced
+    assert np.array_equal(complete(lean, config, tmp_path)[0][A1], full[A1])
 
 
 def test_an_a_that_does_not_match_its_fingerprint_or_a_fingerprint_that_is_no_file_name_is_refused(tmp_path):
@@ -74,6 +80,7 @@ def test_an_a_that_does_not_match_its_fingerprint_or_a_fingerprint_that_is_no_fi
     _, config = _lean(_adapter(seed=1))
     with pytest.raises(MissingLoraA, match="does not match"):
         complete(full, config, tmp_path)
-    with pytest.raises(MissingLoraA, match="hex"):
-        complete(_lean(full)[0], {wire.Cfg.LORA_A: "../../etc/passwd"}, tmp_path)
+    for bad in ("../../etc/passwd", "ABCDEF0123456789", "١٢٣٤٥٦٧٨٩٠١٢٣٤٥٦"):  # no path; lower-case ASCII hex only
+        with pytest.raises(MissingLoraA, match="hex"):
+            complete(_lean(full)[0], {wire.Cfg.LORA_A: bad}, tmp_path)
     assert not (tmp_path / STORE).exists()

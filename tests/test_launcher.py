@@ -50,7 +50,7 @@ def test_other_task_types_go_to_flowers_own_subprocess_executor(monkeypatch):
     assert handed == [spec] and executor.running == []
 
 
-def test_finished_clientapp_processes_are_reaped():
+def test_finished_clientapp_processes_are_let_go_and_running_ones_stopped_on_close():
     executor = ForkExecutor([])
     done = executor.context.Process(target=time.sleep, args=(0,))
     done.start()
@@ -58,6 +58,12 @@ def test_finished_clientapp_processes_are_reaped():
     executor.running.append(done)
     executor.reconcile()
     assert executor.running == []
+    busy = executor.context.Process(target=time.sleep, args=(600,))
+    busy.start()
+    executor.running.append(busy)
+    executor.close()  # the launcher goes (its node did): what still runs is stopped
+    busy.join(30)
+    assert busy.exitcode == -15
 
 
 @pytest.mark.parametrize("value", ["0", "61", "nan"])

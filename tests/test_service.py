@@ -87,7 +87,7 @@ def test_a_supernode_the_server_forgot_is_restarted_even_if_it_hangs(tmp_path):
     said = []
     sup.client = SimpleNamespace(max_retries=None, server="127.0.0.1:1", launcher=False)
     sup.say, sup.log_path, sup.cmd, sup.env = said.append, tmp_path / "node.log", hang, None
-    sup.launcher = None
+    sup.launcher, sup.launcher_restart_at = None, None
     sup.watch = SimpleNamespace(check=lambda now: None)
     sup.worker_wanted, sup.worker, sup.node_wanted = False, None, True
     sup.backoff, sup.restarts, sup.restart_at = 1.0, 0, None
@@ -133,6 +133,7 @@ def test_the_clientapp_launcher_runs_beside_the_supernode_and_is_restarted_while
     sup.say, sup.log_path, sup.env = said.append, tmp_path / "node.log", None
     sup.cmd = [sys.executable, "-c", "import time; time.sleep(600)"]
     sup.device, sup.runtime_port, sup.launcher = None, 4321, None
+    sup.launcher_started, sup.launcher_backoff, sup.launcher_restart_at = 0.0, 1.0, None
     sup.watch = SimpleNamespace(check=lambda now: None)
     sup.worker_wanted, sup.worker, sup.node_wanted = False, None, True
     sup.backoff, sup.restarts, sup.restart_at, sup.suspended = 1.0, 0, None, False
@@ -142,9 +143,18 @@ def test_the_clientapp_launcher_runs_beside_the_supernode_and_is_restarted_while
         assert first.poll() is None and started == [(4321, sup.node.pid)]
         first.kill()
         first.wait()
-        sup.tick(time.monotonic())
+        now = time.monotonic()
+        sup.tick(now)  # seen at once; started again after its backoff (1 s, doubling while it keeps exiting)
+        assert first.returncode is not None and len(started) == 1
+        assert any("launcher exited" in m and "in 1 s" in m for m in said), said
+        sup.tick(now + 1.5)
         assert sup.launcher is not first and sup.launcher.poll() is None and len(started) == 2
-        assert any("launcher exited" in m for m in said), said
+        sup.launcher.kill()
+        sup.launcher.wait()
+        sup.tick(now + 2)
+        assert any("in 2 s" in m for m in said), said
+        sup.tick(now + 4.5)
+        assert len(started) == 3
         second = sup.launcher
         sup.sleep_node()
         assert second.poll() is not None and sup.launcher is None and sup.node is None
@@ -160,6 +170,9 @@ def test_with_the_launcher_the_supernode_starts_no_clientapp_itself_and_shares_a
     cmd, _ = supernode_command(ClientSettings("127.0.0.1:9092"), device, runtime_port=4321)
     assert cmd[cmd.index("--isolation") + 1] == "process" and cmd[cmd.index("--port") + 1] == "4321"
     secret = Path(cmd[cmd.index("--superexec-auth-secret-file") + 1])
+    assert secret.stat().st_mode & 0o077 == 0 and len(secret.read_bytes()) == 64
+    secret.chmod(0o644)  # a state directory copied with looser permissions: made private again, same secret
+    cmd, _ = supernode_command(ClientSettings("127.0.0.1:9092"), device, runtime_port=4321)
     assert secret.stat().st_mode & 0o077 == 0 and len(secret.read_bytes()) == 64
     launcher = launcher_command(device, 4321, node_pid=99)
     assert launcher[launcher.index("--runtime-api-address") + 1] == "127.0.0.1:4321"

@@ -187,12 +187,14 @@ def test_scoring_a_record_again_replaces_its_earlier_evaluation_failures():
     assert again.failures == [timed_out, bad] and again.clients_failed == 2
 
 
-def test_frozen_lora_a_goes_to_each_node_until_it_has_replied_then_only_b(monkeypatch):
-    """With A frozen (the default) a node is sent A until it replies without error; afterwards B and A's
-    fingerprint only. A node that fails (a lost store, a new state directory) is sent A again."""
+def test_frozen_lora_a_goes_to_each_node_until_it_says_it_holds_it_then_only_b(monkeypatch):
+    """With A frozen (the default) a node is sent A until a reply of its names A's fingerprint (it kept it);
+    afterwards B and the fingerprint only. A node that failed for want of A, or whose reply no longer names it
+    (it could not keep it), is sent A again; a decline or a late reply says nothing either way."""
     import json
 
     import numpy as np
+    from flwr.app import ConfigRecord
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedge.common.lora import A_SUFFIX
@@ -202,10 +204,12 @@ def test_frozen_lora_a_goes_to_each_node_until_it_has_replied_then_only_b(monkey
     monkeypatch.setattr(TaskIdentity, "_run_id", 7)  # Flower makes messages inside a ServerApp run, on its node
     monkeypatch.setattr(TaskIdentity, "_node_id", 1)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    grid = SimpleNamespace(get_node_ids=lambda: [1, 2, 3])
+    connected = [1, 2, 3]
+    grid = SimpleNamespace(get_node_ids=lambda: connected)
     arrays = {
         "m.q_proj.lora_A.weight": np.ones((4, 8), np.float32), "m.q_proj.lora_B.weight": np.zeros((8, 4), np.float32),
     }  # fmt: skip
+    digest = wire.fingerprint({k: v for k, v in arrays.items() if k.endswith(A_SUFFIX)})
     strategy = FedgeAvg(ServerSettings(min_clients=1), stage_deadline_s=0.01)
     state = ServerState(settings={}, arrays=arrays)
     config = wire.RoundSettings(model="m").to_config()
@@ -214,28 +218,35 @@ def test_frozen_lora_a_goes_to_each_node_until_it_has_replied_then_only_b(monkey
         messages, sizes = strategy._messages(strategy.configure_train, rnd, state, config, grid)
         with_a = {}
         for m in messages:
-            sent = wire.from_record(m.content[wire.ADAPTER])
-            assert m.content[wire.CONFIG][wire.Cfg.LORA_A] == wire.fingerprint({k: arrays[k] for k in arrays
-                                                                                  if k.endswith(A_SUFFIX)})  # fmt: skip
-            assert sizes[m.metadata.dst_node_id] == wire.record_bytes(m.content[wire.ADAPTER])
-            with_a[m.metadata.dst_node_id] = any(k.endswith(A_SUFFIX) for k in sent)
+            assert m.content[wire.CONFIG][wire.Cfg.LORA_A] == digest
+            with_a[m.metadata.dst_node_id] = any(
+                k.endswith(A_SUFFIX) for k in wire.from_record(m.content[wire.ADAPTER])
+            )
+            full = sizes[m.metadata.dst_node_id] == wire.record_bytes(wire.to_record(arrays))
+            assert full == with_a[m.metadata.dst_node_id]  # bytes down as sent: the whole adapter, or B only
         return with_a
 
-    def replied(*nodes: int):
-        return [SimpleNamespace(metadata=SimpleNamespace(src_node_id=n)) for n in nodes]
+    def reply(node: int, holds: str | None = digest):
+        record = ConfigRecord({wire.Client.NAME: f"c{node}", **({wire.Client.LORA_A: holds} if holds else {})})
+        return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), content={wire.CLIENT: record})
 
-    first = send(1)
-    assert first == {1: True, 2: True, 3: True}
-    sent_first, _ = strategy._messages(strategy.configure_train, 1, state, config, grid)
-    strategy._learn_holders(state, sent_first, replied(1, 2), [Failure(3, None, "no reply before the deadline")])
+    assert send(1) == {1: True, 2: True, 3: True}
+    strategy._learn_holders(state, [reply(1), reply(2), reply(3, holds=None)], [])  # 3 could not keep it
     assert send(2) == {1: False, 2: False, 3: True}
-    strategy._learn_holders(state, sent_first, replied(2, 3), [Failure(1, None, "MissingLoraA: not held")])
-    assert send(3) == {1: True, 2: False, 3: False}
-    strategy._learn_holders(state, sent_first, [], [Failure(2, None, "not eligible: on battery", declined=True)])
-    assert send(4) == {1: True, 2: False, 3: False}  # a decline: node 2 still holds A
+    strategy._learn_holders(state, [reply(2), reply(3, holds="0123456789abcdef")], [
+        Failure(1, None, "MissingLoraA: LoRA A is not held on this node"),
+    ])  # fmt: skip
+    assert send(3) == {1: True, 2: False, 3: True}
+    strategy._learn_holders(state, [reply(3)], [
+        Failure(2, None, "not eligible: on battery", declined=True), Failure(3, None, "no reply before the deadline"),
+    ])  # fmt: skip
+    assert send(4) == {1: True, 2: False, 3: False}  # neither a decline nor a late reply loses A
+    connected.remove(2)  # node 2 leaves (a rejoin is a new node id): forgotten, not kept in the state for ever
+    send(5)
+    assert state.strategy["lora_a"] == {"digest": digest, "nodes": [3]}
     json.dumps(state.strategy)  # saved in state.json with the rest: it survives a restart
     # A that trains (lora_freeze_a off) goes to every node, every time
     config = wire.RoundSettings(model="m", lora_freeze_a=False).to_config()
-    messages, _ = strategy._messages(strategy.configure_train, 5, state, config, grid)
+    messages, _ = strategy._messages(strategy.configure_train, 6, state, config, grid)
     assert all(wire.Cfg.LORA_A not in m.content[wire.CONFIG] for m in messages)
     assert all("m.q_proj.lora_A.weight" in wire.from_record(m.content[wire.ADAPTER]) for m in messages)

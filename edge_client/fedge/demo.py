@@ -211,7 +211,7 @@ def _finish(
         "server": to_toml_table(server),
         "clients": demo.clients,
         "devices": demo.devices,
-        "launcher": demo.launcher,  # clients' ClientApp processes forked by fedge's launcher
+        "launcher": demo.launcher and not demo.simulation,  # ClientApp processes forked by fedge's launcher
         "rounds_planned": server.rounds,
         "mode": f"simulation ({demo.simulation} virtual clients)" if demo.simulation else "processes on loopback",
         "seconds": round(seconds, 1),

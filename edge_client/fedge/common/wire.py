@@ -45,8 +45,9 @@ class Cfg:
     # 1: before training, score the received global adapter on the held-out data and send that evaluation in the
     # train reply's metrics under `Metric.PRIOR` (one message per round instead of a train and an evaluate message)
     SCORE_FIRST = "score-first"
-    # the fingerprint (`fingerprint`) of the frozen LoRA A the adapter record leaves out: the node holds it from an
-    # earlier message (fedge.edge_client.frozen_a); absent when the record carries the whole adapter
+    # the fingerprint (`fingerprint`) of the frozen LoRA A: the adapter record leaves A out for nodes that said they
+    # hold it (`Client.LORA_A`) and carries it for the others, who keep it (fedge.edge_client.frozen_a); absent
+    # when A is not frozen (the record carries the whole adapter, and nothing is kept)
     LORA_A = "lora-a"
 
 
@@ -85,6 +86,7 @@ class Client:
     CODEC = "codec"  # the update codec spec the client used
     PROFILE = "device-profile"  # the emulated device, if any
     ENERGY_METHOD = "energy-method"  # how energy-j was had: "rapl", "pmic", "ina3221", "battery", "estimated", ...
+    LORA_A = "lora-a"  # the fingerprint of the frozen LoRA A this node holds (`Cfg.LORA_A`), once it has kept it
 
 
 # A packed record: every tensor's bytes in one uint8 array, and a JSON index of [name, dtype, shape] in another.
