@@ -28,7 +28,11 @@ _FINGERPRINT = re.compile(r"[0-9a-f]{16}")  # wire.fingerprint's
 
 
 class MissingLoraA(Exception):
-    """The message left LoRA A out and this node does not hold the A it names."""
+    """The message left LoRA A out and this node does not hold the A it names. Its text starts with
+    `wire.LORA_A_MISSING`, which the server looks for (Flower's simulation keeps only an exception's text)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"{wire.LORA_A_MISSING}: {why}")
 
 
 def complete(arrays: dict[str, np.ndarray], config: dict, state_dir: Path) -> tuple[dict[str, np.ndarray], str]:

@@ -2,14 +2,14 @@
 
 Flower's deployment engine runs each message in a fresh ``flwr-clientapp`` process. On a small device the
 interpreter's start and Flower's imports cost ~1 s of CPU per message before the handler runs (four clients on
-two cores: 3-6 s per client and round, ``benchmarks/demo.py``). fedge's client therefore runs its SuperNode with
-``--isolation process`` and this launcher beside it: Flower's own SuperExec loop (``run_superexec``: it takes
-the node's tasks and launches them), given an executor that starts each ClientApp process by forking it from a
-fork server that imported Flower's ClientApp runtime and fedge's ClientApp once (:mod:`multiprocessing`'s
-forkserver: a process that only imports and forks, never this one with its HTTP client and watcher threads).
-Each message still gets a process of its own, as Flower means it to (what one round leaks or crashes on ends
-with it); only the imports are shared.
-Task types other than ClientApp go to Flower's own subprocess executor.
+two cores: 2.7 s per client and round at the median, up to 3.9 s; forked from here 0.4 s: ``benchmarks/demo.py``).
+fedge's client therefore runs its SuperNode with ``--isolation process`` and this launcher beside it: Flower's own
+SuperExec loop (``run_superexec``: it takes the node's tasks and launches them), given an executor that starts each
+ClientApp process by forking it from a fork server that imported Flower's ClientApp runtime and fedge's ClientApp
+once (:mod:`multiprocessing`'s forkserver: a process that only imports and forks, never this one with its HTTP
+client and watcher threads). Each message still gets a process of its own, as Flower means it to (what one round
+leaks or crashes on ends with it); only the imports are shared. Task types other than ClientApp go to Flower's
+own subprocess executor.
 
     python -m fedge.edge_client.launcher --runtime-api-address 127.0.0.1:PORT --parent-pid PID
         [--insecure | --root-certificates PEM] [--superexec-auth-secret-file FILE] [--poll-interval S]

@@ -169,10 +169,10 @@ def _launcher_secret(device: Device) -> Path:
     from fedge.common.fsutil import atomic_write_bytes
 
     path = device.state_dir / "launcher.secret"
-    if not path.is_file() or path.stat().st_size == 0:
+    if not path.is_file() or path.stat().st_size == 0 or path.stat().st_mode & 0o077:
+        # none yet, or one others could have read (a state directory copied with looser permissions): a new one,
+        # before the SuperNode that reads it starts
         atomic_write_bytes(path, secrets.token_hex(32).encode())
-    elif path.stat().st_mode & 0o077:  # e.g. a state directory copied with looser permissions
-        path.chmod(0o600)
     return path
 
 
@@ -342,7 +342,7 @@ class Supervisor:
 
         stop(self.launcher)  # the old node's, if it outlived it
         self.node, self.node_started, self.restart_at = _watched(self.cmd, self.env, self.log_path), now, None
-        self.launcher, self.launcher_restart_at = None, None
+        self.launcher, self.launcher_restart_at, self.launcher_backoff = None, None, 1.0
         if uses_launcher(self.client):
             self._start_launcher(now)
 

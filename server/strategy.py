@@ -181,7 +181,7 @@ class FedgeAvg(FedAvg):
     @staticmethod
     def _learn_holders(state: ServerState, replies: list[Message], failures: list[Failure]) -> None:
         """After a stage: a node whose reply names the current A (`wire.Client.LORA_A`: it kept it) holds it; one
-        whose reply does not (it could not keep it), or that failed for want of it (`MissingLoraA`), is sent A
+        whose reply does not (it could not keep it), or that failed for want of it (`wire.LORA_A_MISSING`), is sent A
         next time. Other failures say nothing either way."""
         held = state.strategy.get("lora_a")
         if not isinstance(held, dict) or not isinstance(held.get("nodes"), list):
@@ -193,7 +193,7 @@ class FedgeAvg(FedAvg):
                 nodes.add(node)
             else:
                 nodes.discard(node)
-        nodes -= {f.node_id for f in failures if f.reason.startswith("MissingLoraA")}
+        nodes -= {f.node_id for f in failures if wire.LORA_A_MISSING in f.reason}
         held["nodes"] = sorted(nodes)
 
     def _stage(

@@ -171,9 +171,12 @@ def test_with_the_launcher_the_supernode_starts_no_clientapp_itself_and_shares_a
     assert cmd[cmd.index("--isolation") + 1] == "process" and cmd[cmd.index("--port") + 1] == "4321"
     secret = Path(cmd[cmd.index("--superexec-auth-secret-file") + 1])
     assert secret.stat().st_mode & 0o077 == 0 and len(secret.read_bytes()) == 64
-    secret.chmod(0o644)  # a state directory copied with looser permissions: made private again, same secret
+    first = secret.read_bytes()
     cmd, _ = supernode_command(ClientSettings("127.0.0.1:9092"), device, runtime_port=4321)
-    assert secret.stat().st_mode & 0o077 == 0 and len(secret.read_bytes()) == 64
+    assert secret.read_bytes() == first  # kept while it stays private
+    secret.chmod(0o644)  # a state directory copied with looser permissions: others may have read it, so a new one
+    cmd, _ = supernode_command(ClientSettings("127.0.0.1:9092"), device, runtime_port=4321)
+    assert secret.stat().st_mode & 0o077 == 0 and len(secret.read_bytes()) == 64 and secret.read_bytes() != first
     launcher = launcher_command(device, 4321, node_pid=99)
     assert launcher[launcher.index("--runtime-api-address") + 1] == "127.0.0.1:4321"
     assert launcher[launcher.index("--parent-pid") + 1] == "99"

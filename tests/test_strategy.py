@@ -233,20 +233,35 @@ def test_frozen_lora_a_goes_to_each_node_until_it_says_it_holds_it_then_only_b(m
     assert send(1) == {1: True, 2: True, 3: True}
     strategy._learn_holders(state, [reply(1), reply(2), reply(3, holds=None)], [])  # 3 could not keep it
     assert send(2) == {1: False, 2: False, 3: True}
-    strategy._learn_holders(state, [reply(2), reply(3, holds="0123456789abcdef")], [
-        Failure(1, None, "MissingLoraA: LoRA A is not held on this node"),
-    ])  # fmt: skip
+    from fedge.edge_client.frozen_a import MissingLoraA
+
+    why = str(MissingLoraA("not held on this node"))
+    deployed = f"<class 'fedge.edge_client.frozen_a.MissingLoraA'>:<'{why}'>"  # as Flower's deployment says it
+    strategy._learn_holders(
+        state, [reply(2), reply(3, holds="0123456789abcdef")], [Failure.from_error(1, None, deployed)]
+    )
     assert send(3) == {1: True, 2: False, 3: True}
-    strategy._learn_holders(state, [reply(3)], [
+    strategy._learn_holders(state, [reply(1)], [])
+    simulated = f"<class 'flwr.clientapp.client_app.ClientAppException'>:<'Exception occurred. Message: {why}'>"
+    strategy._learn_holders(state, [], [Failure.from_error(1, None, simulated)])  # Flower's simulation: text only
+    assert send(3) == {1: True, 2: False, 3: True}
+    strategy._learn_holders(state, [reply(3)], [])
+    assert send(4) == {1: True, 2: False, 3: False}
+    strategy._learn_holders(state, [], [
         Failure(2, None, "not eligible: on battery", declined=True), Failure(3, None, "no reply before the deadline"),
     ])  # fmt: skip
-    assert send(4) == {1: True, 2: False, 3: False}  # neither a decline nor a late reply loses A
+    assert send(5) == {1: True, 2: False, 3: False}  # neither a decline nor a late reply loses A
+    # a reply whose client record is of the wrong kind, or names A with something that is no fingerprint: no A
+    odd = SimpleNamespace(metadata=SimpleNamespace(src_node_id=3), content={wire.CLIENT: "not a record"})
+    strategy._learn_holders(state, [odd, reply(2, holds=["a", "list"])], [])
+    assert send(6) == {1: True, 2: True, 3: True}
+    strategy._learn_holders(state, [reply(2), reply(3)], [])
     connected.remove(2)  # node 2 leaves (a rejoin is a new node id): forgotten, not kept in the state for ever
-    send(5)
+    send(7)
     assert state.strategy["lora_a"] == {"digest": digest, "nodes": [3]}
     json.dumps(state.strategy)  # saved in state.json with the rest: it survives a restart
     # A that trains (lora_freeze_a off) goes to every node, every time
     config = wire.RoundSettings(model="m", lora_freeze_a=False).to_config()
-    messages, _ = strategy._messages(strategy.configure_train, 6, state, config, grid)
+    messages, _ = strategy._messages(strategy.configure_train, 8, state, config, grid)
     assert all(wire.Cfg.LORA_A not in m.content[wire.CONFIG] for m in messages)
     assert all("m.q_proj.lora_A.weight" in wire.from_record(m.content[wire.ADAPTER]) for m in messages)

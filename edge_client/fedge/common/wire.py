@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
     from fedge.common.modeling import LoraSettings
 
+# How a client's failure says it lacks the LoRA A a message left out (`Cfg.LORA_A`): the server sends it again
+LORA_A_MISSING = "LoRA A missing"
+
 # RecordDict entries
 ADAPTER = "adapter"  # ArrayRecord: the global adapter (server -> client) or the trained one (reply)
 CONFIG = "config"  # ConfigRecord: the round's instructions (server -> client)
