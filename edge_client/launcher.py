@@ -25,9 +25,10 @@ import sys
 # What the fork server imports once: Flower's ClientApp runtime and fedge's own ClientApp (a ClientApp from
 # elsewhere, e.g. a FAB's module, is imported in its process as Flower would).
 PRELOAD = ["flwr.supernode.runtime.run_clientapp", "fedge.edge_client.flower_client"]
-# Seconds between the launcher's asks for a new task: Flower's default is 1 s, which a message waits 0.5 s of
-# on average before its process starts; each ask is one loopback HTTP request.
-POLL_INTERVAL_S = 0.2
+# Seconds between the launcher's asks for a new task: Flower's default. Every 0.2 s would save a message 0.4 s of
+# waiting on average, but an idle device then spent 2.9% of a core on the asks and their answers (the SuperNode's
+# HTTP server) against 0.7% (benchmarks/agent.py): a device waits far more than it works.
+POLL_INTERVAL_S = 1.0
 
 
 class ForkExecutor:

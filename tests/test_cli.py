@@ -504,3 +504,16 @@ def test_an_unwritable_state_is_one_line_and_exit_2(command, place, tmp_path, ca
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert f"--state {state}" in err and expected in err, err
     assert [p.name for p in tmp_path.iterdir()] == ["FILE"]  # nothing else written
+
+
+def test_every_commands_help_prints_without_a_traceback():
+    # argparse formats help text with %: a setting's "battery %" once made `fedge agent run --help` a traceback
+    from fedge.cli import main
+
+    for argv in (["agent", "run"], ["agent", "install"], ["client", "start"], ["server", "start"], ["demo"],
+                 ["profile"], ["eval"], ["train"], ["model", "pull"], ["data"], ["certs"], ["export"]):  # fmt: skip
+        try:
+            code = main([*argv, "--help"])
+        except SystemExit as done:
+            code = done.code
+        assert code in (0, None), argv

@@ -84,6 +84,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] 
         shown = "" if default in (None, "", []) else f"; default: {default}"
         key = f"; config key: {f.name}" if flag_of(f) != "--" + config_key(f.name) else ""
         helptext = f.metadata["help"] + (f" ({(shown + key)[2:]})" if shown or key else "")
+        helptext = helptext.replace("%", "%%")  # argparse formats help with %: "battery %" is text
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": helptext}
         kw.update(f.metadata.get("argparse") or {})
         item = _item_type(tp)
