@@ -124,9 +124,9 @@ def _stop_latency(args, env: dict, server: str, cache: Path) -> dict:
 
     from fedge.common import wire
     from fedge.common.modeling import ModelHolder
-    from fedge.edge_client import hold
-    from fedge.edge_client.local_work import Device
-    from fedge.edge_client.worker import call
+    from fedge.edge_client.agent import hold
+    from fedge.edge_client.federation.settings import Device
+    from fedge.edge_client.federation.worker import call
 
     readings, state = args.work / "readings-stop.json", args.work / "agent-stop"
     _readings(readings, True)

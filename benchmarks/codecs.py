@@ -39,10 +39,10 @@ def make_real_delta(cache: Path, path: Path) -> None:
     """Train two 10-step rounds (healthcare, then finance) and save the second round's change of the adapter."""
     from fedge.common import wire
     from fedge.common.modeling import ModelHolder, get_adapter, set_adapter
-    from fedge.edge_client.data import load_examples
-    from fedge.edge_client.local_work import open_adapter, train_config
-    from fedge.edge_client.session import epoch_maker
-    from fedge.edge_client.train import train
+    from fedge.edge_client.federation.local_work import open_adapter, train_config
+    from fedge.edge_client.training.data import load_examples
+    from fedge.edge_client.training.session import epoch_maker
+    from fedge.edge_client.training.train import train
     from fedge.quantization.updates import make_delta
 
     settings = wire.RoundSettings(steps=10, batch=8)

@@ -1,6 +1,6 @@
 """A round's evaluation: the held-out loss pass and batched greedy generation (the baseline) against fedge's one
 teacher-forced pass that measures the loss and decides exact match together, generating only the replies it leaves
-undecided (`fedge.edge_client.evaluate.evaluate` with no loss batches, as every client's round runs it).
+undecided (`fedge.edge_client.training.evaluate.evaluate` with no loss batches, as every client's round runs it).
 
 The real model with an adapter (default: a ``fedge demo`` output's), each domain's held-out examples as a client
 evaluates them (``--per-domain`` each), both paths in the same run on the same examples, at the precision a client
@@ -41,12 +41,12 @@ def main() -> None:
     import torch
 
     from fedge.common.models import default_cache_dir
-    from fedge.edge_client import demo_data
-    from fedge.edge_client.data import load_examples
-    from fedge.edge_client.evaluate import answer_token_limit, evaluate, generate_answers, heldout_loss
-    from fedge.edge_client.evaluate import normalize_answer as norm
-    from fedge.edge_client.runtimes import TorchRuntime
-    from fedge.edge_client.session import eval_batches
+    from fedge.edge_client.export.runtimes import TorchRuntime
+    from fedge.edge_client.training import demo_data
+    from fedge.edge_client.training.data import load_examples
+    from fedge.edge_client.training.evaluate import answer_token_limit, evaluate, generate_answers, heldout_loss
+    from fedge.edge_client.training.evaluate import normalize_answer as norm
+    from fedge.edge_client.training.session import eval_batches
 
     runtime = TorchRuntime.load(args.adapter, args.precision, args.cache_dir or default_cache_dir())
     model, tok, cpu = runtime.model, runtime.tokenizer, torch.device("cpu")

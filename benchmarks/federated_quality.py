@@ -6,8 +6,8 @@ T optimizer steps in total (fedge's batch of 2, LoRA r=16 on every projection, t
 - **centralized** (the upper baseline): one adapter, T steps on the union of the four domains;
 - **federated**: R rounds of FedAvg; each round every client trains S = T / (4R) steps from the global
   adapter, and the server averages the four adapters weighted by examples. Client training and the
-  average are fedge's own code (``fedge.edge_client.flower_client`` helpers, ``fedge.server.aggregate``); only the
-  transport is skipped, which does not change a number here;
+  average are fedge's own code (``fedge.edge_client.federation.clientapp`` helpers, ``fedge.server.aggregate``); only
+  the transport is skipped, which does not change a number here;
 - **local-only** (the lower baseline): each client trains T / 4 steps on its own domain alone.
 
 Every model is scored on the same held-out set: ``--eval-per-domain`` test examples of each domain (exact
@@ -123,12 +123,12 @@ def main() -> None:
     from fedge.common import wire
     from fedge.common.modeling import ModelHolder, get_adapter, set_adapter
     from fedge.common.models import default_cache_dir
-    from fedge.edge_client.data import load_examples
-    from fedge.edge_client.demo_data import DOMAINS
-    from fedge.edge_client.evaluate import evaluate
-    from fedge.edge_client.local_work import open_adapter, train_config
-    from fedge.edge_client.session import epoch_maker, eval_batches
-    from fedge.edge_client.train import train
+    from fedge.edge_client.federation.local_work import open_adapter, train_config
+    from fedge.edge_client.training.data import load_examples
+    from fedge.edge_client.training.demo_data import DOMAINS
+    from fedge.edge_client.training.evaluate import evaluate
+    from fedge.edge_client.training.session import epoch_maker, eval_batches
+    from fedge.edge_client.training.train import train
     from fedge.server.report import cost_to_target
 
     torch.set_num_threads(torch.get_num_threads())

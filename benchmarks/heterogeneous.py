@@ -1,9 +1,9 @@
 """Heterogeneous devices: adaptive clients against one fixed configuration, under one round deadline.
 
 Four emulated devices (``--devices``, default pi4-2gb, pi5-8gb, jetson-orin-nano, laptop; see
-edge_client/devices.py) hold one demo domain each. Each device is its own warm-worker process
-(``fedge.edge_client.worker``, as ``fedge client start`` runs it), so its memory cap is enforced on its own RSS,
-and it trains with fedge's client code (``local_work.do_train``). Emulated slowness and link time run on the
+edge_client/device/emulated.py) hold one demo domain each. Each device is its own warm-worker process
+(``fedge.edge_client.federation.worker``, as ``fedge client start`` runs it), so its memory cap is enforced on its own
+RSS, and it trains with fedge's client code (``local_work.do_train``). Emulated slowness and link time run on the
 device's virtual clock (``emulated-time = virtual``): they count against the deadline without being slept,
 so the benchmark takes the host's compute time, not a Pi's. The server side is fedge's own: replies are
 decoded and checked by ``fedge.server.hetero.from_reply`` and merged by ``fedge.server.hetero.aggregate`` (mixed ranks,
@@ -14,7 +14,7 @@ Three federations, the same rounds and deadline:
 - **fixed**: every device trains the round settings as sent (r=16 on all layers, 15 steps of 8 x 256) and
   sends its whole adapter as fp32; a device that runs out of memory or misses the deadline contributes
   nothing that round;
-- **adaptive**: each device plans its round to the deadline and its memory (``fedge.edge_client.plan``),
+- **adaptive**: each device plans its round to the deadline and its memory (``fedge.edge_client.planning.plan``),
   re-plans from its measured steps, and sends its change with ``--codec`` (default ``auto:mix:0.9+int4:256``:
   the least lossy codec at or below that one, 0.124 of fp32, whose upload fits the deadline on its link), with
   error feedback;
@@ -63,7 +63,7 @@ def main() -> None:
 
     from fedge.common import wire
     from fedge.common.models import default_cache_dir, pull_model
-    from fedge.edge_client.demo_data import DOMAINS
+    from fedge.edge_client.training.demo_data import DOMAINS
 
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     cache = args.cache_dir or default_cache_dir()
@@ -122,7 +122,7 @@ class Fleet:
 
     def __init__(self, devices: list[str], domains, cache: Path, work: Path, model: str) -> None:
         from fedge.common.procs import free_port
-        from fedge.edge_client.local_work import Device
+        from fedge.edge_client.federation.settings import Device
 
         self.model = model
         self.devices = []
@@ -144,7 +144,7 @@ class Fleet:
         for dev in self.devices:
             shutil.rmtree(dev.state_dir, ignore_errors=True)
             dev.state_dir.mkdir(parents=True)
-            cmd = [sys.executable, "-m", "fedge.edge_client.worker", "--state", str(dev.state_dir)]
+            cmd = [sys.executable, "-m", "fedge.edge_client.federation.worker", "--state", str(dev.state_dir)]
             cmd += ["--port", str(dev.worker_port), "--cache-dir", str(dev.cache_dir)]
             cmd += ["--model", self.model, "--precision", dev.precision]  # loaded up front, as the service does
             proc = spawn(cmd, dict(os.environ), dev.state_dir / "worker.log")
@@ -174,7 +174,7 @@ def federate(
 
     from fedge.common import wire
     from fedge.common.modeling import ModelHolder
-    from fedge.edge_client.worker import call
+    from fedge.edge_client.federation.worker import call
     from fedge.server import hetero
 
     global_arrays = ModelHolder(fleet.devices[0].cache_dir, "fp32").initial_adapter(
@@ -262,8 +262,8 @@ class Scorer:
     def __init__(self, model: str, cache: Path, domains, per_domain: int) -> None:
         from fedge.common import wire
         from fedge.common.modeling import ModelHolder
-        from fedge.edge_client.data import load_examples
-        from fedge.edge_client.local_work import open_adapter
+        from fedge.edge_client.federation.local_work import open_adapter
+        from fedge.edge_client.training.data import load_examples
 
         self.settings = wire.RoundSettings(model=model, steps=15, batch=8)
         self.session, self.model = open_adapter(ModelHolder(cache), self.settings)
@@ -276,8 +276,8 @@ class Scorer:
         import numpy as np
 
         from fedge.common.modeling import set_adapter
-        from fedge.edge_client.evaluate import evaluate
-        from fedge.edge_client.session import eval_batches
+        from fedge.edge_client.training.evaluate import evaluate
+        from fedge.edge_client.training.session import eval_batches
 
         set_adapter(self.model, arrays)
         tok = self.session.tokenizer

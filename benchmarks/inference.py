@@ -2,9 +2,9 @@
 
 One run, the same prompts everywhere. The demo's adapter (``--adapter``, default: a ``fedge demo`` output's) is
 exported with ``fedge export`` (hf, onnx fp32 / int8 / int4, gguf Q8_0); each runtime is then measured in its own
-process (``python -m fedge.edge_client.runtimes``: first-token latency, decode tokens/s at batch 1 over 64 forced
+process (``python -m fedge.edge_client.export.runtimes``: first-token latency, decode tokens/s at batch 1 over 64 forced
 tokens, median of 5 runs after a warm-up; peak RSS; J/token) and scored by exact match on 200 held-out demo
-examples (50 per domain) with the same greedy loop (`fedge.edge_client.runtimes.score`).
+examples (50 per domain) with the same greedy loop (`fedge.edge_client.export.runtimes.score`).
 
     python benchmarks/inference.py --adapter /tmp/demo-run/adapter [--examples 200]
 
@@ -101,8 +101,8 @@ def main() -> None:
 
 
 def _heldout(n: int) -> list:
-    from fedge.edge_client import demo_data
-    from fedge.edge_client.data import load_examples
+    from fedge.edge_client.training import demo_data
+    from fedge.edge_client.training.data import load_examples
 
     per = -(-n // len(demo_data.DOMAINS))
     return [ex for d in demo_data.DOMAINS for ex in load_examples(f"demo:{d}:test")[:per]][:n]
@@ -118,7 +118,7 @@ def _export(adapter: Path, fmt: str, quantize: str, out: Path, cache: Path) -> t
 
 
 def _bench(model: Path, dtype: str, cache: Path, new_tokens: int, reps: int) -> dict:
-    cmd = [sys.executable, "-m", "fedge.edge_client.runtimes", str(model), "--dtype", dtype, "--new-tokens",
+    cmd = [sys.executable, "-m", "fedge.edge_client.export.runtimes", str(model), "--dtype", dtype, "--new-tokens",
            str(new_tokens), "--reps", str(reps), "--cache-dir", str(cache)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     row = json.loads(done.stdout.strip().splitlines()[-1])
@@ -128,7 +128,7 @@ def _bench(model: Path, dtype: str, cache: Path, new_tokens: int, reps: int) -> 
 
 
 def _score(model: Path, dtype: str, cache: Path, examples: list) -> tuple[float, float]:
-    from fedge.edge_client.runtimes import open_runtime, score
+    from fedge.edge_client.export.runtimes import open_runtime, score
 
     t0 = time.perf_counter()
     em = score(open_runtime(model, cache, dtype), examples)

@@ -7,8 +7,8 @@ peak RSS (VmHWM, model load included) is its own. The step time is the median of
     python benchmarks/plan_calibration.py            # measure (~8 min on 2 cores), fit, write JSON + table
     python benchmarks/plan_calibration.py --table    # re-fit and re-render from the last JSON
 
-The fit (printed, and stored in the JSON) gives `fedge.edge_client.plan.HOST`'s constants; the table compares the
-predictions of the constants in plan.py (the shipped model) with the measurements.
+The fit (printed, and stored in the JSON) gives `fedge.edge_client.planning.plan.HOST`'s constants; the table compares
+the predictions of the constants in plan.py (the shipped model) with the measurements.
 """
 
 from __future__ import annotations
@@ -67,15 +67,15 @@ def quiet_step_s(run: dict) -> float:
 
 
 def worker(spec: list, cache_dir: Path, threads: int, model_name: str = "smollm2-135m") -> dict:
-    from fedge.edge_client.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
+    from fedge.edge_client.training.memory import current_rss_mb, peak_rss_mb, reset_peak_rss
 
     name, precision, compute, seq_len, micro, ckpt, layers = spec
     import torch
 
     from fedge.common.modeling import LoraSettings, add_lora, open_model
-    from fedge.edge_client.data import encode_all, load_examples, packed_batches
-    from fedge.edge_client.plan import ALL_TARGETS, Knobs, loss_chunk_for
-    from fedge.edge_client.train import TrainConfig, train
+    from fedge.edge_client.planning.plan import ALL_TARGETS, Knobs, loss_chunk_for
+    from fedge.edge_client.training.data import encode_all, load_examples, packed_batches
+    from fedge.edge_client.training.train import TrainConfig, train
 
     torch.set_num_threads(threads)
     runtime_mb = current_rss_mb()  # imports done, nothing loaded
@@ -135,11 +135,11 @@ def plan_worker(device: str, cache_dir: Path) -> dict:
     import torch
 
     from fedge.common.modeling import LoraSettings, add_lora, open_model
-    from fedge.edge_client.data import encode_all, load_examples, packed_batches
-    from fedge.edge_client.devices import PROFILES, EmulatedOutOfMemory, emulate
-    from fedge.edge_client.memory import peak_rss_mb
-    from fedge.edge_client.plan import SMOLLM2_135M, RoundBudget, make_plan
-    from fedge.edge_client.train import TrainConfig, train
+    from fedge.edge_client.device.emulated import PROFILES, EmulatedOutOfMemory, emulate
+    from fedge.edge_client.planning.plan import SMOLLM2_135M, RoundBudget, make_plan
+    from fedge.edge_client.training.data import encode_all, load_examples, packed_batches
+    from fedge.edge_client.training.memory import peak_rss_mb
+    from fedge.edge_client.training.train import TrainConfig, train
 
     profile = PROFILES[device]
     plan = make_plan(profile.caps(), RoundBudget(**SAMPLE_ROUND), SMOLLM2_135M)
@@ -161,7 +161,7 @@ def plan_worker(device: str, cache_dir: Path) -> dict:
 
 
 def knobs_of(spec: list, model):
-    from fedge.edge_client.plan import Knobs
+    from fedge.edge_client.planning.plan import Knobs
 
     _, precision, compute, seq_len, micro, ckpt, layers = spec
     return Knobs(precision, ckpt, micro, 1, seq_len, min(layers, model.layers), 16)
@@ -169,7 +169,7 @@ def knobs_of(spec: list, model):
 
 def predict(spec: list, label_fraction: float, model, host=None) -> tuple[float, float]:
     """(step seconds, peak bytes) the planner predicts for a calibration config on the reference machine."""
-    from fedge.edge_client.plan import HOST, RoundBudget, estimate
+    from fedge.edge_client.planning.plan import HOST, RoundBudget, estimate
 
     host = host or HOST
     caps = predict_caps(spec, host)
@@ -180,7 +180,7 @@ def predict(spec: list, label_fraction: float, model, host=None) -> tuple[float,
 
 def _model(name: str, cache_dir: Path):
     """The planner's shape of ``name``, read from its config as a device reads it (`local_work.model_shape`)."""
-    from fedge.edge_client.local_work import model_shape
+    from fedge.edge_client.federation.local_work import model_shape
 
     return model_shape(cache_dir, name)
 
@@ -197,7 +197,7 @@ def fit(rows: list[dict], model) -> dict:
     """
     import numpy as np
 
-    from fedge.edge_client.plan import HOST, RoundBudget, activation_bytes, estimate, step_flops, weight_bytes
+    from fedge.edge_client.planning.plan import HOST, RoundBudget, activation_bytes, estimate, step_flops, weight_bytes
 
     by_path: dict[str, list[float]] = {}
     load_extra: dict[str, list[float]] = {}
@@ -236,7 +236,7 @@ def fit(rows: list[dict], model) -> dict:
 
 def predict_caps(spec: list, host):
     """A reference-machine DeviceCaps that runs exactly this config's path."""
-    from fedge.edge_client.plan import DeviceCaps
+    from fedge.edge_client.planning.plan import DeviceCaps
 
     key = spec[1] if spec[1] == spec[2] or spec[1] in ("fp32", "bf16") else f"{spec[1]}-fp32"
     return DeviceCaps("host", 2, 2**40, {spec[1]: host.train_gflops[key]}, bf16_native=spec[2] == "bf16")
@@ -245,7 +245,7 @@ def predict_caps(spec: list, host):
 def _unit_host(runtime_bytes: float):
     import dataclasses
 
-    from fedge.edge_client.plan import HOST
+    from fedge.edge_client.planning.plan import HOST
 
     zero_load = {p: 0.0 for p in HOST.load_extra_bytes}
     return dataclasses.replace(
@@ -259,7 +259,7 @@ def _unit_host(runtime_bytes: float):
 
 def fitted_host(fit: dict):
     """HOST with the constants of a `fit` (what it did not measure stays HOST's)."""
-    from fedge.edge_client.plan import HOST
+    from fedge.edge_client.planning.plan import HOST
 
     merged = {
         "train_gflops": {**HOST.train_gflops, **fit["train_gflops"]},
@@ -303,8 +303,8 @@ def table(results: dict, model, host=None, constants: str = "the shipped constan
 def plans_table(verified: dict | None = None) -> str:
     """The plan each emulated device gets for the sample round, with the shipped constants (and, if
     ``verified`` has them, the peak RSS measured running it under the device's memory cap)."""
-    from fedge.edge_client.devices import PROFILES
-    from fedge.edge_client.plan import GIB, SMOLLM2_135M, RoundBudget, make_plan
+    from fedge.edge_client.device.emulated import PROFILES
+    from fedge.edge_client.planning.plan import GIB, SMOLLM2_135M, RoundBudget, make_plan
 
     budget, verified = RoundBudget(**SAMPLE_ROUND), verified or {}
     deadline_s, steps, r_max = budget.deadline_s, budget.steps, budget.r_max
@@ -332,7 +332,7 @@ def plans_table(verified: dict | None = None) -> str:
 def _measured(run: dict | None, plan) -> str:
     if run is None:
         return "not run"
-    from fedge.edge_client.plan import TrainingPlan
+    from fedge.edge_client.planning.plan import TrainingPlan
 
     if TrainingPlan.from_dict(run["plan"]) != plan:
         return "stale (plan changed)"
@@ -384,7 +384,7 @@ def main() -> None:
     results["shape"] = dataclasses.asdict(model)
     results["fit"] = fit(results["runs"], model)
     if args.verify_plans:
-        from fedge.edge_client.devices import PROFILES
+        from fedge.edge_client.device.emulated import PROFILES
 
         results["plans"] = {}
         for device in PROFILES:

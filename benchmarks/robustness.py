@@ -126,8 +126,8 @@ class Bench:
         from fedge.common import wire
         from fedge.common.modeling import ModelHolder, get_adapter
         from fedge.common.models import default_cache_dir
-        from fedge.edge_client.data import load_examples
-        from fedge.edge_client.local_work import open_adapter
+        from fedge.edge_client.federation.local_work import open_adapter
+        from fedge.edge_client.training.data import load_examples
 
         torch.set_num_threads(torch.get_num_threads())
         self.args = args
@@ -169,9 +169,9 @@ class Bench:
     def train(self, i: int, rnd: int, global_arrays: dict) -> dict:
         """Client i's adapter after its local round from ``global_arrays`` (cached: training is deterministic)."""
         from fedge.common.modeling import get_adapter, set_adapter
-        from fedge.edge_client.local_work import train_config
-        from fedge.edge_client.session import epoch_maker
-        from fedge.edge_client.train import train
+        from fedge.edge_client.federation.local_work import train_config
+        from fedge.edge_client.training.session import epoch_maker
+        from fedge.edge_client.training.train import train
         from fedge.server.aggregate import digest
 
         key = (i, rnd, digest(global_arrays))
@@ -195,8 +195,8 @@ class Bench:
 
     def _score(self, arrays: dict) -> dict:
         from fedge.common.modeling import set_adapter
-        from fedge.edge_client.evaluate import evaluate
-        from fedge.edge_client.session import eval_batches
+        from fedge.edge_client.training.evaluate import evaluate
+        from fedge.edge_client.training.session import eval_batches
 
         set_adapter(self.model, arrays)
         per = {}

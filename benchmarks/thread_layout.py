@@ -7,7 +7,8 @@ then the clock starts and the layout decides who works when:
 
 - ``K x T``: all K at once, T torch threads each (the baseline: K x max(1, cores // K), every client at once with
   the cores split, as the demo ran before it took turns);
-- ``C x T`` with C < K: at most C at once, in fedge's turns (``--turns DIR:C``, `fedge.edge_client.turns`: the
+- ``C x T`` with C < K: at most C at once, in fedge's turns (``--turns DIR:C``, `fedge.edge_client.federation.turns`:
+the
   next starts when one finishes). All K are let go at once; the turns decide the order.
 
 The figure is the makespan (all K done), i.e. the round's client time, and the median over ``--repeats``
@@ -57,8 +58,8 @@ def _worker(index: int, threads: int, turns: str, cache: Path, out: Path) -> Non
 
     from fedge.common import wire
     from fedge.common.modeling import ModelHolder
-    from fedge.edge_client.devices import apply_threads
-    from fedge.edge_client.local_work import do_train
+    from fedge.edge_client.device.emulated import apply_threads
+    from fedge.edge_client.federation.local_work import do_train
     from fedge.simulate import demo_device
 
     apply_threads(threads)
@@ -79,9 +80,9 @@ def _worker(index: int, threads: int, turns: str, cache: Path, out: Path) -> Non
 def run_layout(clients: int, at_once: int, threads: int, cache: Path, limit_s: float) -> dict:
     """Start ``clients`` loaded workers, let them all go at once, and time until the last is done.
 
-    Fewer than ``clients`` at once: each worker's device has turns (`fedge.edge_client.turns`, ``DIR:at_once``), as
-    `fedge demo` gives its clients. A layout still running after ``limit_s`` is stopped: its makespan is recorded
-    as ``limit_s`` and ``stopped``.
+    Fewer than ``clients`` at once: each worker's device has turns (`fedge.edge_client.federation.turns`,
+    ``DIR:at_once``), as `fedge demo` gives its clients. A layout still running after ``limit_s`` is stopped: its
+    makespan is recorded as ``limit_s`` and ``stopped``.
     """
     with tempfile.TemporaryDirectory(prefix="fedge-layout-") as out:
         turns = f"{out}/turns:{at_once}" if at_once < clients else ""

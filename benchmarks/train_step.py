@@ -40,7 +40,7 @@ PLANS = {
 
 
 def make_batches(tokenizer, steps: int):
-    from fedge.edge_client.data import encode_all, load_examples, packed_batches
+    from fedge.edge_client.training.data import encode_all, load_examples, packed_batches
 
     encoded = encode_all(tokenizer, load_examples("demo:all"), SEQ_LEN)
     batches = packed_batches(encoded, ROWS, SEQ_LEN, tokenizer.pad_token_id, seed=0)
@@ -59,7 +59,7 @@ def worker(plan: str, model_source: str, cache_dir: Path, steps: int, threads: i
         result = _naive(model_source, cache_dir, steps)
     else:
         result = _fedge(plan, model_source, cache_dir, steps)
-    from fedge.edge_client.memory import peak_rss_mb
+    from fedge.edge_client.training.memory import peak_rss_mb
 
     result.update(peak_rss_mb=peak_rss_mb(), wall_s=time.perf_counter() - t_load)
     return result
@@ -152,8 +152,8 @@ def _fedge(plan: str, model_source: str, cache_dir: Path, steps: int) -> dict:
     import torch
 
     from fedge.common.modeling import LoraSettings, add_lora, open_model
-    from fedge.edge_client.data import Batch
-    from fedge.edge_client.train import TrainConfig, compile_layers, train
+    from fedge.edge_client.training.data import Batch
+    from fedge.edge_client.training.train import TrainConfig, compile_layers, train
 
     spec = PLANS[plan]
     dtype = getattr(torch, spec["compute_dtype"]) if "compute_dtype" in spec else None

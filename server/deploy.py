@@ -1,8 +1,8 @@
 """``fedge server start``: a SuperLink plus one federation run on it, resumable from its state directory.
 
 fedge writes a small Flower app (a ``pyproject.toml`` whose components point at the installed
-``fedge.server.app`` and ``fedge.edge_client.flower_client``, and whose run config holds this federation's settings)
-into ``STATE/flwr/fedge-app``, starts ``flower-superlink`` and submits the app with ``flwr run``. Flower
+``fedge.server.app`` and ``fedge.edge_client.federation.clientapp``, and whose run config holds this federation's
+settings) into ``STATE/flwr/fedge-app``, starts ``flower-superlink`` and submits the app with ``flwr run``. Flower
 does the rest: the ServerApp runs under the SuperLink, and each SuperNode runs the ClientApp per message.
 Started again on the same ``--state`` after a crash, it resumes after the last completed round.
 """

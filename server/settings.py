@@ -4,6 +4,7 @@ run config its ServerApp reads (with `fedge.common.wire.RoundSettings`, the ``[r
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,9 @@ DEFAULT_STAGE_DEADLINE_S = 1800.0
 # What a stage costs on top of a client's own round: Flower starts a ClientApp process per message and
 # moves the message both ways (measured 20-40 s per message on 2 busy cores), plus the warm worker's hand-off.
 STAGE_SLACK_S = 60.0
+CLIENTAPP = "fedge.edge_client.federation.clientapp:app"
+OLD_CLIENTAPP = "fedge.edge_client.flower_client:app"
+log = logging.getLogger("fedge.server")
 
 
 @dataclass
@@ -70,12 +74,13 @@ class ServerSettings:
     ssl_keyfile: Path | None = setting(None, "server private key (PEM)")
     ssl_ca_certfile: Path | None = setting(None, "CA certificate (PEM) the clients trust")
     auth_key: list[Path] = setting([], "a SuperNode public key allowed to join (repeatable; needs TLS)")
-    clientapp: str = setting(
-        "fedge.edge_client.flower_client:app", "the ClientApp the clients run, MODULE:ATTR (e.g. fedge's in your mods)"
-    )
+    clientapp: str = setting(CLIENTAPP, "the ClientApp the clients run, MODULE:ATTR (e.g. fedge's in your mods)")
 
     def __post_init__(self) -> None:
         self.state, self.auth_key = Path(self.state), [Path(k) for k in self.auth_key]
+        if self.clientapp == OLD_CLIENTAPP:  # fedge 0.2's path, in config files written before the move
+            log.warning("clientapp %s is now %s: update your config (the old path works)", OLD_CLIENTAPP, CLIENTAPP)
+            self.clientapp = CLIENTAPP
         for name in ("rounds", "min_clients"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -143,7 +143,7 @@ class FedgeAvg(FedAvg):
                 said = True
             time.sleep(min(1.0, max(0.0, min(deferred.values()) - time.time())))
 
-    # --- LoRA A goes to a node once: with A frozen it never changes (fedge.edge_client.frozen_a) -------------------
+    # --- LoRA A goes to a node once: with A frozen it never changes (fedge.edge_client.federation.frozen_a) ---
 
     def _messages(
         self, configure: Callable, rnd: int, state: ServerState, config: dict, grid: Grid

@@ -31,7 +31,7 @@ def build_tiny_model_dir(path: Path, layers: int = 2, hidden: int = 64) -> Path:
     from tokenizers import decoders as tk_decoders
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from fedge.edge_client import demo_data
+    from fedge.edge_client.training import demo_data
 
     corpus = [
         f"{r['instruction']}\n\n{r['input']} {r['output']}" for d in demo_data.DOMAINS for r in demo_data.generate(d)

@@ -16,7 +16,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedge.common import wire
-from fedge.edge_client.flower_client import evaluate_round, train_round
+from fedge.edge_client.federation.clientapp import evaluate_round, train_round
 from fedge.quantization.codecs import HEADER_KEY, Encoded, decode, encode
 
 

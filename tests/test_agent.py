@@ -16,10 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from fedge.edge_client import hold
-from fedge.edge_client.agent import Agent, AgentSettings, ControlServer, request, rotate_logs, socket_path
-from fedge.edge_client.conditions import RunConditions
-from fedge.edge_client.units import Service, launchd_plist, systemd_unit
+from fedge.edge_client.agent import hold
+from fedge.edge_client.agent.conditions import RunConditions
+from fedge.edge_client.agent.daemon import Agent, AgentSettings, ControlServer, request, rotate_logs, socket_path
+from fedge.edge_client.agent.units import Service, launchd_plist, systemd_unit
 
 
 class FakeSupervisor:
@@ -302,6 +302,6 @@ def test_a_finished_round_is_listed_with_what_it_cost_the_device(tmp_path):
     assert last["round"] == 4 and last["energy_j"] == 612.0 and last["upload_bytes"] == 2_600_000
     assert last["steps"] == 10 and last["seconds"] >= 0 and "name" not in last
     (work / "metrics.json").write_text("{not json")
-    from fedge.edge_client.agent import round_cost
+    from fedge.edge_client.agent.daemon import round_cost
 
     assert round_cost(agent.state_dir, 0.0) == {}

@@ -20,7 +20,7 @@ def _jsonl(path, records):
 
 @pytest.fixture()
 def user_data(tmp_path):
-    from fedge.edge_client.demo_data import generate
+    from fedge.edge_client.training.demo_data import generate
 
     return _jsonl(tmp_path / "my.jsonl", generate("finance", "train", n=120))
 
@@ -240,8 +240,8 @@ def test_demo_with_devices_becomes_adaptive_unless_told_otherwise(monkeypatch, t
 def test_device_profile_reaches_the_supernodes_node_config(tmp_path):
     from flwr.common.config import parse_config_args
 
-    from fedge.edge_client.local_work import Device
-    from fedge.edge_client.service import ClientSettings, prepare_device, supernode_command
+    from fedge.edge_client.federation.service import ClientSettings, prepare_device, supernode_command
+    from fedge.edge_client.federation.settings import Device
 
     client = ClientSettings("127.0.0.1:9092")
 
@@ -442,7 +442,7 @@ def test_every_bad_number_is_one_line_naming_its_flag_before_anything_starts(
     # What would start processes or load a model; certs and data sample check their numbers themselves.
     for target in (
         "fedge.server.deploy.start_server",
-        "fedge.edge_client.service.start_client",
+        "fedge.edge_client.federation.service.start_client",
         "fedge.demo.run_demo",
         "fedge.cli.cmd_train",
         "fedge.cli.cmd_eval",

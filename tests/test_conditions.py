@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedge.edge_client import conditions as cond
-from fedge.edge_client.conditions import LoadHistory, RunConditions, Sources
+from fedge.edge_client.agent import conditions as cond
+from fedge.edge_client.agent.conditions import LoadHistory, RunConditions, Sources
 
 
 def _tree(root: Path, files: dict[str, str]) -> Path:

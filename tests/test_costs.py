@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from fedge.edge_client.costs import (
+from fedge.edge_client.planning.costs import (
     SMOLLM2_135M,
     Knobs,
     ModelShape,
@@ -16,7 +16,7 @@ from fedge.edge_client.costs import (
     train_gflops_from_matmul,
     weight_bytes,
 )
-from fedge.edge_client.plan import RoundBudget
+from fedge.edge_client.planning.plan import RoundBudget
 
 TOP = Knobs("bf16", False, 8, 1, 256, 30, 16)
 BUDGET = RoundBudget(deadline_s=60)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedge.common.errors import DataError
-from fedge.edge_client.data import (
+from fedge.edge_client.training.data import (
     IGNORE,
     Example,
     encode,

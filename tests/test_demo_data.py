@@ -1,11 +1,11 @@
-"""Unit tests for fedge.edge_client.demo_data: determinism, sizes, split disjointness, answer spaces, errors."""
+"""fedge.edge_client.training.demo_data: determinism, sizes, split disjointness, answer spaces, errors."""
 
 from __future__ import annotations
 
 import pytest
 
-from fedge.edge_client import demo_data
-from fedge.edge_client.demo_data import DOMAINS, answer_space, describe, generate
+from fedge.edge_client.training import demo_data
+from fedge.edge_client.training.demo_data import DOMAINS, answer_space, describe, generate
 
 FIELDS = ("instruction", "input", "output")
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from fedge.common.errors import FedgeError
-from fedge.edge_client.devices import (
+from fedge.edge_client.device.emulated import (
     PROFILES,
     EmulatedOutOfMemory,
     Link,
@@ -19,7 +19,7 @@ from fedge.edge_client.devices import (
     emulate,
     load_profile,
 )
-from fedge.edge_client.plan import GIB, HOST
+from fedge.edge_client.planning.plan import GIB, HOST
 
 
 @pytest.mark.parametrize("name", ["pi4-2gb", "pi5-8gb", "jetson-orin-nano", "laptop"])
@@ -214,10 +214,10 @@ def test_this_machine_plans_from_its_own_profile_when_there_is_one(tmp_path, mon
     import json
     import platform
 
-    from fedge.edge_client.costs import SMOLLM2_135M, RoundBudget
-    from fedge.edge_client.devices import profile_path, saved_profile, this_machine
-    from fedge.edge_client.plan import make_plan
-    from fedge.edge_client.profiling import save_for_planner
+    from fedge.edge_client.device.emulated import profile_path, saved_profile, this_machine
+    from fedge.edge_client.device.profiling import save_for_planner
+    from fedge.edge_client.planning.costs import SMOLLM2_135M, RoundBudget
+    from fedge.edge_client.planning.plan import make_plan
 
     slow = {"model": {"name": "smollm2-135m"}, "matmul_gflops": {"fp32": {"median": 8.0}, "bf16": None}}
     assert save_for_planner(slow, tmp_path) == profile_path(tmp_path, "smollm2-135m")

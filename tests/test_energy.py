@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from fedge.edge_client import energy
-from fedge.edge_client.energy import EnergySession
-from fedge.edge_client.meters import Meter, RaplMeter
+from fedge.edge_client.device import energy
+from fedge.edge_client.device.energy import EnergySession
+from fedge.edge_client.device.meters import Meter, RaplMeter
 from tests.test_meters import rapl_tree
 
 

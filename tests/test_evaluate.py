@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from fedge.common.modeling import LoraSettings, add_lora
-from fedge.edge_client.data import Example
-from fedge.edge_client.evaluate import answer_token_limit, evaluate
-from fedge.edge_client.session import epoch_maker
-from fedge.edge_client.train import TrainConfig, train
+from fedge.edge_client.training.data import Example
+from fedge.edge_client.training.evaluate import answer_token_limit, evaluate
+from fedge.edge_client.training.session import epoch_maker
+from fedge.edge_client.training.train import TrainConfig, train
 
 # Replies of 21-27 tokens in the tiny tokenizer: longer than any fixed cap of 16 new tokens.
 LONG = [
@@ -43,7 +43,7 @@ def test_a_model_that_learned_long_answers_scores_them(fresh_session):
 
 
 def _generation_only(model, tok, examples, limit) -> list[bool]:
-    from fedge.edge_client.evaluate import generate_answers, normalize_answer
+    from fedge.edge_client.training.evaluate import generate_answers, normalize_answer
 
     replies = generate_answers(model, tok, examples, torch.device("cpu"), max_new_tokens=limit)
     return [normalize_answer(r) == normalize_answer(ex.answer) for r, ex in zip(replies, examples)]
@@ -52,8 +52,8 @@ def _generation_only(model, tok, examples, limit) -> list[bool]:
 def test_the_teacher_forced_check_decides_exact_match_as_generation_does(fresh_session, monkeypatch):
     # References the model reproduces (its own greedy replies, trimmed to end where it ends), references it does not
     # (the demo's), and the same with a changed last character: every verdict must equal generation's.
-    from fedge.edge_client import demo_data
-    from fedge.edge_client.evaluate import generate_answers, teacher_forced_matches
+    from fedge.edge_client.training import demo_data
+    from fedge.edge_client.training.evaluate import generate_answers, teacher_forced_matches
 
     lora = LoraSettings(r=16, alpha=32, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"))
     cfg = TrainConfig(steps=40, micro_batch=4, lr=1e-2, warmup_steps=0, lr_schedule="constant", seq_len=64, lora=lora)
@@ -76,7 +76,7 @@ def test_the_teacher_forced_check_decides_exact_match_as_generation_does(fresh_s
     result = evaluate(model, tok, [], examples, cpu, max_new_tokens=limit)
     assert result.exact_match == sum(truth) / len(truth) and result.n_decoded == len(check.undecided)
     # the held-out loss from the same pass: as the loss batches measure it, every labelled token counted once
-    from fedge.edge_client.session import eval_batches
+    from fedge.edge_client.training.session import eval_batches
 
     separate = evaluate(model, tok, eval_batches(tok, examples, 256), examples, cpu, max_new_tokens=limit)
     shared = evaluate(model, tok, None, examples, cpu, max_new_tokens=limit, seq_len=256)
@@ -87,7 +87,7 @@ def test_the_teacher_forced_check_decides_exact_match_as_generation_does(fresh_s
     assert cut.n_loss == evaluate(model, tok, eval_batches(tok, examples, 20), [], cpu).n_loss != shared.n_loss
     assert cut.exact_match == shared.exact_match
     # near ties (bf16 or quantized weights: `tie_margin`) are left to generation: with every gap a tie, all are
-    from fedge.edge_client import evaluate as ev
+    from fedge.edge_client.training import evaluate as ev
 
     monkeypatch.setattr(ev, "tie_margin", lambda *modules: float("inf"))
     assert ev.teacher_forced_matches(model, tok, examples, cpu, limit).verdicts == [None] * len(examples)
@@ -96,7 +96,7 @@ def test_the_teacher_forced_check_decides_exact_match_as_generation_does(fresh_s
 
 
 def test_tie_margin_is_wider_where_the_arithmetic_is_not_exact():
-    from fedge.edge_client.evaluate import tie_margin
+    from fedge.edge_client.training.evaluate import tie_margin
 
     fp32, bf16 = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16)
     assert tie_margin(fp32) < 0.01 < tie_margin(fp32, bf16) == tie_margin(bf16)

@@ -15,8 +15,8 @@ import torch
 
 from fedge.common import adapters
 from fedge.common.errors import FedgeError
-from fedge.edge_client.export import MANIFEST, ExportRequest, export
-from fedge.edge_client.runtimes import Sampling, TorchRuntime, open_runtime
+from fedge.edge_client.export.build import MANIFEST, ExportRequest, export
+from fedge.edge_client.export.runtimes import Sampling, TorchRuntime, open_runtime
 
 pytestmark = pytest.mark.export
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -161,7 +161,7 @@ def test_unsupported_architecture_unwritable_out_and_not_an_adapter_are_refused(
 
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300)).save_pretrained(gpt2)
-    from fedge.edge_client.gguf_export import write_gguf
+    from fedge.edge_client.export.gguf_export import write_gguf
 
     with pytest.raises(FedgeError, match="not GPT2LMHeadModel"):
         write_gguf(gpt2, tmp_path / "x.gguf")
@@ -184,7 +184,7 @@ def test_unsupported_architecture_unwritable_out_and_not_an_adapter_are_refused(
 
 
 def test_a_failed_export_leaves_the_previous_one_and_no_partial_files(tiny_adapter, tmp_path, monkeypatch):
-    from fedge.edge_client import export as export_module
+    from fedge.edge_client.export import build as export_module
 
     out = tmp_path / "exports" / "model"
     out.parent.mkdir()

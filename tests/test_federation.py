@@ -105,7 +105,7 @@ class Federation:
 
     def wait_for_training(self, name: str, rnd: int, timeout: float = 600) -> None:
         """Until client ``name`` trains in round ``rnd`` (its round's progress file says so)."""
-        from fedge.edge_client.hold import progress
+        from fedge.edge_client.agent.hold import progress
 
         end = time.monotonic() + timeout
         while time.monotonic() < end:

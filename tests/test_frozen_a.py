@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fedge.common import wire
-from fedge.edge_client.frozen_a import STORE, MissingLoraA, complete
+from fedge.edge_client.federation.frozen_a import STORE, MissingLoraA, complete
 
 A1, B1 = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
 A2, B2 = "m.v_proj.lora_A.weight", "m.v_proj.lora_B.weight"

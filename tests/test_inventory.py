@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedge.edge_client import inventory
-from fedge.edge_client.inventory import Missing, split_missing
+from fedge.edge_client.device import inventory
+from fedge.edge_client.device.inventory import Missing, split_missing
 from tests.test_meters import battery_tree, write_tree
 
 X86_CPUINFO = """processor\t: 0

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from fedge.edge_client import flower_client
-from fedge.edge_client.launcher import ForkExecutor
+from fedge.edge_client.federation import clientapp
+from fedge.edge_client.federation.launcher import ForkExecutor
 
 
 def _age_and_elapsed(forked_at: float, out) -> None:
-    out.send((flower_client._since_process_start(), time.time() - forked_at))
+    out.send((clientapp._since_process_start(), time.time() - forked_at))
 
 
 def test_a_forked_process_reports_its_own_age_not_its_parents():
@@ -68,7 +68,7 @@ def test_finished_clientapp_processes_are_let_go_and_running_ones_stopped_on_clo
 
 @pytest.mark.parametrize("value", ["0", "61", "nan"])
 def test_a_poll_interval_out_of_range_is_refused(value, capsys):
-    from fedge.edge_client.launcher import main
+    from fedge.edge_client.federation.launcher import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--runtime-api-address", "127.0.0.1:1", "--poll-interval", value])

@@ -1,4 +1,4 @@
-"""A client's round in-process (fedge.edge_client.local_work) on the tiny model, checked against the server's side."""
+"""A client's round in-process (fedge.edge_client.federation.local_work), tiny model, against the server's side."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 
 from fedge.common import wire
 from fedge.common.modeling import ModelHolder, get_adapter, set_adapter
-from fedge.edge_client import local_work
-from fedge.edge_client.data import fingerprint
-from fedge.edge_client.local_work import Device
+from fedge.edge_client.federation import limits, local_work, reply
+from fedge.edge_client.federation.settings import Device
+from fedge.edge_client.training.data import fingerprint
 from fedge.quantization.codecs import HEADER_KEY
 from fedge.server import hetero
 
@@ -68,7 +68,7 @@ def test_encoded_change_with_error_feedback_decodes_to_the_trained_adapter(holde
     assert metrics[wire.Metric.UPLOAD_BYTES] < 0.3 * fp32
     update, _ = hetero.from_reply(arrays, initial, settings.lora_alpha)
     assert update and all("lora_B" in k for k in update)
-    residual = local_work._residual_path(device, settings)
+    residual = reply.residual_path(device, settings)
     assert residual.is_file()  # what int8 dropped waits on the device for the next round
     # The server's view equals the client's trained B up to int8 rounding.
     trained = get_adapter(holder.model)
@@ -81,14 +81,14 @@ def test_encoded_change_with_error_feedback_decodes_to_the_trained_adapter(holde
 def test_a_round_that_trains_part_of_the_adapter_is_merged_back(holder, device, tiny_model_dir, codec, merge):
     # A Pi 4 whose plan lowers the rank and trains the top layer only (as the planner does for a big model on a
     # small device; pinned here, since the tiny model fits anywhere): the server merges its part back.
-    from fedge.edge_client.devices import load_profile
-    from fedge.edge_client.plan import make_plan
+    from fedge.edge_client.device.emulated import load_profile
+    from fedge.edge_client.planning.plan import make_plan
 
     device.profile = "base=pi4-2gb,slowdown=1.5"
     base = _settings(tiny_model_dir, lora_r=16, deadline_s=60.0)
-    shape = local_work.model_shape(device.cache_dir, base.model)
-    caps = local_work.device_caps(device, load_profile(device.profile))
-    partial = dataclasses.replace(make_plan(caps, local_work.round_budget(base, 64), shape), lora_r=4, top_layers=1)
+    shape = limits.model_shape(device.cache_dir, base.model)
+    caps = limits.device_caps(device, load_profile(device.profile))
+    partial = dataclasses.replace(make_plan(caps, limits.round_budget(base, 64), shape), lora_r=4, top_layers=1)
     settings = dataclasses.replace(base, codec=codec, lora_merge=merge, plan=partial.to_json())
     initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
     rng = np.random.default_rng(0)  # a global that has trained: its low-rank cut is a real choice
@@ -113,11 +113,11 @@ def test_a_resent_round_replies_with_the_saved_encoded_update(holder, device, ti
     settings = _settings(tiny_model_dir, codec="int4")
     initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
     first, _ = local_work.do_train(holder, device, settings, initial, rnd=1)
-    residual = local_work._residual_path(device, settings).read_bytes()
+    residual = reply.residual_path(device, settings).read_bytes()
     again, metrics = local_work.do_train(holder, device, settings, initial, rnd=1)
     assert metrics[wire.Metric.RESUMED] == 1
     assert all(np.array_equal(first[k], again[k]) for k in first)
-    assert local_work._residual_path(device, settings).read_bytes() == residual  # not encoded twice
+    assert reply.residual_path(device, settings).read_bytes() == residual  # not encoded twice
 
 
 def test_a_kill_between_the_update_and_its_residual_never_sends_the_old_residual_again(
@@ -126,19 +126,19 @@ def test_a_kill_between_the_update_and_its_residual_never_sends_the_old_residual
     settings = _settings(tiny_model_dir, codec="int4")
     initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
     local_work.do_train(holder, device, settings, initial, rnd=1)  # round 1 leaves a residual r1
-    r1 = local_work._residual_path(device, settings).read_bytes()
+    r1 = reply.residual_path(device, settings).read_bytes()
 
     def killed(*_args) -> None:  # the process dies right after the round-2 update is saved
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(local_work, "_commit_residual", killed)
+    monkeypatch.setattr(reply, "commit_residual", killed)
     with pytest.raises(KeyboardInterrupt):
         local_work.do_train(holder, device, settings, initial, rnd=2)
-    assert local_work._residual_path(device, settings).read_bytes() == r1  # the live residual is still r1...
+    assert reply.residual_path(device, settings).read_bytes() == r1  # the live residual is still r1...
     monkeypatch.undo()
     _, metrics = local_work.do_train(holder, device, settings, initial, rnd=2)  # ...until the resumed reply
     assert metrics[wire.Metric.RESUMED] == 1
-    assert local_work._residual_path(device, settings).read_bytes() != r1  # r1 went out in round 2: it is gone
+    assert reply.residual_path(device, settings).read_bytes() != r1  # r1 went out in round 2: it is gone
 
 
 def test_auto_without_a_link_model_takes_int8_or_its_ceiling(holder, device, tiny_model_dir):
@@ -184,16 +184,16 @@ def test_a_pinned_plan_that_is_not_a_plan_is_refused_naming_the_field():
 def test_rows_are_planned_at_the_data_s_length_not_the_round_s(holder, device, tiny_model_dir):
     # Batches pad to their longest example: a plan for 256-token rows would overprice short data and, on a slow
     # device, cut rows (and the answers at their end) to lengths the data never needed.
-    from fedge.edge_client.session import encode_all
+    from fedge.edge_client.training.session import encode_all
 
     settings = _settings(tiny_model_dir, seq_len=256)
     train_set, _ = local_work.local_data(device, settings.seed)
     data_id = fingerprint(train_set)
-    need = local_work._data_seq_len(holder, settings, train_set, data_id)
+    need = limits.data_seq_len(holder, settings, train_set, data_id)
     tok = holder.tokenizer(settings.model)
     longest = max(len(e.input_ids) for e in encode_all(tok, train_set, 256))
     assert need % 8 == 0 and longest <= need < longest + 8 and need < 256
-    assert local_work._data_seq_len(holder, _settings(tiny_model_dir, seq_len=16), train_set, data_id) == 16
+    assert limits.data_seq_len(holder, _settings(tiny_model_dir, seq_len=16), train_set, data_id) == 16
     device.profile = "base=pi4-2gb,slowdown=1.5"
     settings = _settings(tiny_model_dir, seq_len=256, deadline_s=60.0)
     initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
@@ -215,24 +215,24 @@ def test_the_initial_adapter_is_the_seeded_one_whatever_the_kept_model_holds(hol
 
 def test_a_planned_round_is_planned_for_the_model_it_trains(holder, device, tiny_model_dir):
     # The tiny model is ~1000x smaller than SmolLM2-135M: its plan must predict its own memory and step time.
-    from fedge.edge_client.costs import SMOLLM2_135M
-    from fedge.edge_client.plan import make_plan
+    from fedge.edge_client.planning.costs import SMOLLM2_135M
+    from fedge.edge_client.planning.plan import make_plan
 
     settings = _settings(tiny_model_dir, deadline_s=600.0)
-    shape = local_work.model_shape(device.cache_dir, settings.model)
+    shape = limits.model_shape(device.cache_dir, settings.model)
     assert shape != SMOLLM2_135M and shape.layers == 2 and shape.hidden == 64
     initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
     _, metrics = local_work.do_train(holder, device, settings, initial, rnd=1)
     plan = json.loads(metrics[wire.Client.PLAN])
-    caps = local_work.device_caps(device)
-    budget = local_work.round_budget(settings, plan["seq_len"])
+    caps = limits.device_caps(device)
+    budget = limits.round_budget(settings, plan["seq_len"])
     as_smollm2 = make_plan(caps, budget, SMOLLM2_135M)
     assert plan["predicted_peak_bytes"] < as_smollm2.predicted_peak_bytes
     assert plan["predicted_step_s"] < as_smollm2.predicted_step_s / 10
 
 
 def test_the_energy_guard_stops_before_the_step_that_would_pass_the_budget():
-    from fedge.edge_client.local_work import _energy_guard
+    from fedge.edge_client.federation.limits import energy_guard
 
     class Meter:
         joules = 0.0
@@ -241,13 +241,13 @@ def test_the_energy_guard_stops_before_the_step_that_would_pass_the_budget():
             return self.joules, "test"
 
     meter = Meter()
-    guard = _energy_guard(100.0, None, meter, time.monotonic, time.monotonic())
+    guard = energy_guard(100.0, None, meter, time.monotonic, time.monotonic())
     stops = []
     for step in range(1, 20):
         meter.joules += 30.0  # each step costs 30 J
         stops.append(guard(step, 1.0, 10, 1.0))
     assert stops.index(True) == 2  # after 90 J: one more step would pass 100 J
-    assert _energy_guard(0.0, None, meter, time.monotonic, 0.0) is None
+    assert energy_guard(0.0, None, meter, time.monotonic, 0.0) is None
 
 
 def test_a_device_with_an_energy_budget_plans_and_trains_within_it(holder, device, tiny_model_dir):
@@ -272,7 +272,7 @@ def test_a_device_with_an_energy_budget_plans_and_trains_within_it(holder, devic
 def test_a_round_the_agent_cuts_short_sends_its_steps_or_declines_as_the_owner_chose(
     holder, device, tiny_model_dir, interrupted
 ):
-    from fedge.edge_client import hold
+    from fedge.edge_client.agent import hold
 
     settings = _settings(tiny_model_dir, steps=6)
     initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)

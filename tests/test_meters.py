@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedge.edge_client import meters
-from fedge.edge_client.meters import BatteryMeter, Ina3221Meter, Meter, MeterUnavailable, PmicMeter, RaplMeter
+from fedge.edge_client.device import meters
+from fedge.edge_client.device.meters import BatteryMeter, Ina3221Meter, Meter, MeterUnavailable, PmicMeter, RaplMeter
 
 FIXTURES = Path(__file__).parent / "fixtures"
 RANGE_UJ = 262143328850  # a real package max_energy_range_uj (about 262 kJ)

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from fedge.edge_client.devices import PROFILES
-from fedge.edge_client.plan import (
+from fedge.edge_client.device.emulated import PROFILES
+from fedge.edge_client.planning.plan import (
     GIB,
     HOST,
     LADDER,
@@ -171,7 +171,7 @@ def test_device_without_bf16_computes_quantized_weights_in_fp32():
 
 
 def test_plan_is_json_and_sets_a_valid_train_config():
-    from fedge.edge_client.train import TrainConfig
+    from fedge.edge_client.training.train import TrainConfig
 
     plan = make_plan(PROFILES["pi4-2gb"].caps(), RoundBudget(deadline_s=120), SMOLLM2_135M)
     back = TrainingPlan.from_dict(json.loads(plan.to_json()))
@@ -267,10 +267,10 @@ def test_a_plan_runs_end_to_end_on_the_tiny_model_and_the_replanner_cuts_it_shor
     import torch
 
     from fedge.common.modeling import LoraSettings, add_lora
-    from fedge.edge_client.data import load_examples
-    from fedge.edge_client.devices import chain, emulate, load_profile
-    from fedge.edge_client.session import epoch_maker
-    from fedge.edge_client.train import TrainConfig, train
+    from fedge.edge_client.device.emulated import chain, emulate, load_profile
+    from fedge.edge_client.training.data import load_examples
+    from fedge.edge_client.training.session import epoch_maker
+    from fedge.edge_client.training.train import TrainConfig, train
 
     budget = RoundBudget(deadline_s=100, steps=6, batch=4, seq_len=64, r_max=4, targets=("q_proj", "v_proj"))
     caps = _caps(gflops={p: 1e4 for p in LADDER}, uplink_bytes_per_s=1e9, latency_s=0.0)
@@ -373,7 +373,7 @@ def test_a_round_without_a_deadline_plans_for_the_energy_budget_alone():
 
 
 def test_emulated_profiles_carry_their_power_and_files_may_leave_it_out(tmp_path):
-    from fedge.edge_client.devices import load_profile
+    from fedge.edge_client.device.emulated import load_profile
 
     assert PROFILES["pi4-2gb"].caps().train_watts == 6.0
     path = tmp_path / "board.json"

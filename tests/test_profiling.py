@@ -9,9 +9,9 @@ import torch
 
 from fedge.cli import main
 from fedge.common.errors import FedgeError
-from fedge.edge_client import profiling
-from fedge.edge_client.inventory import Missing, split_missing
-from fedge.edge_client.profiling import ProfilePlan
+from fedge.edge_client.device import profiling
+from fedge.edge_client.device.inventory import Missing, split_missing
+from fedge.edge_client.device.profiling import ProfilePlan
 from tests.test_inventory import null_paths
 
 QUICK = ["--steps", "2", "--warmup", "1", "--batch", "2", "--seq-len", "32", "--gen-tokens", "4", "--budget", "0"]
@@ -89,7 +89,7 @@ def test_bad_input_is_one_line_and_exit_2_before_measuring(args, message, tmp_pa
     def measured():
         raise AssertionError("measured before checking the input")
 
-    monkeypatch.setattr("fedge.edge_client.inventory.collect", measured)
+    monkeypatch.setattr("fedge.edge_client.device.inventory.collect", measured)
     assert main(["--cache-dir", str(tmp_path), "profile", *QUICK, *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from fedge.common.procs import free_port
-from fedge.edge_client.service import ServerWatch
+from fedge.edge_client.federation.service import ServerWatch
 
 
 def _wait_for(lines: queue.Queue, text: str, seconds: float) -> str:
@@ -51,7 +51,7 @@ def test_a_client_says_once_when_its_server_is_out_of_reach_and_keeps_retrying(t
 
 
 def test_the_watch_speaks_once_per_outage(monkeypatch):
-    import fedge.edge_client.service as service
+    import fedge.edge_client.federation.service as service
 
     reachable = {"now": False}
     monkeypatch.setattr(service, "probe", lambda host, port: None if reachable["now"] else "connection refused")
@@ -79,7 +79,7 @@ def test_a_supernode_the_server_forgot_is_restarted_even_if_it_hangs(tmp_path):
     import time
     from types import SimpleNamespace
 
-    from fedge.edge_client.service import Supervisor
+    from fedge.edge_client.federation.service import Supervisor
 
     hang = [sys.executable, "-c", "import time; print('httpx.HTTPStatusError: 401 Unauthorized', flush=True); "
             "time.sleep(600)"]  # fmt: skip
@@ -113,12 +113,12 @@ def test_a_supernode_the_server_forgot_is_restarted_even_if_it_hangs(tmp_path):
 
 
 def test_the_clientapp_launcher_runs_beside_the_supernode_and_is_restarted_while_the_node_lives(tmp_path, monkeypatch):
-    """fedge's launcher (fedge.edge_client.launcher) starts with the node, told the node's pid; one that exits while
-    the node runs is started again; it stops with the node."""
+    """fedge's launcher (fedge.edge_client.federation.launcher) starts with the node, told the node's pid; one that
+    exits while the node runs is started again; it stops with the node."""
     from types import SimpleNamespace
 
-    from fedge.edge_client import service
-    from fedge.edge_client.service import Supervisor
+    from fedge.edge_client.federation import service
+    from fedge.edge_client.federation.service import Supervisor
 
     started = []
 
@@ -163,8 +163,8 @@ def test_the_clientapp_launcher_runs_beside_the_supernode_and_is_restarted_while
 
 
 def test_with_the_launcher_the_supernode_starts_no_clientapp_itself_and_shares_a_private_secret(tmp_path):
-    from fedge.edge_client.local_work import Device
-    from fedge.edge_client.service import ClientSettings, launcher_command, prepare_device, supernode_command
+    from fedge.edge_client.federation.service import ClientSettings, launcher_command, prepare_device, supernode_command
+    from fedge.edge_client.federation.settings import Device
 
     device = prepare_device(Device(data="demo:iot", state_dir=tmp_path / "state"))
     cmd, _ = supernode_command(ClientSettings("127.0.0.1:9092"), device, runtime_port=4321)

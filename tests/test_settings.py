@@ -16,8 +16,8 @@ from fedge.cli import build_parser
 from fedge.common import settings as S
 from fedge.common.wire import RoundSettings
 from fedge.demo import DEMO_SETS, DemoSettings, write_config
-from fedge.edge_client.local_work import Device
-from fedge.edge_client.service import ClientSettings, prepare_device, supernode_command
+from fedge.edge_client.federation.service import ClientSettings, prepare_device, supernode_command
+from fedge.edge_client.federation.settings import Device
 from fedge.server.settings import ServerSettings
 
 # A value other than the default for every field: the round trip must carry each one.

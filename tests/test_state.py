@@ -278,11 +278,12 @@ def test_a_kill_at_any_step_of_saving_a_reply_never_splits_it_from_its_residual(
     update and makes its residual the live one, or trains again from the previous round's residual."""
     from fedge.common import wire
     from fedge.common.fsutil import atomic_write_bytes
-    from fedge.edge_client import local_work
+    from fedge.edge_client.federation import reply
+    from fedge.edge_client.federation.settings import Device
 
-    device = local_work.Device(name="c", state_dir=tmp_path / "client")
+    device = Device(name="c", state_dir=tmp_path / "client")
     settings = wire.RoundSettings(codec="int8")
-    live, work = local_work._residual_path(device, settings), device.state_dir / "work" / "round-2"
+    live, work = reply.residual_path(device, settings), device.state_dir / "work" / "round-2"
     arrays, metrics = {"x.lora_A.weight": np.full((2, 4), 2, np.float32)}, {"steps": 3}
     old, new = b"residual after round 1", b"residual after round 2"  # opaque to the save
     seen = []
@@ -293,18 +294,18 @@ def test_a_kill_at_any_step_of_saving_a_reply_never_splits_it_from_its_residual(
         atomic_write_bytes(live, old)
 
     def save() -> None:  # what do_train does once training is done
-        local_work._save_update(work, arrays, metrics, new)
-        local_work._commit_residual(work, device, settings)
+        reply.save_update(work, arrays, metrics, new)
+        reply.commit_residual(work, device, settings)
 
     def check(step: int) -> None:  # what do_train does when the round's message comes again after a restart
-        if (work / local_work.UPDATE_FILE).is_file():
-            got, got_metrics = local_work._load_update(work)
-            local_work._commit_residual(work, device, settings)
+        if (work / reply.UPDATE_FILE).is_file():
+            got, got_metrics = reply.load_update(work)
+            reply.commit_residual(work, device, settings)
             assert got.keys() == arrays.keys() and np.array_equal(got["x.lora_A.weight"], arrays["x.lora_A.weight"])
             assert got_metrics == metrics and live.read_bytes() == new, f"killed at step {step}"
         else:
             assert live.read_bytes() == old, f"killed at step {step}: the round trains again from a wrong residual"
-        seen.append((work / local_work.UPDATE_FILE).is_file())
+        seen.append((work / reply.UPDATE_FILE).is_file())
 
     steps = _kill_at_each_step(reset, save, check)
     assert live.read_bytes() == new

@@ -60,7 +60,9 @@ def test_a_declined_round_is_told_apart_from_a_failure():
     from fedge.server.records import Failure, RoundRecord
 
     declined = Failure.from_error(
-        3, "pi-1", "<class 'fedge.edge_client.local_work.RoundDeclined'>:<'not eligible: power: on battery at 34%'>"
+        3,
+        "pi-1",
+        "<class 'fedge.edge_client.federation.limits.RoundDeclined'>:<'not eligible: power: on battery at 34%'>",
     )
     assert declined == Failure(3, "pi-1", "not eligible: power: on battery at 34%", declined=True)
     crashed = Failure.from_error(4, None, "<class 'ZeroDivisionError'>:<'division by zero'>")
@@ -233,10 +235,11 @@ def test_frozen_lora_a_goes_to_each_node_until_it_says_it_holds_it_then_only_b(m
     assert send(1) == {1: True, 2: True, 3: True}
     strategy._learn_holders(state, [reply(1), reply(2), reply(3, holds=None)], [])  # 3 could not keep it
     assert send(2) == {1: False, 2: False, 3: True}
-    from fedge.edge_client.frozen_a import MissingLoraA
+    from fedge.edge_client.federation.frozen_a import MissingLoraA
 
     why = str(MissingLoraA("not held on this node"))
-    deployed = f"<class 'fedge.edge_client.frozen_a.MissingLoraA'>:<'{why}'>"  # as Flower's deployment says it
+    # as Flower's deployment says it
+    deployed = f"<class 'fedge.edge_client.federation.frozen_a.MissingLoraA'>:<'{why}'>"
     strategy._learn_holders(
         state, [reply(2), reply(3, holds="0123456789abcdef")], [Failure.from_error(1, None, deployed)]
     )

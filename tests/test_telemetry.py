@@ -14,8 +14,8 @@ def test_a_training_reply_carries_energy_and_the_round_record_keeps_it(tiny_mode
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedge.common.modeling import ModelHolder
-    from fedge.edge_client import flower_client
-    from fedge.edge_client.local_work import Device
+    from fedge.edge_client.federation import clientapp
+    from fedge.edge_client.federation.settings import Device
     from fedge.server.strategy import client_round
 
     settings = wire.RoundSettings(
@@ -30,7 +30,7 @@ def test_a_training_reply_carries_energy_and_the_round_record_keeps_it(tiny_mode
         dst_node_id=7,
         message_type="train",
     )
-    reply = flower_client.train_round(msg, Context(1, 7, node, RecordDict(), {}))
+    reply = clientapp.train_round(msg, Context(1, 7, node, RecordDict(), {}))
 
     metrics, client = reply.content[wire.METRICS], reply.content[wire.CLIENT]
     assert metrics[wire.Metric.ENERGY_J] > 0 and metrics[wire.Metric.TOKENS] > 0

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fedge.common.modeling import LoraSettings, add_lora
-from fedge.edge_client.data import load_examples
-from fedge.edge_client.session import epoch_maker
-from fedge.edge_client.train import STATE_FILE, TrainConfig, lean_loss, train
+from fedge.edge_client.training.data import load_examples
+from fedge.edge_client.training.session import epoch_maker
+from fedge.edge_client.training.train import STATE_FILE, TrainConfig, lean_loss, train
 
 CPU = torch.device("cpu")
 
@@ -230,7 +230,7 @@ def test_compiled_training_on_cpu_uses_eager_attention_and_matches_uncompiled(ti
 
 def test_compile_on_cpu_takes_eager_attention_only_while_its_weights_fit(fresh_session):
     # eager attention keeps (rows, heads, seq, seq) weights per layer for backward: long rows go back to SDPA
-    from fedge.edge_client.train import EAGER_ATTENTION_BYTES, compile_layers
+    from fedge.edge_client.training.train import EAGER_ATTENTION_BYTES, compile_layers
 
     model = add_lora(fresh_session.model, LoraSettings(r=4))
     config = model.get_base_model().config

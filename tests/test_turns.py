@@ -1,4 +1,4 @@
-"""Machine-wide turns (fedge.edge_client.turns): at most N holders at once, a dead holder's turn is free again."""
+"""Machine-wide turns (fedge.edge_client.federation.turns): at most N holders at once; a dead holder's turn is free."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import time
 import pytest
 
 from fedge.common import wire
-from fedge.edge_client import local_work
-from fedge.edge_client.local_work import Device
-from fedge.edge_client.turns import parse_turns, turn
+from fedge.edge_client.federation import local_work
+from fedge.edge_client.federation.settings import Device
+from fedge.edge_client.federation.turns import parse_turns, turn
 
 # A process that takes a turn, says so on stdout, and holds it until its stdin closes.
 HOLDER = """
 import sys
-from fedge.edge_client.turns import turn
+from fedge.edge_client.federation.turns import turn
 with turn(sys.argv[1], poll_s=0.02):
     print("in", flush=True)
     sys.stdin.read()
@@ -75,7 +75,7 @@ def test_a_killed_holder_frees_its_turn(tmp_path):
 
 def test_client_start_makes_the_turns_directory_absolute(tmp_path, monkeypatch):
     # clients started from other working directories must lock the same files
-    from fedge.edge_client.service import prepare_device
+    from fedge.edge_client.federation.service import prepare_device
 
     monkeypatch.chdir(tmp_path)
     device = prepare_device(Device("c", "demo:iot", state_dir=tmp_path / "s", turns="shared/turns:2"))
@@ -84,7 +84,7 @@ def test_client_start_makes_the_turns_directory_absolute(tmp_path, monkeypatch):
 
 def test_client_start_refuses_a_turns_directory_it_cannot_make(tmp_path):
     from fedge.common.errors import FedgeError
-    from fedge.edge_client.service import prepare_device
+    from fedge.edge_client.federation.service import prepare_device
 
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(FedgeError, match=r"--turns .*file/turns: cannot create"):

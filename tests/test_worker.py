@@ -9,14 +9,14 @@ from multiprocessing.connection import Client
 import pytest
 
 from fedge.common.procs import free_port, spawn, stop, wait_for_port
-from fedge.edge_client import worker
-from fedge.edge_client.local_work import Device
+from fedge.edge_client.federation import worker
+from fedge.edge_client.federation.settings import Device
 
 
 def test_probes_and_wrong_keys_do_not_stop_the_worker(tmp_path):
     port = free_port()
     log = tmp_path / "worker.log"
-    cmd = [sys.executable, "-m", "fedge.edge_client.worker", "--state", str(tmp_path), "--port", str(port)]
+    cmd = [sys.executable, "-m", "fedge.edge_client.federation.worker", "--state", str(tmp_path), "--port", str(port)]
     proc = spawn([*cmd, "--cache-dir", str(tmp_path / "cache")], None, log)
     try:
         wait_for_port("127.0.0.1", port, proc, log)  # itself a probe: connects and hangs up mid-handshake

@@ -7,4 +7,7 @@ the wire protocol, settings, LoRA factor math, the model cache, files, processes
 them, the ``fedge`` command (``fedge.cli``) and the demo. Importing ``fedge`` loads nothing heavy.
 """
 
+if __name__ != "fedge":  # an editable install also reaches this folder as fedge.edge_client.fedge
+    raise ImportError(f"import fedge, not {__name__}: this folder is installed as fedge")
+
 __version__ = "0.2.0"

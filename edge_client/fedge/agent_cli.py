@@ -7,7 +7,7 @@
     fedge agent uninstall --config device.toml
 
 The config file has the tables ``[client]`` (how it joins), ``[device]`` (what it is and holds), ``[conditions]``
-(when it may train: `fedge.edge_client.conditions.RunConditions`) and ``[agent]`` (`AgentSettings`).
+(when it may train: `fedge.edge_client.agent.conditions.RunConditions`) and ``[agent]`` (`AgentSettings`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ TABLES = ("client", "device", "conditions", "agent")
 
 def add_agent_commands(sub) -> None:
     from fedge.common.settings import add_flags
-    from fedge.edge_client.agent import AgentSettings
-    from fedge.edge_client.conditions import RunConditions
-    from fedge.edge_client.local_work import Device
-    from fedge.edge_client.service import ClientSettings
+    from fedge.edge_client.agent.conditions import RunConditions
+    from fedge.edge_client.agent.daemon import AgentSettings
+    from fedge.edge_client.federation.service import ClientSettings
+    from fedge.edge_client.federation.settings import Device
 
     agent = sub.add_parser("agent", help="the background agent: trains when the device allows it").add_subparsers(
         title="agent commands"
@@ -67,10 +67,10 @@ def _agent_parts(args):
     """(client, device, conditions, agent settings) from the config file and the flags."""
     import dataclasses
 
-    from fedge.edge_client.agent import AgentSettings
-    from fedge.edge_client.conditions import RunConditions
-    from fedge.edge_client.local_work import Device
-    from fedge.edge_client.service import ClientSettings
+    from fedge.edge_client.agent.conditions import RunConditions
+    from fedge.edge_client.agent.daemon import AgentSettings
+    from fedge.edge_client.federation.service import ClientSettings
+    from fedge.edge_client.federation.settings import Device
 
     config = _config_file(args, TABLES)
     client = _settings(ClientSettings, args, "client", config)
@@ -88,8 +88,8 @@ def _agent_parts(args):
 def cmd_agent_run(args) -> int:
     import signal
 
-    from fedge.edge_client.agent import Agent, setup_logging
-    from fedge.edge_client.service import Supervisor
+    from fedge.edge_client.agent.daemon import Agent, setup_logging
+    from fedge.edge_client.federation.service import Supervisor
 
     client, device, conditions, settings = _agent_parts(args)
     if not client.server:
@@ -115,7 +115,7 @@ def _state_dir(args) -> Path:
         return args.state
     if args.config is None:
         raise FedgeError("give --config (the agent's config file) or --state (its device's state directory)")
-    from fedge.edge_client.local_work import Device
+    from fedge.edge_client.federation.settings import Device
 
     return _settings(Device, _NoFlags(args.config), "device", _config_file(args, TABLES)).state_dir
 
@@ -128,7 +128,7 @@ class _NoFlags:
 
 
 def cmd_agent_talk(args) -> int:
-    from fedge.edge_client.agent import LOGS, request, socket_path
+    from fedge.edge_client.agent.daemon import LOGS, request, socket_path
 
     state_dir = _state_dir(args)
     if args.command == "logs":
@@ -179,8 +179,8 @@ def _print_status(status: dict) -> None:
 
 
 def cmd_agent_service(args) -> int:
-    from fedge.edge_client.local_work import Device
-    from fedge.edge_client.units import Service, install, uninstall
+    from fedge.edge_client.agent.units import Service, install, uninstall
+    from fedge.edge_client.federation.settings import Device
 
     config = args.config.resolve()
     if not config.is_file():

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_profile_command(sub) -> None:
-    from fedge.edge_client.profiling import ProfilePlan
+    from fedge.edge_client.device.profiling import ProfilePlan
 
     d = ProfilePlan()
     prof = sub.add_parser("profile", help="what this device can do: matmuls, training and generation speed, energy")
@@ -240,8 +240,8 @@ def _add_federation_commands(sub) -> None:
     from fedge.common.settings import add_flags
     from fedge.common.wire import RoundSettings
     from fedge.demo import DEMO_SETS, DemoSettings
-    from fedge.edge_client.local_work import Device
-    from fedge.edge_client.service import ClientSettings
+    from fedge.edge_client.federation.service import ClientSettings
+    from fedge.edge_client.federation.settings import Device
     from fedge.server.settings import ServerSettings
 
     config_help = "a TOML file with [round] and [server] tables (field names as keys); flags override it"
@@ -307,7 +307,7 @@ def cmd_model_list(args) -> int:
 
 
 def _demo_records(domain: str, split: str, n: int | None = None) -> list[dict]:
-    from fedge.edge_client import demo_data
+    from fedge.edge_client.training import demo_data
 
     try:
         return demo_data.generate(domain, split, n=n)
@@ -335,13 +335,13 @@ def cmd_data_export(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from fedge.edge_client.commands import run_train
+    from fedge.train_cli import run_train
 
     return run_train(args, _cache(args), console)
 
 
 def cmd_eval(args) -> int:
-    from fedge.edge_client.commands import run_eval
+    from fedge.train_cli import run_eval
 
     return run_eval(args, _cache(args), console)
 
@@ -349,8 +349,8 @@ def cmd_eval(args) -> int:
 def cmd_profile(args) -> int:
     if args.inference:
         return _profile_inference(args)
-    from fedge.edge_client.inventory import split_missing
-    from fedge.edge_client.profiling import ProfilePlan, render_table, run_profile, save_for_planner
+    from fedge.edge_client.device.inventory import split_missing
+    from fedge.edge_client.device.profiling import ProfilePlan, render_table, run_profile, save_for_planner
 
     try:
         plan = ProfilePlan(
@@ -416,8 +416,8 @@ def cmd_server_start(args) -> int:
 
 
 def cmd_client_start(args) -> int:
-    from fedge.edge_client.local_work import Device
-    from fedge.edge_client.service import ClientSettings, start_client
+    from fedge.edge_client.federation.service import ClientSettings, start_client
+    from fedge.edge_client.federation.settings import Device
 
     config = _config_file(args, ("client", "device"))
     client = _settings(ClientSettings, args, "client", config)

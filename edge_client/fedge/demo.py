@@ -29,9 +29,9 @@ from fedge.common.fsutil import atomic_write_text
 from fedge.common.procs import free_port, parse_address, stop, tail, wait_for_port
 from fedge.common.settings import setting, to_toml_table
 from fedge.common.wire import RoundSettings
-from fedge.edge_client.demo_data import DOMAINS
-from fedge.edge_client.local_work import Device
-from fedge.edge_client.service import ClientSettings
+from fedge.edge_client.federation.service import ClientSettings
+from fedge.edge_client.federation.settings import Device
+from fedge.edge_client.training.demo_data import DOMAINS
 from fedge.server.settings import ServerSettings
 from fedge.simulate import demo_device
 
@@ -250,7 +250,7 @@ def _device_list(values: list[str]) -> list[str]:
     A value without ``=`` is a comma-separated list of names or files; one with ``=`` is a single key=value
     profile (its commas separate fields).
     """
-    from fedge.edge_client.devices import load_profile
+    from fedge.edge_client.device.emulated import load_profile
 
     specs = []
     for value in values:

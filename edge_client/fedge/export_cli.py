@@ -16,7 +16,7 @@ from fedge.common.settings import int_in, number
 
 
 def add_export_commands(sub) -> None:
-    from fedge.edge_client.export import FORMATS, QUANTIZE
+    from fedge.edge_client.export.build import FORMATS, QUANTIZE
 
     ex = sub.add_parser("export", help="merge an adapter into its base and write it for ONNX Runtime, llama.cpp or HF")
     ex.add_argument("--adapter", type=Path, required=True, help="the adapter directory (e.g. fedge demo's adapter/)")
@@ -46,7 +46,7 @@ def add_export_commands(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from fedge.edge_client.export import ExportRequest, export
+    from fedge.edge_client.export.build import ExportRequest, export
 
     req = ExportRequest(args.adapter, args.format, args.out, args.quantize, args.model, args.eval_data,
                         args.eval_examples)  # fmt: skip
@@ -68,7 +68,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from fedge.edge_client.runtimes import Sampling, open_runtime, score
+    from fedge.edge_client.export.runtimes import Sampling, open_runtime, score
 
     sampling = Sampling(args.temperature, args.top_p, args.seed) if args.sample else None
     runtime = open_runtime(args.model, _cache(args), args.dtype)
@@ -84,7 +84,7 @@ def cmd_generate(args) -> int:
             console.print(reply, highlight=False, markup=False, soft_wrap=True)
             _say(f"{len(out)} tokens in {seconds:.2f} s on {runtime.name}")
         return 0
-    from fedge.edge_client.data import load_examples
+    from fedge.edge_client.training.data import load_examples
 
     examples = [ex for ex in load_examples(args.data) if ex.text is None][: args.limit]
     if not examples:
@@ -101,17 +101,17 @@ def cmd_generate(args) -> int:
 
 
 def inference_profile(models: list[Path], cache_dir: Path, new_tokens: int, reps: int) -> list[dict]:
-    """Each runtime measured in its own process (``python -m fedge.edge_client.runtimes``): its peak RSS is its
+    """Each runtime measured in its own process (``python -m fedge.edge_client.export.runtimes``): its peak RSS is its
     own. A PyTorch model is measured in fp32 and bf16."""
     import subprocess
     import sys
 
-    from fedge.edge_client.runtimes import open_runtime_kind
+    from fedge.edge_client.export.runtimes import open_runtime_kind
 
     rows = []
     for model in models:
         for dtype in ("fp32", "bf16") if open_runtime_kind(model) == "torch" else ("fp32",):
-            cmd = [sys.executable, "-m", "fedge.edge_client.runtimes", str(model), "--dtype", dtype,
+            cmd = [sys.executable, "-m", "fedge.edge_client.export.runtimes", str(model), "--dtype", dtype,
                    "--new-tokens", str(new_tokens), "--reps", str(reps), "--cache-dir", str(cache_dir)]  # fmt: skip
             _say(f"measuring {model} ({dtype})")
             done = subprocess.run(cmd, capture_output=True, text=True)

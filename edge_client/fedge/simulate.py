@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from fedge.common.errors import FedgeError
 from fedge.common.wire import RoundSettings
-from fedge.edge_client.demo_data import DOMAINS
-from fedge.edge_client.local_work import Device
+from fedge.edge_client.federation.settings import Device
+from fedge.edge_client.training.demo_data import DOMAINS
 from fedge.server.settings import ServerSettings
 
 if TYPE_CHECKING:  # Flower is imported where it runs: `fedge --help` builds the demo's options without it
@@ -47,7 +47,7 @@ def client_app(out: Path, cache: Path, threads: int, devices: list[str] | None =
     """fedge's ClientApp behind a mod that gives each virtual node the node config ``fedge client start`` would."""
     from flwr.clientapp import ClientApp
 
-    from fedge.edge_client.flower_client import evaluate_round, train_round
+    from fedge.edge_client.federation.clientapp import evaluate_round, train_round
 
     def with_node_config(msg: Message, context: Context, call_next) -> Message:
         pid = int(context.node_config.get("partition-id", 0))

@@ -1,6 +1,6 @@
 """Cost models of LoRA training on a frozen (possibly quantized) base: FLOPs per step, resident bytes.
 
-Pure arithmetic on a model's shape, used by the training planner (`fedge.edge_client.plan`). The constants in
+Pure arithmetic on a model's shape, used by the training planner (`fedge.edge_client.planning.plan`). The constants in
 ``HOST`` are measured on the reference machine (2 vCPU x86 AVX-512 + AMX-BF16) with the real model by
 ``benchmarks/plan_calibration.py``; its table in benchmarks/README.md shows predicted against measured.
 """

@@ -9,8 +9,8 @@ import random
 from collections.abc import Callable, Sequence
 
 from fedge.common.errors import FedgeError
-from fedge.edge_client.data import Batch, Encoded, Example, encode_all, packed_batches, padded_batches
-from fedge.edge_client.train import TrainConfig
+from fedge.edge_client.training.data import Batch, Encoded, Example, encode_all, packed_batches, padded_batches
+from fedge.edge_client.training.train import TrainConfig
 
 
 def epoch_maker(tokenizer, examples: Sequence[Example], cfg: TrainConfig) -> Callable[[int], list[Batch]]:

@@ -6,8 +6,8 @@ transformers directory or a fedge adapter on PyTorch. Every runtime encodes prom
 tokenizer and chat template (`encode_chat`), so the same example becomes the same token ids everywhere, and
 `score` computes exact match with one greedy loop for all of them: numbers across formats compare.
 
-``python -m fedge.edge_client.runtimes MODEL --json`` measures one runtime in its own process (first-token latency,
-decode tokens/s at batch 1, peak RSS, joules per token): what ``fedge profile --inference`` runs per runtime.
+``python -m fedge.edge_client.export.runtimes MODEL --json`` measures one runtime in its own process (first-token
+latency, decode tokens/s at batch 1, peak RSS, joules per token): what ``fedge profile --inference`` runs per runtime.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Runtime:
     eos: frozenset[int] = frozenset()
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        from fedge.edge_client.data import prompt_text
+        from fedge.edge_client.training.data import prompt_text
 
         return self.tokenizer(prompt_text(self.tokenizer, messages), add_special_tokens=False)["input_ids"]
 
@@ -337,7 +337,7 @@ def open_runtime(path: Path, cache_dir: Path | None = None, dtype: str = "fp32")
 
 def score(runtime: Runtime, examples: Sequence, max_new_tokens: int | None = None) -> float:
     """Exact match of greedy replies, one example at a time (the same loop on every runtime)."""
-    from fedge.edge_client.evaluate import answer_token_limit, exact_match
+    from fedge.edge_client.training.evaluate import answer_token_limit, exact_match
 
     limit = max_new_tokens or answer_token_limit(runtime.tokenizer, examples)
     replies = [runtime.decode(runtime.generate(runtime.encode_chat(ex.prompt), limit)) for ex in examples]
@@ -352,7 +352,7 @@ BENCH_PROMPT = "Explain in a few sentences why the sky is blue, for a curious te
 def bench(path: Path, cache_dir: Path | None, dtype: str, new_tokens: int, reps: int) -> dict:
     """First-token latency, decode tokens/s at batch 1 (``new_tokens`` forced past the end token), peak RSS and
     joules per decoded token of one runtime; medians of ``reps`` runs after one warm-up."""
-    from fedge.edge_client.energy import EnergySession
+    from fedge.edge_client.device.energy import EnergySession
 
     t0 = time.perf_counter()
     runtime = open_runtime(path, cache_dir, dtype)
@@ -400,7 +400,7 @@ def peak_rss_mb() -> float:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m fedge.edge_client.runtimes", description=bench.__doc__)
+    p = argparse.ArgumentParser(prog="python -m fedge.edge_client.export.runtimes", description=bench.__doc__)
     p.add_argument("model", type=Path)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="PyTorch's weights")
     p.add_argument("--new-tokens", type=int, default=64)

@@ -1,7 +1,7 @@
 """``fedge client start``: this device's SuperNode, running fedge's ClientApp on local data.
 
 The SuperNode keeps a connection to the server's SuperLink and retries with backoff (forever by default)
-when the server goes away; each message it receives runs the ClientApp (:mod:`fedge.edge_client.flower_client`)
+when the server goes away; each message it receives runs the ClientApp (:mod:`fedge.edge_client.federation.clientapp`)
 with this device's settings, passed as the SuperNode's node config. Flower's retry warnings say only that a try
 failed; `ServerWatch` says on the console, once, when the server has been out of reach for a while, and why.
 """
@@ -21,7 +21,7 @@ from fedge.common.fsutil import atomic_write_text
 from fedge.common.models import DEFAULT_MODEL
 from fedge.common.procs import flwr_env, free_port, parse_address
 from fedge.common.settings import setting
-from fedge.edge_client.local_work import Device
+from fedge.edge_client.federation.settings import Device
 
 UNREACHABLE_AFTER_S = 20.0  # how long a client waits on an unreachable server before saying so
 
@@ -58,8 +58,8 @@ class ClientSettings:
 def worker_command(client: ClientSettings, device: Device, port: int) -> list[str]:
     import sys
 
-    cmd = [sys.executable, "-m", "fedge.edge_client.worker", "--state", str(device.state_dir), "--port", str(port),
-           "--cache-dir", str(device.cache_dir), "--precision", device.precision,
+    cmd = [sys.executable, "-m", "fedge.edge_client.federation.worker", "--state", str(device.state_dir),
+           "--port", str(port), "--cache-dir", str(device.cache_dir), "--precision", device.precision,
            "--threads", str(device.threads)]  # fmt: skip
     return cmd + (["--model", client.model] if client.model and client.model != "none" else [])
 
@@ -67,7 +67,7 @@ def worker_command(client: ClientSettings, device: Device, port: int) -> list[st
 def prepare_device(device: Device) -> Device:
     """Check the device's data and profile now (FedgeError naming the bad part), and make its paths absolute and
     its state directory exist: the ClientApp and the warm worker read them from other working directories."""
-    from fedge.edge_client.data import load_examples
+    from fedge.edge_client.training.data import load_examples
 
     if not device.data:
         raise FedgeError("--data is required: a JSONL/CSV/TXT file or demo:DOMAIN")
@@ -94,7 +94,7 @@ def prepare_device(device: Device) -> Device:
 def _absolute_turns(spec: str) -> str:
     """``DIR:N`` with DIR absolute (clients started from other directories must lock the same files) and made now:
     a directory that cannot be is a FedgeError here, not a failed round later."""
-    from fedge.edge_client.turns import parse_turns
+    from fedge.edge_client.federation.turns import parse_turns
 
     if not spec:
         return spec
@@ -151,12 +151,12 @@ def uses_launcher(client: ClientSettings) -> bool:
 
 
 def launcher_command(device: Device, runtime_port: int, node_pid: int) -> list[str]:
-    """fedge's ClientApp launcher (:mod:`fedge.edge_client.launcher`) for the SuperNode ``node_pid`` whose Runtime
-    API listens on ``runtime_port``; it exits with that node."""
+    """fedge's ClientApp launcher (:mod:`fedge.edge_client.federation.launcher`) for the SuperNode ``node_pid``
+    whose Runtime API listens on ``runtime_port``; it exits with that node."""
     import sys
 
     # -P: not the working directory first on sys.path (a user's psutil.py there must not stand in for psutil)
-    return [sys.executable, "-P", "-m", "fedge.edge_client.launcher",
+    return [sys.executable, "-P", "-m", "fedge.edge_client.federation.launcher",
             "--runtime-api-address", f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(node_pid),
             "--superexec-auth-secret-file", str(_launcher_secret(device))]  # fmt: skip
 
@@ -183,7 +183,7 @@ def _profile_spec(spec: str) -> str:
     """
     if not spec:
         return ""
-    from fedge.edge_client.devices import load_profile
+    from fedge.edge_client.device.emulated import load_profile
 
     load_profile(spec)
     path = Path(spec)
@@ -277,7 +277,7 @@ class Supervisor:
     node id died with the old server's memory); a fresh SuperNode registers again, after a backoff that doubles up
     to a minute (FedgeError after ``client.max_retries`` restarts). The worker can be stopped on purpose
     (`unload_worker`: the model leaves memory) and suspended (`suspend`: SIGSTOP, training halts at once and keeps
-    its progress in memory) by the background agent (:mod:`fedge.edge_client.agent`).
+    its progress in memory) by the background agent (:mod:`fedge.edge_client.agent.daemon`).
     """
 
     def __init__(self, client: ClientSettings, device: Device, say, log_path: Path | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Energy of a piece of work: a session samples the device's meters (:mod:`fedge.edge_client.meters`) in a
+"""Energy of a piece of work: a session samples the device's meters (:mod:`fedge.edge_client.device.meters`) in a
 background thread while the work runs, and keeps a timeline of power, CPU, memory and temperature.
 
 Where no meter exists (or one fails mid-run) the energy is an estimate, labelled ``estimated``: this
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 
-from fedge.edge_client.meters import Meter, board_model, probe_meters, rapl_power_limit_w, select_meters
+from fedge.edge_client.device.meters import Meter, board_model, probe_meters, rapl_power_limit_w, select_meters
 
 WATTS_PER_CORE_ASSUMED = 4.0  # estimate's TDP when none is detected or given: a typical loaded core, 2020s CPUs
 TIMELINE_KEYS = ("t_s", "power_w", "cpu_pct", "rss_mb", "temp_c")  # s, W, % of one core, MiB, °C (hottest sensor)

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 from fedge.common.errors import FedgeError
 from fedge.common.models import DEFAULT_MODEL
-from fedge.edge_client import energy, inventory
-from fedge.edge_client.inventory import Missing
+from fedge.edge_client.device import energy, inventory
+from fedge.edge_client.device.inventory import Missing
 
 if TYPE_CHECKING:
     import torch  # imported where it is used: `fedge --help` builds this module's options without torch
@@ -106,7 +106,7 @@ def _train_config(plan: ProfilePlan, steps: int):
     """The rounds' training setup (LoRA shape, learning rate) on packed rows; no checkpoints."""
     from fedge.common.modeling import LoraSettings
     from fedge.common.wire import RoundSettings
-    from fedge.edge_client.train import TrainConfig
+    from fedge.edge_client.training.train import TrainConfig
 
     rounds = RoundSettings()
     return TrainConfig(
@@ -143,10 +143,10 @@ def profile_training(
     (at least one).
     """
     from fedge.common.modeling import add_lora
-    from fedge.edge_client.data import load_examples
-    from fedge.edge_client.memory import peak_rss_mb, reset_peak_rss
-    from fedge.edge_client.session import epoch_maker
-    from fedge.edge_client.train import train
+    from fedge.edge_client.training.data import load_examples
+    from fedge.edge_client.training.memory import peak_rss_mb, reset_peak_rss
+    from fedge.edge_client.training.session import epoch_maker
+    from fedge.edge_client.training.train import train
 
     cfg = _train_config(plan, plan.steps)
     make_epoch = epoch_maker(session.tokenizer, load_examples("demo:all"), cfg)
@@ -200,8 +200,8 @@ def profile_generation(
 
     A 4-token warm-up sizes the run to ``budget_s``: fewer repetitions, then fewer tokens (at least 8).
     """
-    from fedge.edge_client.data import load_examples, prompt_text
-    from fedge.edge_client.memory import peak_rss_mb, reset_peak_rss
+    from fedge.edge_client.training.data import load_examples, prompt_text
+    from fedge.edge_client.training.memory import peak_rss_mb, reset_peak_rss
 
     example = next(ex for ex in load_examples("demo:all:test") if ex.messages)
     enc = tokenizer(prompt_text(tokenizer, example.prompt), return_tensors="pt", add_special_tokens=False).to(device)
@@ -344,12 +344,12 @@ def _profile_model(
 
 def save_for_planner(report: dict, cache_dir: Path) -> Path | None:
     """Keep a model's profile (``split_missing``'s report) where this device's planner looks for it
-    (`fedge.edge_client.devices.saved_profile`); None when no model was profiled. Atomic."""
+    (`fedge.edge_client.device.emulated.saved_profile`); None when no model was profiled. Atomic."""
     import json
     import platform
 
     from fedge.common.fsutil import atomic_write_text
-    from fedge.edge_client.devices import profile_path
+    from fedge.edge_client.device.emulated import profile_path
 
     model = report.get("model")
     if not isinstance(model, dict) or not model.get("name"):

@@ -6,7 +6,8 @@ a short round). ``fedge client start`` therefore also starts this worker; the Cl
 (Flower and numpy) and hands the round's work to it over an authenticated loopback connection. If the
 worker is not there, the ClientApp does the work itself, so a round never depends on it.
 
-    python -m fedge.edge_client.worker --state DIR --port N --cache-dir DIR [--model M] [--precision P] [--threads T]
+    python -m fedge.edge_client.federation.worker --state DIR --port N --cache-dir DIR [--model M] [--precision P]
+    [--threads T]
 """
 
 from __future__ import annotations
@@ -80,10 +81,11 @@ def serve(state_dir: Path, port: int, model: str | None, precision: str, threads
 
 
 def _handle(holder, request: dict) -> dict:
-    from fedge.edge_client import local_work
+    from fedge.edge_client.federation import local_work
+    from fedge.edge_client.federation.settings import Device
 
     try:
-        device = local_work.Device.from_node_config(request["node"])
+        device = Device.from_node_config(request["node"])
         settings = wire.RoundSettings.from_config(request["config"])
         if request["kind"] == "train":
             arrays, metrics = local_work.do_train(

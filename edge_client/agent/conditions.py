@@ -147,7 +147,7 @@ def failing(readings: Sequence[Reading], unknown_ok: bool) -> list[Reading]:
 
 
 def power(device: Sources, require_ac: bool, min_battery: float) -> Reading:
-    from fedge.edge_client.meters import power_supplies
+    from fedge.edge_client.device.meters import power_supplies
 
     supplies = power_supplies(device.root)
     source = "/sys/class/power_supply"
@@ -192,7 +192,7 @@ def _pi_throttled(device: Sources) -> int | None:
 
 
 def heat(device: Sources, max_temp: float) -> Reading:
-    from fedge.edge_client.inventory import temperatures
+    from fedge.edge_client.device.inventory import temperatures
 
     flags = _pi_throttled(device)
     if flags is not None and flags & 0b1110:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import psutil
 
-from fedge.edge_client import energy, meters
-from fedge.edge_client.meters import board_model
+from fedge.edge_client.device import energy, meters
+from fedge.edge_client.device.meters import board_model
 
 # ISA features that matter for matmuls, as /proc/cpuinfo names them -> how people name them.
 _ISA = {

@@ -4,13 +4,13 @@
 - ``onnx``: a decoder with a KV cache for ONNX Runtime, built by ONNX Runtime GenAI's model builder from the
   merged directory (``--quantize int8|int4``: weight-only MatMulNBits quantization, onnxruntime's quantizer; for
   int8 fedge quantizes the embedding table too, per row, which the builder does only for int4);
-- ``gguf``: one GGUF file llama.cpp loads (:mod:`fedge.edge_client.gguf_export`; f32, Q8_0 or Q4_0).
+- ``gguf``: one GGUF file llama.cpp loads (:mod:`fedge.edge_client.export.gguf_export`; f32, Q8_0 or Q4_0).
 
 The merge loads the base in fp32 from the model cache (fedge quantizes the base when it loads it for training, so
 the cache holds float weights: nothing to dequantize) and folds the LoRA product into it (PEFT's
 ``merge_and_unload``). Before an export is declared done it is checked against the merged PyTorch model
 (`check_parity`: last-token logits on a few prompts, and their greedy answers) and, with ``--eval-data``, scored by
-exact match the same way for both (:mod:`fedge.edge_client.runtimes`). The manifest ``fedge_export.json`` records
+exact match the same way for both (:mod:`fedge.edge_client.export.runtimes`). The manifest ``fedge_export.json`` records
 the base, the adapter's fingerprint, the format, the sizes and those figures. The directory appears complete or not
 at all: it is built beside ``--out`` and renamed into place.
 """
@@ -82,7 +82,7 @@ def export(req: ExportRequest, cache_dir: Path, say: Callable[[str], None] = pri
     base = cached_model(source, cache_dir)
     check_writable(req.out)
     if req.eval_data:
-        from fedge.edge_client.data import load_examples
+        from fedge.edge_client.training.data import load_examples
 
         load_examples(req.eval_data)  # a bad data file is refused now, not after minutes of merging and building
     started = time.monotonic()
@@ -133,7 +133,7 @@ def _write(req: ExportRequest, merged: Path, staging: Path, work: Path) -> dict[
     elif req.format == "onnx":
         build_onnx(merged, staging, req.quantize, work / "onnx-cache")
     else:
-        from fedge.edge_client.gguf_export import write_gguf
+        from fedge.edge_client.export.gguf_export import write_gguf
 
         write_gguf(merged, staging / f"{req.out.name}.gguf", req.quantize)
     return {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
@@ -225,7 +225,7 @@ def check_parity(merged: Path, exported: Path, fmt: str, quantize: str, cache_di
     logits differ by more than `FP32_LOGIT_TOLERANCE` is refused: something broke in the conversion."""
     import numpy as np
 
-    from fedge.edge_client.runtimes import TorchRuntime, open_runtime
+    from fedge.edge_client.export.runtimes import TorchRuntime, open_runtime
 
     reference, candidate = TorchRuntime.load(merged), open_runtime(exported, cache_dir)
     diffs, top, same = [], 0, 0
@@ -246,8 +246,8 @@ def check_parity(merged: Path, exported: Path, fmt: str, quantize: str, cache_di
 
 
 def _exact_match(req: ExportRequest, merged: Path, exported: Path, cache_dir: Path, say) -> dict:
-    from fedge.edge_client.data import load_examples
-    from fedge.edge_client.runtimes import TorchRuntime, open_runtime, score
+    from fedge.edge_client.export.runtimes import TorchRuntime, open_runtime, score
+    from fedge.edge_client.training.data import load_examples
 
     examples = [ex for ex in load_examples(req.eval_data) if ex.text is None][: req.eval_examples]
     if not examples:

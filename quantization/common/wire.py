@@ -49,8 +49,8 @@ class Cfg:
     # train reply's metrics under `Metric.PRIOR` (one message per round instead of a train and an evaluate message)
     SCORE_FIRST = "score-first"
     # the fingerprint (`fingerprint`) of the frozen LoRA A: the adapter record leaves A out for nodes that said they
-    # hold it (`Client.LORA_A`) and carries it for the others, who keep it (fedge.edge_client.frozen_a); absent
-    # when A is not frozen (the record carries the whole adapter, and nothing is kept)
+    # hold it (`Client.LORA_A`) and carries it for the others, who keep it (fedge.edge_client.federation.frozen_a);
+    # absent when A is not frozen (the record carries the whole adapter, and nothing is kept)
     LORA_A = "lora-a"
 
 
@@ -429,7 +429,7 @@ class RoundSettings:
         return plan
 
     def lora(self) -> LoraSettings:
-        """The federation's LoRA adapter (a device's plan may train a part of it: `fedge.edge_client.plan`)."""
+        """The federation's LoRA adapter (a device's plan may train a part of it: `fedge.edge_client.planning.plan`)."""
         from fedge.common.modeling import LoraSettings
 
         return LoraSettings(

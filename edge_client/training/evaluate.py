@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedge.edge_client.data import Batch, Example, encode, prompt_text
-from fedge.edge_client.train import body_and_head, lean_loss
+from fedge.edge_client.training.data import Batch, Example, encode, prompt_text
+from fedge.edge_client.training.train import body_and_head, lean_loss
 
 
 @dataclass
@@ -209,8 +209,8 @@ def evaluate(
     """Held-out loss on ``loss_batches`` and exact match on the chat examples in ``gen_examples``.
 
     ``loss_batches`` None: the held-out loss of ``gen_examples`` themselves (rows of at most ``seq_len`` tokens, as
-    `fedge.edge_client.session.eval_batches` makes them), taken from the pass that decides exact match when every
-    example is a chat whose row fits, else from a pass of its own. ``max_new_tokens``: the generation limit for
+    `fedge.edge_client.training.session.eval_batches` makes them), taken from the pass that decides exact match when
+    every example is a chat whose row fits, else from a pass of its own. ``max_new_tokens``: the generation limit for
     exact match (None: `answer_token_limit` of the references).
     """
     result = EvalResult()
@@ -219,7 +219,7 @@ def evaluate(
     if shared and seq_len is not None:
         shared = all(len(enc.input_ids) < seq_len for ex in chats for enc in encode(tokenizer, ex, seq_len))
     if loss_batches is None and not shared:
-        from fedge.edge_client.session import eval_batches
+        from fedge.edge_client.training.session import eval_batches
 
         loss_batches = eval_batches(tokenizer, gen_examples, seq_len or 256)
     if loss_batches:

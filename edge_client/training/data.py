@@ -165,7 +165,7 @@ def _csv_examples(path: Path, text: str) -> list[Example]:
 
 
 def _demo_examples(source: str) -> list[Example]:
-    from fedge.edge_client import demo_data
+    from fedge.edge_client.training import demo_data
 
     parts = source.split(":")
     domains = demo_data.DOMAINS if parts[1] in ("all", "") else (parts[1],)

@@ -1,9 +1,9 @@
 """The background device agent: the SuperNode and the warm worker (`Supervisor`), and the policy around them.
 
 ``fedge agent run --config device.toml`` is what the installed service runs. Every few seconds the agent reads the
-run conditions (:mod:`fedge.edge_client.conditions`): with the start thresholds while the device is idle, the
+run conditions (:mod:`fedge.edge_client.agent.conditions`): with the start thresholds while the device is idle, the
 continue thresholds while a round is under way. When they fail, or the owner pauses it, it puts a hold on the
-device (:mod:`fedge.edge_client.hold`):
+device (:mod:`fedge.edge_client.agent.hold`):
 
 - a round that arrives is declined at once with the reason (the server records it and does not wait);
 - a round under way is halted where it is (SIGSTOP of the worker: no CPU, its progress kept in memory) and goes on
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from fedge.common.errors import FedgeError
 from fedge.common.settings import setting
-from fedge.edge_client import conditions, hold
+from fedge.edge_client.agent import conditions, hold
 
 log = logging.getLogger("fedge.agent")
 STATUS_FILE = "agent-status.json"

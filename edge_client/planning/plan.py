@@ -10,8 +10,8 @@ with the reason, and the client declines the round instead of running out of mem
 ``replan`` corrects the step count once the first steps have been timed; ``Replanner`` does that from the
 training loop's per-step callback and stops the loop when the corrected step count is reached.
 
-The cost models (`fedge.edge_client.costs`) and their constants (``HOST``) are calibrated on the real model on the
-reference machine (2 vCPU x86 AVX-512 + AMX): see ``benchmarks/plan_calibration.py`` and benchmarks/README.md.
+The cost models (`fedge.edge_client.planning.costs`) and their constants (``HOST``) are calibrated on the real model on
+the reference machine (2 vCPU x86 AVX-512 + AMX): see ``benchmarks/plan_calibration.py`` and benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from fedge.common.wire import TrainingPlan
-from fedge.edge_client.costs import (
+from fedge.edge_client.planning.costs import (
     ALL_TARGETS,
     GIB,
     HOST,

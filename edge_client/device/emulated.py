@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedge.common.errors import FedgeError
-from fedge.edge_client.plan import GIB, HOST, LADDER, DeviceCaps, HostCalibration
+from fedge.edge_client.planning.plan import GIB, HOST, LADDER, DeviceCaps, HostCalibration
 
 MB = 1_000_000
 
@@ -384,8 +384,8 @@ def emulate(
 ) -> Iterator[Callable[[int, float, int, float], bool]]:
     """Run the enclosed training as ``profile``: its threads, its speed, its memory cap.
 
-    Yields the ``on_step`` callback to pass to `fedge.edge_client.train.train` (chain it with a `Replanner` placed
-    after it, so re-planning sees the stretched steps). Raises `EmulatedOutOfMemory` from the step that
+    Yields the ``on_step`` callback to pass to `fedge.edge_client.training.train.train` (chain it with a `Replanner`
+    placed after it, so re-planning sees the stretched steps). Raises `EmulatedOutOfMemory` from the step that
     finds the cap exceeded, or on leaving the block. The cap covers the whole process RSS, so emulate one
     device per process (Flower runs each ClientApp in its own). ``rewind``: a virtual clock's, see `Throttle`.
     """
@@ -453,8 +453,8 @@ def this_machine(name: str = "this-machine", host: HostCalibration = HOST, measu
 
 def _training_watts(measured: dict | None) -> dict:
     """This machine's power while training: its `fedge profile`'s measured mean, else its rated power (RAPL's
-    limit, a known board, or an assumed figure per core: `fedge.edge_client.energy.detect_tdp`)."""
-    from fedge.edge_client.energy import detect_tdp
+    limit, a known board, or an assumed figure per core: `fedge.edge_client.device.energy.detect_tdp`)."""
+    from fedge.edge_client.device.energy import detect_tdp
 
     training = (measured or {}).get("training")
     watts = training.get("mean_power_w") if isinstance(training, dict) else None

@@ -11,7 +11,7 @@ client and watcher threads). Each message still gets a process of its own, as Fl
 leaks or crashes on ends with it); only the imports are shared. Task types other than ClientApp go to Flower's
 own subprocess executor.
 
-    python -m fedge.edge_client.launcher --runtime-api-address 127.0.0.1:PORT --parent-pid PID
+    python -m fedge.edge_client.federation.launcher --runtime-api-address 127.0.0.1:PORT --parent-pid PID
         [--insecure | --root-certificates PEM] [--superexec-auth-secret-file FILE] [--poll-interval S]
 """
 
@@ -24,7 +24,7 @@ import sys
 
 # What the fork server imports once: Flower's ClientApp runtime and fedge's own ClientApp (a ClientApp from
 # elsewhere, e.g. a FAB's module, is imported in its process as Flower would).
-PRELOAD = ["flwr.supernode.runtime.run_clientapp", "fedge.edge_client.flower_client"]
+PRELOAD = ["flwr.supernode.runtime.run_clientapp", "fedge.edge_client.federation.clientapp"]
 # Seconds between the launcher's asks for a new task: Flower's default. Every 0.2 s would save a message 0.4 s of
 # waiting on average, but an idle device then spent 2.9% of a core on the asks and their answers (the SuperNode's
 # HTTP server) against 0.7% (benchmarks/agent.py): a device waits far more than it works.
@@ -107,7 +107,9 @@ def run_clientapp(spec) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m fedge.edge_client.launcher", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m fedge.edge_client.federation.launcher", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, host:port")
     p.add_argument("--parent-pid", type=int, default=None, help="stop when this process (the SuperNode) exits")
     p.add_argument("--insecure", action="store_true", help="the Runtime API without TLS (loopback)")

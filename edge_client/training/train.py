@@ -22,8 +22,8 @@ from torch.utils.checkpoint import checkpoint
 
 from fedge.common.fsutil import atomic_write_bytes
 from fedge.common.modeling import LoraSettings
-from fedge.edge_client.data import IGNORE, Batch
-from fedge.edge_client.memory import peak_rss_mb
+from fedge.edge_client.training.data import IGNORE, Batch
+from fedge.edge_client.training.memory import peak_rss_mb
 
 STATE_FILE = "train-state.pt"
 

@@ -14,11 +14,11 @@ from fedge.common import adapters
 from fedge.common.errors import FedgeError
 from fedge.common.modeling import LoraSettings, add_lora, open_model
 from fedge.common.models import DEFAULT_MODEL
-from fedge.edge_client.data import Example, fingerprint, load_examples
-from fedge.edge_client.evaluate import EvalResult, evaluate
-from fedge.edge_client.memory import current_rss_mb
-from fedge.edge_client.session import epoch_maker, eval_batches, split_heldout
-from fedge.edge_client.train import TrainConfig, compile_available, train
+from fedge.edge_client.training.data import Example, fingerprint, load_examples
+from fedge.edge_client.training.evaluate import EvalResult, evaluate
+from fedge.edge_client.training.memory import current_rss_mb
+from fedge.edge_client.training.session import epoch_maker, eval_batches, split_heldout
+from fedge.edge_client.training.train import TrainConfig, compile_available, train
 
 
 def run_train(args: argparse.Namespace, cache_dir: Path, console: Console) -> int:
@@ -107,7 +107,7 @@ def run_train(args: argparse.Namespace, cache_dir: Path, console: Console) -> in
 
 
 def run_eval(args: argparse.Namespace, cache_dir: Path, console: Console) -> int:
-    from fedge.edge_client.runtimes import open_runtime_kind
+    from fedge.edge_client.export.runtimes import open_runtime_kind
 
     if args.model and open_runtime_kind(Path(args.model)) in ("ort", "gguf"):
         return _eval_export(args, cache_dir, console)
@@ -140,8 +140,8 @@ def run_eval(args: argparse.Namespace, cache_dir: Path, console: Console) -> int
 
 def _eval_export(args: argparse.Namespace, cache_dir: Path, console: Console) -> int:
     """Exact match of an export (ONNX, GGUF) on its runtime, by the same greedy loop as every runtime
-    (`fedge.edge_client.runtimes.score`); held-out loss needs the PyTorch model (evaluate the adapter for it)."""
-    from fedge.edge_client.runtimes import open_runtime, score
+    (`fedge.edge_client.export.runtimes.score`); held-out loss needs the PyTorch model (evaluate the adapter for it)."""
+    from fedge.edge_client.export.runtimes import open_runtime, score
 
     if args.adapter:
         raise FedgeError(f"--model {args.model} is an export, with its adapter merged in: leave out --adapter")
