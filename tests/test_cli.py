@@ -221,22 +221,6 @@ def test_device_and_round_options_are_checked_up_front(argv, expected, tmp_path,
     assert not list(tmp_path.iterdir())  # nothing started, nothing written
 
 
-def test_demo_with_devices_becomes_adaptive_unless_told_otherwise(monkeypatch, tmp_path):
-    import fedge.demo
-
-    seen = []
-    monkeypatch.setattr(fedge.demo, "run_demo", lambda demo, r, server, cache, console: seen.append((demo, r)) or 0)
-    assert main(["demo", "--devices", "pi4-2gb,laptop", "--devices", "base=pi5-8gb,slowdown=2"]) == 0
-    demo, r = seen[-1]
-    assert demo.devices == ["pi4-2gb", "laptop", "base=pi5-8gb,slowdown=2"] and demo.clients == 3
-    assert r.deadline_s == 240 and r.codec == "auto"
-    assert main(["demo", "--devices", "laptop", "--deadline", "90", "--codec", "int4"]) == 0
-    assert seen[-1][1].deadline_s == 90 and seen[-1][1].codec == "int4"
-    assert main(["demo", "--clients", "2"]) == 0  # without devices: the fixed configuration, as before
-    demo, r = seen[-1]
-    assert demo.devices == [] and r.deadline_s == 0 and r.codec == ""
-
-
 def test_device_profile_reaches_the_supernodes_node_config(tmp_path):
     from flwr.common.config import parse_config_args
 
@@ -277,15 +261,6 @@ def test_stage_deadline_follows_the_round_deadline(tmp_path):
     assert config["deadline-s"] == 240 and config["codec"] == "auto" and "stage-deadline" not in config
 
 
-def test_simulated_clients_get_the_devices_in_turn(tmp_path):
-    from fedge.simulate import node_config
-
-    configs = [node_config(pid, tmp_path, tmp_path / "cache", 1, ["pi4-2gb", "laptop"]) for pid in range(3)]
-    assert [c["profile"] for c in configs] == ["pi4-2gb", "laptop", "pi4-2gb"]
-    assert [c["name"] for c in configs] == ["healthcare-0", "finance-1", "education-2"]
-    assert node_config(0, tmp_path, tmp_path / "cache", 1)["profile"] == ""
-
-
 def test_library_notices_go_to_the_log_not_the_console(tiny_model_dir, tmp_path):
     # A device owner sees fedge's own lines; deprecation warnings, weight-loading bars and backend notices go to
     # fedge's log (XDG state directory), where a developer can still find them.
@@ -317,37 +292,6 @@ def test_fedges_warnings_and_everyones_errors_still_reach_the_console(tmp_path):
     assert "an advisory" not in done.stderr and "deprecated thing" not in done.stderr
     log = (tmp_path / "fedge" / "fedge.log").read_text()
     assert all(m in log for m in ("rejected the update", "an advisory", "a library error", "deprecated thing"))
-
-
-def test_the_demo_reports_the_settings_it_ran_with(tmp_path):
-    from fedge.common.wire import RoundSettings
-    from fedge.demo import DemoSettings, demo_processes
-    from fedge.server.settings import ServerSettings
-
-    server, clients = demo_processes(
-        DemoSettings(clients=3), RoundSettings(), ServerSettings(server_lr=1.5), tmp_path, tmp_path / "cache", 4242
-    )
-    assert server.address == "127.0.0.1:4242" and server.state == tmp_path / "server" and server.min_clients == 3
-    assert server.server_lr == 1.5 and len(clients) == 3
-    assert all(c.server == server.address and d.cache_dir == tmp_path / "cache" for c, d in clients)
-
-
-@pytest.mark.parametrize("cores, clients, threads, turns", [(2, 4, 1, 2), (8, 4, 2, None), (2, 2, 1, None)])
-def test_the_demo_gives_its_clients_one_turn_per_core_when_they_outnumber_the_cores(
-    cores, clients, threads, turns, tmp_path, monkeypatch
-):
-    from fedge.common.wire import RoundSettings
-    from fedge.demo import DemoSettings, demo_processes
-    from fedge.server.settings import ServerSettings
-
-    monkeypatch.setattr("os.cpu_count", lambda: cores)
-    server, placed = demo_processes(
-        DemoSettings(clients=clients), RoundSettings(deadline_s=100), ServerSettings(), tmp_path, tmp_path, 4242
-    )
-    assert {d.threads for _, d in placed} == {threads}
-    assert {d.turns for _, d in placed} == ({f"{tmp_path / 'turns'}:{turns}"} if turns else {""})
-    waves = -(-clients // turns) if turns else 1  # with turns the server waits for every wave's deadline
-    assert server.stage_deadline_s(100) == ServerSettings().stage_deadline_s(100, waves)
 
 
 def test_a_port_in_use_is_refused_before_anything_starts(tmp_path, capsys):
