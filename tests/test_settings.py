@@ -170,3 +170,21 @@ def test_a_bad_config_or_flag_is_one_clear_line(text, argv, expected, tmp_path, 
 def test_a_resumed_federation_must_keep_its_lora_scale():
     assert RoundSettings(lora_r=16).defining()["lora_alpha"] == 32
     assert RoundSettings(lora_r=16, lora_alpha=64).defining() != RoundSettings(lora_r=16).defining()
+
+
+def test_a_config_naming_the_old_clientapp_path_runs_fedges_clientapp_and_says_so(caplog):
+    """fedge 0.2 named its ClientApp fedge.edge_client.flower_client:app; config files written then keep working."""
+    import importlib
+    import warnings
+
+    from fedge.server.settings import CLIENTAPP, OLD_CLIENTAPP
+
+    assert ServerSettings(clientapp=OLD_CLIENTAPP).clientapp == CLIENTAPP
+    assert f"is now {CLIENTAPP}" in caplog.text
+    module, _, attr = OLD_CLIENTAPP.partition(":")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = importlib.reload(importlib.import_module(module))
+    new_module, _, _ = CLIENTAPP.partition(":")
+    assert getattr(old, attr) is getattr(importlib.import_module(new_module), attr)
+    assert any(issubclass(w.category, DeprecationWarning) and new_module in str(w.message) for w in caught)
