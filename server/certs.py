@@ -30,9 +30,9 @@ class Material:
 
 
 def make(out: Path, hosts: list[str], nodes: list[str], days: int = 365) -> Material:
-    """Write a CA, a server certificate valid for ``hosts`` (DNS names or IP addresses) and a key pair per node name
-    into ``out``. FedgeError (nothing written) if a file is already there, a name is not a plain file name, or
-    ``hosts`` is empty."""
+    """Write a CA, a server certificate valid for ``hosts`` (DNS names or IP addresses) and loopback, and a key pair
+    per node name into ``out``. FedgeError (nothing written) if a file is already there, a name is not a plain file
+    name, or ``hosts`` is empty."""
     if not hosts:
         raise FedgeError("--host: name at least one address the clients will dial (an IP address or a DNS name)")
     if not 1 <= days <= 3650:
@@ -96,6 +96,11 @@ def _ca(days: int):
     return cert, key
 
 
+# The server machine's own tools dial the SuperLink on loopback: `fedge server start` submits the federation to it at
+# 127.0.0.1 (`deploy._write_connection`), over TLS once the SuperLink has a certificate.
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
 def _server(hosts: list[str], ca_cert, ca_key, days: int):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
@@ -112,7 +117,7 @@ def _server(hosts: list[str], ca_cert, ca_key, days: int):
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([_san(h) for h in dict.fromkeys([*hosts, *LOOPBACK])]), False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )

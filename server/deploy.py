@@ -116,6 +116,29 @@ def _check_files(server: ServerSettings) -> None:
     for key in server.auth_key:
         if not key.is_file():
             raise FedgeError(f"--auth-key {key}: no such file")
+    if server.ssl_certfile is not None:
+        _check_names_loopback(server.ssl_certfile)
+
+
+def _check_names_loopback(certfile: Path) -> None:
+    """The server certificate names 127.0.0.1: `fedge server start` hands the federation to its own SuperLink there
+    (`_write_connection`), and TLS refuses a certificate that does not name the address dialled."""
+    import ipaddress
+
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(certfile.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound) as err:
+        raise FedgeError(
+            f"--ssl-certfile {certfile}: not a PEM certificate with subject alternative names ({err})"
+        ) from None
+    if ipaddress.ip_address("127.0.0.1") not in san.get_values_for_type(x509.IPAddress):
+        raise FedgeError(
+            f"--ssl-certfile {certfile}: the certificate does not name 127.0.0.1, where fedge server start hands the "
+            "federation to its own SuperLink; add it to the certificate's names (fedge certs does)"
+        )
 
 
 def _check_state(state_dir: Path, round_settings: wire.RoundSettings) -> None:

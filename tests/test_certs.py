@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import stat
 
@@ -19,8 +20,11 @@ def test_material_for_a_first_deployment(tmp_path):
     server = x509.load_pem_x509_certificate(m.server_cert.read_bytes())
     server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.0.0.5")]
-    assert san.get_values_for_type(x509.DNSName) == ["fed.example.org"]
+    # loopback too: `fedge server start` dials its own SuperLink at 127.0.0.1
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address(a) for a in ("10.0.0.5", "127.0.0.1", "::1")
+    ]
+    assert san.get_values_for_type(x509.DNSName) == ["fed.example.org", "localhost"]
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     for private, public in m.node_keys.values():
         assert public.read_bytes().startswith(b"ecdsa-sha2-nistp384 ")  # what ssh-keygen -t ecdsa -b 384 writes
@@ -53,3 +57,36 @@ def test_nothing_that_exists_is_overwritten(tmp_path, capsys):
     assert main(["certs", "--out", str(tmp_path), "--host", "127.0.0.1", "--node", "new"]) == 2
     assert "already there; nothing was written" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_server_certificate_without_loopback_is_refused_before_anything_starts(tmp_path, capsys):
+    """fedge server start dials its own SuperLink at 127.0.0.1 over TLS: a certificate that does not name it would
+    stop the server after it started, with Flower's "Connection to the SuperLink is unavailable"."""
+    from fedge.server.certs import _ca, _cert_pem, _key_pem, _name
+
+    m = make(tmp_path / "ok", ["fed.example.org"], [])
+    ca_cert, ca_key = _ca(30)
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    only_public = (
+        x509.CertificateBuilder().subject_name(_name("fed.example.org")).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("fed.example.org")]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    cert, private = tmp_path / "public.pem", tmp_path / "public.key"
+    cert.write_bytes(_cert_pem(only_public))
+    private.write_bytes(_key_pem(key))
+    tls = ["--ssl-keyfile", str(private), "--ssl-ca-certfile", str(m.ca_cert)]
+    state = tmp_path / "state"
+    assert main(["server", "start", "--state", str(state), "--ssl-certfile", str(cert), *tls]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "does not name 127.0.0.1" in err and "Traceback" not in err and not state.exists()
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    assert main(["server", "start", "--state", str(state), "--ssl-certfile", str(garbage), *tls]) == 2
+    assert "not a PEM certificate" in capsys.readouterr().err and not state.exists()

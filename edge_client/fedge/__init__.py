@@ -10,4 +10,4 @@ them, the ``fedge`` command (``fedge.cli``) and the demo. Importing ``fedge`` lo
 if __name__ != "fedge":  # an editable install also reaches this folder as fedge.edge_client.fedge
     raise ImportError(f"import fedge, not {__name__}: this folder is installed as fedge")
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
