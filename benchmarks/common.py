@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results"  # one current file per benchmark, nothing else
+EXPLORATION = Path(tempfile.gettempdir()) / "fedge-benchmarks"  # where exploration runs write unless told
 README = Path(__file__).parent / "README.md"
 
 
@@ -21,11 +24,31 @@ def run_worker(script: Path, args: list[str], timeout: float = 1800) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def write_results(name: str, data: dict) -> Path:
+def add_out_argument(parser: argparse.ArgumentParser, runs: str) -> None:
+    """``--out DIR``: the folder ``runs`` (exploration runs) write their results to, outside benchmarks/results/."""
+    parser.add_argument(
+        "--out",
+        type=_exploration_dir,
+        metavar="DIR",
+        default=EXPLORATION,
+        help=f"folder for {runs}, default {EXPLORATION}: benchmarks/results/ holds only each benchmark's current "
+        "file; to keep such a run, pass --out benchmarks/results/archive and add its line to the README.md there",
+    )
+
+
+def _exploration_dir(value: str) -> Path:
+    path = Path(value)
+    if path.resolve() == RESULTS.resolve():
+        raise argparse.ArgumentTypeError("benchmarks/results/ holds the current files only; keep others in archive/")
+    return path
+
+
+def write_results(name: str, data: dict, folder: Path = RESULTS) -> Path:
+    """Write ``folder/name.json``; ``folder`` is benchmarks/results/ for a benchmark's current file."""
     from fedge.common.fsutil import atomic_write_text
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
     return path
 

@@ -16,13 +16,15 @@ match of greedy answers, and held-out loss). Local-only models are scored on all
     python benchmarks/federated_quality.py [--total-steps 960] [--rounds 6] [--eval-per-domain 50] [--score-rounds]
 
 Writes benchmarks/results/federated_quality.json and the table in benchmarks/README.md. Exploration runs
-(``--federated-only``, ``--centralized-only``, ``--local-only``, with ``--tag``) write their own result files and
-leave the table alone: client lr and batch, server lr and optimizer (``--server-opt``), the merge rule
-(``--merge ties:KEEP``), clients that keep their AdamW moments, iterate averaging (``--tail-averages``) and
-``--seed`` for the spread. Session 21-22 runs used batch 4 and 480 steps (``--batch 4 --total-steps 480``), runs
-before session 21 batch 8 and 240 steps (``--batch 8 --total-steps 240``): 1,920 examples in every case;
-``--batch 8 --federated-only --total-steps 960 --rounds 24`` (and ``--local-only``) was the step-equal reading then:
-each client trained as many steps as the 240-step centralized run.
+(``--federated-only``, ``--centralized-only``, ``--local-only``, each with ``--tag``; or a whole run with
+``--tag``) write ``federated_quality{TAG}.json`` to ``--out`` (default: a folder in the system's temp dir; never
+benchmarks/results/, which holds the current file only: the runs kept are in benchmarks/results/archive/, one line
+each in its README.md) and leave the table alone: client lr and batch, server lr and optimizer (``--server-opt``),
+the merge rule (``--merge ties:KEEP``), clients that keep their AdamW moments, iterate averaging
+(``--tail-averages``) and ``--seed`` for the spread. Session 21-22 runs used batch 4 and 480 steps (``--batch 4
+--total-steps 480``), runs before session 21 batch 8 and 240 steps (``--batch 8 --total-steps 240``): 1,920
+examples in every case; ``--batch 8 --federated-only --total-steps 960 --rounds 24`` (and ``--local-only``) was the
+step-equal reading then: each client trained as many steps as the 240-step centralized run.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import update_readme_section, write_results  # noqa: E402
+from benchmarks.common import RESULTS, add_out_argument, update_readme_section, write_results  # noqa: E402
 
 
 def main() -> None:
@@ -100,7 +102,8 @@ def main() -> None:
         default=None,
         help="the server lr follows a cosine over rounds from its --server-lrs value down to this; default: constant",
     )
-    p.add_argument("--tag", default="", help="suffix for the results file (exploration runs)")
+    p.add_argument("--tag", default="", help="results file suffix of an exploration run (written to --out, no table)")
+    add_out_argument(p, "tagged runs' federated_quality{TAG}.json")
     args = p.parse_args()
     if (args.federated_only or args.centralized_only or args.local_only) and not args.tag:
         raise SystemExit("--federated-only, --centralized-only and --local-only need a --tag (their own results file)")
@@ -260,11 +263,12 @@ def main() -> None:
     server_lrs = [float(x) for x in args.server_lrs.split(",")]
     if args.server_lr not in server_lrs:
         raise SystemExit(f"--server-lr {args.server_lr} must be one of --server-lrs {server_lrs}")
+    name, folder = f"federated_quality{args.tag}", args.out if args.tag else RESULTS
     if args.centralized_only or args.local_only:
         part = ("centralized", centralized) if args.centralized_only else ("local_only_mean", local_only)
-        write_results(f"federated_quality{args.tag}", {part[0]: timed(*part), "setup": setup})
+        print(f"wrote {write_results(name, {part[0]: timed(*part), 'setup': setup}, folder)}")
         return
-    results = _reusable(setup, f"federated_quality{args.tag}") if args.reuse_baselines else {}
+    results = _reusable(setup, folder / f"{name}.json") if args.reuse_baselines else {}
     if "base" not in results and not args.federated_only:  # the base model generates to the limit: slow
         results["base"] = timed("base", lambda: score(initial))
     variants = results.setdefault("federated_variants", {})
@@ -277,7 +281,7 @@ def main() -> None:
         }
     results["federated"] = variants[f"server_lr={args.server_lr:g}"]
     if args.federated_only:
-        write_results(f"federated_quality{args.tag}", {**results, "setup": setup})
+        print(f"wrote {write_results(name, {**results, 'setup': setup}, folder)}")
         return
     if "centralized" not in results:
         results["centralized"] = timed("centralized", centralized)
@@ -290,8 +294,11 @@ def main() -> None:
         (results["federated"]["exact_match"] - base_em) / gain if gain else None
     )
     results["setup"] = {**setup, "threads": torch.get_num_threads(), "seconds": timings}
-    path = write_results(f"federated_quality{args.tag}", results)
-    update_readme_section("federated_quality", _table(results))
+    path = write_results(name, results, folder)
+    if args.tag:  # an exploration run: the table is the current file's
+        print(_table(results))
+    else:
+        update_readme_section("federated_quality", _table(results))
     print(f"wrote {path}")
 
 
@@ -324,13 +331,10 @@ def _merge_keep(merge: str) -> float | None:
     return value
 
 
-def _reusable(setup: dict, name: str) -> dict:
+def _reusable(setup: dict, path: Path) -> dict:
     """Baselines (base, centralized, local-only) of an earlier run with the same setup; {} if there is none."""
     import json
 
-    from benchmarks.common import RESULTS
-
-    path = RESULTS / f"{name}.json"
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())

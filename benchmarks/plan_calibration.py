@@ -8,7 +8,11 @@ peak RSS (VmHWM, model load included) is its own. The step time is the median of
     python benchmarks/plan_calibration.py --table    # re-fit and re-render from the last JSON
 
 The fit (printed, and stored in the JSON) gives `fedge.edge_client.planning.plan.HOST`'s constants; the table compares
-the predictions of the constants in plan.py (the shipped model) with the measurements.
+the predictions of the constants in plan.py (the shipped model) with the measurements. Writes
+benchmarks/results/plan_calibration.json and its table in benchmarks/README.md. Another ``--model`` than the default
+(e.g. ``--model gemma3-270m``) is a check of the constants on a second shape: it writes
+``plan_calibration_MODEL.json`` to ``--out`` (a folder in the system's temp dir unless told; benchmarks/results/
+holds the current file only) and prints its tables, leaving benchmarks/README.md alone.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, run_worker, update_readme_section, write_results  # noqa: E402
+from benchmarks.common import RESULTS, add_out_argument, run_worker, update_readme_section, write_results  # noqa: E402
 
 STEPS = 3  # the first is warm-up
 DEFAULT = "smollm2-135m"  # HOST's constants are fitted on it
@@ -351,11 +355,13 @@ def main() -> None:
         "--model", default=DEFAULT, help="the model measured; another than the default checks the shipped constants "
         "(fitted on the default) on a differently shaped model, e.g. gemma3-270m",
     )  # fmt: skip
+    add_out_argument(parser, "another --model's plan_calibration_MODEL.json")
     args = parser.parse_args()
     from fedge.common.models import default_cache_dir, pull_model
 
     cache = args.cache_dir or default_cache_dir()
     name = "plan_calibration" if args.model == DEFAULT else f"plan_calibration_{args.model}"
+    folder = RESULTS if args.model == DEFAULT else args.out
     if args.worker and args.worker.startswith("plan:"):
         print(json.dumps(plan_worker(args.worker.removeprefix("plan:"), cache)))
         return
@@ -365,17 +371,17 @@ def main() -> None:
     pull_model(args.model, cache)
     model = _model(args.model, cache)
     if args.table:
-        results = json.loads((RESULTS / f"{name}.json").read_text())
+        results = json.loads((folder / f"{name}.json").read_text())
     else:
         t0, runs = time.time(), []
-        partial = RESULTS / f"{name}.partial.json"
+        partial = folder / f"{name}.partial.json"
         done = (
             {r["name"]: r for r in json.loads(partial.read_text())["runs"]} if args.resume and partial.exists() else {}
         )
         for spec in CONFIGS:
             argv = [json.dumps(spec), "--threads", str(args.threads), "--cache-dir", str(cache), "--model", args.model]
             runs.append(done.get(spec[0]) or run_worker(Path(__file__), argv))
-            write_results(f"{name}.partial", {"runs": runs})  # a long run keeps what it measured
+            write_results(f"{name}.partial", {"runs": runs}, folder)  # a long run keeps what it measured
             r = runs[-1]
             print(f"{spec[0]}: {r['step_s']:.2f} s/step, peak {max(r['load_peak_mb'], r['train_peak_mb']):.0f} MB")
         setup = {"model": args.model, "steps": STEPS, "threads": args.threads, "seconds": round(time.time() - t0),
@@ -392,7 +398,9 @@ def main() -> None:
             results["plans"][device] = {k: v for k, v in run.items() if k != "device"}
             print(f"{device}: peak {run['peak_rss_mb']:.0f} MB, oom: {run['oom']}", flush=True)
     print("fitted constants:", json.dumps(results["fit"], indent=1))
-    write_results(name, results)
+    print(f"wrote {write_results(name, results, folder)}")
+    if not args.table:
+        partial.unlink(missing_ok=True)
     markdown = table(results, model)
     if args.model == DEFAULT:
         markdown += "\n\n" + plans_table(results.get("plans"))
@@ -400,7 +408,8 @@ def main() -> None:
         default = json.loads((RESULTS / "plan_calibration.json").read_text())
         note = f"the constants fitted on {DEFAULT} in its last run ({default['setup'].get('date', 'same machine')})"
         markdown += "\n\n" + table(results, model, fitted_host(default["fit"]), note)
-    update_readme_section(name, markdown)
+    if args.model == DEFAULT:
+        update_readme_section(name, markdown)
     print(markdown)
 
 

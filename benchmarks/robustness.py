@@ -23,7 +23,9 @@ int8-encoded change.
     python benchmarks/robustness.py [--rounds 3] [--steps 6] [--eval-per-domain 20] [--seed 0]
     python benchmarks/robustness.py --validation-only   # re-time the validation on a quiet machine
 
-Writes benchmarks/results/robustness.json and the table in benchmarks/README.md.
+Writes benchmarks/results/robustness.json and the table in benchmarks/README.md; a run with ``--tag`` writes
+``robustness{TAG}.json`` to ``--out`` instead (a folder in the system's temp dir unless told; benchmarks/results/
+holds the current file only) and leaves the table alone.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, update_readme_section, write_results  # noqa: E402
+from benchmarks.common import RESULTS, add_out_argument, update_readme_section, write_results  # noqa: E402
 
 UNDEFENDED = dict(max_share=1.0, norm_factor=1e12, max_change_rms=1e12, examples_growth=1e12, norm_floor=0.0)
 RULES = {
@@ -73,7 +75,8 @@ def main() -> None:
     p.add_argument(
         "--validation-only", action="store_true", help="re-measure the validation cost into the existing results"
     )
-    p.add_argument("--tag", default="", help="suffix of the results file; a tagged run leaves the table alone")
+    p.add_argument("--tag", default="", help="suffix of the results file; a tagged run writes to --out, no table")
+    add_out_argument(p, "tagged runs' robustness{TAG}.json")
     args = p.parse_args()
     rules, scenarios = args.rules.split(","), args.scenarios.split(",")
     if not set(rules) <= set(RULES) or not set(scenarios) <= set(SCENARIOS):
@@ -81,18 +84,19 @@ def main() -> None:
     if args.rounds < 1 or args.steps < 1 or args.eval_per_domain < 1:
         raise SystemExit("--rounds, --steps and --eval-per-domain must be >= 1")
 
+    folder = args.out if args.tag else RESULTS
     bench = Bench(args)
     validation = bench.validation_cost()
     print(f"validation: {validation}", flush=True)
     if args.validation_only:
-        results = json.loads((RESULTS / f"robustness{args.tag}.json").read_text())
+        results = json.loads((folder / f"robustness{args.tag}.json").read_text())
         results["validation"] = validation
-        write_results(f"robustness{args.tag}", results)
+        write_results(f"robustness{args.tag}", results, folder)
         if not args.tag:
             update_readme_section("robustness", _table(results))
         return
     results = {"validation": validation, "runs": {}, "setup": bench.setup()}
-    partial = RESULTS / f"robustness{args.tag}.partial.json"
+    partial = folder / f"robustness{args.tag}.partial.json"
     if partial.is_file():  # an interrupted run with the same setup: keep its finished runs
         earlier = json.loads(partial.read_text())
         if earlier.get("setup") == results["setup"]:
@@ -109,8 +113,8 @@ def main() -> None:
             took = f"attacker accepted {run['attacker_accepted']}/{args.rounds}  ({run['seconds']:.0f} s)"
             score = f"{run['exact_match']:6.1%}  loss {run['heldout_loss']:.3f}"
             print(f"{scenario:14} {rule:18} {score}  {took}", flush=True)
-            write_results(partial.stem, results)
-    path = write_results(f"robustness{args.tag}", results)
+            write_results(partial.stem, results, folder)
+    path = write_results(f"robustness{args.tag}", results, folder)
     partial.unlink(missing_ok=True)
     if not args.tag:
         update_readme_section("robustness", _table(results))
