@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedge.common import wire
+
+log = logging.getLogger("fedge.server")
 
 # How a failure of the evaluation a train reply carries (`ClientRound.prior_evaluation`) begins its reason.
 PRIOR_FAILURE = "bad evaluation in the train reply"
@@ -166,11 +169,20 @@ class Failure:
         ``<class 'MODULE.NAME'>:<'TEXT'>``: its text is the reason, and `RoundDeclined` makes it a decline."""
         raised = _RAISED.match(reason)
         if raised is None:
-            return cls(node_id, name, reason[:500])
+            return cls(node_id, name, one_line(reason))
         kind, text = raised.group(1).rsplit(".", 1)[-1], raised.group(2)
         if kind == "RoundDeclined":
-            return cls(node_id, name, text[:500], declined=True)
-        return cls(node_id, name, f"{kind}: {text}"[:500])
+            return cls(node_id, name, one_line(text), declined=True)
+        return cls(node_id, name, one_line(f"{kind}: {text}"))
+
+
+def one_line(reason: str, limit: int = 500) -> str:
+    """A failure's reason as the records, the table and the report show it: one line. A traceback (a ClientApp
+    that sent its own) becomes its last line, the exception and its message; the whole text goes to the log."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    if len(lines) > 1:
+        log.info("a client's error in full:\n%s", reason[:20000])
+    return (lines[-1] if lines else "")[:limit]
 
 
 @dataclass

@@ -8,6 +8,7 @@ that are not plans, names that are not strings, metrics that are lists.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import zlib
@@ -359,3 +360,25 @@ def test_two_honest_clients_with_large_changes_are_both_merged_in_round_one():
     state = ServerState({}, arrays=_global())
     clients = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(state, big, SENT, SETTINGS)
     assert all(c.accepted for c in clients), [c.reason for c in clients]
+
+
+def _planned(peak_bytes: int) -> SimpleNamespace:
+    """A training reply whose client record carries a real plan that predicts ``peak_bytes`` of memory."""
+    from fedge.edge_client.device.emulated import PROFILES
+    from fedge.edge_client.planning.costs import ModelShape
+    from fedge.edge_client.planning.plan import RoundBudget, make_plan
+
+    shape = ModelShape(layers=2, hidden=16, intermediate=32, vocab=64, heads=2, kv_heads=2)
+    plan = make_plan(PROFILES["laptop"].caps(), RoundBudget(deadline_s=60, steps=10), shape)
+    plan = dataclasses.replace(plan, predicted_peak_bytes=peak_bytes)
+    return _reply(9, client=ConfigRecord({wire.Client.NAME: "laptop", wire.Client.PLAN: plan.to_json()}))
+
+
+def test_a_plan_for_more_than_2_gib_is_a_plan_and_one_beyond_any_device_is_not():
+    """A laptop planning a 270M model with a 262k vocabulary predicts 2.1 GiB: no 32-bit bound may refuse it."""
+    clients, _ = _run(_planned(3 * 2**30))
+    laptop = next(c for c in clients if c.node_id == 9)
+    assert laptop.accepted and laptop.plan["predicted_peak_bytes"] == 3 * 2**30
+    clients, _ = _run(_planned(2**43))  # 8 TiB: no edge device
+    liar = next(c for c in clients if c.node_id == 9)
+    assert not liar.accepted and "predicted_peak_bytes" in liar.reason

@@ -268,3 +268,23 @@ def test_frozen_lora_a_goes_to_each_node_until_it_says_it_holds_it_then_only_b(m
     messages, _ = strategy._messages(strategy.configure_train, 8, state, config, grid)
     assert all(wire.Cfg.LORA_A not in m.content[wire.CONFIG] for m in messages)
     assert all("m.q_proj.lora_A.weight" in wire.from_record(m.content[wire.ADAPTER]) for m in messages)
+
+
+def test_a_failure_reason_is_one_line_and_a_traceback_goes_to_the_log(caplog):
+    """What a device owner reads in the records and the table is one line; the traceback a custom ClientApp (or an
+    old worker) sent is the last line's exception and message, and the whole text is in the server's log."""
+    import logging
+
+    from fedge.server.records import Failure
+
+    caplog.set_level(logging.INFO, logger="fedge.server")
+    traceback_text = (
+        'Traceback (most recent call last):\n  File "worker.py", line 90, in _handle\n    arrays = do_train()\n'
+        "fedge.edge_client.federation.limits.RoundDeclined: pi4: no training plan fits this round (memory)\n"
+    )
+    failed = Failure.from_error(7, "pi4", f"<class 'RuntimeError'>:<'the worker failed: {traceback_text}'>")
+    assert "\n" not in failed.reason and "Traceback" not in failed.reason and "no training plan fits" in failed.reason
+    assert 'File "worker.py"' in caplog.text
+    declined = Failure.from_error(7, "pi4", "<class 'x.RoundDeclined'>:<'pi4: heat: 91 C\n(sensor hwmon2)'>")
+    assert declined.declined and "\n" not in declined.reason
+    assert Failure.from_error(8, None, "node\nunavailable").reason == "unavailable"

@@ -81,7 +81,7 @@ def _work(device: Device, kind: str, config: dict, arrays: dict, rnd: int) -> tu
     node holds). A device its background agent holds back (power, heat, network, load, the owner:
     :mod:`fedge.edge_client.agent.hold`) declines at once, so the server need not wait."""
     from fedge.edge_client.agent.hold import held
-    from fedge.edge_client.federation.local_work import RoundDeclined
+    from fedge.edge_client.federation.limits import RoundDeclined
 
     reason = held(device.state_dir)
     if reason is not None:

@@ -16,12 +16,12 @@ import argparse
 import logging
 import secrets
 import time
-import traceback
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
 
 from fedge.common import wire
+from fedge.edge_client.federation.limits import RoundDeclined
 
 KEY_FILE = "worker.key"
 log = logging.getLogger("fedge.worker")
@@ -42,7 +42,9 @@ def auth_key(state_dir: Path) -> bytes:
 def call(device, kind: str, config: dict, arrays: dict, rnd: int) -> tuple[dict, dict] | None:
     """Ask the device's worker to do a round's work: (arrays, metrics), or None if no worker answers.
 
-    Errors inside the worker come back as ``RuntimeError`` with the worker's traceback text.
+    A round the worker declined (no plan fits, the agent's hold) is raised here as `RoundDeclined` with its reason,
+    so the server records a decline; any other error in the worker as ``RuntimeError`` with one line saying what
+    failed (its traceback is in the worker's log).
     """
     try:
         conn = Client(("127.0.0.1", device.worker_port), authkey=auth_key(device.state_dir))
@@ -52,6 +54,8 @@ def call(device, kind: str, config: dict, arrays: dict, rnd: int) -> tuple[dict,
         conn.send({"kind": kind, "node": device.to_node_config(), "config": config, "arrays": arrays, "round": rnd})
         reply = conn.recv()
     if "error" in reply:
+        if reply.get("declined"):
+            raise RoundDeclined(reply["error"])
         raise RuntimeError(f"the worker failed: {reply['error']}")
     return reply["arrays"], reply["metrics"]
 
@@ -93,8 +97,18 @@ def _handle(holder, request: dict) -> dict:
             )
             return {"arrays": arrays, "metrics": metrics}
         return {"arrays": {}, "metrics": local_work.do_evaluate(holder, device, settings, request["arrays"])}
-    except Exception:  # noqa: BLE001 (sent back to the ClientApp, which reports it to the server)
-        return {"error": traceback.format_exc(limit=8)}
+    except RoundDeclined as declined:  # not a failure: the device sits the round out, and says why
+        return {"error": str(declined), "declined": True}
+    except Exception as err:  # noqa: BLE001 (sent back to the ClientApp, which reports it to the server)
+        log.warning("the %s work failed", request.get("kind") if isinstance(request, dict) else "", exc_info=True)
+        return {"error": one_line(err)}
+
+
+def one_line(err: BaseException) -> str:
+    """What failed, in one line for the server's records and a device owner: ``Kind: message`` (the traceback
+    belongs in the log)."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}"[:300] if text else type(err).__name__
 
 
 def score_first(config: dict) -> bool:

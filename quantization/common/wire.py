@@ -304,6 +304,7 @@ class TrainingPlan:
                 (kind is bool and isinstance(value, bool))
                 or (kind is str and isinstance(value, str) and len(value) < 64)
                 or (kind is int and type(value) is int and 0 <= value < 2**31)
+                or (kind == "bytes" and type(value) is int and 0 <= value <= MAX_PLAN_BYTES)
                 or (kind == "int?" and (value is None or type(value) is int and 0 <= value < 2**31))
                 or (
                     kind is float
@@ -334,9 +335,12 @@ class TrainingPlan:
 _PLAN_TYPES = {
     "feasible": bool, "precision": str, "compute_dtype": str, "lora_r": int, "top_layers": "int?", "seq_len": int,
     "micro_batch": int, "grad_accum": int, "gradient_checkpointing": bool, "loss_chunk": int, "steps": int,
-    "requested_steps": int, "predicted_step_s": float, "predicted_s": float, "predicted_peak_bytes": int,
-    "predicted_upload_bytes": int, "predicted_upload_s": float, "calibration": float,
+    "requested_steps": int, "predicted_step_s": float, "predicted_s": float, "predicted_peak_bytes": "bytes",
+    "predicted_upload_bytes": "bytes", "predicted_upload_s": float, "calibration": float,
 }  # fmt: skip
+# Bytes a plan may predict (memory, upload): counts stay below 2**31, but a laptop planning a 270M model with a 262k
+# vocabulary predicts 2.1 GiB of memory. More than any edge device holds (4 TiB) is no plan.
+MAX_PLAN_BYTES = 2**42
 
 
 @dataclass
