@@ -73,3 +73,92 @@ def test_a_poll_interval_out_of_range_is_refused(value, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--runtime-api-address", "127.0.0.1:1", "--poll-interval", value])
     assert exit_.value.code == 2 and "--poll-interval" in capsys.readouterr().err
+
+
+def test_the_launcher_fits_the_installed_flower():
+    """Every Flower name the launcher uses, public or private, is where it expects: this fails on a Flower that
+    moved one (then `fedge client start` falls back to Flower's own process start, below)."""
+    from fedge.edge_client.federation.launcher import main, misfit
+
+    assert misfit() is None
+    with pytest.raises(SystemExit) as exit_:
+        main(["--check"])
+    assert exit_.value.code == 0
+
+
+def test_the_installed_flower_is_within_the_range_fedge_declares():
+    """The tests run on a Flower that pyproject.toml admits (CI installs the newest one it admits)."""
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    flwr = next(Requirement(d) for d in project["dependencies"] if d.startswith("flwr"))
+    assert flwr.specifier.contains(version("flwr")), (version("flwr"), str(flwr.specifier))
+
+
+@pytest.mark.parametrize("change", ["no get_executor", "spec field", "clientapp argument", "module gone"])
+def test_a_flower_that_moved_what_the_launcher_uses_is_named_in_one_line(change, monkeypatch, capsys):
+    import dataclasses
+    import sys
+
+    import flwr.supercore.superexec.executor.types as types
+    import flwr.supercore.superexec.run_superexec as loop
+    import flwr.supernode.runtime.run_clientapp as runtime
+
+    from fedge.edge_client.federation.launcher import MISFIT_EXIT, main, misfit
+
+    if change == "no get_executor":
+        monkeypatch.delattr(loop, "get_executor")
+        expected = "run_superexec no longer picks its executor by get_executor"
+    elif change == "spec field":
+        fields = [(f.name, f.type) for f in dataclasses.fields(types.ExecutionSpec) if f.name != "token"]
+        monkeypatch.setattr(types, "ExecutionSpec", dataclasses.make_dataclass("ExecutionSpec", fields))
+        expected = "ExecutionSpec has changed (no token there)"
+    elif change == "clientapp argument":
+        monkeypatch.setattr(runtime, "run_clientapp", lambda runtime_api_address, token, insecure: None)
+        expected = "run_clientapp has changed (no certificates, parent_pid, runtime_dependency_install there)"
+    else:
+        monkeypatch.setitem(sys.modules, "flwr.supercore.superexec.executor.types", None)
+        expected = "cannot import flwr.supercore.superexec.executor.types"
+    assert misfit() == expected
+    with pytest.raises(SystemExit) as exit_:
+        main(["--runtime-api-address", "127.0.0.1:1"])  # a real start says so too, and starts nothing
+    out = capsys.readouterr().out
+    assert exit_.value.code == MISFIT_EXIT and out.startswith("fedge's ClientApp launcher does not fit Flower 1.")
+    assert out.strip().endswith(expected) and len(out.strip().splitlines()) == 1
+
+
+def test_a_client_on_a_flower_the_launcher_does_not_fit_starts_clientapps_as_flower_does(tmp_path, monkeypatch):
+    """`fedge client start` asks the launcher, in its own process, whether it fits; one that does not is left out
+    (the SuperNode runs Flower's own ClientApp processes) with a one-line notice."""
+    from fedge.edge_client.federation import launcher as launcher_module
+    from fedge.edge_client.federation.service import ClientSettings, Supervisor
+    from fedge.edge_client.federation.settings import Device
+
+    said = []
+    client = ClientSettings("127.0.0.1:9092", model="none")
+    sup = Supervisor(client, Device(data="demo:iot", state_dir=tmp_path / "state"), said.append, tmp_path / "log")
+    assert sup.launcher_on and "--isolation" in sup.cmd and said == []  # this Flower: the launcher, checked for real
+
+    why = "fedge's ClientApp launcher does not fit Flower 9.9: run_superexec no longer picks its executor"
+    monkeypatch.setattr(launcher_module, "misfit_here", lambda env: why)
+    sup = Supervisor(client, Device(data="demo:iot", state_dir=tmp_path / "state2"), said.append, tmp_path / "log")
+    assert not sup.launcher_on and "--isolation" not in sup.cmd and "--superexec-auth-secret-file" not in sup.cmd
+    assert said == [f"{why}; ClientApps start as Flower starts them (as with --no-launcher)"]
+
+
+def test_the_check_in_its_own_process_reports_a_misfit_in_one_line(tmp_path):
+    """misfit_here runs ``--check`` under the environment the launcher will have: a Flower it cannot import (an
+    empty package shadowing it) is reported, not raised."""
+    import os
+
+    from fedge.edge_client.federation.launcher import misfit_here
+
+    assert misfit_here(dict(os.environ)) is None
+    (tmp_path / "flwr").mkdir()
+    (tmp_path / "flwr" / "__init__.py").write_text("")
+    why = misfit_here({**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert why is not None and why.startswith("fedge's ClientApp launcher") and "\n" not in why, why

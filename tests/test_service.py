@@ -86,6 +86,7 @@ def test_a_supernode_the_server_forgot_is_restarted_even_if_it_hangs(tmp_path):
     sup = object.__new__(Supervisor)
     said = []
     sup.client = SimpleNamespace(max_retries=None, server="127.0.0.1:1", launcher=False)
+    sup.launcher_on = False
     sup.say, sup.log_path, sup.cmd, sup.env = said.append, tmp_path / "node.log", hang, None
     sup.launcher, sup.launcher_restart_at = None, None
     sup.watch = SimpleNamespace(check=lambda now: None)
@@ -130,6 +131,7 @@ def test_the_clientapp_launcher_runs_beside_the_supernode_and_is_restarted_while
     sup = object.__new__(Supervisor)
     said = []
     sup.client = SimpleNamespace(max_retries=None, server="127.0.0.1:1", launcher=True)
+    sup.launcher_on = True
     sup.say, sup.log_path, sup.env = said.append, tmp_path / "node.log", None
     sup.cmd = [sys.executable, "-c", "import time; time.sleep(600)"]
     sup.device, sup.runtime_port, sup.launcher = None, 4321, None

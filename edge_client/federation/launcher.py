@@ -13,6 +13,13 @@ own subprocess executor.
 
     python -m fedge.edge_client.federation.launcher --runtime-api-address 127.0.0.1:PORT --parent-pid PID
         [--insecure | --root-certificates PEM] [--superexec-auth-secret-file FILE] [--poll-interval S]
+    python -m fedge.edge_client.federation.launcher --check    # exit 3 and say why if it does not fit this Flower
+
+Flower has no public hook for an executor of one's own: the launcher replaces one name in Flower's SuperExec loop
+(``run_superexec.get_executor``) and uses Flower's ``Executor`` protocol, its ``ExecutionSpec`` and its ClientApp
+runtime's entry point. `misfit` checks all of them against the installed Flower (1.41 and 1.42 fit); ``fedge
+client start`` runs that check first and, on a Flower that moved one, starts ClientApps as Flower does, with a
+one-line notice (tests/test_launcher.py fails on such a Flower).
 """
 
 from __future__ import annotations
@@ -29,6 +36,14 @@ PRELOAD = ["flwr.supernode.runtime.run_clientapp", "fedge.edge_client.federation
 # waiting on average, but an idle device then spent 2.9% of a core on the asks and their answers (the SuperNode's
 # HTTP server) against 0.7% (benchmarks/agent.py): a device waits far more than it works.
 POLL_INTERVAL_S = 1.0
+MISFIT_EXIT = 3  # ``--check``'s exit status when the launcher does not fit the installed Flower
+# What the launcher reads off Flower's ExecutionSpec and passes to Flower's run_clientapp.
+SPEC_FIELDS = ("task_type", "task_id", "runtime_api_address", "token", "insecure", "root_certificates_path",
+               "parent_pid", "runtime_dependency_install")  # fmt: skip
+RUN_CLIENTAPP_ARGS = ("runtime_api_address", "token", "insecure", "certificates", "parent_pid",
+                      "runtime_dependency_install")  # fmt: skip
+RUN_SUPEREXEC_ARGS = ("runtime_api_address", "insecure", "root_certificates_path", "superexec_auth_secret",
+                      "parent_pid")  # fmt: skip
 
 
 class ForkExecutor:
@@ -91,6 +106,44 @@ def _nothing() -> None:
     pass
 
 
+def misfit() -> str | None:
+    """Why the launcher does not fit the installed Flower, in one line (None if it does): every Flower name it
+    uses, public or not, is where it expects and takes what it passes."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    try:
+        loop = importlib.import_module("flwr.supercore.superexec.run_superexec")
+        types = importlib.import_module("flwr.supercore.superexec.executor.types")
+        runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+        executor = importlib.import_module("flwr.supercore.superexec.executor")
+        for module, name in [(executor, "SubprocessExecutor"), (executor, "LaunchResult"),
+                             ("flwr.supercore.constant", "TaskType"), ("flwr.supercore.auth",
+                             "load_superexec_auth_secret"), ("flwr.supercore.utils", "disable_process_dumping"),
+                             ("flwr.supercore.tls", "validate_and_resolve_root_certificates")]:  # fmt: skip
+            module = importlib.import_module(module) if isinstance(module, str) else module
+            if not hasattr(module, name):
+                return f"{module.__name__} has no {name}"
+    except ImportError as err:
+        return f"cannot import {err.name or err}"
+    if not hasattr(loop, "get_executor") or "get_executor(" not in inspect.getsource(loop.run_superexec):
+        return "run_superexec no longer picks its executor by get_executor"
+    checks = [
+        ("run_superexec", RUN_SUPEREXEC_ARGS, set(inspect.signature(loop.run_superexec).parameters)),
+        ("run_clientapp", RUN_CLIENTAPP_ARGS, set(inspect.signature(runtime.run_clientapp).parameters)),
+        ("ExecutionSpec", SPEC_FIELDS, {f.name for f in dataclasses.fields(types.ExecutionSpec)}),
+        ("the Executor protocol", [n for n in vars(types.Executor) if not n.startswith("_")], set(dir(ForkExecutor))),
+        ("LaunchResult", ("accepted", "failed"), set(dir(executor.LaunchResult))),
+        ("TaskType", ("CLIENT_APP",), set(vars(importlib.import_module("flwr.supercore.constant").TaskType))),
+    ]
+    for what, needed, present in checks:
+        missing = [n for n in needed if n not in present]
+        if missing:
+            return f"{what} has changed (no {', '.join(missing)} {'in fedge' if what.startswith('the') else 'there'})"
+    return None
+
+
 def run_clientapp(spec) -> None:
     """One ClientApp task in this (forked) process, exactly as ``flwr-clientapp`` would run it."""
     from flwr.supercore.tls import validate_and_resolve_root_certificates
@@ -106,17 +159,42 @@ def run_clientapp(spec) -> None:
     )
 
 
+def misfit_here(env: dict[str, str]) -> str | None:
+    """`misfit`, one line, asked of the launcher in a process of its own with ``env`` (as it will run), so that
+    Flower's SuperExec imports stay out of the caller (``fedge client start``, the agent)."""
+    import subprocess
+
+    cmd = [sys.executable, "-P", "-m", "fedge.edge_client.federation.launcher", "--check"]
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"fedge's ClientApp launcher could not be checked ({err})"
+    if done.returncode == 0:
+        return None
+    lines = (done.stdout + done.stderr).strip().splitlines() or [f"exit {done.returncode}"]
+    return lines[0] if done.returncode == MISFIT_EXIT else f"fedge's ClientApp launcher failed its check: {lines[-1]}"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m fedge.edge_client.federation.launcher", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, host:port")
+    p.add_argument("--check", action="store_true", help=f"only check that the launcher fits the installed Flower "
+                   f"(exit {MISFIT_EXIT} and say why if not)")  # fmt: skip
+    p.add_argument("--runtime-api-address", help="the SuperNode's Runtime API, host:port (required)")
     p.add_argument("--parent-pid", type=int, default=None, help="stop when this process (the SuperNode) exits")
     p.add_argument("--insecure", action="store_true", help="the Runtime API without TLS (loopback)")
     p.add_argument("--root-certificates", default=None, help="PEM file the Runtime API's certificate chains to")
     p.add_argument("--superexec-auth-secret-file", default=None, help="the secret the SuperNode was given")
     p.add_argument("--poll-interval", type=float, default=POLL_INTERVAL_S, help="seconds between asks for a task")
     args = p.parse_args(argv)
+    why = misfit()
+    if args.check or why is not None:
+        if why is not None:
+            print(f"fedge's ClientApp launcher does not fit Flower {_flower_version()}: {why}", flush=True)
+        raise SystemExit(MISFIT_EXIT if why is not None else 0)
+    if not args.runtime_api_address:
+        p.error("--runtime-api-address is required")
     if not 0.01 <= args.poll_interval <= 60:
         p.error(f"--poll-interval: expected 0.01 to 60 seconds, got {args.poll_interval:g}")
     # Flower reads its poll interval from the environment only (validated there, in the same range)
@@ -143,6 +221,15 @@ def main(argv: list[str] | None = None) -> None:
         superexec_auth_secret=secret,
         parent_pid=args.parent_pid,
     )
+
+
+def _flower_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flwr")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 if __name__ == "__main__":

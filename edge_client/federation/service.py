@@ -112,12 +112,13 @@ def _absolute(source: str) -> str:
 
 
 def supernode_command(
-    client: ClientSettings, device: Device, runtime_port: int | None = None
+    client: ClientSettings, device: Device, runtime_port: int | None = None, launcher: bool | None = None
 ) -> tuple[list[str], dict[str, str]]:
     """The ``flower-supernode`` command for a prepared ``device`` and its environment; the node config (the
     device's settings) goes in a TOML file in its state directory. ``runtime_port``: its Runtime API's, on
-    loopback (None: a free one). With ``client.launcher`` the node starts no ClientApp itself (``--isolation
-    process``): `launcher_command` does, its tasks guarded by a secret only the two processes read."""
+    loopback (None: a free one). With the launcher (``launcher``; None: `uses_launcher`) the node starts no
+    ClientApp itself (``--isolation process``): `launcher_command` does, its tasks guarded by a secret only the two
+    processes read."""
     import tomli_w
 
     parse_address(client.server, "--server")
@@ -125,7 +126,7 @@ def supernode_command(
     atomic_write_text(node_config, tomli_w.dumps(device.to_node_config()))
     cmd = ["flower-supernode", "--superlink", client.server, "--port", str(runtime_port or free_port()),
            "--node-config", str(node_config)]  # fmt: skip
-    if uses_launcher(client):
+    if uses_launcher(client) if launcher is None else launcher:
         cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(_launcher_secret(device))]
     if client.root_certificates:
         if not client.root_certificates.is_file():
@@ -288,7 +289,8 @@ class Supervisor:
         self.client, self.say, self.log_path = client, say, log_path
         self.device = prepare_device(dataclasses.replace(device, worker_port=free_port() if client.worker else 0))
         self.runtime_port = free_port()
-        self.cmd, self.env = supernode_command(client, self.device, self.runtime_port)
+        self.launcher_on = uses_launcher(client) and self._launcher_fits()
+        self.cmd, self.env = supernode_command(client, self.device, self.runtime_port, self.launcher_on)
         if client.model and client.model != "none":
             pull_model(client.model, self.device.cache_dir, say)
         self.worker_cmd = worker_command(client, self.device, self.device.worker_port)
@@ -343,8 +345,17 @@ class Supervisor:
         stop(self.launcher)  # the old node's, if it outlived it
         self.node, self.node_started, self.restart_at = _watched(self.cmd, self.env, self.log_path), now, None
         self.launcher, self.launcher_restart_at, self.launcher_backoff = None, None, 1.0
-        if uses_launcher(self.client):
+        if self.launcher_on:
             self._start_launcher(now)
+
+    def _launcher_fits(self) -> bool:
+        """Whether the launcher fits this Flower; if not, ClientApps start as Flower starts them, and it says so."""
+        from fedge.edge_client.federation.launcher import misfit_here
+
+        why = misfit_here(flwr_env(self.device.state_dir / "flwr"))
+        if why is not None:
+            self.say(f"{why}; ClientApps start as Flower starts them (as with --no-launcher)")
+        return why is None
 
     def _start_launcher(self, now: float | None = None) -> None:
         """The node's ClientApp launcher (`launcher_command`), its output in the node's log."""
