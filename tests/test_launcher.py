@@ -162,3 +162,36 @@ def test_the_check_in_its_own_process_reports_a_misfit_in_one_line(tmp_path):
     (tmp_path / "flwr" / "__init__.py").write_text("")
     why = misfit_here({**os.environ, "PYTHONPATH": str(tmp_path)})
     assert why is not None and why.startswith("fedge's ClientApp launcher") and "\n" not in why, why
+
+
+def test_the_fork_server_starts_with_the_first_clientapp_and_stops_when_idle():
+    """A waiting device does not hold the fork server (~93 MB) nor its resource tracker: they start with the first
+    ClientApp, stay while ClientApps run or ran within idle_s, and start again with the next one."""
+    import os
+    from multiprocessing import forkserver
+
+    from fedge.edge_client.federation.launcher import fork_server_running, stop_fork_server
+
+    if fork_server_running():  # an earlier test's (the fork server is one per process)
+        stop_fork_server()
+    executor = ForkExecutor([], idle_s=3600)
+    assert not fork_server_running()  # a new executor starts none
+    try:
+        for _ in range(2):
+            busy = executor.context.Process(target=time.sleep, args=(0.5,))
+            busy.start()
+            executor.running.append(busy)
+            server = forkserver._forkserver._forkserver_pid
+            assert fork_server_running() and server is not None
+            executor.reconcile()  # running: kept
+            busy.join()
+            executor.reconcile()  # just finished: within idle_s, kept
+            assert fork_server_running() and executor.running == []
+            executor.idle_s = 0
+            executor.reconcile()  # idle: stopped, and its process is gone
+            assert not fork_server_running()
+            with pytest.raises(ChildProcessError):
+                os.waitpid(server, os.WNOHANG)
+            executor.idle_s = 3600
+    finally:
+        executor.close()

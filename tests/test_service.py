@@ -186,3 +186,30 @@ def test_with_the_launcher_the_supernode_starts_no_clientapp_itself_and_shares_a
     # Flower's own: the SuperNode starts a flwr-clientapp per message (its SuperExec), no secret
     cmd, _ = supernode_command(ClientSettings("127.0.0.1:9092", launcher=False), device)
     assert "--isolation" not in cmd and "--superexec-auth-secret-file" not in cmd
+
+
+def test_the_supernodes_retry_wait_is_flowers():
+    """service.SUPERNODE_RETRY_S copies Flower's constant (so that the agent does not import Flower): kept equal."""
+    from flwr.common.constant import MAX_RETRY_DELAY
+
+    from fedge.edge_client.federation.service import SUPERNODE_RETRY_S
+
+    assert SUPERNODE_RETRY_S == MAX_RETRY_DELAY
+
+
+def test_a_waiting_agent_process_does_not_import_flower(tmp_path):
+    """Flower's modules cost a process ~50 MB RSS: the agent's own process (its Supervisor built, the SuperNode's
+    command ready) holds none of them; Flower runs in the SuperNode and the launcher."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from fedge.edge_client.agent import daemon\n"
+        "from fedge.edge_client.federation.service import ClientSettings, Supervisor\n"
+        "from fedge.edge_client.federation.settings import Device\n"
+        f"Supervisor(ClientSettings('127.0.0.1:9092', model='none'), Device(data='demo:iot', "
+        f"state_dir=Path({str(tmp_path / 'state')!r})), print)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout

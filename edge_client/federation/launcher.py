@@ -36,6 +36,11 @@ PRELOAD = ["flwr.supernode.runtime.run_clientapp", "fedge.edge_client.federation
 # waiting on average, but an idle device then spent 2.9% of a core on the asks and their answers (the SuperNode's
 # HTTP server) against 0.7% (benchmarks/agent.py): a device waits far more than it works.
 POLL_INTERVAL_S = 1.0
+# The fork server (Flower's ClientApp runtime and fedge's ClientApp imported, ~93 MB RSS, and multiprocessing's
+# resource tracker, ~13 MB) starts with a node's first ClientApp and stops once no ClientApp has run for this long,
+# so that a device waiting between rounds or for its conditions does not hold it (benchmarks/agent.py). Rounds
+# that follow each other (the demo's) keep it; after a pause the first message pays its start again (~1 s).
+FORK_SERVER_IDLE_S = 120.0
 MISFIT_EXIT = 3  # ``--check``'s exit status when the launcher does not fit the installed Flower
 # What the launcher reads off Flower's ExecutionSpec and passes to Flower's run_clientapp.
 SPEC_FIELDS = ("task_type", "task_id", "runtime_api_address", "token", "insecure", "root_certificates_path",
@@ -50,16 +55,16 @@ class ForkExecutor:
     """Flower's ``Executor`` protocol (``flwr.supercore.superexec.executor.types``): ClientApp tasks run in a
     process forked from the fork server; any other task type in Flower's subprocess executor."""
 
-    def __init__(self, preload: list[str]) -> None:
+    def __init__(self, preload: list[str], idle_s: float = FORK_SERVER_IDLE_S) -> None:
+        import time
+
         from flwr.supercore.superexec.executor import SubprocessExecutor
 
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(preload)
         self.others = SubprocessExecutor()
         self.running: list[multiprocessing.process.BaseProcess] = []
-        warm = self.context.Process(target=_nothing, name="fedge-launcher-warmup")  # start the fork server now
-        warm.start()
-        warm.join()
+        self.idle_s, self.last_busy = idle_s, time.monotonic()
 
     def get_eligible_capacity(self, supported_task_types, *, insecure=False, root_certificates_path=None):
         return self.others.get_eligible_capacity(
@@ -90,9 +95,16 @@ class ForkExecutor:
     def reconcile(self) -> None:
         """Let go of finished ClientApp processes (the fork server waits for them; their outcome is Flower's to
         report, by the Runtime API)."""
+        import time
+
         for process in [p for p in self.running if p.exitcode is not None]:
             process.close()
             self.running.remove(process)
+        now = time.monotonic()
+        if self.running:
+            self.last_busy = now
+        elif now - self.last_busy >= self.idle_s and fork_server_running():
+            stop_fork_server()
 
     def close(self) -> None:
         """Stop the ClientApps still running (SIGTERM: each reports its task failed): the launcher goes when its
@@ -102,8 +114,22 @@ class ForkExecutor:
                 process.terminate()
 
 
-def _nothing() -> None:
-    pass
+def fork_server_running() -> bool:
+    """Whether this process's fork server runs (multiprocessing starts it with the first forked process) and can
+    be stopped: by multiprocessing's own stop methods, which are private (a Python without them keeps it)."""
+    from multiprocessing import forkserver, resource_tracker
+
+    server, tracker = forkserver._forkserver, resource_tracker._resource_tracker
+    stoppable = hasattr(server, "_stop") and hasattr(tracker, "_stop")
+    return stoppable and getattr(server, "_forkserver_pid", None) is not None
+
+
+def stop_fork_server() -> None:
+    """Stop this process's fork server and resource tracker; the next forked process starts both again."""
+    from multiprocessing import forkserver, resource_tracker
+
+    forkserver._forkserver._stop()
+    resource_tracker._resource_tracker._stop()
 
 
 def misfit() -> str | None:

@@ -206,6 +206,11 @@ def probe(host: str, port: int, timeout: float = 3.0) -> str | None:
         return (err.strerror or str(err)).lower()
 
 
+# flower-supernode's longest wait between its tries to reach the server (Flower's MAX_RETRY_DELAY, checked against
+# it in tests/test_service.py): a copy, because importing it imports all of Flower (50 MB RSS) into the agent.
+SUPERNODE_RETRY_S = 20
+
+
 @dataclass
 class ServerWatch:
     """Says on the console when the server's port has taken no TCP connection for ``grace_s`` seconds (once per
@@ -282,8 +287,6 @@ class Supervisor:
     """
 
     def __init__(self, client: ClientSettings, device: Device, say, log_path: Path | None = None) -> None:
-        from flwr.common.constant import MAX_RETRY_DELAY
-
         from fedge.common.models import pull_model
 
         self.client, self.say, self.log_path = client, say, log_path
@@ -294,7 +297,7 @@ class Supervisor:
         if client.model and client.model != "none":
             pull_model(client.model, self.device.cache_dir, say)
         self.worker_cmd = worker_command(client, self.device, self.device.worker_port)
-        self.watch = ServerWatch(client.server, client.unreachable_after, MAX_RETRY_DELAY, say)
+        self.watch = ServerWatch(client.server, client.unreachable_after, SUPERNODE_RETRY_S, say)
         self.node = self.worker = self.launcher = None
         self.launcher_started, self.launcher_backoff, self.launcher_restart_at = 0.0, 1.0, None
         self.worker_wanted = bool(self.device.worker_port)
