@@ -132,22 +132,44 @@ def test_a_flower_that_moved_what_the_launcher_uses_is_named_in_one_line(change,
 
 
 def test_a_client_on_a_flower_the_launcher_does_not_fit_starts_clientapps_as_flower_does(tmp_path, monkeypatch):
-    """`fedge client start` asks the launcher, in its own process, whether it fits; one that does not is left out
-    (the SuperNode runs Flower's own ClientApp processes) with a one-line notice."""
+    """The launcher checks itself as it starts (nothing is paid before the node starts); one that exits with
+    MISFIT_EXIT makes `fedge client start` say why in one line and run the node as Flower runs it (Flower's own
+    ClientApp processes), instead of restarting the launcher."""
+    import os
+    import sys
+
     from fedge.edge_client.federation import launcher as launcher_module
+    from fedge.edge_client.federation import service
     from fedge.edge_client.federation.service import ClientSettings, Supervisor
     from fedge.edge_client.federation.settings import Device
 
-    said = []
-    client = ClientSettings("127.0.0.1:9092", model="none")
-    sup = Supervisor(client, Device(data="demo:iot", state_dir=tmp_path / "state"), said.append, tmp_path / "log")
-    assert sup.launcher_on and "--isolation" in sup.cmd and said == []  # this Flower: the launcher, checked for real
+    nodes = []  # the launcher flag of each node command built
+
+    def node_command(client, device, runtime_port=None, launcher=None):
+        nodes.append(service.uses_launcher(client) if launcher is None else launcher)
+        return [sys.executable, "-c", "import time; time.sleep(600)"], dict(os.environ)
 
     why = "fedge's ClientApp launcher does not fit Flower 9.9: run_superexec no longer picks its executor"
+    monkeypatch.setattr(service, "supernode_command", node_command)
+    monkeypatch.setattr(service, "launcher_command", lambda *a, **k: [sys.executable, "-c", "raise SystemExit(3)"])
     monkeypatch.setattr(launcher_module, "misfit_here", lambda env: why)
-    sup = Supervisor(client, Device(data="demo:iot", state_dir=tmp_path / "state2"), said.append, tmp_path / "log")
-    assert not sup.launcher_on and "--isolation" not in sup.cmd and "--superexec-auth-secret-file" not in sup.cmd
-    assert said == [f"{why}; ClientApps start as Flower starts them (as with --no-launcher)"]
+    said = []
+    client = ClientSettings("127.0.0.1:9092", model="none", worker=False)
+    sup = Supervisor(client, Device(data="demo:iot", state_dir=tmp_path / "state"), said.append, tmp_path / "log")
+    assert sup.launcher_on and nodes == [True] and said == []
+    try:
+        sup.start()
+        first = sup.node
+        end = time.monotonic() + 30
+        while sup.launcher_on and time.monotonic() < end:
+            sup.tick(time.monotonic())
+            time.sleep(0.2)
+        assert not sup.launcher_on and nodes == [True, False] and sup.launcher is None
+        assert first.poll() is not None and sup.node is not first and sup.node.poll() is None
+        assert said[-1] == f"{why}; ClientApps start as Flower starts them (as with --no-launcher)", said
+        assert not any("launcher exited" in m for m in said), said  # not restarted as if it had crashed
+    finally:
+        sup.stop()
 
 
 def test_the_check_in_its_own_process_reports_a_misfit_in_one_line(tmp_path):

@@ -17,9 +17,9 @@ own subprocess executor.
 
 Flower has no public hook for an executor of one's own: the launcher replaces one name in Flower's SuperExec loop
 (``run_superexec.get_executor``) and uses Flower's ``Executor`` protocol, its ``ExecutionSpec`` and its ClientApp
-runtime's entry point. `misfit` checks all of them against the installed Flower (1.41 and 1.42 fit); ``fedge
-client start`` runs that check first and, on a Flower that moved one, starts ClientApps as Flower does, with a
-one-line notice (tests/test_launcher.py fails on such a Flower).
+runtime's entry point. `misfit` checks all of them against the installed Flower (1.41 and 1.42 fit) as the
+launcher starts; on a Flower that moved one the launcher exits with `MISFIT_EXIT`, and ``fedge client start``
+says why in one line and runs the node as Flower does (tests/test_launcher.py fails on such a Flower).
 """
 
 from __future__ import annotations

@@ -292,7 +292,7 @@ class Supervisor:
         self.client, self.say, self.log_path = client, say, log_path
         self.device = prepare_device(dataclasses.replace(device, worker_port=free_port() if client.worker else 0))
         self.runtime_port = free_port()
-        self.launcher_on = uses_launcher(client) and self._launcher_fits()
+        self.launcher_on = uses_launcher(client)  # until the launcher says it does not fit this Flower
         self.cmd, self.env = supernode_command(client, self.device, self.runtime_port, self.launcher_on)
         if client.model and client.model != "none":
             pull_model(client.model, self.device.cache_dir, say)
@@ -351,14 +351,18 @@ class Supervisor:
         if self.launcher_on:
             self._start_launcher(now)
 
-    def _launcher_fits(self) -> bool:
-        """Whether the launcher fits this Flower; if not, ClientApps start as Flower starts them, and it says so."""
+    def _fall_back_to_flower(self, now: float) -> None:
+        """The launcher exited because it does not fit the installed Flower (`MISFIT_EXIT`): say why in one line and
+        run the node as Flower runs it, starting its own ClientApp processes (as with ``--no-launcher``)."""
+        from fedge.common.procs import stop
         from fedge.edge_client.federation.launcher import misfit_here
 
-        why = misfit_here(flwr_env(self.device.state_dir / "flwr"))
-        if why is not None:
-            self.say(f"{why}; ClientApps start as Flower starts them (as with --no-launcher)")
-        return why is None
+        why = misfit_here(self.env) or "fedge's ClientApp launcher failed its check"
+        self.say(f"{why}; ClientApps start as Flower starts them (as with --no-launcher)")
+        self.launcher_on = False
+        self.cmd, self.env = supernode_command(self.client, self.device, self.runtime_port, launcher=False)
+        stop(self.node)
+        self._start_node(now)
 
     def _start_launcher(self, now: float | None = None) -> None:
         """The node's ClientApp launcher (`launcher_command`), its output in the node's log."""
@@ -374,9 +378,14 @@ class Supervisor:
         the node runs, start it again after a backoff that doubles to a minute if it keeps exiting."""
         if self.launcher is None or self.launcher.poll() is None:
             return
+        from fedge.edge_client.federation.launcher import MISFIT_EXIT
+
         node_up = self.node is not None and self.node.poll() is None
         if not node_up:
             self.launcher = None  # it goes with its node; the node's restart starts a new one
+            return
+        if self.launcher.returncode == MISFIT_EXIT:
+            self._fall_back_to_flower(now)
             return
         if self.launcher_restart_at is None:
             if now - self.launcher_started > 300:
