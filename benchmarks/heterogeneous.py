@@ -202,7 +202,7 @@ def federate(
     for rnd in range(1, rounds + 1):
         accepted, weights, steps, clients = [], [], [], []
         for i, dev in enumerate(fleet.devices):
-            entry: dict = {"device": dev.profile}
+            entry: dict = {"device": dev.name}
             if pinned is not None and (rnd, i) not in pinned:  # a replay: only what the adaptive run merged
                 clients.append({**entry, "failure": "not replayed"})
                 continue
@@ -210,13 +210,13 @@ def federate(
             try:
                 done = call(dev, "train", sent.to_config(), global_arrays, rnd)
                 if done is None:
-                    raise RuntimeError(f"the worker of {dev.profile} does not answer (see {dev.state_dir}/worker.log)")
+                    raise RuntimeError(f"the worker of {dev.name} does not answer (see {dev.state_dir}/worker.log)")
                 arrays, metrics = done
             except RuntimeError as err:
                 entry["failure"] = "oom" if "EmulatedOutOfMemory" in str(err) else "error"
                 entry["error"] = str(err).strip().splitlines()[-1][:300]
                 clients.append(entry)
-                print(f"  [{name} r{rnd}] {dev.profile}: {entry['error']}", flush=True)
+                print(f"  [{name} r{rnd}] {dev.name}: {entry['error']}", flush=True)
                 continue
             update, _ = hetero.from_reply(arrays, global_arrays, settings.lora_alpha)
             entry |= {
@@ -234,7 +234,7 @@ def federate(
                                                       "grad_accum", "gradient_checkpointing", "steps")}  # fmt: skip
             entry["missed_deadline"] = entry["round_seconds"] > deadline
             clients.append(entry)
-            print(f"  [{name} r{rnd}] {dev.profile}: {_describe(entry)}", flush=True)
+            print(f"  [{name} r{rnd}] {dev.name}: {_describe(entry)}", flush=True)
             if not entry["missed_deadline"] or pinned is not None:  # a replay merges what the original merged
                 if metrics.get(wire.Client.PLAN):
                     plans[rnd, i] = metrics[wire.Client.PLAN]
