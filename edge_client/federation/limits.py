@@ -135,15 +135,18 @@ def replanner(plan, budget, started: float, clock: DeviceClock):
 def energy_guard(budget_j: float, profile, meter, clock: DeviceClock, started: float):
     """An ``on_step`` that stops training before the step that would spend more than ``budget_j`` joules: the
     energy meter's reading on a real device, the profile's power x its clock on an emulated one (None without a
-    budget). The plan keeps a round within the budget; this holds it there when the plan's power figure is low."""
+    budget). The plan keeps a round within the budget; this holds it there when the plan's power figure is low.
+    What the round spent before training (planning, loading the model) counts against the budget but is not a
+    step's cost: the first step is judged by its own joules, not by the setup's."""
     if not budget_j:
         return None
-    last = [0.0]
 
     def spent() -> float:
         if profile is not None:
             return profile.train_watts * (clock() - started)
         return meter.totals()[0]
+
+    last = [spent()]
 
     def on_step(step: int, loss: float, tokens: int, seconds: float) -> bool:
         now = spent()
