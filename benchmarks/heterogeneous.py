@@ -9,7 +9,7 @@ so the benchmark takes the host's compute time, not a Pi's. The server side is f
 decoded and checked by ``fedge.server.hetero.from_reply`` and merged by ``fedge.server.hetero.aggregate`` (mixed ranks,
 FedNova weighting, server lr 2).
 
-Three federations, the same rounds and deadline:
+Four federations, the same rounds and deadline:
 
 - **fixed**: every device trains the round settings as sent (r=16 on all layers, 15 steps of 8 x 256) and
   sends its whole adapter as fp32; a device that runs out of memory or misses the deadline contributes
