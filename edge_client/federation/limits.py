@@ -136,8 +136,10 @@ def energy_guard(budget_j: float, profile, meter, clock: DeviceClock, started: f
     """An ``on_step`` that stops training before the step that would spend more than ``budget_j`` joules: the
     energy meter's reading on a real device, the profile's power x its clock on an emulated one (None without a
     budget). The plan keeps a round within the budget; this holds it there when the plan's power figure is low.
-    What the round spent before training (planning, loading the model) counts against the budget but is not a
-    step's cost: the first step is judged by its own joules, not by the setup's."""
+    On an emulated device the round's setup (planning, loading the model) counts against the budget from the
+    round's start; a real device's meter starts with training. Either way the setup is not a step's cost: each step
+    is judged by its own joules, known once it has run, so a first step that alone costs more than is left still
+    runs (and is the only one)."""
     if not budget_j:
         return None
 
