@@ -445,8 +445,9 @@ def _claims(entry: ClientRound, settings: wire.RoundSettings) -> str | None:
     weights by, steps what FedNova divides by, so both must be whole, positive and no more than possible."""
     if not 1 <= entry.examples <= MAX_EXAMPLES or entry.examples != int(entry.examples):
         return f"claims {entry.examples:g} training examples: expected a whole number in 1..{MAX_EXAMPLES}"
-    if entry.steps is None or not 1 <= entry.steps <= settings.steps or entry.steps != int(entry.steps):
-        return f"claims {entry.steps} local steps: expected a whole number in 1..{settings.steps} (the round's)"
+    most = settings.steps * settings.batch  # a device that shrank its batch may train the round's examples in more
+    if entry.steps is None or not 1 <= entry.steps <= most or entry.steps != int(entry.steps):
+        return f"claims {entry.steps} local steps: expected a whole number in 1..{most} (the round's steps x batch)"
     return None
 
 

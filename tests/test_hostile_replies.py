@@ -83,6 +83,8 @@ HOSTILE = {
     "no examples": lambda: _reply(9, metrics=MetricRecord({"steps": 10})),
     "NaN steps": lambda: _reply(9, metrics=MetricRecord({wire.Metric.EXAMPLES: 100, "steps": float("nan")})),
     "1e6 steps": lambda: _reply(9, metrics=MetricRecord({wire.Metric.EXAMPLES: 100, "steps": 1_000_000})),
+    "steps past the round's steps x batch": lambda: _reply(
+        9, metrics=MetricRecord({wire.Metric.EXAMPLES: 100, "steps": SETTINGS.steps * SETTINGS.batch + 1})),
     "0 steps": lambda: _reply(9, metrics=MetricRecord({wire.Metric.EXAMPLES: 100, "steps": 0})),
     "steps as a list": lambda: _reply(9, metrics=MetricRecord({wire.Metric.EXAMPLES: 100, "steps": [1.0, 2.0]})),
     "plan that is not JSON": lambda: _reply(9, client=ConfigRecord({wire.Client.NAME: "x", wire.Client.PLAN: "{"})),
@@ -151,6 +153,15 @@ def test_the_honest_pair_alone_merges_the_same():
     state = ServerState({}, arrays=_global())
     FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(state, [_reply(1), _reply(2)], SENT, SETTINGS)
     assert np.allclose(state.arrays[B], 0.025 * ServerSettings().server_lr, atol=1e-6)
+
+
+def test_a_device_that_shrank_its_batch_may_claim_up_to_the_rounds_examples_in_steps():
+    # batch 1 for the round's 10 steps of 2: 20 steps hold the round's examples (the re-planner's cap); more is a lie
+    small_batch = _reply(3, metrics=MetricRecord({wire.Metric.EXAMPLES: 100, "steps": SETTINGS.steps * SETTINGS.batch}))
+    clients = FedgeAvg(ServerSettings(min_clients=1), 1.0)._check_and_average(
+        ServerState({}, arrays=_global()), [_reply(1), _reply(2), small_batch], SENT, SETTINGS
+    )
+    assert all(c.accepted for c in clients), [c.reason for c in clients]
 
 
 def test_a_sole_replier_is_bounded_and_min_clients_is_strict():

@@ -231,6 +231,62 @@ def test_a_planned_round_is_planned_for_the_model_it_trains(holder, device, tiny
     assert plan["predicted_step_s"] < as_smollm2.predicted_step_s / 10
 
 
+def test_the_speed_memory_folds_in_measured_step_times_and_survives_a_damaged_file(device):
+    from fedge.edge_client.device.emulated import PROFILES
+
+    profile = PROFILES["pi4-2gb"]
+    memory = limits.measured_speed(device, profile, "m")
+    assert memory.ratios == {} and memory.correct(profile.caps()) == profile.caps()
+    memory.record("fp32", 0.5)  # steps ran in half the predicted time: halfway there
+    memory.record("fp32", 0.5**0.5)  # the next round, corrected by that, still fast: halfway again
+    again = limits.measured_speed(device, profile, "m")
+    assert again.ratios == pytest.approx({"fp32": 0.5**0.75})
+    caps = again.correct(profile.caps())
+    assert caps.train_gflops["fp32"] == pytest.approx(profile.caps().train_gflops["fp32"] / 0.5**0.75)
+    assert caps.train_gflops["int4"] == pytest.approx(profile.caps().train_gflops["int4"] / 0.5**0.75)  # not measured
+    assert "corrected by earlier rounds" in caps.source
+    assert limits.measured_speed(device, profile, "another model").ratios == {}
+    again.record("fp32", 1e6)  # a broken clock: ignored
+    assert limits.measured_speed(device, profile, "m").ratios == pytest.approx({"fp32": 0.5**0.75})
+    path = device.state_dir / limits.SPEED_FILE
+    for damaged in ("{", "[1, 2]", json.dumps({f"m|{profile.name}": [1]}),
+                    json.dumps({f"m|{profile.name}": {"fp32": "fast", "int4": 1e9, "int8": True}})):  # fmt: skip
+        path.write_text(damaged)
+        assert limits.measured_speed(device, profile, "m").ratios == {}
+
+
+def test_a_device_measured_faster_than_its_profile_plans_more_work_the_next_round(device):
+    # The Pi 4 profile on SmolLM2: at its profile's speed it trains a few layers at batch 1; measured 2x faster
+    # than predicted, the next plan spends that on layers or batch, within the same deadline.
+    from fedge.edge_client.device.emulated import PROFILES
+    from fedge.edge_client.planning.costs import SMOLLM2_135M
+    from fedge.edge_client.planning.plan import RoundBudget, make_plan
+
+    profile = PROFILES["pi4-2gb"]
+    budget = RoundBudget(deadline_s=120.0, steps=15, batch=8, seq_len=80, label_fraction=0.15)
+    before = make_plan(profile.caps(), budget, SMOLLM2_135M)
+    memory = limits.measured_speed(device, profile, "m")
+    memory.record(before.precision, 0.5)
+    memory.record(before.precision, 0.5**0.5)
+    after = make_plan(memory.correct(profile.caps()), budget, SMOLLM2_135M)
+    work = lambda p: (p.top_layers or SMOLLM2_135M.layers) * p.micro_batch * p.grad_accum * p.steps  # noqa: E731
+    assert work(after) > 1.5 * work(before), (before, after)
+    assert after.predicted_s <= 120.0 * (1 - budget.time_margin)
+
+
+def test_a_planned_round_remembers_its_measured_speed_for_the_next(holder, device, tiny_model_dir):
+    device.profile = "base=pi4-2gb,slowdown=1.5"
+    settings = _settings(tiny_model_dir, deadline_s=600.0)
+    initial = holder.initial_adapter(settings.model, settings.lora(), settings.seed)
+    _, metrics = local_work.do_train(holder, device, settings, initial, rnd=1)
+    assert metrics[wire.Metric.STEPS] >= 3
+    saved = json.loads((device.state_dir / limits.SPEED_FILE).read_text())
+    (ratios,) = saved.values()
+    assert set(ratios) == {json.loads(metrics[wire.Client.PLAN])["precision"]}
+    _, metrics = local_work.do_train(holder, device, settings, initial, rnd=2)
+    assert "corrected by earlier rounds" in json.loads(metrics[wire.Client.PLAN])["reasons"]["device"]
+
+
 def test_the_energy_guard_stops_before_the_step_that_would_pass_the_budget():
     from fedge.edge_client.federation.limits import energy_guard
 

@@ -24,6 +24,7 @@ from fedge.edge_client.planning.plan import (
     estimate,
     make_plan,
     replan,
+    step_cap,
 )
 
 FAST = {"fp32": 1e6, "bf16": 1e6, "int8": 1e6, "int4": 1e6}  # GFLOP/s: time never binds
@@ -231,9 +232,14 @@ def test_replan_cuts_steps_when_the_first_steps_are_slow():
     assert "re-planned after 2 steps" in new.reasons["steps"]
 
 
-def test_replan_gives_back_cut_steps_when_fast_but_never_exceeds_the_request_or_undoes_work():
+def test_replan_gives_back_cut_steps_when_fast_but_never_exceeds_the_requested_examples_or_undoes_work():
     plan, budget = _plan_for(steps=15)
-    assert replan(plan, [1.0, 1.0, 1.0], elapsed_s=3.0, budget=budget).steps == 15
+    full = dataclasses.replace(plan, micro_batch=4, grad_accum=2)  # the requested batch of 8: the requested steps
+    assert replan(full, [1.0, 1.0, 1.0], elapsed_s=3.0, budget=budget).steps == 15
+    # At batch 2 the requested 15 x 8 examples are 60 steps; at batch 1, 120, of which 97 fit the time left.
+    assert replan(dataclasses.replace(plan, micro_batch=2, grad_accum=1), [1.0] * 3, 3.0, budget).steps == 60
+    small = replan(dataclasses.replace(plan, micro_batch=1, grad_accum=1), [1.0] * 3, 3.0, budget)
+    assert small.steps == 3 + 97 and "at most 120" in small.reasons["steps"]
     assert replan(plan, [50.0, 50.0], elapsed_s=100.0, budget=budget).steps == 2  # out of time: stop now
     assert replan(plan, [], elapsed_s=0.0, budget=budget) is plan
 
@@ -368,8 +374,10 @@ def test_a_round_without_a_deadline_plans_for_the_energy_budget_alone():
     plan = make_plan(caps, RoundBudget(deadline_s=float("inf"), steps=1000, energy_budget_j=2000.0), SMOLLM2_135M)
     assert plan.feasible and 0 < plan.steps < 1000
     assert plan.predicted_step_s * plan.steps * 10.0 <= 2000.0 * 0.85
-    replanned = replan(plan, [1.0, 1.0], 2.0, RoundBudget(deadline_s=float("inf"), steps=1000))
-    assert replanned.steps == 1000  # no deadline: time never cuts it (the energy guard does, from the meter)
+    unlimited = RoundBudget(deadline_s=float("inf"), steps=1000)
+    replanned = replan(plan, [1.0, 1.0], 2.0, unlimited)
+    # no deadline: time never cuts it (the energy guard does, from the meter)
+    assert replanned.steps == step_cap(plan, unlimited) >= 1000
 
 
 def test_emulated_profiles_carry_their_power_and_files_may_leave_it_out(tmp_path):

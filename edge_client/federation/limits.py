@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -44,7 +45,7 @@ def plan_round(device: Device, settings: wire.RoundSettings, profile, seq_len: i
     from fedge.edge_client.planning.plan import make_plan
 
     budget = round_budget(settings, seq_len, device.energy_budget_j)
-    caps = device_caps(device, profile, settings.model)
+    caps = measured_speed(device, profile, settings.model).correct(device_caps(device, profile, settings.model))
     plan = make_plan(caps, budget, model_shape(device.cache_dir, settings.model))
     if not plan.feasible:
         raise RoundDeclined(f"{device.name}: no training plan fits this round ({plan.reasons.get('feasible', '')})")
@@ -59,6 +60,95 @@ def device_caps(device: Device, profile=None, model: str = ""):
     from fedge.edge_client.device.emulated import saved_profile, this_machine
 
     return this_machine(device.name, measured=saved_profile(device.cache_dir, model) if model else None)
+
+
+SPEED_FILE = "speed.json"  # in the client's state directory: `SpeedMemory`
+SPEED_RANGE = (1 / 20, 20.0)  # measured / predicted step time outside this is a broken clock, not a device
+
+
+@dataclasses.dataclass
+class SpeedMemory:
+    """How much slower (> 1) or faster (< 1) than the cost model this device's training steps ran in earlier rounds,
+    per base precision: the re-planner's measured / predicted step time, carried over to the next round's plan.
+
+    A profile's figures (`fedge profile`'s, an emulated device's, the reference machine's) can be off by 2x or more
+    (the reference calibration is 2.3-4.6x pessimistic on a quieter host, and an emulated device is the host's
+    speed x its slowdown): the re-planner corrects the step count within a round, but only the plan can spend the
+    slack on a larger batch or more layers. Each round's ratio is folded in geometrically (half the old, half the
+    new): one busy round moves the next plan halfway, and the re-planner holds every round to its deadline either
+    way. Kept per model and device (a profile's name, or this machine), so a changed model or profile starts over.
+    """
+
+    path: Path
+    key: str
+    ratios: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def correct(self, caps):
+        """``caps`` with each precision's throughput divided by its ratio (a precision not yet measured takes the
+        median of the measured ones: the same cores ran them)."""
+        if not self.ratios:
+            return caps
+        gflops = {p: g / self.ratio(p) for p, g in caps.train_gflops.items()}
+        shown = ", ".join(f"{p} x{r:.2f}" for p, r in sorted(self.ratios.items()))
+        source = f"{caps.source}, step time corrected by earlier rounds' measured steps ({shown})"
+        return dataclasses.replace(caps, train_gflops=gflops, source=source)
+
+    def ratio(self, precision: str) -> float:
+        """The correction applied to ``precision``'s step time (1.0 with nothing measured)."""
+        import statistics
+
+        return self.ratios.get(precision, statistics.median(self.ratios.values()) if self.ratios else 1.0)
+
+    def record(self, precision: str, calibration: float) -> None:
+        """Fold in a round whose steps at ``precision`` took ``calibration`` x the prediction (the prediction
+        already corrected by this memory) and save it atomically; a figure outside `SPEED_RANGE` is ignored."""
+        old = self.ratio(precision)
+        new = old * calibration
+        if not (math.isfinite(new) and SPEED_RANGE[0] <= new <= SPEED_RANGE[1]):
+            log.warning("speed memory: ignoring a measured/predicted step time of %s", calibration)
+            return
+        self.ratios[precision] = math.sqrt(old * new)
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        saved = saved if isinstance(saved, dict) else {}
+        saved[self.key] = self.ratios
+        from fedge.common.fsutil import atomic_write_text
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(saved, indent=1, sort_keys=True))
+
+
+def measured_speed(device: Device, profile, model: str) -> SpeedMemory:
+    """This device's `SpeedMemory` for ``model``: what earlier rounds measured, or nothing (a missing, unreadable or
+    damaged file, or entries of the wrong type, count as nothing measured, with a warning in the log)."""
+    path = Path(device.state_dir) / SPEED_FILE
+    key = f"{model}|{profile.name if profile is not None else 'this-machine'}"
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as err:
+        log.warning("speed memory %s unreadable (%s): planning from the profile alone", path, err)
+        saved = {}
+    entry = saved.get(key) if isinstance(saved, dict) else None
+    ratios = {}
+    if isinstance(entry, dict):
+        ratios = {
+            p: float(r)
+            for p, r in entry.items()
+            if isinstance(p, str) and type(r) in (int, float) and SPEED_RANGE[0] <= r <= SPEED_RANGE[1]
+        }
+    elif entry is not None:
+        log.warning("speed memory %s: entry %r is not an object: ignored", path, key)
+    return SpeedMemory(path, key, ratios)
+
+
+def remember_speed(device: Device, profile, model: str, replanner) -> None:
+    """After a round's training: fold the re-planner's measured / predicted step time into the speed memory, once
+    it timed enough steps for the median (the first step, warm-up, is left out) to mean something."""
+    if replanner is None or len(replanner.step_s) < 3:
+        return
+    measured_speed(device, profile, model).record(replanner.plan.precision, replanner.plan.calibration)
 
 
 def round_budget(settings: wire.RoundSettings, seq_len: int, energy_budget_j: float = 0.0):

@@ -138,6 +138,11 @@ def _train_turn(
     set_adapter(model, start)
     load_seconds = clock() - started - scoring_seconds
     cfg = train_config(settings, rnd, plan)
+    planned_steps = cfg.steps
+    if budget is not None:  # the loop's room: the re-planner stops it at the re-planned steps
+        from fedge.edge_client.planning.plan import step_cap
+
+        cfg = dataclasses.replace(cfg, steps=step_cap(plan, budget))
     with EnergySession(interval_s=1.0) as meter, limits.emulated_steps(profile, clock) as emulated_step:
         replanner = limits.replanner(plan, budget, started, clock)
         try:
@@ -152,12 +157,13 @@ def _train_turn(
                     emulated_step,
                     replanner,
                     limits.energy_guard(device.energy_budget_j, profile, meter, clock, started),
-                    _agent_step(device.state_dir, rnd, cfg.steps),
+                    _agent_step(device.state_dir, rnd, planned_steps),
                 ),
             )
         finally:
             hold.clear_progress(device.state_dir)
-    _decline_if_interrupted(device, result.steps, cfg.steps)
+    limits.remember_speed(device, profile, settings.model, replanner)
+    _decline_if_interrupted(device, result.steps, replanner.plan.steps if replanner is not None else cfg.steps)
     trained = get_adapter(model)
     arrays, codec, feedback = reply.reply_arrays(
         device, settings, trained, start, global_arrays, profile, clock() - started

@@ -64,6 +64,7 @@ __all__ = [
     "lora_params",
     "make_plan",
     "replan",
+    "step_cap",
     "step_flops",
     "weight_bytes",
 ]
@@ -358,6 +359,17 @@ def _one_notch_better(k: Knobs, name: str, caps: DeviceCaps, budget: RoundBudget
 # --- re-planning from measured steps ---------------------------------------------------------------------
 
 
+def step_cap(plan: TrainingPlan, budget: RoundBudget) -> int:
+    """The most steps a re-plan may give this plan: the requested examples (steps x batch) at the plan's batch.
+
+    A device that had to shrink its batch may, when its measured steps leave time, train the round's examples in
+    more, smaller steps; at the requested batch that is the requested steps. The server accepts step counts up to
+    the round's steps x batch for this reason (`fedge.server.strategy`).
+    """
+    batch = plan.micro_batch * plan.grad_accum
+    return max(plan.requested_steps, plan.requested_steps * budget.batch // max(1, batch))
+
+
 def replan(plan: TrainingPlan, measured_step_s: list[float], elapsed_s: float, budget: RoundBudget) -> TrainingPlan:
     """Correct the plan's step count from the steps timed so far.
 
@@ -366,22 +378,23 @@ def replan(plan: TrainingPlan, measured_step_s: list[float], elapsed_s: float, b
     (with its margin) less the time still needed for the upload, at the median measured step time (the
     first step, which pays one-off warm-up, is left out once there is a second; until then the prediction
     stands, so a cold first step does not end the round). The new step count is never
-    below the steps done, and never above the requested steps: a fast device gets back steps the plan
-    had cut. Records ``calibration`` = measured / predicted step time.
+    below the steps done, and never above `step_cap`: a fast device gets back steps the plan had cut, and one
+    that shrank its batch may train up to the requested examples. Records ``calibration`` = measured / predicted
+    step time.
     """
     if not measured_step_s:
         return plan
     done = len(measured_step_s)
     step_s = statistics.median(measured_step_s[1:]) if done >= 2 else plan.predicted_step_s
     left = budget.deadline_s * (1 - budget.time_margin) - elapsed_s - plan.predicted_upload_s
-    steps = min(plan.requested_steps, done + max(0, math.floor(min(left / step_s, plan.requested_steps))))
-    steps = max(done, steps)
+    cap = step_cap(plan, budget)
+    steps = max(done, min(cap, done + max(0, math.floor(min(left / step_s, cap)))))
     return dataclasses.replace(
         plan,
         steps=steps,
         calibration=step_s / plan.predicted_step_s,
-        reasons={**plan.reasons, "steps": f"{steps} of {plan.requested_steps}: re-planned after {done} steps "
-                 f"at {step_s:.2f} s/step (predicted {plan.predicted_step_s:.2f})"},
+        reasons={**plan.reasons, "steps": f"{steps} of {plan.requested_steps} requested (at most {cap}): re-planned "
+                 f"after {done} steps at {step_s:.2f} s/step (predicted {plan.predicted_step_s:.2f})"},
     )  # fmt: skip
 
 
