@@ -27,7 +27,8 @@ Four federations, the same rounds and deadline:
 
 The global adapter after the last round is scored on ``--eval-per-domain`` held-out examples of each domain.
 
-    python benchmarks/heterogeneous.py [--rounds 6] [--deadline 120] [--eval-per-domain 50]
+    python benchmarks/heterogeneous.py [--rounds 6] [--deadline 120] [--eval-per-domain 50] [--seed 0]
+    python benchmarks/heterogeneous.py --only adaptive,uncapped --seed 1 --out benchmarks/results/archive
 
 Writes benchmarks/results/heterogeneous.json and the table in benchmarks/README.md.
 """
@@ -44,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import update_readme_section, write_results  # noqa: E402
+from benchmarks.common import RESULTS, add_out_argument, update_readme_section, write_results  # noqa: E402
 
 DEVICES = "pi4-2gb,pi5-8gb,jetson-orin-nano,laptop"
 FEDERATIONS = ("fixed", "adaptive", "adaptive_uncompressed", "uncapped")
@@ -61,6 +62,8 @@ def main() -> None:
     p.add_argument("--codec", default="auto:mix:0.9+int4:256", help="the adaptive clients' update codec")
     p.add_argument("--server-lr", type=float, default=2.0)
     p.add_argument("--eval-per-domain", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="the adapter's init and every client's data order")
+    add_out_argument(p, "runs of some federations or another seed (a run of all four writes benchmarks/results/)")
     p.add_argument("--only", default=",".join(FEDERATIONS), help="federations to run (comma-separated)")
     p.add_argument("--work", type=Path, default=Path("/tmp/fedge-heterogeneous"))
     p.add_argument("--cache-dir", type=Path, default=None)
@@ -73,7 +76,9 @@ def main() -> None:
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     cache = args.cache_dir or default_cache_dir()
     pull_model(args.model, cache)
-    fixed = wire.RoundSettings(model=args.model, steps=15, batch=8)  # the rounds this benchmark was measured on
+    fixed = wire.RoundSettings(
+        model=args.model, steps=15, batch=8, seed=args.seed
+    )  # the rounds this benchmark was measured on
     settings = {
         "fixed": fixed,
         "adaptive": dataclasses.replace(fixed, deadline_s=args.deadline, codec=args.codec),
@@ -110,6 +115,7 @@ def main() -> None:
         "fixed_settings": fixed.to_config(),
         "eval_per_domain": args.eval_per_domain,
         "emulated_time": "virtual",
+        "seed": args.seed,
     }
     if "adaptive" in results and "adaptive_uncompressed" in results:
         ref, got = results["adaptive_uncompressed"]["exact_match"], results["adaptive"]["exact_match"]
@@ -119,8 +125,11 @@ def main() -> None:
         }
     if "uncapped" in results:
         results["domain_shares"] = _domain_shares(results)
-    path = write_results("heterogeneous", results)
-    if all(f in results for f in FEDERATIONS):
+    full = all(f in results for f in FEDERATIONS)
+    path = write_results(
+        "heterogeneous" if full else f"heterogeneous_seed{args.seed}", results, RESULTS if full else args.out
+    )
+    if full:
         update_readme_section("heterogeneous", _table(results))
     print(f"wrote {path}")
 
