@@ -13,13 +13,15 @@ run: the uncapped plan (all layers, 15 steps of 8), what every domain trains whe
 A plan is LAYERSxBATCHxSTEPS (LAYERS: a number of top layers or ``all``). The default plans: the Pi 4's plan in the
 heterogeneous benchmark's last adaptive round (7 top layers, batch 1, ~17 steps in 95-98 s of Pi 4 time), the same
 time spent on every layer (6 steps), and the work of a device ~3x faster (all layers, 17 steps of 2).
-Writes benchmarks/results/domain_alone.json and the table in benchmarks/README.md.
+The default run writes benchmarks/results/domain_alone.json and the table in benchmarks/README.md; a run with other
+arguments writes to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import statistics
 import sys
 import time
@@ -28,7 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import update_readme_section, write_results  # noqa: E402
+from benchmarks.common import RESULTS, add_out_argument, update_readme_section, write_results  # noqa: E402
+
+DEFAULTS = {"model": "smollm2-135m", "domain": "healthcare", "plans": "7x1x17,allx1x6,allx2x17", "seeds": "0,1,2",
+            "rounds": 6, "share": 0.5, "eval_examples": 50}  # fmt: skip
 
 BASELINE = "allx8x15"  # the uncapped plan: the heterogeneous benchmark's round settings, every layer
 
@@ -40,22 +45,24 @@ def parse_plan(text: str) -> tuple[int | None, int, int]:
         layers, batch, steps = (None if parts[0] == "all" else int(parts[0])), int(parts[1]), int(parts[2])
     except (ValueError, IndexError):
         raise SystemExit(f"--plans: {text!r} is not LAYERSxBATCHxSTEPS (e.g. 7x1x17 or allx8x15)") from None
-    if len(parts) != 3 or min(batch, steps, layers or 1) < 1:
+    if len(parts) != 3 or min(batch, steps, 1 if layers is None else layers) < 1:
         raise SystemExit(f"--plans: {text!r}: expected three parts, each >= 1")
     return layers, batch, steps
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--domain", default="healthcare")
-    p.add_argument("--plans", default="7x1x17,allx1x6,allx2x17")
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--share", type=float, default=0.5, help="how much of the client's change enters the global")
-    p.add_argument("--eval-examples", type=int, default=50)
+    p.add_argument("--model", default=DEFAULTS["model"])
+    p.add_argument("--domain", default=DEFAULTS["domain"])
+    p.add_argument("--plans", default=DEFAULTS["plans"])
+    p.add_argument("--seeds", default=DEFAULTS["seeds"])
+    p.add_argument("--rounds", type=int, default=DEFAULTS["rounds"])
+    p.add_argument("--share", type=float, default=DEFAULTS["share"], help="how much of the change enters the global")
+    p.add_argument("--eval-examples", type=int, default=DEFAULTS["eval_examples"])
     p.add_argument("--work", type=Path, default=Path("/tmp/fedge-domain-alone"))
+    add_out_argument(p, "runs with other arguments than the defaults (the default run writes benchmarks/results/)")
     args = p.parse_args()
+    default_run = all(getattr(args, k) == v for k, v in DEFAULTS.items())
     plans = [BASELINE] + [t.strip() for t in args.plans.split(",") if t.strip() and t.strip() != BASELINE]
     for text in plans:
         parse_plan(text)
@@ -100,8 +107,9 @@ def main() -> None:
         "runs": runs,
         "summary": summary,
     }
-    path = write_results("domain_alone", results)
-    update_readme_section("domain_alone", _table(results))
+    path = write_results("domain_alone", results, RESULTS if default_run else args.out)
+    if default_run:
+        update_readme_section("domain_alone", _table(results))
     print(f"wrote {path}")
 
 
@@ -126,6 +134,7 @@ def run(args, cache: Path, text: str, seed: int) -> dict:
         model=args.model, steps=15, batch=8, seed=seed, eval_examples=args.eval_examples, plan=plan.to_json()
     )
     state = args.work / f"{text}-seed{seed}"
+    shutil.rmtree(state, ignore_errors=True)  # a kept work directory would reply with an earlier run's updates
     device = Device("alone", f"demo:{args.domain}", f"demo:{args.domain}:test", state, cache, "fp32")
     holder = ModelHolder(cache, "fp32")
     adapter = holder.initial_adapter(settings.model, settings.lora(), settings.seed)

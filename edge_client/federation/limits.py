@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fedge.common import wire
 from fedge.common.modeling import ModelHolder
+from fedge.edge_client.agent import hold
 from fedge.edge_client.federation.settings import Device
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ def plan_round(device: Device, settings: wire.RoundSettings, profile, seq_len: i
     from fedge.edge_client.planning.plan import make_plan
 
     budget = round_budget(settings, seq_len, device.energy_budget_j)
-    caps = measured_speed(device, profile, settings.model).correct(device_caps(device, profile, settings.model))
+    caps = device_caps(device, profile, settings.model)
+    caps = measured_speed(device, caps, settings.model).correct(caps)
     plan = make_plan(caps, budget, model_shape(device.cache_dir, settings.model))
     if not plan.feasible:
         raise RoundDeclined(f"{device.name}: no training plan fits this round ({plan.reasons.get('feasible', '')})")
@@ -63,7 +65,8 @@ def device_caps(device: Device, profile=None, model: str = ""):
 
 
 SPEED_FILE = "speed.json"  # in the client's state directory: `SpeedMemory`
-SPEED_RANGE = (1 / 20, 20.0)  # measured / predicted step time outside this is a broken clock, not a device
+SPEED_RANGE = (1 / 20, 20.0)  # a correction outside this is a broken clock, not a device
+SPEED_MIN_STEPS = 5  # steps a round must time before its speed is remembered (the median of the last 4 or more)
 
 
 @dataclasses.dataclass
@@ -74,9 +77,11 @@ class SpeedMemory:
     A profile's figures (`fedge profile`'s, an emulated device's, the reference machine's) can be off by 2x or more
     (the reference calibration is 2.3-4.6x pessimistic on a quieter host, and an emulated device is the host's
     speed x its slowdown): the re-planner corrects the step count within a round, but only the plan can spend the
-    slack on a larger batch or more layers. Each round's ratio is folded in geometrically (half the old, half the
-    new): one busy round moves the next plan halfway, and the re-planner holds every round to its deadline either
-    way. Kept per model and device (a profile's name, or this machine), so a changed model or profile starts over.
+    slack on a larger batch or more layers. The correction divides the plan's throughput (the per-step overhead is
+    left as it is, so a correction settles over a few rounds rather than at once). Each round's figure is folded
+    in geometrically (half the old, half the new): one busy round moves the next plan halfway, and the re-planner
+    holds every round to its deadline either way. Kept per model, device and the device's uncorrected throughput
+    figures, so a changed model, profile or `fedge profile` run starts over.
     """
 
     path: Path
@@ -84,8 +89,8 @@ class SpeedMemory:
     ratios: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def correct(self, caps):
-        """``caps`` with each precision's throughput divided by its ratio (a precision not yet measured takes the
-        median of the measured ones: the same cores ran them)."""
+        """``caps`` with each precision's throughput divided by its correction (a precision not yet measured takes
+        the median of the measured ones: the same cores ran them)."""
         if not self.ratios:
             return caps
         gflops = {p: g / self.ratio(p) for p, g in caps.train_gflops.items()}
@@ -94,43 +99,53 @@ class SpeedMemory:
         return dataclasses.replace(caps, train_gflops=gflops, source=source)
 
     def ratio(self, precision: str) -> float:
-        """The correction applied to ``precision``'s step time (1.0 with nothing measured)."""
+        """The correction applied to ``precision`` (1.0 with nothing measured)."""
         import statistics
 
         return self.ratios.get(precision, statistics.median(self.ratios.values()) if self.ratios else 1.0)
 
     def record(self, precision: str, calibration: float) -> None:
         """Fold in a round whose steps at ``precision`` took ``calibration`` x the prediction (the prediction
-        already corrected by this memory) and save it atomically; a figure outside `SPEED_RANGE` is ignored."""
+        already corrected by this memory) and save it atomically. A correction that would leave `SPEED_RANGE` is
+        ignored, and a file that cannot be written costs the memory, not the round (both with a log warning)."""
         old = self.ratio(precision)
         new = old * calibration
         if not (math.isfinite(new) and SPEED_RANGE[0] <= new <= SPEED_RANGE[1]):
             log.warning("speed memory: ignoring a measured/predicted step time of %s", calibration)
             return
         self.ratios[precision] = math.sqrt(old * new)
-        try:
-            saved = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            saved = {}
-        saved = saved if isinstance(saved, dict) else {}
+        saved = _read_speed_file(self.path)
         saved[self.key] = self.ratios
         from fedge.common.fsutil import atomic_write_text
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path, json.dumps(saved, indent=1, sort_keys=True))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps(saved, indent=1, sort_keys=True))
+        except OSError as err:
+            log.warning("speed memory %s not saved (%s): the next round plans from the profile alone", self.path, err)
 
 
-def measured_speed(device: Device, profile, model: str) -> SpeedMemory:
-    """This device's `SpeedMemory` for ``model``: what earlier rounds measured, or nothing (a missing, unreadable or
-    damaged file, or entries of the wrong type, count as nothing measured, with a warning in the log)."""
-    path = Path(device.state_dir) / SPEED_FILE
-    key = f"{model}|{profile.name if profile is not None else 'this-machine'}"
+def _read_speed_file(path: Path) -> dict:
+    """The speed file's object ({} if it is missing or is not a JSON object; anything wrong with it is logged)."""
     try:
         saved = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError) as err:
-        log.warning("speed memory %s unreadable (%s): planning from the profile alone", path, err)
-        saved = {}
-    entry = saved.get(key) if isinstance(saved, dict) else None
+    except Exception as err:  # noqa: BLE001 (any damage, even JSON nested past the recursion limit, is no memory)
+        log.warning("speed memory %s unreadable (%s): planning from the profile alone", path, type(err).__name__)
+        return {}
+    if not isinstance(saved, dict):
+        log.warning("speed memory %s is not a JSON object: planning from the profile alone", path)
+        return {}
+    return saved
+
+
+def measured_speed(device: Device, caps, model: str) -> SpeedMemory:
+    """This device's `SpeedMemory` for ``model`` on ``caps`` (its uncorrected `device_caps`): what earlier rounds
+    measured, or nothing (a missing, unreadable or damaged file, or entries of the wrong type, count as nothing
+    measured, with a warning in the log)."""
+    path = Path(device.state_dir) / SPEED_FILE
+    figures = ",".join(f"{p}={g:.4g}" for p, g in sorted(caps.train_gflops.items()))
+    key = f"{model}|{caps.name}|{figures}"
+    entry = _read_speed_file(path).get(key)
     ratios = {}
     if isinstance(entry, dict):
         ratios = {
@@ -138,6 +153,9 @@ def measured_speed(device: Device, profile, model: str) -> SpeedMemory:
             for p, r in entry.items()
             if isinstance(p, str) and type(r) in (int, float) and SPEED_RANGE[0] <= r <= SPEED_RANGE[1]
         }
+        if len(ratios) < len(entry):
+            log.warning("speed memory %s: %d value(s) of %r not a correction in range: ignored", path,
+                        len(entry) - len(ratios), key)  # fmt: skip
     elif entry is not None:
         log.warning("speed memory %s: entry %r is not an object: ignored", path, key)
     return SpeedMemory(path, key, ratios)
@@ -145,10 +163,12 @@ def measured_speed(device: Device, profile, model: str) -> SpeedMemory:
 
 def remember_speed(device: Device, profile, model: str, replanner) -> None:
     """After a round's training: fold the re-planner's measured / predicted step time into the speed memory, once
-    it timed enough steps for the median (the first step, warm-up, is left out) to mean something."""
-    if replanner is None or len(replanner.step_s) < 3:
+    it timed `SPEED_MIN_STEPS` steps (the first, warm-up, is left out of its median) and nothing held the device
+    during them (a paused step's time is not the device's speed)."""
+    if replanner is None or len(replanner.step_s) < SPEED_MIN_STEPS or hold.held(device.state_dir) is not None:
         return
-    measured_speed(device, profile, model).record(replanner.plan.precision, replanner.plan.calibration)
+    memory = measured_speed(device, device_caps(device, profile, model), model)
+    memory.record(replanner.plan.precision, replanner.plan.calibration)
 
 
 def round_budget(settings: wire.RoundSettings, seq_len: int, energy_budget_j: float = 0.0):

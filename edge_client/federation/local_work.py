@@ -139,7 +139,9 @@ def _train_turn(
     load_seconds = clock() - started - scoring_seconds
     cfg = train_config(settings, rnd, plan)
     planned_steps = cfg.steps
-    if budget is not None:  # the loop's room: the re-planner stops it at the re-planned steps
+    # the loop's room, up to the round's examples: the re-planner stops it at the re-planned steps. Not with an energy
+    # budget: the re-planner counts time, not joules, so the plan's energy margin would go to the guard's last step.
+    if budget is not None and budget.energy_budget_j is None:
         from fedge.edge_client.planning.plan import step_cap
 
         cfg = dataclasses.replace(cfg, steps=step_cap(plan, budget))
@@ -162,7 +164,6 @@ def _train_turn(
             )
         finally:
             hold.clear_progress(device.state_dir)
-    limits.remember_speed(device, profile, settings.model, replanner)
     _decline_if_interrupted(device, result.steps, replanner.plan.steps if replanner is not None else cfg.steps)
     trained = get_adapter(model)
     arrays, codec, feedback = reply.reply_arrays(
@@ -195,6 +196,9 @@ def _train_turn(
     # resumed reply puts it in place again, so a kill between the two never sends the old residual a second time.
     reply.save_update(work, arrays, metrics, feedback.to_bytes() if feedback is not None else None)
     reply.commit_residual(work, device, settings)
+    # once the update is saved: a round resumed after a kill re-plans as it first did, finds its checkpoint, and is
+    # counted once
+    limits.remember_speed(device, profile, settings.model, replanner)
     reply.prune_work(work.parent)
     return arrays, {**metrics, wire.Metric.RESUMED: 0}
 
@@ -217,7 +221,7 @@ def _agent_step(state_dir: Path, rnd: int, steps: int):
     hold.write_progress(state_dir, "train", rnd, 0, steps)
 
     def on_step(step: int, loss: float, tokens: int, seconds: float) -> bool:
-        hold.write_progress(state_dir, "train", rnd, step, steps)
+        hold.write_progress(state_dir, "train", rnd, step, max(step, steps))  # a re-plan may add steps
         return hold.held(state_dir) is not None
 
     return on_step
@@ -232,8 +236,8 @@ def _decline_if_interrupted(device: Device, steps: int, planned: int) -> None:
 
 
 def _ran(plan, steps: int) -> str:
-    """The plan as it ran, JSON ("" without one): its steps are the steps trained (a re-plan may have allowed more
-    than the loop had room for), so pinning it replays the round."""
+    """The plan as it ran, JSON ("" without one): its steps are the steps trained (the re-planned count, or fewer
+    when a guard or the agent stopped the loop), so pinning it replays the round."""
     return dataclasses.replace(plan, steps=steps).to_json() if plan is not None else ""
 
 
